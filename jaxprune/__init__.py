@@ -1,0 +1,38 @@
+"""jaxprune: neural-network pruning for JAX, Flax and Optax.
+
+Examples:
+  >>> import optax, jaxprune
+  >>> pruner = jaxprune.magnitude(jaxprune.agp(0.9, begin=1_000, end=10_000, every=100))
+  >>> tx = jaxprune.masked(optax.adam(1e-3), pruner)
+"""
+
+from jaxprune.masks import Summary, apply_mask, combine, pack_masks, summary, unpack_masks
+from jaxprune.pruners import Pruner, magnitude, random, saliency
+from jaxprune.schedules import Schedule, agp, constant, iterative, one_shot, schedule
+from jaxprune.select import topk_mask
+from jaxprune.transforms import MaskedState, masked, masks_of
+
+__version__ = "0.1.0"
+
+__all__ = [
+  "MaskedState",
+  "Pruner",
+  "Schedule",
+  "Summary",
+  "agp",
+  "apply_mask",
+  "combine",
+  "constant",
+  "iterative",
+  "magnitude",
+  "masked",
+  "masks_of",
+  "one_shot",
+  "pack_masks",
+  "random",
+  "saliency",
+  "schedule",
+  "summary",
+  "topk_mask",
+  "unpack_masks",
+]

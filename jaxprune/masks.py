@@ -1,0 +1,197 @@
+"""Mask pytrees: apply, count, summarise, pack to bits, combine.
+
+A mask has the structure of the params; a leaf is a bool array of the param's shape
+(``True`` = kept) or ``None`` for a param that is never pruned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import tree as tree_lib
+
+
+def apply_mask(params: Any, masks: Any) -> Any:
+  """Zeros the pruned weights: ``where(mask, param, 0)`` leaf by leaf.
+
+  Args:
+    params: a pytree of arrays (a Linen param dict, an ``nnx.State``, ...).
+    masks: a mask pytree of the same structure (``None`` leaves leave params as is).
+
+  Returns:
+    The params with pruned entries exactly zero.
+
+  Raises:
+    ValueError: naming the first path where the two trees differ.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune
+    >>> p = {"w": jnp.array([1., 2.]), "b": jnp.array([3.])}
+    >>> jaxprune.apply_mask(p, {"w": jnp.array([True, False]), "b": None})["w"].tolist()
+    [1.0, 0.0]
+  """
+  tree_lib.check_same_structure(params, masks)
+  return jax.tree.map(
+    lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros((), p.dtype)),
+    masks,
+    params,
+    is_leaf=tree_lib.is_none,
+  )
+
+
+def ones_like(params: Any, paths: list[str] | set[str]) -> Any:
+  """An all-kept mask for the leaves at ``paths`` and ``None`` elsewhere."""
+  paths = set(paths)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  leaves = [
+    jnp.ones(jnp.shape(x), bool) if tree_lib.path_str(p) in paths else None for p, x in flat
+  ]
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def combine(*masks: Any) -> Any:
+  """Logical AND of mask trees: kept only where every mask keeps (``None`` = all kept)."""
+  if not masks:
+    raise ValueError("combine() needs at least one mask tree.")
+
+  def both(a, b):
+    if a is None:
+      return b
+    if b is None:
+      return a
+    return jnp.logical_and(a, b)
+
+  out = masks[0]
+  for m in masks[1:]:
+    out = jax.tree.map(both, out, m, is_leaf=tree_lib.is_none)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafStats:
+  path: str
+  shape: tuple[int, ...]
+  size: int
+  zeros: int
+
+  @property
+  def sparsity(self) -> float:
+    return self.zeros / self.size if self.size else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+  """Per-leaf zeros and sparsity; ``str()`` gives an aligned table with a total row."""
+
+  rows: tuple[LeafStats, ...]
+
+  @property
+  def size(self) -> int:
+    return sum(r.size for r in self.rows)
+
+  @property
+  def zeros(self) -> int:
+    return sum(r.zeros for r in self.rows)
+
+  @property
+  def sparsity(self) -> float:
+    return self.zeros / self.size if self.size else 0.0
+
+  def __getitem__(self, path: str) -> LeafStats:
+    for r in self.rows:
+      if r.path == path:
+        return r
+    raise KeyError(f"No leaf {path!r} in this summary; leaves: {[r.path for r in self.rows]}")
+
+  def as_dict(self) -> dict[str, float]:
+    """``{path: sparsity}`` plus ``"total"``."""
+    return {**{r.path: r.sparsity for r in self.rows}, "total": self.sparsity}
+
+  def table(self) -> str:
+    header = ("param", "shape", "size", "zeros", "sparsity")
+    body = [
+      (
+        r.path,
+        "x".join(map(str, r.shape)) or "()",
+        f"{r.size:,}",
+        f"{r.zeros:,}",
+        f"{r.sparsity:.2%}",
+      )
+      for r in self.rows
+    ]
+    total = ("total", "", f"{self.size:,}", f"{self.zeros:,}", f"{self.sparsity:.2%}")
+    cols = list(zip(header, *body, total))
+    widths = [max(len(c) for c in col) for col in cols]
+
+    def line(cells):
+      return "  ".join(
+        c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+      ).rstrip()
+
+    rule = "-" * len(line(header))
+    return "\n".join([line(header), rule, *map(line, body), rule, line(total)])
+
+  def __str__(self) -> str:
+    return self.table()
+
+
+def summary(tree: Any, where: tree_lib.Where = "") -> Summary:
+  """Per-leaf shape, size, zeros and sparsity of params (zeros) or masks (``False``).
+
+  Args:
+    tree: params or a mask tree. For params a zero entry counts as pruned; for bool
+      masks a ``False`` entry does. ``None`` leaves are skipped.
+    where: which leaves to list (a ``where`` filter: regexes or a predicate); the
+      default ``""`` lists every array leaf.
+
+  Returns:
+    A :class:`Summary`: ``print`` it for a table, or read ``.sparsity``,
+    ``summary[path].zeros``, ``.as_dict()``.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune
+    >>> s = jaxprune.summary({"w": jnp.array([[0., 1.], [0., 0.]])})
+    >>> s["w"].zeros, s.sparsity
+    (3, 0.75)
+  """
+  pred = tree_lib.as_predicate(where)
+  rows = []
+  for path, leaf in tree_lib.leaves_with_paths(tree):
+    if leaf is None or not hasattr(leaf, "shape") or not pred(path, leaf):
+      continue
+    x = np.asarray(jax.device_get(leaf))
+    zeros = int(x.size - np.count_nonzero(x))
+    rows.append(LeafStats(path, tuple(x.shape), int(x.size), zeros))
+  return Summary(tuple(rows))
+
+
+def pack_masks(masks: Any) -> Any:
+  """Packs every bool mask leaf to ``uint8`` bits (1 bit per weight; ``None`` stays).
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxprune
+    >>> m = {"w": jnp.ones((4, 4), bool)}
+    >>> jaxprune.pack_masks(m)["w"].shape
+    (2,)
+  """
+  return jax.tree.map(
+    lambda m: None if m is None else jnp.packbits(jnp.ravel(m)), masks, is_leaf=tree_lib.is_none
+  )
+
+
+def unpack_masks(packed: Any, params: Any) -> Any:
+  """Inverse of :func:`pack_masks`; ``params`` (or anything shaped like them) gives the shapes."""
+  tree_lib.check_same_structure(params, packed, what="packed mask", shapes=False)
+
+  def unpack(bits, p):
+    if bits is None:
+      return None
+    size = int(np.prod(jnp.shape(p)))
+    return jnp.unpackbits(bits, count=size).astype(bool).reshape(jnp.shape(p))
+
+  return jax.tree.map(unpack, packed, params, is_leaf=tree_lib.is_none)
