@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Where = Union[None, str, Iterable[str], Callable[[str, Any], bool]]
+Where = None | str | Iterable[str] | Callable[[str, Any], bool]
 
 
 def key_str(key: Any) -> str:
@@ -84,10 +84,7 @@ def as_predicate(where: Where) -> Callable[[str, Any], bool]:
     return default_where
   if callable(where):
     return where
-  if isinstance(where, str):
-    patterns = (where,)
-  else:
-    patterns = tuple(where)
+  patterns = (where,) if isinstance(where, str) else tuple(where)
   for p in patterns:
     if not isinstance(p, str):
       raise TypeError(f"`where` patterns must be strings, got {p!r} ({type(p).__name__}).")
