@@ -10,6 +10,7 @@ argsort exactly.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -28,9 +29,11 @@ def check_sparsity(sparsity: Any, name: str = "sparsity") -> None:
   """
   if isinstance(sparsity, jax.core.Tracer):
     return
+  if isinstance(sparsity, str):
+    raise TypeError(f"{name} must be a number in [0, 1), got {sparsity!r}.")
   try:
     value = float(sparsity)
-  except TypeError as e:
+  except (TypeError, ValueError) as e:
     raise TypeError(f"{name} must be a number in [0, 1), got {sparsity!r}.") from e
   if not 0.0 <= value < 1.0:
     raise ValueError(
@@ -41,7 +44,8 @@ def check_sparsity(sparsity: Any, name: str = "sparsity") -> None:
 
 def sortable_keys(scores: jax.Array) -> jax.Array:
   """Flat ``uint32`` keys whose unsigned order is the float order of ``scores``."""
-  x = jnp.ravel(scores).astype(jnp.float32) + 0.0  # -0.0 -> +0.0
+  x = jnp.ravel(scores).astype(jnp.float32)
+  x = jnp.where(x == 0, jnp.float32(0), x)  # -0.0 -> +0.0 (XLA folds away `x + 0.0`)
   i = lax.bitcast_convert_type(x, jnp.int32)
   i = jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
   return lax.bitcast_convert_type(i, jnp.uint32) ^ jnp.uint32(0x80000000)
@@ -96,11 +100,16 @@ def n_keep(size: int, sparsity: Any) -> jax.Array:
 
 
 def topk_leaves(scores: list[jax.Array], sparsity: Any, scope: str) -> list[jax.Array]:
-  """Masks (shaped like ``scores``) for a list of score arrays."""
+  """Masks (shaped like ``scores``) for a list of score arrays (compiled once per shapes)."""
   if scope not in ("layer", "global"):
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
   if not scores:
     return []
+  return _topk_leaves(list(scores), jnp.asarray(sparsity, jnp.float32), scope)
+
+
+@functools.partial(jax.jit, static_argnames="scope")
+def _topk_leaves(scores: list[jax.Array], sparsity: jax.Array, scope: str) -> list[jax.Array]:
   keys = [sortable_keys(s) for s in scores]
   if scope == "layer":
     flat = [keep_topk([u], n_keep(u.size, sparsity))[0] for u in keys]

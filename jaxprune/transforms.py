@@ -130,7 +130,8 @@ def masks_of(state: Any) -> Any:
   """The current masks inside an optimizer state that contains one :func:`masked`.
 
   Finds the :class:`MaskedState` wherever it sits (inside ``optax.chain``,
-  ``optax.inject_hyperparams``, an ``nnx.Optimizer``'s state, ...).
+  ``optax.inject_hyperparams``, ...). For an ``nnx.Optimizer`` pass
+  ``optimizer.opt_state``.
 
   Examples:
     >>> import jax.numpy as jnp, optax, jaxprune

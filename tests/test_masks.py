@@ -1,0 +1,64 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxprune
+
+
+def test_apply_mask_zeros_pruned_and_keeps_dtype():
+  p = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0]], jnp.bfloat16), "b": jnp.ones(2)}
+  out = jaxprune.apply_mask(p, {"w": jnp.array([[True, False], [False, True]]), "b": None})
+  assert out["w"].dtype == jnp.bfloat16
+  assert out["w"].tolist() == [[1.0, 0.0], [0.0, 4.0]]
+  assert out["b"] is p["b"]
+
+
+def test_apply_mask_mismatch_names_path():
+  with pytest.raises(ValueError, match="params have 'b' but the mask has 'x'"):
+    jaxprune.apply_mask({"a": jnp.ones(2), "b": jnp.ones(2)}, {"a": None, "x": None})
+
+
+def test_summary_counts_and_table():
+  params = {
+    "fc1": {"kernel": jnp.array([[0.0, 1.0], [0.0, 0.0]]), "bias": jnp.zeros(2)},
+    "fc2": {"kernel": jnp.ones((2, 3))},
+  }
+  s = jaxprune.summary(params, where=r"kernel")
+  assert [r.path for r in s.rows] == ["fc1/kernel", "fc2/kernel"]
+  assert s["fc1/kernel"].zeros == 3 and s["fc1/kernel"].sparsity == 0.75
+  assert s.size == 10 and s.zeros == 3 and s.sparsity == pytest.approx(0.3)
+  table = str(s).splitlines()
+  assert table[0].split() == ["param", "shape", "size", "zeros", "sparsity"]
+  assert table[2].split() == ["fc1/kernel", "2x2", "4", "3", "75.00%"]
+  assert table[-1].split() == ["total", "10", "3", "30.00%"]
+  assert jaxprune.summary(params).size == 12
+  with pytest.raises(KeyError, match="fc3"):
+    s["fc3"]
+
+
+def test_summary_of_masks_counts_false():
+  s = jaxprune.summary({"w": jnp.array([True, False, False, True]), "b": None})
+  assert s.zeros == 2 and s.as_dict() == {"w": 0.5, "total": 0.5}
+
+
+@settings(max_examples=12)
+@given(shape=st.lists(st.integers(1, 13), min_size=1, max_size=3), seed=st.integers(0, 99))
+def test_pack_roundtrip_one_bit_per_weight(shape, seed):
+  m = {"w": jax.random.bernoulli(jax.random.key(seed), 0.3, tuple(shape)), "b": None}
+  packed = jaxprune.pack_masks(m)
+  assert packed["w"].dtype == jnp.uint8 and packed["w"].size == -(-int(np.prod(shape)) // 8)
+  assert packed["b"] is None
+  back = jaxprune.unpack_masks(packed, {"w": jnp.zeros(shape), "b": jnp.zeros(2)})
+  np.testing.assert_array_equal(back["w"], m["w"])
+
+
+def test_combine_is_and_with_none_as_all_kept():
+  a = {"w": jnp.array([True, True, False]), "b": None}
+  b = {"w": jnp.array([True, False, True]), "b": None}
+  assert jaxprune.combine(a, b)["w"].tolist() == [True, False, False]
+  assert jaxprune.combine(a, {"w": None, "b": None})["w"].tolist() == [True, True, False]
+  with pytest.raises(ValueError, match="at least one"):
+    jaxprune.combine()

@@ -1,0 +1,137 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxprune
+
+
+def lenet300(key=0):
+  ks = jax.random.split(jax.random.key(key), 3)
+  shapes = [(784, 300), (300, 100), (100, 10)]
+  return {
+    f"fc{i + 1}": {"kernel": jax.random.normal(k, s), "bias": jnp.zeros(s[1])}
+    for i, (k, s) in enumerate(zip(ks, shapes))
+  }
+
+
+def test_layerwise_magnitude_exact_per_layer():
+  params = lenet300()
+  m = jaxprune.magnitude(0.9).masks(params)
+  for name, n in [("fc1", 235200), ("fc2", 30000), ("fc3", 1000)]:
+    assert int(m[name]["kernel"].sum()) == n - round(0.9 * n)
+    assert m[name]["bias"] is None
+    kept = jnp.abs(params[name]["kernel"])[m[name]["kernel"]]
+    dropped = jnp.abs(params[name]["kernel"])[~m[name]["kernel"]]
+    assert float(kept.min()) >= float(dropped.max())
+
+
+def test_global_magnitude_one_threshold_over_layers():
+  params = lenet300()
+  params["fc3"]["kernel"] = params["fc3"]["kernel"] * 100  # head survives a global prune
+  m = jaxprune.magnitude(0.9, scope="global").masks(params)
+  total = sum(int(m[f"fc{i}"]["kernel"].sum()) for i in (1, 2, 3))
+  assert total == 266200 - round(0.9 * 266200)
+  assert int(m["fc3"]["kernel"].sum()) > 990
+
+
+def test_han_lenet300_overrides():
+  """Han et al.: first layer 92%, second 91%, output 74% pruned."""
+  pruner = jaxprune.magnitude(0.9, overrides={"fc1": 0.92, "fc2": 0.91, "fc3": 0.74})
+  s = jaxprune.summary(jaxprune.apply_mask(lenet300(), pruner.masks(lenet300())), "kernel")
+  assert s["fc1/kernel"].zeros == round(0.92 * 235200)
+  assert s["fc2/kernel"].zeros == round(0.91 * 30000)
+  assert s["fc3/kernel"].zeros == 740
+
+
+def test_float_override_follows_the_main_schedule_progress():
+  pruner = jaxprune.magnitude(jaxprune.agp(0.8, 0, 100, 10), overrides={"fc3": 0.4})
+  main = float(pruner.schedule.sparsity(50))
+  assert float(pruner.sparsity_of("fc3/kernel", 50)) == pytest.approx(0.4 * main / 0.8)
+  assert float(pruner.sparsity_of("fc3/kernel", 100)) == pytest.approx(0.4)
+  sched = jaxprune.agp(0.3, 0, 10, 5)
+  pruner = jaxprune.magnitude(0.9, overrides={"fc3": sched})
+  assert float(pruner.sparsity_of("fc3/kernel", 5)) == float(sched.sparsity(5))
+
+
+def test_global_with_override_pools_the_rest():
+  params = lenet300()
+  m = jaxprune.magnitude(0.8, scope="global", overrides={"fc3": 0.5}).masks(params)
+  assert int(m["fc3"]["kernel"].sum()) == 500
+  pooled = int(m["fc1"]["kernel"].sum()) + int(m["fc2"]["kernel"].sum())
+  assert pooled == 265200 - round(0.8 * 265200)
+
+
+def test_dense_first_and_last():
+  m = jaxprune.magnitude(0.5, dense_first=True, dense_last=True).masks(lenet300())
+  assert m["fc1"]["kernel"] is None and m["fc3"]["kernel"] is None
+  assert int(m["fc2"]["kernel"].sum()) == 15000
+
+
+def test_random_is_seeded_and_uniform_count():
+  params = lenet300()
+  a = jaxprune.random(0.5, seed=3).masks(params, step=7)
+  b = jaxprune.random(0.5, seed=3).masks(params, step=7)
+  c = jaxprune.random(0.5, seed=4).masks(params, step=7)
+  np.testing.assert_array_equal(a["fc2"]["kernel"], b["fc2"]["kernel"])
+  assert not np.array_equal(a["fc2"]["kernel"], c["fc2"]["kernel"])
+  assert int(a["fc2"]["kernel"].sum()) == 15000
+  # Not correlated with magnitude: about half of the largest weights are dropped.
+  big = jnp.abs(params["fc2"]["kernel"]) > 1.0
+  frac = float((a["fc2"]["kernel"] & big).sum() / big.sum())
+  assert 0.45 < frac < 0.55
+
+
+def test_random_masks_nest_when_sparsity_grows():
+  params = lenet300()
+  pruner = jaxprune.random(jaxprune.agp(0.8, 0, 10, 5), seed=0)
+  first = pruner.masks(params, step=0)
+  later = pruner.masks(params, step=10, previous=first)
+  assert not bool((later["fc1"]["kernel"] & ~first["fc1"]["kernel"]).any())
+
+
+def test_saliency_uses_gradients():
+  params = {"w": jnp.array([[1.0, 2.0, 3.0, 4.0]])}
+  grads = {"w": jnp.array([[10.0, 0.1, 1.0, 0.0]])}
+  assert jaxprune.saliency(0.5).masks(params, grads)["w"].tolist() == [[True, False, True, False]]
+  with pytest.raises(ValueError, match="pass grads="):
+    jaxprune.saliency(0.5).masks(params)
+
+
+def test_nnx_state_masks():
+  model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+  state = nnx.state(model, nnx.Param)
+  m = jaxprune.magnitude(0.75).masks(state)
+  s = jaxprune.summary(m)
+  assert s.as_dict() == {"layers/0/kernel": 0.75, "layers/1/kernel": 0.75, "total": 0.75}
+
+
+@pytest.mark.parametrize(
+  "make, err, match",
+  [
+    (lambda: jaxprune.magnitude(1.0), ValueError, r"sparsity must be in \[0, 1\)"),
+    (lambda: jaxprune.magnitude(-0.5), ValueError, r"sparsity must be in \[0, 1\)"),
+    (lambda: jaxprune.magnitude("half"), TypeError, "must be a number"),
+    (lambda: jaxprune.magnitude(0.5, scope="net"), ValueError, "scope must be"),
+    (lambda: jaxprune.magnitude(0.5, overrides={"fc1": 2.0}), ValueError, "'fc1'"),
+  ],
+)
+def test_pruner_errors(make, err, match):
+  with pytest.raises(err, match=match):
+    make()
+
+
+def test_override_that_matches_nothing_is_an_error():
+  with pytest.raises(ValueError, match="'fc9' matches none of the pruned params"):
+    jaxprune.magnitude(0.5, overrides={"fc9": 0.1}).masks(lenet300())
+
+
+def test_mismatched_grads_are_named():
+  with pytest.raises(ValueError, match="grads tree does not match"):
+    jaxprune.saliency(0.5).masks({"w": jnp.ones((2, 2))}, {"v": jnp.ones((2, 2))})
+
+
+def test_final_sparsity_needs_a_known_final():
+  with pytest.raises(ValueError, match="no final sparsity"):
+    jaxprune.magnitude(lambda t: 0.5).masks({"w": jnp.ones((2, 2))})

@@ -1,0 +1,95 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+
+
+def agp_formula(t, s_f, s_i, t0, dt, n):
+  return s_f + (s_i - s_f) * (1 - (t - t0) / (n * dt)) ** 3
+
+
+@pytest.mark.parametrize("initial", [0.0, 0.2])
+def test_agp_matches_zhu_gupta_formula_on_update_steps(initial):
+  s = jaxprune.agp(0.9, begin=1000, end=10000, every=100, initial=initial)
+  for t in (1000, 1100, 2500, 5000, 9900, 10000):
+    np.testing.assert_allclose(
+      float(s.sparsity(t)), agp_formula(t, 0.9, initial, 1000, 100, 90), atol=1e-6
+    )
+    assert bool(s.is_update(t))
+
+
+def test_agp_between_before_and_after():
+  s = jaxprune.agp(0.8, begin=10, end=50, every=10)
+  assert float(s.sparsity(0)) == 0.0 and float(s.sparsity(9)) == 0.0
+  assert float(s.sparsity(25)) == float(s.sparsity(20))  # held since the last update
+  assert [bool(s.is_update(t)) for t in (9, 10, 15, 20, 50, 60)] == [
+      False, True, False, True, True, False,
+  ]  # fmt: skip
+  np.testing.assert_allclose(float(s.sparsity(1000)), 0.8, rtol=1e-6)
+  assert s.final == 0.8
+
+
+def test_agp_end_off_grid_is_an_update_reaching_final():
+  s = jaxprune.agp(0.5, begin=0, end=25, every=10)
+  assert bool(s.is_update(25)) and not bool(s.is_update(24))
+  np.testing.assert_allclose(float(s.sparsity(25)), 0.5, rtol=1e-6)
+  np.testing.assert_allclose(float(s.sparsity(20)), agp_formula(20, 0.5, 0.0, 0, 25, 1))
+
+
+def test_agp_is_traceable_without_recompiling():
+  s = jaxprune.agp(0.9, 0, 100, 10)
+  f = jax.jit(lambda t: (s.sparsity(t), s.is_update(t)))
+  values = [float(f(jnp.int32(t))[0]) for t in range(0, 101, 10)]
+  assert values == sorted(values) and f._cache_size() == 1
+
+
+def test_one_shot_and_constant():
+  s = jaxprune.one_shot(0.7, at=5)
+  assert [round(float(s.sparsity(t)), 6) for t in (0, 4, 5, 100)] == [0.0, 0.0, 0.7, 0.7]
+  assert [bool(s.is_update(t)) for t in (4, 5, 6)] == [False, True, False]
+  c = jaxprune.constant(0.3)
+  assert bool(c.is_update(0)) and not bool(c.is_update(1))
+
+
+def test_iterative_rounds():
+  s = jaxprune.iterative([(0, 0.5), (100, 0.75), (200, 0.9)])
+  got = [round(float(s.sparsity(t)), 6) for t in (0, 99, 100, 199, 200, 5000)]
+  assert got == [0.5, 0.5, 0.75, 0.75, 0.9, 0.9]
+  assert [bool(s.is_update(t)) for t in (0, 50, 100, 200, 201)] == [True, False, True, True, False]
+  late = jaxprune.iterative([(10, 0.5)])
+  assert float(late.sparsity(9)) == 0.0
+
+
+def test_callable_schedule():
+  s = jaxprune.schedule(lambda t: jnp.minimum(t / 100, 0.5), every=20)
+  assert float(s.sparsity(30)) == pytest.approx(0.3)
+  assert [bool(s.is_update(t)) for t in (0, 10, 20)] == [True, False, True]
+  wrapped = jaxprune.magnitude(lambda t: 0.1).schedule
+  assert bool(wrapped.is_update(3))
+
+
+@pytest.mark.parametrize(
+  "make, match",
+  [
+    (lambda: jaxprune.agp(0.9, begin=100, end=10, every=10), r"end \(10\) must not come before"),
+    (lambda: jaxprune.agp(0.9, 0, 100, every=0), "every must be > 0"),
+    (lambda: jaxprune.agp(0.9, 0, 100, every=-5), "every must be > 0"),
+    (lambda: jaxprune.agp(1.2, 0, 100, 10), r"final must be in \[0, 1\)"),
+    (lambda: jaxprune.agp(0.9, 0, 100, 10, initial=-0.1), r"initial must be in \[0, 1\)"),
+    (lambda: jaxprune.one_shot(1.0), r"sparsity must be in \[0, 1\)"),
+    (lambda: jaxprune.iterative([]), "at least one"),
+    (lambda: jaxprune.iterative([(10, 0.5), (5, 0.6)]), "strictly increasing"),
+    (lambda: jaxprune.iterative([(0, 0.5), (10, 1.0)]), "round at step 10"),
+    (lambda: jaxprune.schedule(lambda t: 0.5, every=0), "every must be > 0"),
+  ],
+)
+def test_schedule_errors(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_non_integer_steps_rejected():
+  with pytest.raises(TypeError, match="begin must be an integer step"):
+    jaxprune.agp(0.9, begin=1.5, end=10, every=1)

@@ -1,0 +1,117 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import jaxprune
+from jaxprune import select
+
+
+def argsort_mask(scores: np.ndarray, k: int) -> np.ndarray:
+  """Reference: stable descending sort, first k kept (ties: lower index first)."""
+  order = np.argsort(-scores.ravel().astype(np.float32), kind="stable")
+  keep = np.zeros(scores.size, bool)
+  keep[order[:k]] = True
+  return keep.reshape(scores.shape)
+
+
+def test_layer_scope_keeps_exact_count_per_leaf():
+  scores = {
+    "a": jax.random.normal(jax.random.key(0), (30, 7)),
+    "b": jax.random.normal(jax.random.key(1), (11,)),
+    "c": None,
+  }
+  m = jaxprune.topk_mask(scores, 0.6)
+  assert int(m["a"].sum()) == 210 - 126
+  assert int(m["b"].sum()) == 11 - 7  # round(6.6) = 7 pruned
+  assert m["c"] is None
+  np.testing.assert_array_equal(m["a"], argsort_mask(np.asarray(scores["a"]), 84))
+
+
+def test_global_scope_one_threshold():
+  scores = {"a": jnp.array([[9.0, 8.0], [7.0, 6.0]]), "b": jnp.array([1.0, 2.0, 10.0, 0.5])}
+  m = jaxprune.topk_mask(scores, 0.5, scope="global")
+  assert m["a"].tolist() == [[True, True], [True, False]]
+  assert m["b"].tolist() == [False, False, True, False]
+
+
+def test_ties_keep_lower_index_then_earlier_leaf():
+  m = jaxprune.topk_mask({"w": jnp.ones((2, 3))}, 0.5)
+  assert m["w"].tolist() == [[True, True, True], [False, False, False]]
+  m = jaxprune.topk_mask({"a": jnp.ones(3), "b": jnp.ones(3)}, 0.5, scope="global")
+  assert m["a"].tolist() == [True, True, True]
+  assert m["b"].tolist() == [False, False, False]
+  m = jaxprune.topk_mask({"w": jnp.array([1.0, 2.0, 2.0, 2.0, 0.0])}, 0.6)
+  assert m["w"].tolist() == [False, True, True, False, False]
+
+
+def test_negative_scores_infinities_and_signed_zero():
+  x = jnp.array([-jnp.inf, -2.0, -0.0, 0.0, 1e-30, jnp.inf, -1e30])
+  m = jaxprune.topk_mask({"w": x}, 4 / 7)
+  assert m["w"].tolist() == [False, False, True, False, True, True, False]
+
+
+def test_sparsity_zero_keeps_all_and_near_one_keeps_one():
+  x = jax.random.normal(jax.random.key(2), (100,))
+  assert bool(jaxprune.topk_mask({"w": x}, 0.0)["w"].all())
+  m = jaxprune.topk_mask({"w": x}, 0.999)["w"]
+  assert int(m.sum()) == 0  # round(99.9) = 100 pruned
+  m = jaxprune.topk_mask({"w": x}, 0.99)["w"]
+  assert int(m.sum()) == 1 and bool(m[jnp.argmax(x)])
+
+
+def test_jit_with_traced_sparsity_does_not_recompile():
+  f = jax.jit(lambda s, x: select.topk_leaves([x], s, "layer")[0])
+  x = jax.random.normal(jax.random.key(3), (1000,))
+  counts = [int(f(s, x).sum()) for s in (0.1, 0.5, 0.9)]
+  assert counts == [900, 500, 100]
+  assert f._cache_size() == 1
+
+
+def test_bf16_scores():
+  x = jnp.arange(10, dtype=jnp.bfloat16)
+  assert jaxprune.topk_mask({"w": x}, 0.3)["w"].tolist() == [False] * 3 + [True] * 7
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5])
+def test_bad_sparsity(bad):
+  with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+    jaxprune.topk_mask({"w": jnp.ones(3)}, bad)
+
+
+def test_bad_scope():
+  with pytest.raises(ValueError, match="scope must be 'layer' or 'global'"):
+    jaxprune.topk_mask({"w": jnp.ones(3)}, 0.5, scope="model")
+
+
+# A few shapes only, so compiled selectors are reused across examples.
+SHAPES = [(1,), (7,), (3, 5), (16, 16), (2, 3, 4)]
+scores_strategy = hnp.arrays(
+  np.float32,
+  st.sampled_from(SHAPES),
+  elements=st.floats(-4, 4, width=32) | st.sampled_from([0.0, 1.0, -1.0]),
+)
+
+
+@settings(max_examples=40)
+@given(scores=scores_strategy, sparsity=st.floats(0, 0.999))
+def test_property_exact_count_and_equals_argsort(scores, sparsity):
+  m = np.asarray(jaxprune.topk_mask({"w": jnp.asarray(scores)}, sparsity)["w"])
+  k = scores.size - int(np.round(np.float32(sparsity) * np.float32(scores.size)))
+  assert m.shape == scores.shape
+  assert int(m.sum()) == k
+  np.testing.assert_array_equal(m, argsort_mask(scores, k))
+
+
+@settings(max_examples=25)
+@given(a=scores_strategy, b=scores_strategy, sparsity=st.floats(0, 0.999))
+def test_property_global_equals_argsort_of_concatenation(a, b, sparsity):
+  m = jaxprune.topk_mask({"a": jnp.asarray(a), "b": jnp.asarray(b)}, sparsity, scope="global")
+  n = a.size + b.size
+  k = n - int(np.round(np.float32(sparsity) * np.float32(n)))
+  ref = argsort_mask(np.concatenate([a.ravel(), b.ravel()]), k)
+  got = np.concatenate([np.asarray(m["a"]).ravel(), np.asarray(m["b"]).ravel()])
+  np.testing.assert_array_equal(got, ref)

@@ -1,0 +1,190 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxprune
+
+
+def mlp_params(key=0):
+  k1, k2 = jax.random.split(jax.random.key(key))
+  return {
+    "fc1": {"kernel": jax.random.normal(k1, (16, 32)), "bias": jnp.zeros(32)},
+    "fc2": {"kernel": jax.random.normal(k2, (32, 4)), "bias": jnp.zeros(4)},
+  }
+
+
+def loss_fn(params, x, y):
+  h = jax.nn.relu(x @ params["fc1"]["kernel"] + params["fc1"]["bias"])
+  logits = h @ params["fc2"]["kernel"] + params["fc2"]["bias"]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def batch(step):
+  k = jax.random.fold_in(jax.random.key(42), step)
+  x = jax.random.normal(k, (8, 16))
+  return x, (x[:, 0] > 0).astype(jnp.int32)
+
+
+def make_step(tx):
+  @jax.jit
+  def step(params, state, x, y):
+    grads = jax.grad(loss_fn)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def adam_moments(state):
+  inner = state.inner_state
+  return inner[0].mu, inner[0].nu
+
+
+def test_pruned_weights_and_their_adam_moments_stay_zero_for_100_steps():
+  tx = jaxprune.masked(optax.adam(1e-2), jaxprune.magnitude(0.75))
+  params = mlp_params()
+  state = tx.init(params)
+  step = make_step(tx)
+  for t in range(100):
+    params, state = step(params, state, *batch(t))
+  masks = jaxprune.masks_of(state)
+  mu, nu = adam_moments(state)
+  for layer, n in (("fc1", 512), ("fc2", 128)):
+    m = masks[layer]["kernel"]
+    assert int(m.sum()) == n // 4
+    assert bool((params[layer]["kernel"][~m] == 0).all())
+    assert bool((params[layer]["kernel"][m] != 0).all())
+    assert bool((mu[layer]["kernel"][~m] == 0).all()) and bool((nu[layer]["kernel"][~m] == 0).all())
+  assert jaxprune.summary(params, "kernel").sparsity == 0.75
+  assert int(state.count) == 100
+
+
+def test_agp_reaches_exact_targets_and_masks_nest():
+  sched = jaxprune.agp(0.8, begin=2, end=20, every=6)
+  tx = jaxprune.masked(optax.adam(1e-2), jaxprune.magnitude(sched))
+  params = mlp_params()
+  state = tx.init(params)
+  step = make_step(tx)
+  previous = jaxprune.masks_of(state)
+  for t in range(25):
+    params, state = step(params, state, *batch(t))
+    masks = jaxprune.masks_of(state)
+    target = float(sched.sparsity(t))
+    kernel = params["fc1"]["kernel"]
+    assert int((kernel == 0).sum()) == round(target * 512), t
+    assert not bool((masks["fc1"]["kernel"] & ~previous["fc1"]["kernel"]).any())
+    previous = masks
+  assert jaxprune.summary(params, "kernel").sparsity == pytest.approx(0.8)
+
+
+def test_moments_of_newly_pruned_weights_are_zeroed_at_the_update():
+  tx = jaxprune.masked(optax.adam(1e-2), jaxprune.magnitude(jaxprune.one_shot(0.5, at=5)))
+  params = mlp_params()
+  state = tx.init(params)
+  step = make_step(tx)
+  for t in range(6):
+    params, state = step(params, state, *batch(t))
+  m = jaxprune.masks_of(state)["fc1"]["kernel"]
+  mu, _ = adam_moments(state)
+  assert int(m.sum()) == 256
+  assert bool((mu["fc1"]["kernel"][~m] == 0).all())
+  assert bool((mu["fc1"]["kernel"][m] != 0).any())
+
+
+def test_saliency_and_random_under_jit():
+  for pruner in (jaxprune.saliency(0.5), jaxprune.random(0.5, seed=1)):
+    tx = jaxprune.masked(optax.sgd(0.1), pruner)
+    params, state = mlp_params(), tx.init(mlp_params())
+    params, state = make_step(tx)(params, state, *batch(0))
+    assert jaxprune.summary(params, "kernel").sparsity == 0.5
+
+
+def test_global_scope_inside_masked():
+  tx = jaxprune.masked(optax.adam(1e-3), jaxprune.magnitude(0.9, scope="global"))
+  params, state = make_step(tx)(mlp_params(), tx.init(mlp_params()), *batch(0))
+  s = jaxprune.summary(params, "kernel")
+  assert s.zeros == round(0.9 * 640)
+  assert s["fc1/kernel"].zeros != s["fc2/kernel"].zeros * 4  # one threshold, not per layer
+
+
+def test_same_result_with_and_without_jit():
+  tx = jaxprune.masked(optax.adam(1e-2), jaxprune.magnitude(jaxprune.agp(0.5, 0, 2, 1)))
+  p1 = p2 = mlp_params()
+  s1 = s2 = tx.init(p1)
+  jitted = make_step(tx)
+  for t in range(3):
+    x, y = batch(t)
+    p1, s1 = jitted(p1, s1, x, y)
+    grads = jax.grad(loss_fn)(p2, x, y)
+    updates, s2 = tx.update(grads, s2, p2)
+    p2 = optax.apply_updates(p2, updates)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p2)
+
+
+def test_inside_chain_and_around_chain():
+  pruner = jaxprune.magnitude(0.5)
+  for tx in (
+    optax.chain(optax.clip_by_global_norm(1.0), jaxprune.masked(optax.adam(1e-2), pruner)),
+    jaxprune.masked(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)), pruner),
+  ):
+    params, state = make_step(tx)(mlp_params(), tx.init(mlp_params()), *batch(0))
+    assert jaxprune.summary(params, "kernel").sparsity == 0.5
+    assert jaxprune.masks_of(state)["fc1"]["kernel"].sum() == 256
+
+
+def test_inject_hyperparams_inner_learning_rate_is_changeable():
+  inner = optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
+  tx = jaxprune.masked(inner, jaxprune.magnitude(0.5))
+  state = tx.init(mlp_params())
+  state.inner_state.hyperparams["learning_rate"] = jnp.asarray(0.0)
+  params, state = make_step(tx)(mlp_params(), state, *batch(0))
+  kept = jaxprune.masks_of(state)["fc1"]["kernel"]
+  np.testing.assert_array_equal(params["fc1"]["kernel"][kept], mlp_params()["fc1"]["kernel"][kept])
+  assert bool((params["fc1"]["kernel"][~kept] == 0).all())
+
+
+def test_inject_hyperparams_around_masked():
+  tx = optax.inject_hyperparams(jaxprune.masked, static_args=("pruner",))(
+    inner=optax.sgd(0.1), pruner=jaxprune.magnitude(0.5)
+  )
+  params, state = make_step(tx)(mlp_params(), tx.init(mlp_params()), *batch(0))
+  assert jaxprune.summary(params, "kernel").sparsity == 0.5
+  assert int(jaxprune.masks_of(state)["fc2"]["kernel"].sum()) == 64
+
+
+def test_nnx_optimizer_and_state():
+  model = nnx.Sequential(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), nnx.Linear(32, 4, rngs=nnx.Rngs(1)))
+  tx = jaxprune.masked(optax.adam(1e-2), jaxprune.magnitude(0.75))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    def loss(model):
+      return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+    grads = nnx.grad(loss)(model)
+    optimizer.update(model, grads)
+
+  for t in range(3):
+    train_step(model, optimizer, *batch(t))
+  s = jaxprune.summary(nnx.state(model, nnx.Param), "kernel")
+  assert s.as_dict() == {"layers/0/kernel": 0.75, "layers/1/kernel": 0.75, "total": 0.75}
+  masks = jaxprune.summary(jaxprune.masks_of(optimizer.opt_state))
+  assert masks.as_dict() == {"layers/0/kernel": 0.75, "layers/1/kernel": 0.75, "total": 0.75}
+
+
+def test_errors():
+  tx = jaxprune.masked(optax.sgd(0.1), jaxprune.magnitude(0.5))
+  state = tx.init(mlp_params())
+  with pytest.raises(ValueError, match="needs the params"):
+    tx.update(mlp_params(), state)
+  with pytest.raises(TypeError, match="takes a jaxprune.Pruner"):
+    jaxprune.masked(optax.sgd(0.1), 0.5)
+  with pytest.raises(ValueError, match="No jaxprune.masked state"):
+    jaxprune.masks_of(optax.sgd(0.1).init(mlp_params()))
+  bad = {"fc1": mlp_params()["fc1"]}
+  with pytest.raises(ValueError, match="'fc2/bias' is only in the"):
+    tx.update(bad, state, mlp_params())
