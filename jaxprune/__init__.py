@@ -10,6 +10,7 @@ from jaxprune.masks import Summary, apply_mask, combine, pack_masks, summary, un
 from jaxprune.pruners import Pruner, magnitude, random, saliency
 from jaxprune.schedules import Schedule, agp, constant, iterative, one_shot, schedule
 from jaxprune.select import topk_mask
+from jaxprune.structures import blocks, channels, filters, n_m, neurons
 from jaxprune.transforms import MaskedState, masked, masks_of
 
 __version__ = "0.1.0"

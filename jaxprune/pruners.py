@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxprune import masks as masks_lib
 from jaxprune import scores as scores_lib
+from jaxprune import structures as structures_lib
 from jaxprune import tree as tree_lib
 from jaxprune.schedules import Schedule, as_schedule
 from jaxprune.select import check_sparsity, topk_leaves
@@ -40,6 +41,10 @@ class Pruner:
       schedule reaches its final value. The first matching regex wins.
     dense_first: keep the first pruned param (in natural path order) dense.
     dense_last: keep the last one dense (e.g. the classifier head).
+    structure: which weights go together (see :mod:`jaxprune.structures`):
+      ``"unstructured"``, ``"neurons"``, ``"filters"``, ``"channels"``,
+      ``jaxprune.blocks((r, c))`` or ``jaxprune.n_m(n, m)``. Group structures score a
+      group by the norm of its weights' scores and count sparsity in groups.
     needs_grads: the score uses gradients.
     seed: seeds the PRNG keys of random scores (folded with the step and the leaf).
   """
@@ -51,12 +56,24 @@ class Pruner:
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   dense_first: bool = False
   dense_last: bool = False
+  structure: Any = None
   needs_grads: bool = False
   seed: int = 0
 
   def __post_init__(self):
     if self.scope not in ("layer", "global"):
       raise ValueError(f"scope must be 'layer' or 'global', got {self.scope!r}.")
+    object.__setattr__(self, "structure", structures_lib.as_structure(self.structure))
+    if isinstance(self.structure, structures_lib.NM):
+      nm = self.structure
+      if self.scope != "layer" or self.overrides:
+        raise ValueError(f"{nm.n}:{nm.m} sparsity is per group: use scope='layer', no overrides.")
+      if self.schedule.final is None or abs(self.schedule.final - nm.sparsity) > 1e-6:
+        raise ValueError(
+          f"{nm.n}:{nm.m} sparsity removes {nm.sparsity:g} of the weights, but the "
+          f"schedule ends at {self.schedule.final}; pass sparsity={nm.sparsity:g} "
+          "(or a schedule that ends there)."
+        )
     for pattern, value in self.overrides.items():
       if not isinstance(pattern, str):
         raise TypeError(f"override keys are regexes over param paths, got {pattern!r}.")
@@ -131,12 +148,23 @@ class Pruner:
       prev_of = dict(tree_lib.leaves_with_paths(previous))
     step_value = 0 if step is None else step
     base_key = jax.random.fold_in(jax.random.key(self.seed), jnp.asarray(step_value, jnp.int32))
+    structure = self.structure
     scores = {}
     for i, path in enumerate(paths):
+      structure.check(path, tuple(jnp.shape(by_path[path])))
       s = self.score(by_path[path], grad_of.get(path), jax.random.fold_in(base_key, i))
+      s = structure.group_scores(s)
       if prev_of.get(path) is not None:
-        s = jnp.where(prev_of[path], s.astype(jnp.float32), -jnp.inf)
+        kept = structure.group_mask(prev_of[path])
+        s = jnp.where(kept, s.astype(jnp.float32), -jnp.inf)
       scores[path] = s
+
+    if isinstance(structure, structures_lib.NM):
+      result = {}
+      for p in paths:
+        n_keep = structure.m - jnp.round(self.sparsity_of(p, step) * structure.m)
+        result[p] = structure.keep(scores[p], n_keep.astype(jnp.int32))
+      return self._to_tree(params, result)
 
     overridden = [p for p in paths if any(tree_lib.matches(o, p) for o in self.overrides)]
     pooled = [p for p in paths if p not in overridden]
@@ -149,9 +177,14 @@ class Pruner:
       layerwise = paths
     for p in layerwise:
       result[p] = topk_leaves([scores[p]], self.sparsity_of(p, step), "layer")[0]
+    for p in paths:
+      result[p] = structure.expand(result[p], tuple(jnp.shape(by_path[p])))
+    return self._to_tree(params, result)
 
+  @staticmethod
+  def _to_tree(params: Any, by_path: dict[str, jax.Array]) -> Any:
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    return jax.tree.unflatten(treedef, [result.get(tree_lib.path_str(k)) for k, _ in flat])
+    return jax.tree.unflatten(treedef, [by_path.get(tree_lib.path_str(k)) for k, _ in flat])
 
 
 def _at(schedule: Schedule, step: Any) -> jax.Array:
@@ -162,8 +195,21 @@ def _at(schedule: Schedule, step: Any) -> jax.Array:
   return schedule.sparsity(step)
 
 
-def _pruner(score, sparsity, needs_grads=False, **kwargs) -> Pruner:
-  return Pruner(score=score, schedule=as_schedule(sparsity), needs_grads=needs_grads, **kwargs)
+def _pruner(score: ScoreFn, sparsity: Any, overrides: Mapping[str, Any] | None, **kw) -> Pruner:
+  return Pruner(score=score, schedule=as_schedule(sparsity), overrides=dict(overrides or {}), **kw)
+
+
+_COMMON_ARGS = """
+    sparsity: a float in ``[0, 1)`` (pruned at the first step and kept), a
+      :class:`Schedule` (``jaxprune.agp``, ``jaxprune.iterative``, ...) or a
+      ``step -> sparsity`` function.
+    scope: ``"layer"`` or ``"global"``.
+    where: which params are pruned (default: weight matrices and conv kernels).
+    overrides: per-layer sparsities ``{regex: value}``.
+    dense_first: keep the first pruned layer dense.
+    dense_last: keep the last pruned layer dense.
+    structure: ``"unstructured"`` (default), ``"neurons"``, ``"filters"``,
+      ``"channels"``, ``jaxprune.blocks(...)`` or ``jaxprune.n_m(n, m)``."""
 
 
 def magnitude(
@@ -174,25 +220,18 @@ def magnitude(
   overrides: Mapping[str, Any] | None = None,
   dense_first: bool = False,
   dense_last: bool = False,
+  structure: Any = None,
 ) -> Pruner:
   """Magnitude pruning (Han et al. 2015): removes the weights with the smallest ``|w|``.
 
-  Args:
-    sparsity: a float in ``[0, 1)`` (pruned at the first step and kept), a
-      :class:`Schedule` (``jaxprune.agp``, ``jaxprune.iterative``, ...) or a
-      ``step -> sparsity`` function.
-    scope: ``"layer"`` or ``"global"``.
-    where: which params are pruned (default: weight matrices and conv kernels).
-    overrides: per-layer sparsities ``{regex: value}``.
-    dense_first: keep the first pruned layer dense.
-    dense_last: keep the last pruned layer dense.
+  Args:{args}
 
   Returns:
     A :class:`Pruner` for :func:`jaxprune.masked` or direct use.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, jaxprune
-    >>> params = {"Dense_0": {"kernel": jnp.arange(1., 17.).reshape(4, 4), "bias": jnp.ones(4)}}
+    >>> params = {{"Dense_0": {{"kernel": jnp.arange(1., 17.).reshape(4, 4), "bias": jnp.ones(4)}}}}
     >>> tx = jaxprune.masked(optax.sgd(0.1), jaxprune.magnitude(0.5))
     >>> state = tx.init(params)
     >>> grads = jax.tree.map(jnp.ones_like, params)
@@ -203,11 +242,12 @@ def magnitude(
   return _pruner(
     scores_lib.magnitude,
     sparsity,
+    overrides,
     scope=scope,
     where=where,
-    overrides=dict(overrides or {}),
     dense_first=dense_first,
     dense_last=dense_last,
+    structure=structure,
   )
 
 
@@ -220,28 +260,35 @@ def random(
   overrides: Mapping[str, Any] | None = None,
   dense_first: bool = False,
   dense_last: bool = False,
+  structure: Any = None,
 ) -> Pruner:
-  """Random pruning, the baseline: removes uniformly random weights.
+  """Random pruning, the baseline: removes uniformly random weights (or groups).
 
   Keys are derived from ``seed``, the step and the leaf, so masks are reproducible.
-  Weights pruned earlier stay pruned when the target grows. Arguments as in
-  :func:`magnitude`.
+  Weights pruned earlier stay pruned when the target grows.
+
+  Args:{args}
+    seed: the PRNG seed.
+
+  Returns:
+    A :class:`Pruner`.
 
   Examples:
     >>> import jax.numpy as jnp, jaxprune
-    >>> m = jaxprune.random(0.5, seed=1).masks({"w": jnp.ones((10, 10))})
+    >>> m = jaxprune.random(0.5, seed=1).masks({{"w": jnp.ones((10, 10))}})
     >>> int(m["w"].sum())
     50
   """
   return _pruner(
     scores_lib.random,
     sparsity,
+    overrides,
     seed=seed,
     scope=scope,
     where=where,
-    overrides=dict(overrides or {}),
     dense_first=dense_first,
     dense_last=dense_last,
+    structure=structure,
   )
 
 
@@ -253,26 +300,36 @@ def saliency(
   overrides: Mapping[str, Any] | None = None,
   dense_first: bool = False,
   dense_last: bool = False,
+  structure: Any = None,
 ) -> Pruner:
   """Saliency pruning: removes the weights with the smallest ``|w * dL/dw|``.
 
   The first-order Taylor estimate of the loss change when a weight is set to zero.
-  Inside :func:`jaxprune.masked` the gradients of the update step are used. Arguments
-  as in :func:`magnitude`.
+  Inside :func:`jaxprune.masked` the gradients of the update step are used.
+
+  Args:{args}
+
+  Returns:
+    A :class:`Pruner` (``needs_grads=True``).
 
   Examples:
     >>> import jax.numpy as jnp, jaxprune
-    >>> p, g = {"w": jnp.array([[1., 2., 3., 4.]])}, {"w": jnp.array([[4., 1., 1., 1.]])}
+    >>> p, g = {{"w": jnp.array([[1., 2., 3., 4.]])}}, {{"w": jnp.array([[4., 1., 1., 1.]])}}
     >>> jaxprune.saliency(0.5).masks(p, g)["w"].tolist()
     [[True, False, False, True]]
   """
   return _pruner(
     scores_lib.saliency,
     sparsity,
+    overrides,
     needs_grads=True,
     scope=scope,
     where=where,
-    overrides=dict(overrides or {}),
     dense_first=dense_first,
     dense_last=dense_last,
+    structure=structure,
   )
+
+
+for _f in (magnitude, random, saliency):
+  _f.__doc__ = _f.__doc__.format(args=_COMMON_ARGS)
