@@ -8,6 +8,7 @@ Examples:
 
 from jaxprune.masks import Summary, apply_mask, combine, pack_masks, summary, unpack_masks
 from jaxprune.pruners import Pruner, magnitude, random, saliency
+from jaxprune.regularizers import GroupReport, group_lasso, l1, zero_groups
 from jaxprune.schedules import Schedule, agp, constant, iterative, one_shot, schedule
 from jaxprune.select import topk_mask
 from jaxprune.structures import blocks, channels, filters, n_m, neurons
@@ -16,24 +17,33 @@ from jaxprune.transforms import MaskedState, masked, masks_of
 __version__ = "0.1.0"
 
 __all__ = [
-  "MaskedState",
-  "Pruner",
-  "Schedule",
-  "Summary",
   "agp",
   "apply_mask",
+  "blocks",
+  "channels",
   "combine",
   "constant",
+  "filters",
+  "group_lasso",
+  "GroupReport",
   "iterative",
+  "l1",
   "magnitude",
   "masked",
+  "MaskedState",
   "masks_of",
+  "n_m",
+  "neurons",
   "one_shot",
   "pack_masks",
+  "Pruner",
   "random",
   "saliency",
+  "Schedule",
   "schedule",
+  "Summary",
   "summary",
   "topk_mask",
   "unpack_masks",
+  "zero_groups",
 ]
