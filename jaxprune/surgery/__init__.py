@@ -1,0 +1,15 @@
+"""Structural surgery: trace the model, find coupled channels, cut them out.
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> from jaxprune import surgery
+  >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(0)))
+  >>> print(surgery.plan(model, example_input=jnp.ones((1, 3))).groups[0].name)
+  layers/0/kernel
+"""
+
+from jaxprune.surgery.api import Shrunk, plan, shrink
+from jaxprune.surgery.plan import Group, Plan
+
+__all__ = ["Group", "Plan", "Shrunk", "plan", "shrink"]

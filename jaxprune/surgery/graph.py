@@ -1,0 +1,367 @@
+"""Channel dependency graph, discovered by tracing the model once (from shapes only).
+
+Every axis of every param (and of the model inputs) gets one *atom* per index. The
+traced program (a jaxpr) is walked once, carrying for each axis of each value the atoms
+its entries come from; an op that makes two entries the same channel unions their
+atoms (union-find). A union-find class is then one channel as the program sees it:
+e.g. ``{conv1/kernel[..., j], conv1/bias[j], bn/scale[j], bn/bias[j], bn/mean[j],
+conv2/kernel[:, :, j, :]}``; a flatten ties one conv channel to its block of Dense rows,
+a residual add ties both branches, a concatenation offsets the channels of its parts.
+
+Ops that mix entries of a channel axis in a way slicing cannot follow (gather, cumsum,
+a grouped conv, ...) *block* the atoms they touch, recording the op and where it is,
+so surgery refuses those channels with an error naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+from jax import core
+from jax.extend import core as jex_core
+
+ELEMENTWISE = {
+    "abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh", "cbrt",
+    "ceil", "clamp", "convert_element_type", "copy", "copy_p", "cos", "cosh", "div", "eq",
+    "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "ge", "gt", "imag",
+    "integer_pow", "is_finite", "le", "lgamma", "digamma", "log", "log1p", "logistic", "lt",
+    "max", "min", "mul", "ne", "neg", "nextafter", "not", "or", "pow", "real",
+    "reduce_precision", "rem", "round", "rsqrt", "select_n", "sign", "sin", "sinh", "sqrt",
+    "square", "stop_gradient", "sub", "tan", "tanh", "xor", "sharding_constraint",
+    "optimization_barrier",
+}  # fmt: skip
+REDUCTIONS = {
+    "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
+    "argmax", "argmin",
+}  # fmt: skip
+CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
+         "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"}  # fmt: skip
+
+Label = np.ndarray | None  # atom id per index along one axis (-1: none), or None
+
+
+@dataclasses.dataclass
+class Atoms:
+  """Union-find over atoms, with what each atom is and what touches its class."""
+
+  parent: list[int] = dataclasses.field(default_factory=list)
+  origin: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # leaf, axis, i
+  blocked: dict[int, str] = dataclasses.field(default_factory=dict)
+  producer: set[int] = dataclasses.field(default_factory=set)  # out-feature atoms of dot/conv
+
+  def new(self, leaf: int, axis: int, size: int) -> np.ndarray:
+    start = len(self.parent)
+    self.parent.extend(range(start, start + size))
+    self.origin.extend((leaf, axis, i) for i in range(size))
+    return np.arange(start, start + size)
+
+  def find(self, a: int) -> int:
+    root = a
+    while self.parent[root] != root:
+      root = self.parent[root]
+    while self.parent[a] != root:
+      self.parent[a], a = root, self.parent[a]
+    return root
+
+  def union(self, a: Label, b: Label) -> None:
+    if a is None or b is None:
+      return
+    for x, y in zip(a.tolist(), b.tolist()):
+      if x >= 0 and y >= 0:
+        rx, ry = self.find(x), self.find(y)
+        if rx != ry:
+          self.parent[ry] = rx
+
+  def block(self, label: Label, reason: str) -> None:
+    if label is None:
+      return
+    for x in label.tolist():
+      if x >= 0:
+        self.blocked.setdefault(x, reason)
+
+
+def _merge(atoms: Atoms, labels: list[Label]) -> Label:
+  """One label from several (union them entrywise; missing entries filled in)."""
+  present = [lab for lab in labels if lab is not None]
+  if not present:
+    return None
+  out = present[0].copy()
+  for lab in present[1:]:
+    atoms.union(out, lab)
+    out = np.where(out >= 0, out, lab)
+  return out
+
+
+def _where(eqn: Any) -> str:
+  stack = str(eqn.source_info.name_stack)
+  frame = ""
+  try:
+    from jax._src import source_info_util
+
+    f = source_info_util.user_frame(eqn.source_info.traceback)
+    if f is not None:
+      frame = f" at {f.file_name.rsplit('/', 1)[-1]}:{f.start_line}"
+  except Exception:  # source info is a nicety; never fail the trace over it
+    frame = ""
+  return f"`{eqn.primitive.name}`" + (f" in {stack}" if stack else "") + frame
+
+
+def _shape(v: Any) -> tuple[int, ...]:
+  return tuple(getattr(v.aval, "shape", ()))
+
+
+class Tracer:
+  """Walks a jaxpr, propagating atom labels and recording unions and blocks."""
+
+  def __init__(self, atoms: Atoms):
+    self.atoms = atoms
+
+  def run(self, jaxpr: Any, in_labels: list[list[Label]]) -> list[list[Label]]:
+    env: dict[Any, list[Label]] = {}
+
+    def read(v):
+      if isinstance(v, jex_core.Literal) or not hasattr(v, "aval"):
+        return [None] * len(getattr(getattr(v, "aval", None), "shape", ()))
+      return env.get(v, [None] * len(_shape(v)))
+
+    for v, lab in zip(jaxpr.invars, in_labels):
+      env[v] = lab
+    for eqn in jaxpr.eqns:
+      ins = [read(v) for v in eqn.invars]
+      outs = self.rule(eqn, ins)
+      for v, lab in zip(eqn.outvars, outs):
+        if not isinstance(v, core.DropVar):
+          env[v] = lab
+    return [read(v) for v in jaxpr.outvars]
+
+  def block_all(self, eqn: Any, ins: list[list[Label]]) -> list[list[Label]]:
+    reason = _where(eqn)
+    for labels in ins:
+      for lab in labels:
+        self.atoms.block(lab, reason)
+    return [[None] * len(_shape(v)) for v in eqn.outvars]
+
+  def rule(self, eqn: Any, ins: list[list[Label]]) -> list[list[Label]]:
+    name = eqn.primitive.name
+    p = eqn.params
+    out_shapes = [_shape(v) for v in eqn.outvars]
+    in_shapes = [_shape(v) for v in eqn.invars]
+    if name in CALLS:
+      inner = p.get("jaxpr") or p.get("call_jaxpr") or p.get("fun_jaxpr")
+      if inner is None:
+        return self.block_all(eqn, ins)
+      inner = getattr(inner, "jaxpr", inner)
+      n_in = len(inner.invars)
+      return self.run(inner, ins[len(ins) - n_in :])
+    if name in ELEMENTWISE:
+      out = out_shapes[0]
+      labels = []
+      for a, size in enumerate(out):
+        cands = [lab[a] for lab, s in zip(ins, in_shapes) if len(s) == len(out) and s[a] == size]
+        labels.append(_merge(self.atoms, cands))
+      return [labels for _ in out_shapes]
+    if name == "broadcast_in_dim":
+      labels = [None] * len(out_shapes[0])
+      for i, d in enumerate(p["broadcast_dimensions"]):
+        if in_shapes[0][i] == out_shapes[0][d]:
+          labels[d] = ins[0][i]
+      return [labels]
+    if name in REDUCTIONS:
+      axes = set(p["axes"])
+      for a in axes:
+        if ins[0][a] is not None and in_shapes[0][a] > 1 and name in ("argmax", "argmin"):
+          self.atoms.block(ins[0][a], _where(eqn))
+      return [[lab for a, lab in enumerate(ins[0]) if a not in axes]]
+    if name == "transpose":
+      return [[ins[0][a] for a in p["permutation"]]]
+    if name == "squeeze":
+      dims = {d % len(in_shapes[0]) for d in p["dimensions"]}
+      return [[lab for a, lab in enumerate(ins[0]) if a not in dims]]
+    if name == "expand_dims":
+      return self.reshape(eqn, ins[0], in_shapes[0], out_shapes[0])
+    if name == "reshape":
+      if p.get("dimensions") not in (None, ()):
+        return self.block_all(eqn, ins)
+      return self.reshape(eqn, ins[0], in_shapes[0], out_shapes[0])
+    if name == "dot_general":
+      return [self.dot_general(eqn, ins, in_shapes)]
+    if name == "conv_general_dilated":
+      return [self.conv(eqn, ins, in_shapes, out_shapes[0])]
+    if name == "concatenate":
+      d = p["dimension"]
+      labels = []
+      for a in range(len(out_shapes[0])):
+        if a == d:
+          parts = [
+            lab[a] if lab[a] is not None else np.full(s[a], -1) for lab, s in zip(ins, in_shapes)
+          ]
+          cat = np.concatenate(parts)
+          labels.append(cat if (cat >= 0).any() else None)
+        else:
+          labels.append(_merge(self.atoms, [lab[a] for lab in ins]))
+      return [labels]
+    if name == "split":
+      axis, sizes = p["axis"], p["sizes"]
+      outs, start = [], 0
+      for size in sizes:
+        lab = ins[0][axis]
+        labels = list(ins[0])
+        labels[axis] = None if lab is None else lab[start : start + size]
+        outs.append(labels)
+        start += size
+      return outs
+    if name in ("reduce_window_max", "reduce_window_min", "reduce_window_sum", "reduce_window"):
+      labels = []
+      dims, strides = p["window_dimensions"], p["window_strides"]
+      for a, lab in enumerate(ins[0]):
+        plain = dims[a] == 1 and strides[a] == 1 and tuple(p["padding"][a]) == (0, 0)
+        if not plain:
+          self.atoms.block(lab, _where(eqn))
+        labels.append(lab if plain else None)
+      return [labels]
+    if name in ("slice", "pad", "rev", "dynamic_slice", "dynamic_update_slice", "cumsum",
+                "cumprod", "cummax", "cummin", "cumlogsumexp", "sort", "top_k", "gather",
+                "scatter", "scatter-add", "scatter_add"):  # fmt: skip
+      return self.axiswise(eqn, ins, in_shapes, out_shapes)
+    if not any(lab is not None for labels in ins for lab in labels):
+      return [[None] * len(s) for s in out_shapes]
+    return self.block_all(eqn, ins)
+
+  def axiswise(self, eqn, ins, in_shapes, out_shapes):
+    """Ops that keep untouched axes: pass those, block channel axes they change."""
+    name, p = eqn.primitive.name, eqn.params
+    touched: set[int] = set()
+    if name == "slice":
+      for a, (lo, hi) in enumerate(zip(p["start_indices"], p["limit_indices"])):
+        stride = (p["strides"] or [1] * len(lo if False else in_shapes[0]))[a]
+        if lo != 0 or hi != in_shapes[0][a] or stride != 1:
+          touched.add(a)
+    elif name == "pad":
+      touched = {a for a, cfg in enumerate(p["padding_config"]) if tuple(cfg) != (0, 0, 0)}
+    elif name in ("rev",):
+      touched = set(p["dimensions"])
+    elif name in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"):
+      touched = {p["axis"]}
+    elif name == "sort":
+      touched = {p["dimension"]}
+    elif name == "top_k":
+      touched = {len(in_shapes[0]) - 1}
+    else:
+      touched = set(range(len(in_shapes[0])))
+    if len(out_shapes[0]) != len(in_shapes[0]):
+      return self.block_all(eqn, ins)
+    labels = []
+    for a, lab in enumerate(ins[0]):
+      if a in touched or out_shapes[0][a] != in_shapes[0][a]:
+        self.atoms.block(lab, _where(eqn))
+        labels.append(None)
+      else:
+        labels.append(lab)
+    for extra in ins[1:]:
+      for lab in extra:
+        self.atoms.block(lab, _where(eqn))
+    return [labels for _ in out_shapes]
+
+  def reshape(self, eqn, lab_in, shape_in, shape_out):
+    """Maps labels through a reshape, group by group of axes with equal products."""
+    out: list[Label] = [None] * len(shape_out)
+    i = o = 0
+    while i < len(shape_in) or o < len(shape_out):
+      i0, o0 = i, o
+      pi = po = 1
+      if i < len(shape_in):
+        pi *= shape_in[i]
+        i += 1
+      if o < len(shape_out):
+        po *= shape_out[o]
+        o += 1
+      while pi != po:
+        if pi < po:
+          pi *= shape_in[i]
+          i += 1
+        else:
+          po *= shape_out[o]
+          o += 1
+      # absorb trailing size-1 axes into this group
+      while i < len(shape_in) and shape_in[i] == 1 and (o >= len(shape_out) or shape_out[o] != 1):
+        i += 1
+      while o < len(shape_out) and shape_out[o] == 1 and (i >= len(shape_in) or shape_in[i] != 1):
+        o += 1
+      group_in, group_out = list(range(i0, i)), list(range(o0, o))
+      if all(lab_in[a] is None for a in group_in):
+        continue
+      sizes_in = [shape_in[a] for a in group_in]
+      block = np.full(sizes_in, -1, dtype=np.int64)
+      for k, a in enumerate(group_in):
+        lab = lab_in[a]
+        if lab is None:
+          continue
+        view = [1] * len(sizes_in)
+        view[k] = sizes_in[k]
+        here = np.broadcast_to(lab.reshape(view), sizes_in)
+        if ((block >= 0) & (here >= 0)).any():
+          self.atoms.block(lab, _where(eqn) + " (merges two channel axes)")
+        block = np.where(block >= 0, block, here)
+      block = block.reshape([shape_out[a] for a in group_out])
+      represented = np.zeros(block.shape, bool)
+      for k, a in enumerate(group_out):
+        moved = np.moveaxis(block, k, -1).reshape(-1, block.shape[k])
+        if (moved >= 0).any() and (moved == moved[:1]).all():
+          out[a] = moved[0]
+          represented |= np.broadcast_to(
+            np.expand_dims(moved[0] >= 0, tuple(j for j in range(block.ndim) if j != k)),
+            block.shape,
+          )
+      lost = block[(block >= 0) & ~represented]
+      if lost.size:
+        self.atoms.block(np.unique(lost), _where(eqn) + " (splits a channel axis)")
+    return [out]
+
+  def dot_general(self, eqn, ins, in_shapes):
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = ins[0], ins[1]
+    for a, b in zip(lc, rc):
+      self.atoms.union(lhs[a], rhs[b])
+    for a, b in zip(lb, rb):
+      self.atoms.union(lhs[a], rhs[b])
+    lfree = [a for a in range(len(in_shapes[0])) if a not in lc and a not in lb]
+    rfree = [b for b in range(len(in_shapes[1])) if b not in rc and b not in rb]
+    for b in rfree:
+      self._mark_producer(rhs[b])
+    for a in lfree:
+      self._mark_producer(lhs[a])
+    return [lhs[a] for a in lb] + [lhs[a] for a in lfree] + [rhs[b] for b in rfree]
+
+  def conv(self, eqn, ins, in_shapes, out_shape):
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    lhs, rhs = ins[0], ins[1]
+    groups = p["feature_group_count"]
+    c_in = in_shapes[0][lhs_spec[1]]
+    out = [None] * len(out_shape)
+    out[out_spec[0]] = lhs[lhs_spec[0]]
+    if p.get("batch_group_count", 1) != 1:
+      return self.block_all(eqn, ins)[0]
+    if groups == 1:
+      self.atoms.union(lhs[lhs_spec[1]], rhs[rhs_spec[1]])
+      out[out_spec[1]] = rhs[rhs_spec[0]]
+      self._mark_producer(rhs[rhs_spec[0]])
+    elif groups == c_in and in_shapes[1][rhs_spec[0]] == c_in:
+      # depthwise, multiplier 1: input channel j -> filter j -> output channel j
+      self.atoms.union(lhs[lhs_spec[1]], rhs[rhs_spec[0]])
+      out[out_spec[1]] = _merge(self.atoms, [lhs[lhs_spec[1]], rhs[rhs_spec[0]]])
+    else:
+      reason = _where(eqn) + f" (grouped conv, feature_group_count={groups})"
+      self.atoms.block(lhs[lhs_spec[1]], reason)
+      self.atoms.block(rhs[rhs_spec[0]], reason)
+      self.atoms.block(rhs[rhs_spec[1]], reason)
+    for a in lhs_spec[2:]:
+      self.atoms.block(lhs[a], _where(eqn))
+    return out
+
+  def _mark_producer(self, lab: Label) -> None:
+    if lab is not None:
+      self.atoms.producer.update(int(x) for x in lab.tolist() if x >= 0)
