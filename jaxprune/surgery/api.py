@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -16,7 +15,7 @@ from flax import nnx
 from jaxprune import tree as tree_lib
 from jaxprune.surgery import rebuild
 from jaxprune.surgery.plan import Plan, trace
-from jaxprune.surgery.shrink import dead_channels, kept_indices, plan_removal, slice_tree
+from jaxprune.surgery.shrink import dead_channels, kept_indices, plan_removal, slice_tree, take
 
 
 def _forward(model: Any, variables: Any, apply_kwargs: Mapping[str, Any]) -> tuple[Callable, Any]:
@@ -141,7 +140,8 @@ def shrink(
     example_input: an input array or ``jax.ShapeDtypeStruct`` (batch axis first).
     remove: ``{group name: channel indices}`` to remove explicitly (all their
       producers' weights are then treated as zero).
-    keep: params whose groups must not shrink (regexes over paths, or a predicate).
+    keep: layers whose outputs must not shrink: a group is kept whole when one of its
+      producers' paths matches (regexes over paths, or a predicate).
     multiple_of: round every new width up to a multiple (8 for GPU tensor cores, 128
       for TPU lanes) by keeping some channels that could have gone.
     apply_kwargs: extra keyword arguments of the forward call.
@@ -161,7 +161,7 @@ def shrink(
     >>> params = nnx.state(model, nnx.Param)
     >>> masks = jaxprune.magnitude(0.5, structure="neurons", where="layers/0/kernel").masks(params)
     >>> small = surgery.shrink(model, masks=masks, example_input=jnp.ones((1, 4)))
-    >>> small.model.layers[0].kernel.value.shape, small.widths["layers/0"]
+    >>> small.model.layers[0].kernel.shape, small.widths["layers/0"]
     ((4, 4), {'in_features': 4, 'out_features': 4})
   """
   if not isinstance(multiple_of, int) or multiple_of < 1:
@@ -189,7 +189,7 @@ def shrink(
       chans = sorted(set(int(j) for j in remove[g.name]))
       masked = _zero_producers(the_plan, masked, g, chans)
       values = {p: np.asarray(x) for p, x in zip(the_plan.paths, masked)}
-    elif g.blocked or any(protect(p, values[p]) for p, _ in g.members):
+    elif g.blocked or any(protect(p, values[p]) for p, _ in g.producers):
       continue
     else:
       chans = dead_channels(g, values)
@@ -206,7 +206,7 @@ def shrink(
     for p, x in zip(the_plan.paths, masked)
   ]
   kept = kept_indices(the_plan, removed)
-  new_leaves = [_take(x, kept[p]) if p in kept else x for p, x in zip(the_plan.paths, folded)]
+  new_leaves = [take(x, kept[p]) if p in kept else x for p, x in zip(the_plan.paths, folded)]
   new_state = jax.tree.unflatten(treedef, new_leaves)
   if isinstance(model, nnx.Module):
     graphdef = nnx.graphdef(model)
@@ -222,12 +222,6 @@ def shrink(
     ref_state = jax.tree.unflatten(treedef, masked)
     max_error = _check(fn, ref_state, small_fn, small_vars, inputs, rtol, seed)
   return Shrunk(small, small_vars, the_plan, removed, kept, widths, max_error)
-
-
-def _take(x, kept_axes):
-  from jaxprune.surgery.shrink import take
-
-  return take(x, kept_axes)
 
 
 def _round_width(size: int, removed: list[int], multiple_of: int) -> list[int]:
@@ -291,7 +285,3 @@ def _check(fn, ref_vars, small_fn, small_vars, inputs, rtol, seed) -> float:
       f"by {err:.3g} (tolerance {rtol * scale:.3g}). Please report this model."
     )
   return err
-
-
-def _as_regex(name: str) -> str:
-  return re.escape(name) + "$"

@@ -6,11 +6,9 @@ from typing import Any
 
 from flax import nnx
 
-from jaxprune import tree as tree_lib
-
 
 def _shape(var: Any) -> tuple[int, ...]:
-  return tuple(var.value.shape)
+  return tuple(var.get_value().shape)
 
 
 def fix_nnx_attributes(model: nnx.Module) -> dict[str, dict[str, int]]:
@@ -48,6 +46,3 @@ def linen_module(model: Any, plan: Any, kept: dict[str, Any]) -> tuple[Any, dict
   from jaxprune.surgery.linen import resized
 
   return resized(model, plan, kept)
-
-
-__all__ = ["fix_nnx_attributes", "linen_module", "tree_lib"]
