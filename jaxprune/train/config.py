@@ -1,0 +1,330 @@
+"""Experiment configs: defaults, file loading, command-line overrides, validation.
+
+A recipe in ``configs/`` is a Python file with ``get_config()`` returning an
+``ml_collections.ConfigDict``, usually :func:`default_config` with a few fields changed.
+:func:`load_config` imports it, applies ``field=value`` overrides and validates every
+field, so a typo or a bad value fails before any data is loaded. :func:`make_pruner`
+turns ``config.prune`` into a :class:`jaxprune.Pruner`.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+import pathlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import ml_collections
+import optax
+
+import jaxprune
+from jaxprune.train import data, models
+
+PRUNERS = {
+  "magnitude": jaxprune.magnitude,
+  "random": jaxprune.random,
+  "saliency": jaxprune.saliency,
+}
+SCHEDULES = ("agp", "one_shot", "iterative", "constant")
+FREE_FORM = ("prune.overrides",)  # groups whose keys the user chooses
+
+
+class ConfigError(ValueError):
+  """A config field is unknown or has a bad value; the message starts with the field."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every config field with its default: recipes in ``configs/`` start from this.
+
+  The pruning steps follow ``train.steps`` (``begin = steps // 3``, ``end = 2 * steps //
+  3``, ``every = ceil(steps / 30)``) until a recipe or an override sets them.
+
+  Examples:
+    >>> from jaxprune.train import config as config_lib
+    >>> config = config_lib.default_config()
+    >>> config.train.steps = 300
+    >>> config.prune.begin, config.prune.end, config.prune.every
+    (100, 200, 10)
+  """
+  config = ml_collections.ConfigDict()
+  config.data = dict(name="mnist5k", batch_size=128, eval_batch_size=500)
+  config.model = dict(name="lenet300")
+  config.train = dict(
+    steps=3000, learning_rate=1e-3, seed=0, eval_every=500, log_every=50, progress=True
+  )
+  steps = config.train.get_ref("steps")
+  config.prune = dict(
+    method="magnitude",  # magnitude | random | saliency | none
+    scope="layer",  # layer | global
+    schedule="agp",  # agp | one_shot | iterative | constant
+    sparsity=0.9,
+    begin=steps // 3,  # agp: first update; one_shot: the step; iterative: first round
+    end=steps * 2 // 3,  # agp: last update (the final sparsity is reached here)
+    every=(steps + 29) // 30,  # agp: steps between updates; iterative: between rounds
+    rounds=3,  # iterative: rounds, each removing the same fraction of what is left
+    overrides=ml_collections.ConfigDict(),  # {path regex: sparsity}, e.g. {"fc3": 0.5}
+    dense_first=False,
+    dense_last=False,
+  )
+  return config
+
+
+def _unknown(field: str, key: str, known: Iterable[str]) -> ConfigError:
+  known = list(known)
+  close = difflib.get_close_matches(key, known, n=1)
+  hint = f" (did you mean {close[0]!r}?)" if close else ""
+  return ConfigError(f"{field}: unknown config field{hint}; known here: {', '.join(known)}.")
+
+
+def check_fields(
+  config: ml_collections.ConfigDict, reference: Any = None, prefix: str = ""
+) -> None:
+  """Raises :class:`ConfigError` naming the first field that :func:`default_config` lacks."""
+  reference = default_config() if reference is None else reference
+  for key in config:
+    field = f"{prefix}{key}"
+    if key not in reference:
+      raise _unknown(field, key, reference)
+    if isinstance(reference[key], ml_collections.ConfigDict):
+      if not isinstance(config[key], ml_collections.ConfigDict):
+        raise ConfigError(f"{field}: must be a group of fields, got {config[key]!r}.")
+      if field not in FREE_FORM:
+        check_fields(config[key], reference[key], f"{field}.")
+
+
+def _parse(text: str, current: Any) -> Any:
+  if isinstance(current, str):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      return text
+    return value if isinstance(value, str) else text
+  if isinstance(current, bool):
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    return words.get(text.lower(), text)
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
+  """Sets one field from ``"train.steps=200"`` text (the ``--config.`` prefix removed).
+
+  The value is read as a Python literal and must fit the field's type; a dict replaces
+  a group (``prune.overrides={'fc3': 0.5}``); new keys may be added to
+  ``prune.overrides`` only.
+
+  Raises:
+    ConfigError: naming an unknown field or a value of the wrong type.
+
+  Examples:
+    >>> from jaxprune.train import config as config_lib
+    >>> config = config_lib.default_config()
+    >>> config_lib.apply_override(config, "train.steps=90")
+    >>> config_lib.apply_override(config, "prune.overrides.fc3=0.5")
+    >>> config.train.steps, config.prune.end, config.prune.overrides.fc3
+    (90, 60, 0.5)
+  """
+  field, sep, text = assignment.partition("=")
+  if not sep:
+    raise ConfigError(f"{field}: no value given; write --config.{field}=VALUE.")
+  *groups, name = field.split(".")
+  node, path = config, ""
+  for group in groups:
+    if group not in node:
+      raise _unknown(f"{path}{group}", group, node)
+    node, path = node[group], f"{path}{group}."
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ConfigError(f"{path[:-1]}: is a value, not a group of fields; cannot set {field!r}.")
+  if name not in node and path[:-1] not in FREE_FORM:
+    raise _unknown(field, name, node)
+  current = node.get(name)
+  value = _parse(text, current)
+  try:
+    node[name] = value
+  except TypeError as e:
+    raise ConfigError(
+      f"{field}: cannot set {text!r}; it needs a {type(current).__name__} "
+      f"like its current value {current!r}."
+    ) from e
+
+
+def load_config(
+  path: str | os.PathLike, overrides: Sequence[str] = ()
+) -> ml_collections.ConfigDict:
+  """Imports ``get_config()`` from a config file, applies overrides, validates.
+
+  Args:
+    path: a Python file defining ``get_config() -> ml_collections.ConfigDict``.
+    overrides: ``"field=value"`` texts, applied in order (see :func:`apply_override`).
+
+  Returns:
+    The validated config.
+
+  Raises:
+    FileNotFoundError: when there is no such file.
+    ConfigError: for a file without ``get_config``, or an unknown or bad field.
+
+  Examples:
+    >>> from jaxprune.train import config as config_lib
+    >>> config = config_lib.load_config("configs/lenet300_agp.py", ["data.name=digits"])
+    >>> config.data.name, config.prune.schedule
+    ('digits', 'agp')
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"No config file {str(path)!r}.")
+  spec = importlib.util.spec_from_file_location(f"_jaxprune_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"{path}: a config file must define get_config().")
+  config = module.get_config()
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict.")
+  for assignment in overrides:
+    apply_override(config, assignment)
+  validate_config(config)
+  return config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks every field before any work starts.
+
+  Raises:
+    ConfigError: naming the unknown or badly valued field.
+
+  Examples:
+    >>> from jaxprune.train import config as config_lib
+    >>> config = config_lib.default_config()
+    >>> config.prune.sparsity = 1.5
+    >>> config_lib.validate_config(config)
+    Traceback (most recent call last):
+    ...
+    jaxprune.train.config.ConfigError: prune.sparsity: must be in [0, 1) (the fraction of weights removed), got 1.5.
+  """
+  check_fields(config)
+
+  def fail(field, message):
+    raise ConfigError(f"{field}: {message}")
+
+  def integer(field, value, low):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      fail(field, f"must be an integer >= {low}, got {value!r}.")
+
+  def choice(field, value, options):
+    if value not in options:
+      fail(field, f"must be one of {', '.join(map(repr, options))}; got {value!r}.")
+
+  def fraction(field, value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+      fail(field, f"must be in [0, 1) (the fraction of weights removed), got {value!r}.")
+
+  def flag(field, value):
+    if not isinstance(value, bool):
+      fail(field, f"must be True or False, got {value!r}.")
+
+  d, t, p = config.data, config.train, config.prune
+  choice("data.name", d.name, data.names())
+  integer("data.batch_size", d.batch_size, 1)
+  integer("data.eval_batch_size", d.eval_batch_size, 1)
+  choice("model.name", config.model.name, models.names())
+  integer("train.steps", t.steps, 1)
+  lr = t.learning_rate
+  if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
+    fail("train.learning_rate", f"must be a number > 0, got {lr!r}.")
+  integer("train.seed", t.seed, 0)
+  integer("train.eval_every", t.eval_every, 1)
+  integer("train.log_every", t.log_every, 1)
+  flag("train.progress", t.progress)
+  choice("prune.method", p.method, (*PRUNERS, "none"))
+  choice("prune.scope", p.scope, ("layer", "global"))
+  choice("prune.schedule", p.schedule, SCHEDULES)
+  fraction("prune.sparsity", p.sparsity)
+  integer("prune.begin", p.begin, 0)
+  integer("prune.end", p.end, 0)
+  integer("prune.every", p.every, 1)
+  integer("prune.rounds", p.rounds, 1)
+  flag("prune.dense_first", p.dense_first)
+  flag("prune.dense_last", p.dense_last)
+  for pattern, value in p.overrides.items():
+    fraction(f"prune.overrides[{pattern!r}]", value)
+  if p.method == "none" or p.schedule == "constant":
+    return
+  if p.schedule == "agp" and p.end < p.begin:
+    fail("prune.end", f"must not come before prune.begin ({p.begin}), got {p.end}.")
+  field, last = {
+    "agp": ("prune.end", p.end),
+    "one_shot": ("prune.begin", p.begin),
+    "iterative": ("prune.rounds", p.begin + (p.rounds - 1) * p.every),
+  }[p.schedule]
+  if last >= t.steps:
+    fail(
+      field,
+      f"the last pruning step is {last}, but training stops before step "
+      f"train.steps = {t.steps}; lower {field} or raise train.steps.",
+    )
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> jaxprune.Schedule:
+  """The sparsity schedule of ``config.prune``.
+
+  ``iterative`` prunes ``rounds`` times, ``every`` steps apart from ``begin``; each
+  round removes the same fraction of the remaining weights, ending at ``sparsity``.
+
+  Examples:
+    >>> from jaxprune.train import config as config_lib
+    >>> config = config_lib.default_config()
+    >>> config.prune.schedule, config.prune.sparsity, config.prune.rounds = "iterative", 0.75, 2
+    >>> s = config_lib.make_schedule(config)
+    >>> [round(float(s.sparsity(t)), 3) for t in (999, 1000, 1100)]
+    [0.0, 0.5, 0.75]
+  """
+  p = config.prune
+  if p.schedule == "agp":
+    return jaxprune.agp(p.sparsity, p.begin, p.end, p.every)
+  if p.schedule == "one_shot":
+    return jaxprune.one_shot(p.sparsity, at=p.begin)
+  if p.schedule == "constant":
+    return jaxprune.constant(p.sparsity)
+  rounds = [
+    (p.begin + i * p.every, 1 - (1 - p.sparsity) ** ((i + 1) / p.rounds))
+    for i in range(p.rounds - 1)
+  ]
+  return jaxprune.iterative([*rounds, (p.begin + (p.rounds - 1) * p.every, p.sparsity)])
+
+
+def make_pruner(config: ml_collections.ConfigDict) -> jaxprune.Pruner | None:
+  """The pruner that ``config.prune`` describes (``None`` for ``method="none"``).
+
+  Examples:
+    >>> from jaxprune.train import config as config_lib
+    >>> config = config_lib.default_config()
+    >>> config.prune.overrides = {"fc3": 0.5}
+    >>> pruner = config_lib.make_pruner(config)
+    >>> pruner.scope, dict(pruner.overrides), pruner.schedule.final
+    ('layer', {'fc3': 0.5}, 0.9)
+  """
+  p = config.prune
+  if p.method == "none":
+    return None
+  return PRUNERS[p.method](
+    make_schedule(config),
+    scope=p.scope,
+    overrides=dict(p.overrides),
+    dense_first=p.dense_first,
+    dense_last=p.dense_last,
+    **({"seed": config.train.seed} if p.method == "random" else {}),
+  )
+
+
+def make_optimizer(
+  config: ml_collections.ConfigDict, pruner: jaxprune.Pruner | None
+) -> optax.GradientTransformation:
+  """Adam at ``train.learning_rate``, inside :func:`jaxprune.masked` when pruning."""
+  inner = optax.adam(config.train.learning_rate)
+  return inner if pruner is None else jaxprune.masked(inner, pruner)
