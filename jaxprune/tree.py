@@ -62,7 +62,7 @@ def default_where(path: str, leaf: Any) -> bool:
   return is_float(leaf) and getattr(leaf, "ndim", 0) >= 2
 
 
-def _natural_key(path: str) -> list:
+def natural_key(path: str) -> list:
   return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
 
 
@@ -117,7 +117,7 @@ def selected_paths(
         "Narrow `where=` so it does not select it."
       )
     chosen.append(path)
-  chosen.sort(key=_natural_key)
+  chosen.sort(key=natural_key)
   if dense_first and chosen:
     chosen = chosen[1:]
   if dense_last and chosen:

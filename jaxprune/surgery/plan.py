@@ -152,5 +152,5 @@ def _groups(atoms: Atoms, paths: tuple[str, ...]) -> tuple[Group, ...]:
         blocked=blocked,
       )
     )
-  groups.sort(key=lambda g: tree_lib._natural_key(g.name))
+  groups.sort(key=lambda g: tree_lib.natural_key(g.name))
   return tuple(groups)

@@ -1,0 +1,24 @@
+"""Analysis: APoZ statistics, sensitivity sweeps, weight and APoZ histograms (PNG).
+
+Plots use matplotlib's Agg canvas directly (no pyplot, no display needed).
+"""
+
+from jaxprune.analysis.apoz import apoz, apoz_masks
+from jaxprune.analysis.histograms import plot_apoz_histogram, plot_weight_histograms
+from jaxprune.analysis.sensitivity import (
+  Sensitivity,
+  choose_ratios,
+  plot_sensitivity,
+  sensitivity,
+)
+
+__all__ = [
+  "apoz",
+  "apoz_masks",
+  "choose_ratios",
+  "plot_apoz_histogram",
+  "plot_sensitivity",
+  "plot_weight_histograms",
+  "Sensitivity",
+  "sensitivity",
+]
