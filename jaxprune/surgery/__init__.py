@@ -11,5 +11,6 @@ Examples:
 
 from jaxprune.surgery.api import Shrunk, plan, shrink
 from jaxprune.surgery.plan import Group, Plan
+from jaxprune.surgery.slimming import group_masks, slimming_masks
 
-__all__ = ["Group", "Plan", "Shrunk", "plan", "shrink"]
+__all__ = ["Group", "Plan", "Shrunk", "group_masks", "plan", "shrink", "slimming_masks"]

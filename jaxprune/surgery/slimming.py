@@ -1,0 +1,127 @@
+"""Channel masks over whole coupled groups: Network Slimming and friends.
+
+Pruning a channel means removing it everywhere it exists: the producer's filter and
+bias, the norm's scale and bias, and every consumer's input channel (a feature map that
+feeds several consumers is cut in all of them). :func:`group_masks` turns a choice of
+channels per group into such masks; :func:`slimming_masks` chooses them the Network
+Slimming way (Liu et al. 2017): the channels with the smallest ``|gamma|`` (BatchNorm
+scale), one threshold over the whole network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import tree as tree_lib
+from jaxprune.select import check_sparsity, topk_leaves
+from jaxprune.surgery.plan import Plan
+
+
+def group_masks(plan: Plan, params: Any, remove: Mapping[str, Sequence[int]]) -> Any:
+  """Masks over ``params`` removing the given channels of each group everywhere.
+
+  Args:
+    plan: from :func:`jaxprune.surgery.plan`.
+    params: the params tree to mask (paths may lack the ``params/`` prefix of Linen
+      variables).
+    remove: ``{group name: channel indices}``.
+
+  Returns:
+    A mask pytree over ``params`` (``None`` where nothing is removed).
+  """
+  cut: dict[str, np.ndarray] = {}
+  groups = {g.name: g for g in plan.groups}
+  for name, chans in remove.items():
+    if name not in groups:
+      raise KeyError(f"No group {name!r}; groups: {sorted(groups)}")
+    g = groups[name]
+    if g.blocked and len(chans):
+      raise ValueError(f"Group {name!r} cannot be pruned: blocked by {g.blocked}.")
+    for j in chans:
+      for (path, axis), idx in g.channels[j].items():
+        if path not in cut:
+          cut[path] = np.ones(plan.shapes[path], bool)
+        sl = [slice(None)] * len(plan.shapes[path])
+        sl[axis] = idx
+        cut[path][tuple(sl)] = False
+
+  def mask_for(path: str, leaf: Any):
+    for full, m in cut.items():
+      if (full == path or full.endswith("/" + path)) and m.shape == np.shape(leaf):
+        return jnp.asarray(m)
+    return None
+
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  return jax.tree.unflatten(treedef, [mask_for(tree_lib.path_str(p), x) for p, x in flat])
+
+
+def slimming_masks(plan: Plan, params: Any, sparsity: float, scale: str = "scale") -> Any:
+  """Network Slimming: removes the channels with the smallest ``|gamma|`` network-wide.
+
+  Every prunable group that holds a norm scale (a 1-D param whose path ends with
+  ``scale``) competes under one global threshold; each removed channel is masked in
+  every array of its group. At least one channel of each group is kept.
+
+  Args:
+    plan: from :func:`jaxprune.surgery.plan`.
+    params: the params (with the trained, L1-regularised scales).
+    sparsity: fraction of those channels to remove, in ``[0, 1)``.
+    scale: the last path component of the norm scales.
+
+  Returns:
+    A mask pytree over ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxprune import surgery
+    >>> class Net(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+    ...     self.bn = nnx.BatchNorm(4, rngs=rngs)
+    ...     self.head = nnx.Linear(4, 2, rngs=rngs)
+    ...   def __call__(self, x):
+    ...     return self.head(nnx.relu(self.bn(self.conv(x))).mean(axis=(1, 2)))
+    >>> net = Net(nnx.Rngs(0))
+    >>> net.bn.scale.set_value(jnp.array([1.0, 0.01, 0.5, 0.02]))
+    >>> params = nnx.state(net, nnx.Param)
+    >>> p = surgery.plan(net, example_input=jnp.ones((1, 5, 5, 1)))
+    >>> m = surgery.slimming_masks(p, params, 0.5)
+    >>> m["bn"]["scale"].tolist(), m["head"]["kernel"][:, 0].tolist()
+    ([True, False, True, False], [True, False, True, False])
+  """
+  check_sparsity(sparsity)
+  values = {p: x for p, x in tree_lib.leaves_with_paths(params)}
+
+  def value(path):
+    for p, x in values.items():
+      if path == p or path.endswith("/" + p):
+        return x
+    return None
+
+  scored = []
+  for g in plan.groups:
+    scales = [p for p, a in g.members if p.rsplit("/", 1)[-1] == scale and len(plan.shapes[p]) == 1]
+    if g.blocked or not scales or value(scales[0]) is None:
+      continue
+    gamma = jnp.abs(jnp.asarray(value(scales[0])))
+    order = [int(g.channels[j][(scales[0], 0)][0]) for j in range(g.size)]
+    scored.append((g, gamma[jnp.asarray(order)]))
+  if not scored:
+    raise ValueError(
+      f"No prunable group has a norm scale ending in {scale!r}; groups: "
+      f"{[g.name for g in plan.groups]}"
+    )
+  kept = topk_leaves([s for _, s in scored], sparsity, "global")
+  remove = {}
+  for (g, s), k in zip(scored, kept):
+    k = np.asarray(k).copy()
+    if not k.any():
+      k[int(np.argmax(np.asarray(s)))] = True
+    remove[g.name] = [int(j) for j in np.flatnonzero(~k)]
+  return group_masks(plan, params, remove)

@@ -1,0 +1,93 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxprune import surgery
+
+
+class Chain(nnx.Module):
+  """conv -> BN -> relu -> conv -> BN -> relu -> two consumers (a feature map used twice)."""
+
+  def __init__(self, rngs):
+    self.conv1 = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+    self.bn1 = nnx.BatchNorm(4, rngs=rngs)
+    self.conv2 = nnx.Conv(4, 6, (3, 3), rngs=rngs)
+    self.bn2 = nnx.BatchNorm(6, rngs=rngs)
+    self.left = nnx.Conv(6, 3, (1, 1), rngs=rngs)
+    self.right = nnx.Conv(6, 3, (1, 1), rngs=rngs)
+    self.head = nnx.Linear(3, 2, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn1(self.conv1(x)))
+    x = nnx.relu(self.bn2(self.conv2(x)))
+    return self.head((self.left(x) + self.right(x)).mean(axis=(1, 2)))
+
+
+@pytest.fixture(scope="module")
+def chain():
+  net = Chain(nnx.Rngs(0))
+  net.bn1.scale.set_value(jnp.array([0.9, 0.05, 0.7, 0.01]))
+  net.bn2.scale.set_value(jnp.array([0.03, 0.8, 0.02, 0.6, 0.5, 0.04]))
+  return net, surgery.plan(net, example_input=jnp.ones((1, 6, 6, 1)))
+
+
+def test_one_global_threshold_and_every_coupled_param_masked(chain):
+  net, p = chain
+  params = nnx.state(net, nnx.Param)
+  m = surgery.slimming_masks(p, params, 0.5)  # 5 of the 10 smallest |gamma| go
+  assert m["bn1"]["scale"].tolist() == [True, False, True, False]
+  assert m["bn2"]["scale"].tolist() == [False, True, False, True, True, False]
+  conv1, conv2 = np.asarray(m["conv1"]["kernel"]), np.asarray(m["conv2"]["kernel"])
+  for j, kept in enumerate([True, False, True, False]):
+    assert conv1[..., j].all() == kept and conv1[..., j].any() == kept
+    assert bool(m["conv1"]["bias"][j]) == kept and bool(m["bn1"]["bias"][j]) == kept
+    assert conv2[:, :, j, :].any() == kept  # the next conv's input channel
+  gone = [0, 2, 5]
+  for name in ("left", "right"):  # every consumer of the feature map
+    k = np.asarray(m[name]["kernel"])
+    assert not k[:, :, gone, :].any() and k[:, :, [1, 3, 4], :].all()
+  assert m["head"]["kernel"].get_value() is None and m["left"]["bias"].get_value() is None
+
+
+def test_slimming_masks_shrink_to_the_kept_channels(chain):
+  net, p = chain
+  params = nnx.state(net, nnx.Param)
+  masks = surgery.slimming_masks(p, params, 0.5)
+  small = surgery.shrink(net, masks=masks, example_input=jnp.ones((1, 6, 6, 1)))
+  assert small.model.conv1.out_features == 2 and small.model.bn2.num_features == 3
+  assert small.model.left.in_features == 3 and small.model.right.in_features == 3
+  assert small.max_error < 1e-5
+
+
+def test_keeps_one_channel_per_group_and_errors(chain):
+  net, p = chain
+  params = nnx.state(net, nnx.Param)
+  m = surgery.slimming_masks(p, params, 0.9)
+  assert int(m["bn1"]["scale"].sum()) >= 1 and int(m["bn2"]["scale"].sum()) >= 1
+  with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+    surgery.slimming_masks(p, params, 1.0)
+  with pytest.raises(ValueError, match="No prunable group has a norm scale ending in 'gamma'"):
+    surgery.slimming_masks(p, params, 0.5, scale="gamma")
+  with pytest.raises(KeyError, match="No group 'nope'"):
+    surgery.group_masks(p, params, {"nope": [0]})
+  with pytest.raises(ValueError, match="blocked by the model output"):
+    surgery.group_masks(p, params, {"head/kernel": [0]})
+
+
+def test_group_masks_on_linen_params():
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Dense(4)(x)))
+      return nn.Dense(2)(x)
+
+  v = Net().init(jax.random.key(0), jnp.ones((1, 3)))
+  p = surgery.plan(Net(), v, jnp.ones((1, 3)))
+  m = surgery.group_masks(p, v["params"], {"params/Dense_0/kernel": [1]})
+  assert m["Dense_0"]["kernel"][:, 1].tolist() == [False] * 3
+  assert m["BatchNorm_0"]["scale"].tolist() == [True, False, True, True]
+  assert m["Dense_1"]["kernel"][1].tolist() == [False, False]
