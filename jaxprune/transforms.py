@@ -63,7 +63,9 @@ def masked(inner: optax.GradientTransformation, pruner: Pruner) -> optax.Gradien
   Args:
     inner: any optax ``GradientTransformation`` (``optax.adam(1e-3)``, a chain, an
       ``inject_hyperparams`` optimizer, ...).
-    pruner: a :class:`jaxprune.Pruner` (``jaxprune.magnitude(...)``, ...).
+    pruner: a :class:`jaxprune.Pruner` (``jaxprune.magnitude(...)``, ...), or a fixed
+      mask pytree (bool arrays, ``None`` for unpruned params; e.g. from
+      ``pruner.masks(params)``, APoZ or slimming masks) kept for the whole run.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`MaskedState`;
@@ -84,16 +86,22 @@ def masked(inner: optax.GradientTransformation, pruner: Pruner) -> optax.Gradien
     >>> (params["w"] == 0).sum().item(), jaxprune.masks_of(state)["w"].sum().item()
     (3, 3)
   """
+  fixed = None
   if not isinstance(pruner, Pruner):
-    raise TypeError(
-      f"masked() takes a jaxprune.Pruner (e.g. jaxprune.magnitude(0.9)), got "
-      f"{type(pruner).__name__}."
-    )
+    leaves = jax.tree.leaves(pruner)
+    if not leaves or not all(getattr(x, "dtype", None) == jnp.bool_ for x in leaves):
+      raise TypeError(
+        "masked() takes a jaxprune.Pruner (e.g. jaxprune.magnitude(0.9)) or a fixed "
+        f"mask pytree of bool arrays, got {type(pruner).__name__}."
+      )
+    fixed = pruner
 
   def init(params):
+    if fixed is not None:
+      tree_lib.check_same_structure(params, fixed)
     return MaskedState(
       inner_state=inner.init(params),
-      masks=pruner.init_masks(params),
+      masks=pruner.init_masks(params) if fixed is None else fixed,
       count=jnp.zeros([], jnp.int32),
     )
 
@@ -107,9 +115,11 @@ def masked(inner: optax.GradientTransformation, pruner: Pruner) -> optax.Gradien
       masks = pruner.masks(params, updates, step=step, previous=masks)
       return masks, _zero_pruned(inner, inner_state, masks)
 
-    masks, inner_state = lax.cond(
-      pruner.is_update(step), refresh, lambda operand: operand, (state.masks, state.inner_state)
-    )
+    masks, inner_state = state.masks, state.inner_state
+    if fixed is None:
+      masks, inner_state = lax.cond(
+        pruner.is_update(step), refresh, lambda operand: operand, (masks, inner_state)
+      )
     grads = masks_lib.apply_mask(updates, masks)
     inner_updates, inner_state = inner.update(
       grads, inner_state, masks_lib.apply_mask(params, masks)

@@ -181,10 +181,24 @@ def test_errors():
   state = tx.init(mlp_params())
   with pytest.raises(ValueError, match="needs the params"):
     tx.update(mlp_params(), state)
-  with pytest.raises(TypeError, match="takes a jaxprune.Pruner"):
+  with pytest.raises(TypeError, match="takes a jaxprune.Pruner .* or a fixed"):
     jaxprune.masked(optax.sgd(0.1), 0.5)
   with pytest.raises(ValueError, match="No jaxprune.masked state"):
     jaxprune.masks_of(optax.sgd(0.1).init(mlp_params()))
   bad = {"fc1": mlp_params()["fc1"]}
   with pytest.raises(ValueError, match="'fc2/bias' is only in the"):
     tx.update(bad, state, mlp_params())
+
+
+def test_fixed_masks_are_kept_for_the_whole_run():
+  params = mlp_params()
+  masks = jaxprune.magnitude(0.5, scope="global").masks(params)
+  tx = jaxprune.masked(optax.adam(1e-2), masks)
+  state = tx.init(params)
+  step = make_step(tx)
+  for t in range(3):
+    params, state = step(params, state, *batch(t))
+  np.testing.assert_array_equal(params["fc1"]["kernel"] != 0, masks["fc1"]["kernel"])
+  assert jaxprune.masks_of(state) is not None
+  with pytest.raises(ValueError, match="'fc2/bias' is only in the params"):
+    jaxprune.masked(optax.sgd(0.1), {"fc1": masks["fc1"]}).init(mlp_params())
