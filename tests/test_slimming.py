@@ -91,3 +91,15 @@ def test_group_masks_on_linen_params():
   assert m["Dense_0"]["kernel"][:, 1].tolist() == [False] * 3
   assert m["BatchNorm_0"]["scale"].tolist() == [True, False, True, True]
   assert m["Dense_1"]["kernel"][1].tolist() == [False, False]
+
+
+def test_channel_masks_score_groups_by_all_their_producers(chain):
+  net, p = chain
+  params = nnx.state(net, nnx.Param)
+  m = surgery.channel_masks(p, params, 0.5)
+  l1 = np.abs(np.asarray(params["conv1"]["kernel"])).reshape(-1, 4).sum(0)
+  expect = l1 >= np.sort(l1)[2]
+  assert np.asarray(m["bn1"]["scale"]).tolist() == expect.tolist()
+  assert int(np.asarray(m["bn2"]["scale"]).sum()) == 3
+  with pytest.raises(ValueError, match="norm must be"):
+    surgery.channel_masks(p, params, 0.5, norm="l0")

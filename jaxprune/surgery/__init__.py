@@ -10,7 +10,16 @@ Examples:
 """
 
 from jaxprune.surgery.api import Shrunk, plan, shrink
+from jaxprune.surgery.channels import channel_masks, group_masks, slimming_masks
 from jaxprune.surgery.plan import Group, Plan
-from jaxprune.surgery.slimming import group_masks, slimming_masks
 
-__all__ = ["Group", "Plan", "Shrunk", "group_masks", "plan", "shrink", "slimming_masks"]
+__all__ = [
+  "Group",
+  "Plan",
+  "Shrunk",
+  "channel_masks",
+  "group_masks",
+  "plan",
+  "shrink",
+  "slimming_masks",
+]

@@ -1,4 +1,4 @@
-"""Channel masks over whole coupled groups: Network Slimming and friends.
+"""Channel masks over whole coupled groups: by norm, Network Slimming, or explicit.
 
 Pruning a channel means removing it everywhere it exists: the producer's filter and
 bias, the norm's scale and bias, and every consumer's input channel (a feature map that
@@ -124,4 +124,46 @@ def slimming_masks(plan: Plan, params: Any, sparsity: float, scale: str = "scale
     if not k.any():
       k[int(np.argmax(np.asarray(s)))] = True
     remove[g.name] = [int(j) for j in np.flatnonzero(~k)]
+  return group_masks(plan, params, remove)
+
+
+def channel_masks(plan: Plan, params: Any, sparsity: float, norm: str = "l1") -> Any:
+  """Removes ``round(sparsity * C)`` channels of every prunable group, smallest first.
+
+  A channel's score is the summed L1 (or L2) norm of its producers' filters, so in a
+  ResNet the channels of the residual stream are scored by every conv writing into it
+  and cut in all of them. At least one channel of each group is kept.
+
+  Args:
+    plan: from :func:`jaxprune.surgery.plan`.
+    params: the params to score and mask.
+    sparsity: fraction of each group's channels to remove, in ``[0, 1)``.
+    norm: ``"l1"`` (Li et al. 2017) or ``"l2"``.
+
+  Returns:
+    A mask pytree over ``params``.
+  """
+  check_sparsity(sparsity)
+  if norm not in ("l1", "l2"):
+    raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}.")
+  values = {p: np.asarray(x) for p, x in tree_lib.leaves_with_paths(params)}
+
+  def value(path):
+    for p, x in values.items():
+      if path == p or path.endswith("/" + p):
+        return x
+    raise KeyError(f"{path!r} is not in the params given.")
+
+  remove = {}
+  for g in plan.groups:
+    if g.blocked:
+      continue
+    scores = np.zeros(g.size, np.float64)
+    for path, axis in g.producers:
+      w = np.moveaxis(value(path), axis, 0).reshape(plan.shapes[path][axis], -1)
+      per = np.abs(w).sum(1) if norm == "l1" else np.sqrt((w.astype(np.float64) ** 2).sum(1))
+      scores += np.array([per[g.channels[j][(path, axis)]].sum() for j in range(g.size)])
+    n_remove = min(g.size - 1, int(round(float(sparsity) * g.size)))
+    order = np.argsort(scores, kind="stable")
+    remove[g.name] = sorted(int(j) for j in order[:n_remove])
   return group_masks(plan, params, remove)
