@@ -48,9 +48,9 @@ def masked(inner: optax.GradientTransformation, pruner: Pruner) -> optax.Gradien
   """Wraps ``inner`` so that the weights ``pruner`` removes are, and stay, exactly zero.
 
   On each step: if the pruner's schedule says so, masks are recomputed from the current
-  params (and gradients) under ``lax.cond`` (no selection work on other steps) and the
-  inner state's params-shaped entries (e.g. Adam moments) of newly pruned weights are
-  zeroed; gradients of pruned weights are masked before ``inner`` sees them, so
+  params (and gradients) under ``lax.cond`` (no selection work on other steps); the
+  inner state's params-shaped entries (e.g. Adam moments) of pruned weights are kept at
+  zero; gradients of pruned weights are masked before ``inner`` sees them, so
   moments cannot revive them; the returned updates take pruned weights to exactly zero
   (``update = -param`` there). So ``optax.apply_updates`` alone leaves a pruned model:
   there is no second call to remember.
@@ -110,16 +110,16 @@ def masked(inner: optax.GradientTransformation, pruner: Pruner) -> optax.Gradien
       raise ValueError("jaxprune.masked needs the params: call tx.update(grads, state, params).")
     step = state.count
 
-    def refresh(operand):
-      masks, inner_state = operand
-      masks = pruner.masks(params, updates, step=step, previous=masks)
-      return masks, _zero_pruned(inner, inner_state, masks)
+    def refresh(masks):
+      return pruner.masks(params, updates, step=step, previous=masks)
 
     masks, inner_state = state.masks, state.inner_state
     if fixed is None:
-      masks, inner_state = lax.cond(
-        pruner.is_update(step), refresh, lambda operand: operand, (masks, inner_state)
-      )
+      # Only the masks go through the cond: a cond over the optimizer state too would
+      # copy all of it (e.g. Adam's moments) on every step. The zeroing below is a
+      # no-op except right after an update and fuses into the inner update.
+      masks = lax.cond(pruner.is_update(step), refresh, lambda masks: masks, masks)
+      inner_state = _zero_pruned(inner, inner_state, masks)
     grads = masks_lib.apply_mask(updates, masks)
     inner_updates, inner_state = inner.update(
       grads, inner_state, masks_lib.apply_mask(params, masks)
