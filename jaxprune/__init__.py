@@ -11,6 +11,7 @@ from jaxprune.pruners import Pruner, magnitude, random, saliency
 from jaxprune.regularizers import GroupReport, group_lasso, l1, zero_groups
 from jaxprune.schedules import Schedule, agp, constant, iterative, one_shot, schedule
 from jaxprune.select import topk_mask
+from jaxprune.sparsify import TopKGradientsState, topk_gradients
 from jaxprune.structures import blocks, channels, filters, n_m, neurons
 from jaxprune.transforms import MaskedState, masked, masks_of
 
@@ -42,7 +43,9 @@ __all__ = [
   "Schedule",
   "schedule",
   "Summary",
+  "TopKGradientsState",
   "summary",
+  "topk_gradients",
   "topk_mask",
   "unpack_masks",
   "zero_groups",
