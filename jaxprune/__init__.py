@@ -8,6 +8,7 @@ Examples:
 
 from jaxprune.masks import Summary, apply_mask, combine, pack_masks, summary, unpack_masks
 from jaxprune.pruners import Pruner, magnitude, random, saliency
+from jaxprune.quantize import QuantizedArray, compressed_size, dequantize, quantize
 from jaxprune.regularizers import GroupReport, group_lasso, l1, zero_groups
 from jaxprune.schedules import Schedule, agp, constant, iterative, one_shot, schedule
 from jaxprune.select import topk_mask
@@ -23,7 +24,9 @@ __all__ = [
   "blocks",
   "channels",
   "combine",
+  "compressed_size",
   "constant",
+  "dequantize",
   "filters",
   "group_lasso",
   "GroupReport",
@@ -36,8 +39,10 @@ __all__ = [
   "n_m",
   "neurons",
   "one_shot",
+  "quantize",
   "pack_masks",
   "Pruner",
+  "QuantizedArray",
   "random",
   "saliency",
   "Schedule",

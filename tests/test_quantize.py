@@ -1,0 +1,32 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxprune
+
+
+@settings(max_examples=20)
+@given(seed=st.integers(0, 1000), sparsity=st.floats(0.0, 0.95), per_channel=st.booleans())
+def test_zeros_stay_zero_and_error_is_half_a_step(seed, sparsity, per_channel):
+  w = jax.random.normal(jax.random.key(seed), (16, 8))
+  params = jaxprune.apply_mask({"w": w}, jaxprune.magnitude(sparsity).masks({"w": w}))
+  q = jaxprune.quantize(params, per_channel=per_channel)
+  back = jaxprune.dequantize(q)["w"]
+  zero = np.asarray(params["w"]) == 0
+  assert np.all(np.asarray(back)[zero] == 0)  # pruned stays pruned (tiny weights may round to 0)
+  step = np.asarray(q["w"].scale)
+  assert np.all(np.abs(np.asarray(back) - np.asarray(params["w"])) <= step / 2 + 1e-7)
+  assert q["w"].values.dtype == jnp.int8
+
+
+def test_biases_untouched_and_size_shrinks_with_sparsity():
+  w = jax.random.normal(jax.random.key(0), (300, 100))
+  params = {"fc": {"kernel": w, "bias": jnp.ones(100)}}
+  q = jaxprune.quantize(params)
+  assert q["fc"]["bias"] is params["fc"]["bias"]
+  pruned = jaxprune.apply_mask(params, jaxprune.magnitude(0.9).masks(params))
+  dense_f32 = jaxprune.compressed_size(params)
+  sparse_int8 = jaxprune.compressed_size(jaxprune.quantize(pruned))
+  assert sparse_int8 < dense_f32 / 8
