@@ -48,6 +48,15 @@ def leaves_with_paths(
   return [(path_str(p), leaf) for p, leaf in flat]
 
 
+def same_leaf(full: str, short: str) -> bool:
+  """Whether ``short`` names the leaf at ``full`` (equal, or a suffix after a ``/``).
+
+  Linen variables put params under ``params/``; a mask tree over the params alone
+  names ``Dense_0/kernel`` what the variables call ``params/Dense_0/kernel``.
+  """
+  return full == short or full.endswith("/" + short)
+
+
 def is_none(x: Any) -> bool:
   return x is None
 

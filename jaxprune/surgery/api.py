@@ -238,13 +238,13 @@ def _apply_masks(the_plan: Plan, leaves: list[Any], masks: Any) -> list[Any]:
   for p, x in zip(the_plan.paths, leaves):
     m = by_path.get(p)
     if m is None:
-      m = next((v for k, v in by_path.items() if v is not None and p.endswith("/" + k)), None)
+      m = next((v for k, v in by_path.items() if v is not None and tree_lib.same_leaf(p, k)), None)
     if m is not None and np.shape(m) != np.shape(x):
       raise ValueError(f"The mask for {p!r} has shape {np.shape(m)}, the array {np.shape(x)}.")
     out.append(x if m is None else jnp.where(m, x, jnp.zeros((), jnp.result_type(x))))
   known = set(the_plan.paths)
   for k, v in by_path.items():
-    if v is not None and k not in known and not any(p.endswith("/" + k) for p in known):
+    if v is not None and not any(tree_lib.same_leaf(p, k) for p in known):
       raise ValueError(f"The mask names {k!r}, which is not a variable of this model.")
   return out
 

@@ -52,7 +52,7 @@ def group_masks(plan: Plan, params: Any, remove: Mapping[str, Sequence[int]]) ->
 
   def mask_for(path: str, leaf: Any):
     for full, m in cut.items():
-      if (full == path or full.endswith("/" + path)) and m.shape == np.shape(leaf):
+      if tree_lib.same_leaf(full, path) and m.shape == np.shape(leaf):
         return jnp.asarray(m)
     return None
 
@@ -99,10 +99,7 @@ def slimming_masks(plan: Plan, params: Any, sparsity: float, scale: str = "scale
   values = {p: x for p, x in tree_lib.leaves_with_paths(params)}
 
   def value(path):
-    for p, x in values.items():
-      if path == p or path.endswith("/" + p):
-        return x
-    return None
+    return _lookup(values, path)
 
   scored = []
   for g in plan.groups:
@@ -149,10 +146,10 @@ def channel_masks(plan: Plan, params: Any, sparsity: float, norm: str = "l1") ->
   values = {p: np.asarray(x) for p, x in tree_lib.leaves_with_paths(params)}
 
   def value(path):
-    for p, x in values.items():
-      if path == p or path.endswith("/" + p):
-        return x
-    raise KeyError(f"{path!r} is not in the params given.")
+    x = _lookup(values, path)
+    if x is None:
+      raise KeyError(f"{path!r} is not in the params given.")
+    return x
 
   remove = {}
   for g in plan.groups:
@@ -167,3 +164,8 @@ def channel_masks(plan: Plan, params: Any, sparsity: float, norm: str = "l1") ->
     order = np.argsort(scores, kind="stable")
     remove[g.name] = sorted(int(j) for j in order[:n_remove])
   return group_masks(plan, params, remove)
+
+
+def _lookup(values: dict[str, Any], path: str) -> Any:
+  """The value of the params leaf that ``path`` (a traced variable's path) names."""
+  return next((x for p, x in values.items() if tree_lib.same_leaf(path, p)), None)

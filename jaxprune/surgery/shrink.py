@@ -179,7 +179,7 @@ def slice_tree(tree: Any, plan: Plan, kept: dict[str, dict[int, np.ndarray]]) ->
       return leaf
     p = tree_lib.path_str(path)
     for name in names:
-      if (p == name or p.endswith("/" + name)) and tuple(leaf.shape) == plan.shapes[name]:
+      if tree_lib.same_leaf(p, name) and tuple(leaf.shape) == plan.shapes[name]:
         return take(leaf, kept[name])
     return leaf
 
