@@ -51,32 +51,52 @@ def sortable_keys(scores: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(i, jnp.uint32) ^ jnp.uint32(0x80000000)
 
 
-def _largest_bin(counts: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Largest bin b with ``#(key >= b) >= k`` and how many of k lie inside bin b."""
-  at_or_above = jnp.cumsum(counts[::-1])[::-1]
-  b = jnp.sum(at_or_above >= k, dtype=jnp.int32) - 1
-  b = jnp.maximum(b, 0)
-  return b, k - (at_or_above[b] - counts[b])
+_ROW = 1024  # block size of the tie cutoff search
+_CHUNKS = 4  # independent partial histograms: XLA:CPU runs independent ops in parallel
 
 
-def kth_largest_key(keys: list[jax.Array], k: jax.Array) -> jax.Array:
-  """The k-th largest of the keys of all arrays together (``1 <= k <= n``)."""
-  hi = [(u >> 16).astype(jnp.int32) for u in keys]
-  counts = sum(jnp.bincount(h, length=_BINS) for h in hi)
-  b, k_in = _largest_bin(counts, k)
-  lo = [jnp.where(h == b, (u & 0xFFFF).astype(jnp.int32), _BINS) for u, h in zip(keys, hi)]
-  counts = sum(jnp.bincount(low, length=_BINS + 1)[:_BINS] for low in lo)
-  b2, _ = _largest_bin(counts, k_in)
-  return (b.astype(jnp.uint32) << 16) | b2.astype(jnp.uint32)
+def _histogram(idx: jax.Array, length: int) -> jax.Array:
+  parts = _CHUNKS if idx.size >= (1 << 18) else 1
+  step = -(-idx.size // parts)
+  return sum(jnp.bincount(idx[i * step : (i + 1) * step], length=length) for i in range(parts))
+
+
+def _at_or_above(counts: jax.Array) -> jax.Array:
+  return jnp.cumsum(counts[::-1])[::-1]  # [b] = #(key bin >= b)
+
+
+def _nth_true(eq: jax.Array, j: jax.Array) -> jax.Array:
+  """Flat index of the j-th ``True`` (``j >= 1``) by blocked counting, not a full cumsum."""
+  rows = jnp.pad(eq, (0, (-eq.size) % _ROW)).reshape(-1, _ROW)
+  cum = jnp.cumsum(jnp.sum(rows, axis=1, dtype=jnp.int32))
+  r = jnp.sum(cum < j, dtype=jnp.int32)
+  before = jnp.where(r > 0, cum[jnp.maximum(r - 1, 0)], 0)
+  within = jnp.cumsum(lax.dynamic_index_in_dim(rows, r, keepdims=False), dtype=jnp.int32)
+  return r * _ROW + jnp.sum(within < j - before, dtype=jnp.int32)
 
 
 def keep_topk(keys: list[jax.Array], k: jax.Array) -> list[jax.Array]:
-  """Flat bool masks keeping exactly the k largest keys over all arrays."""
+  """Flat bool masks keeping exactly the k largest keys over all arrays.
+
+  Two histogram passes find the k-th largest key ``t`` (its high 16 bits, then its low
+  16 bits among the keys in that bin); the counts of keys above ``t`` and equal to it
+  come from the same histograms. Ties at ``t`` keep the lowest indices.
+  """
   k = jnp.asarray(k, jnp.int32)
-  t = kth_largest_key(keys, jnp.maximum(k, 1))
-  above = sum(jnp.sum(u > t, dtype=jnp.int32) for u in keys)
-  ties = [jnp.sum(u == t, dtype=jnp.int32) for u in keys]
-  need = k - above
+  kk = jnp.maximum(k, 1)
+  hi = [(u >> 16).astype(jnp.int32) for u in keys]
+  counts = sum(_histogram(h, _BINS) for h in hi)
+  at_or_above = _at_or_above(counts)
+  b = jnp.maximum(jnp.sum(at_or_above >= kk, dtype=jnp.int32) - 1, 0)
+  above_bin = at_or_above[b] - counts[b]
+  lo = [jnp.where(h == b, (u & 0xFFFF).astype(jnp.int32), _BINS) for u, h in zip(keys, hi)]
+  per_leaf = [_histogram(low, _BINS + 1)[:_BINS] for low in lo]
+  counts = sum(per_leaf)
+  at_or_above = _at_or_above(counts)
+  b2 = jnp.maximum(jnp.sum(at_or_above >= kk - above_bin, dtype=jnp.int32) - 1, 0)
+  t = (b.astype(jnp.uint32) << 16) | b2.astype(jnp.uint32)
+  need = k - (above_bin + at_or_above[b2] - counts[b2])  # ties at t to keep
+  ties = [c[b2] for c in per_leaf]
 
   def all_ties(keys):
     return [u >= t for u in keys]
@@ -84,8 +104,10 @@ def keep_topk(keys: list[jax.Array], k: jax.Array) -> list[jax.Array]:
   def first_ties(keys):
     out, before = [], jnp.int32(0)
     for u, n_eq in zip(keys, ties):
+      j = jnp.clip(need - before, 0, n_eq)
       eq = u == t
-      out.append((u > t) | (eq & (jnp.cumsum(eq, dtype=jnp.int32) + before <= need)))
+      cut = jnp.where(j > 0, _nth_true(eq, jnp.maximum(j, 1)), -1)
+      out.append((u > t) | (eq & (jnp.arange(u.size) <= cut)))
       before = before + n_eq
     return out
 
