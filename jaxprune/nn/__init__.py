@@ -1,0 +1,61 @@
+"""Flax layers for pruning: AutoPruner channel gates (NNX, and Linen in ``linen``).
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> from jaxprune import nn
+  >>> block = nn.Gated(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), activation=nnx.relu,
+  ...                  rngs=nnx.Rngs(1))
+  >>> nn.set_alpha(block, 100.0)
+  >>> _ = block(jnp.ones((8, 3)))
+  >>> v = nn.gate_vectors(block)
+  >>> penalty = nn.gate_penalty(v, r=0.5)
+  >>> plain, masks = nn.ungate(block, nn.hard_masks(v))
+  >>> type(plain).__name__
+  'Sequential'
+"""
+
+from jaxprune.nn import autopruner_linen as linen
+from jaxprune.nn.autopruner import (
+  Gate,
+  GateAlpha,
+  Gated,
+  GateVector,
+  alpha_schedule,
+  fc_std,
+  gate_vector,
+  gate_vectors,
+  gates,
+  set_alpha,
+)
+from jaxprune.nn.autopruner_fold import ungate, ungate_params
+from jaxprune.nn.autopruner_loss import (
+  adaptive_lambda,
+  gate_loss,
+  gate_penalty,
+  hard_masks,
+  keep_ratio,
+  keep_ratios,
+)
+
+__all__ = [
+  "adaptive_lambda",
+  "alpha_schedule",
+  "fc_std",
+  "Gate",
+  "gate_loss",
+  "gate_penalty",
+  "gate_vector",
+  "gate_vectors",
+  "GateAlpha",
+  "Gated",
+  "gates",
+  "GateVector",
+  "hard_masks",
+  "keep_ratio",
+  "keep_ratios",
+  "linen",
+  "set_alpha",
+  "ungate",
+  "ungate_params",
+]
