@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import jaxprune
-from jaxprune import nn
+from jaxprune import nn, surgery
 from jaxprune import tree as tree_lib
 from jaxprune.nn.autopruner_recipe import conv_net_macs, train_recipe
 
@@ -238,6 +238,14 @@ def test_folded_model_equals_hard_gated_model(mode):
   summary = jaxprune.summary(jaxprune.apply_mask(params, param_masks), where=r"kernel")
   assert summary.zeros >= jaxprune.summary(param_masks, where=r"kernel").zeros
   assert nn.gates(model)  # the gated model is left as it was
+  if mode == "eval":  # surgery then cuts the removed channels: gate-free and smaller
+    small = surgery.shrink(plain, masks=param_masks, example_input=x[:1])
+    small.model.eval()
+    np.testing.assert_allclose(forward(small.model, x), gated_out, atol=1e-5, rtol=0)
+    # channels that emit exactly zero go; conv1's removed channels still emit relu(BN(0))
+    # into a padded 3x3 conv, which cannot be folded exactly, so surgery keeps them
+    assert small.model.block2.layers[0].out_features == int(masks["block2/gate"].sum())
+    assert small.model.fc.out_features == int(masks["fc/gate"].sum())
 
 
 def test_ungate_explains_what_it_cannot_fold():
