@@ -1,11 +1,14 @@
-"""The ``jaxprune`` command line.
+"""The ``jaxprune`` command line: ``train``, ``eval`` and ``report``.
 
   jaxprune train --config configs/lenet300_agp.py --config.train.steps=600
   python -m jaxprune train --config configs/lenet300_agp.py --dry-run
+  jaxprune eval --workdir runs/agp          # test accuracy of the newest checkpoint
+  jaxprune report runs/agp                  # regenerate runs/agp/report.md and plots
 
 Any config field can be overridden with ``--config.FIELD=VALUE`` (or ``--config.FIELD
 VALUE``); unknown fields and bad values stop the command, naming the field, before any
-data is loaded.
+data is loaded. ``train`` with a ``train.workdir`` (or ``checkpoint.dir``) resumes from
+the newest checkpoint there: rerun the same command after an interruption.
 """
 
 from __future__ import annotations
@@ -17,42 +20,67 @@ from collections.abc import Sequence
 import ml_collections
 
 from jaxprune.train import config as config_lib
-from jaxprune.train import loop
 
 OVERRIDE_HELP = """\
 config overrides:
   --config.FIELD=VALUE  set any field of the config, e.g. --config.train.steps=600,
                         --config.prune.sparsity=0.8, --config.data.name=digits,
-                        --config.prune.overrides="{'fc3': 0.5}"; VALUE is read as a
+                        --config.prune.overrides="{'fc3': 0.5}",
+                        --config.train.workdir=runs/agp; VALUE is read as a
                         Python literal and must fit the field's type
 """
 
+CONFIG_HELP = (
+  "a Python file defining get_config() -> ml_collections.ConfigDict (e.g. configs/lenet300_agp.py)"
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
-  """The argument parser: one subcommand per task (``train``)."""
+  """The argument parser: one subcommand per task (``train``, ``eval``, ``report``)."""
   parser = argparse.ArgumentParser(
     prog="jaxprune", description="Neural-network pruning for JAX, Flax and Optax."
   )
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  common = {
+    "epilog": OVERRIDE_HELP,
+    "formatter_class": argparse.RawDescriptionHelpFormatter,
+    "allow_abbrev": False,
+  }
   train = commands.add_parser(
     "train",
     help="train, prune and fine-tune a model from a config file",
     description="Train a model, prune it as config.prune says, fine-tune it, and print "
-    "the dense and final test accuracy and the per-layer sparsity.",
-    epilog=OVERRIDE_HELP,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    allow_abbrev=False,
+    "the dense and final test accuracy and the per-layer sparsity. With "
+    "train.workdir set, write metrics (CSV, TensorBoard), checkpoints, params.npz and "
+    "report.md there, and resume from its newest checkpoint when run again.",
+    **common,
   )
-  train.add_argument(
-    "--config",
-    required=True,
-    metavar="FILE",
-    help="a Python file defining get_config() -> ml_collections.ConfigDict "
-    "(e.g. configs/lenet300_agp.py)",
-  )
+  train.add_argument("--config", required=True, metavar="FILE", help=CONFIG_HELP)
   train.add_argument(
     "--dry-run", action="store_true", help="validate and print the config, then stop"
   )
+  eval_cmd = commands.add_parser(
+    "eval",
+    help="test accuracy and sparsity of a run's checkpoint",
+    description="Restore a checkpoint of a run (the newest by default) and print its "
+    "test accuracy and per-layer sparsity. Name the run by its workdir, or by the "
+    "config (with overrides) that trained it.",
+    **common,
+  )
+  source = eval_cmd.add_mutually_exclusive_group(required=True)
+  source.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+  source.add_argument(
+    "--workdir", metavar="DIR", help="the train.workdir of a run (reads its config.json)"
+  )
+  eval_cmd.add_argument("--step", type=int, help="the checkpoint's step (default: newest)")
+  report = commands.add_parser(
+    "report",
+    help="regenerate the markdown report of a finished run",
+    description="Write WORKDIR/report.md and its PNG plots from the run's metrics.csv "
+    "and summary.json.",
+    allow_abbrev=False,
+  )
+  report.add_argument("workdir", metavar="WORKDIR", help="the train.workdir of a run")
   return parser
 
 
@@ -81,9 +109,10 @@ def describe(config: ml_collections.ConfigDict) -> str:
     else f"{p.method} ({p.scope}), {p.schedule} to {p.sparsity:.0%}"
     + (f", overrides {dict(p.overrides)}" if p.overrides else "")
   )
+  rethink = ", then from scratch (rethinking)" if config.rethink.enabled else ""
   return (
     f"jaxprune: {config.model.name} on {config.data.name}, {config.train.steps} steps, "
-    f"pruning: {pruning}"
+    f"pruning: {pruning}{rethink}"
   )
 
 
@@ -94,24 +123,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> from jaxprune import cli
     >>> cli.main(["train", "--config", "configs/lenet300_agp.py", "--config.train.steps=90",
     ...           "--dry-run"])  # doctest: +ELLIPSIS
-    data:
+    checkpoint:
     ...
       steps: 90
+    ...
     0
   """
   parser = build_parser()
   args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
   overrides, unknown = split_overrides(extra)
-  if unknown:
-    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+  if unknown or (overrides and args.command == "report"):
+    parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+  from jaxprune.train import evaluate, report, run
+
   try:
-    config = config_lib.load_config(args.config, overrides)
+    if args.command == "report":
+      print(report.write_report(args.workdir))
+      return 0
+    if getattr(args, "workdir", None):
+      if overrides:
+        parser.error("--config.FIELD overrides go with --config FILE, not --workdir")
+      config = evaluate.config_from_workdir(args.workdir)
+    else:
+      config = config_lib.load_config(args.config, overrides)
+    if args.command == "eval":
+      print(evaluate.evaluate_checkpoint(config, step=args.step).report())
+      return 0
+    if args.dry_run:
+      print(str(config).rstrip())
+      return 0
+    print(describe(config), flush=True)
+    result = run.Run(config).execute()
   except (config_lib.ConfigError, FileNotFoundError) as e:
     parser.exit(2, f"jaxprune {args.command}: error: {e}\n")
-  if args.dry_run:
-    print(str(config).rstrip())
-    return 0
-  print(describe(config), flush=True)
-  result = loop.train(config)
   print(result.report())
+  if config.train.workdir:
+    print(f"report: {config.train.workdir}/report.md")
   return 0

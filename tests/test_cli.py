@@ -1,6 +1,4 @@
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
@@ -30,6 +28,10 @@ def test_help(capsys):
   assert e.value.code == 0
   out = capsys.readouterr().out
   assert "--config FILE" in out and "--config.FIELD=VALUE" in out and "--dry-run" in out
+  for command, expected in (("eval", "--workdir DIR"), ("report", "WORKDIR")):
+    with pytest.raises(SystemExit) as e:
+      cli.main([command, "--help"])
+    assert e.value.code == 0 and expected in capsys.readouterr().out
 
 
 def test_a_command_is_required(capsys):
@@ -38,7 +40,10 @@ def test_a_command_is_required(capsys):
   assert e.value.code == 2
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.stem)
+RECIPES = sorted(p for p in (ROOT / "configs").glob("*.py") if p.stem != "autopruner")  # own runner
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_loads_and_validates(path):
   config = config_lib.load_config(path)
   assert config.train.steps > 0
@@ -87,9 +92,21 @@ def test_load_config_overrides():
   ("prune.end=5", "prune.end", "must not come before prune.begin (1000)"),
   ("prune.end=3000", "prune.end", "training stops before step train.steps = 3000"),
   ("prune.overrides={'fc3': 1.0}", "prune.overrides['fc3']", "must be in [0, 1)"),
-  ("data.name=cifar10", "data.name", "must be one of 'digits', 'mnist5k'"),
+  ("data.name=cifar_ten", "data.name", "must be one of 'digits', 'mnist5k' or a TFDS dataset"),
+  ("data.augment=mixup", "data.augment", "must be one of 'none', 'flip_crop'"),
+  ("data.download=perhaps", "data.download", "cannot set 'perhaps'"),
+  ("model.width=0", "model.width", "must be a number > 0"),
+  ("model.width=2", "model.width", "lenet300 has fixed layer widths"),
+  ("train.optimizer=rmsprop", "train.optimizer", "must be one of 'adam', 'sgd'"),
+  ("train.lr_schedule=step", "train.lr_schedule", "must be one of 'constant', 'cosine'"),
+  ("train.warmup_steps=-1", "train.warmup_steps", "must be an integer >= 0"),
+  ("prune.structure=rows", "prune.structure", "must be one of 'unstructured', 'neurons'"),
+  ("checkpoint.every=0", "checkpoint.every", "must be an integer >= 1"),
+  ("checkpoint.keep=0", "checkpoint.keep", "must be an integer >= 1"),
+  ("parallel.devices=64", "parallel.devices", "asks for 64 devices"),
+  ("rethink.steps=-2", "rethink.steps", "must be an integer >= 0"),
   ("data.batch_size=0", "data.batch_size", "must be an integer >= 1"),
-  ("model.name=vgg", "model.name", "must be one of 'lenet300', 'lenet5'"),
+  ("model.name=vgg", "model.name", "must be one of 'lenet300', 'lenet5', 'resnet20'"),
   ("train.learning_rate=0", "train.learning_rate", "must be a number > 0"),
   ("train.progress=maybe", "train.progress", "cannot set 'maybe'"),
 ])  # fmt: skip
@@ -117,21 +134,49 @@ def test_unknown_field_in_a_config_file(tmp_path, capsys):
   assert "No config file" in capsys.readouterr().err
 
 
+def test_rethinking_needs_pruning(capsys):
+  status, _, err = run_main(capsys, "--config.prune.method=none", "--config.rethink.enabled=true")
+  assert status == 2 and "rethink.enabled: needs a pruned run" in err
+
+
 def test_iterative_last_round_must_fit():
   path = ROOT / "configs" / "lenet300_iterative.py"
   with pytest.raises(config_lib.ConfigError, match=r"prune\.rounds: the last pruning step is 5000"):
     config_lib.load_config(path, ["prune.rounds=9"])
 
 
-def test_python_m_jaxprune_trains_end_to_end():
-  proc = subprocess.run(
-    [sys.executable, "-m", "jaxprune", "train", "--config", AGP,
-     "--config.train.steps=60", "--config.train.progress=False"],
-    capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
-  )  # fmt: skip
-  assert proc.returncode == 0, proc.stderr
-  out = proc.stdout
-  assert "lenet300 on mnist5k, 60 steps" in out
-  assert "dense accuracy: " in out and "(step 22)" in out and "final accuracy: " in out
-  for line in ("fc1/kernel  784x300  235,200  211,680    90.00%", "total"):
-    assert line in out
+def test_eval_and_report_subcommands(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  args = ["--config.data.name=digits", "--config.train.steps=12", "--config.train.eval_every=6",
+          "--config.train.progress=false", "--config.checkpoint.every=6",
+          f"--config.train.workdir={workdir}"]  # fmt: skip
+  assert cli.main(["train", "--config", AGP, *args]) == 0
+  out = capsys.readouterr().out
+  assert "final accuracy: " in out and f"report: {workdir}/report.md" in out
+  final = out.split("final accuracy: ")[1].split("\n")[0]
+
+  assert cli.main(["eval", "--workdir", str(workdir)]) == 0
+  out = capsys.readouterr().out
+  assert "checkpoint: train step 12" in out and f"test accuracy: {final}" in out
+  assert "fc1/kernel  64x300   19,200  17,280    90.00%" in out
+  assert cli.main(["eval", "--config", AGP, *args, "--step", "6"]) == 0
+  assert "checkpoint: train step 6" in capsys.readouterr().out
+
+  (workdir / "report.md").unlink()
+  assert cli.main(["report", str(workdir)]) == 0
+  assert capsys.readouterr().out.strip() == f"{workdir}/report.md"
+  assert "## Per-layer sparsity" in (workdir / "report.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+  (["report", "{tmp}"], "metrics.csv is missing"),
+  (["eval", "--workdir", "{tmp}"], "config.json is missing"),
+  (["eval", "--config", AGP, "--config.data.name=digits"], "checkpoint.dir: no checkpoints"),
+  (["eval", "--config", AGP, "--config.checkpoint.dir={tmp}/ckpt"], "No checkpoint in"),
+  (["eval", "--workdir", "{tmp}", "--config.train.steps=3"], "go with --config FILE"),
+])  # fmt: skip
+def test_eval_and_report_errors(tmp_path, capsys, argv, message):
+  (tmp_path / "summary.json").write_text("{}")
+  with pytest.raises(SystemExit) as e:
+    cli.main([a.format(tmp=tmp_path) for a in argv])
+  assert e.value.code == 2 and message in capsys.readouterr().err

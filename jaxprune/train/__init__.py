@@ -1,4 +1,6 @@
-"""The training pipeline: datasets, the model zoo, configs and the training loop.
+"""The training pipeline: datasets, the model zoo, configs, the loop, checkpoints, reports.
+
+See ``docs/training.md``; ``jaxprune train / eval / report`` is its command line.
 
 Examples:
   >>> from jaxprune import train
@@ -7,35 +9,45 @@ Examples:
   ('mnist5k', 'lenet300', 'agp')
 """
 
+from jaxprune.train.checkpoint import Checkpointer
 from jaxprune.train.config import (
   ConfigError,
   apply_override,
   default_config,
   load_config,
-  make_optimizer,
-  make_pruner,
-  make_schedule,
   validate_config,
 )
 from jaxprune.train.data import Dataset, Split
 from jaxprune.train.data import load as load_dataset
-from jaxprune.train.loop import TrainResult, TrainState, train
+from jaxprune.train.evaluate import evaluate_checkpoint
+from jaxprune.train.loop import PhaseResult, TrainResult, TrainState, train
+from jaxprune.train.metrics import MetricsWriter
 from jaxprune.train.models import create as create_model
+from jaxprune.train.optim import make_learning_rate, make_optimizer, make_pruner, make_schedule
+from jaxprune.train.report import write_report
+from jaxprune.train.tfds_source import DatasetNotPrepared
 
 __all__ = [
+  "Checkpointer",
   "ConfigError",
   "Dataset",
+  "DatasetNotPrepared",
+  "MetricsWriter",
+  "PhaseResult",
   "Split",
   "TrainResult",
   "TrainState",
   "apply_override",
   "create_model",
   "default_config",
+  "evaluate_checkpoint",
   "load_config",
   "load_dataset",
+  "make_learning_rate",
   "make_optimizer",
   "make_pruner",
   "make_schedule",
   "train",
   "validate_config",
+  "write_report",
 ]

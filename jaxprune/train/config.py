@@ -3,8 +3,8 @@
 A recipe in ``configs/`` is a Python file with ``get_config()`` returning an
 ``ml_collections.ConfigDict``, usually :func:`default_config` with a few fields changed.
 :func:`load_config` imports it, applies ``field=value`` overrides and validates every
-field, so a typo or a bad value fails before any data is loaded. :func:`make_pruner`
-turns ``config.prune`` into a :class:`jaxprune.Pruner`.
+field, so a typo or a bad value fails before any data is loaded. The optimizer and the
+pruner are built from a config in :mod:`jaxprune.train.optim` (re-exported here).
 """
 
 from __future__ import annotations
@@ -17,18 +17,36 @@ import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import jax
 import ml_collections
-import optax
 
-import jaxprune
 from jaxprune.train import data, models
+from jaxprune.train.optim import (
+  LR_SCHEDULES,
+  OPTIMIZERS,
+  PRUNERS,
+  SCHEDULES,
+  STRUCTURES,
+  make_learning_rate,
+  make_optimizer,
+  make_pruner,
+  make_schedule,
+)
 
-PRUNERS = {
-  "magnitude": jaxprune.magnitude,
-  "random": jaxprune.random,
-  "saliency": jaxprune.saliency,
-}
-SCHEDULES = ("agp", "one_shot", "iterative", "constant")
+__all__ = [
+  "ConfigError",
+  "apply_override",
+  "check_fields",
+  "default_config",
+  "load_config",
+  "make_learning_rate",
+  "make_optimizer",
+  "make_pruner",
+  "make_schedule",
+  "validate_config",
+]
+
+AUGMENTATIONS = ("none", "flip_crop")
 FREE_FORM = ("prune.overrides",)  # groups whose keys the user chooses
 
 
@@ -50,16 +68,35 @@ def default_config() -> ml_collections.ConfigDict:
     (100, 200, 10)
   """
   config = ml_collections.ConfigDict()
-  config.data = dict(name="mnist5k", batch_size=128, eval_batch_size=500)
-  config.model = dict(name="lenet300")
+  config.data = dict(
+    name="mnist5k",  # mnist5k | digits (embedded) | any TFDS name (mnist, cifar10, ...)
+    batch_size=128,  # the global batch, split over devices and processes
+    eval_batch_size=512,
+    data_dir="",  # TFDS data_dir ("": $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    download=False,  # let TFDS download a missing dataset (needs network)
+    train_split="train",
+    test_split="test",
+    augment="none",  # none | flip_crop (random crop + flip, for CIFAR)
+  )
+  config.model = dict(name="lenet300", width=1.0)  # width: channel multiplier (conv nets)
   config.train = dict(
-    steps=3000, learning_rate=1e-3, seed=0, eval_every=500, log_every=50, progress=True
+    steps=3000,
+    optimizer="adam",  # adam | sgd (Nesterov momentum 0.9)
+    learning_rate=1e-3,
+    lr_schedule="constant",  # constant | cosine (to 0 at train.steps)
+    warmup_steps=0,
+    seed=0,
+    eval_every=500,
+    log_every=50,
+    progress=True,
+    workdir="",  # metrics.csv, TensorBoard events, params.npz, report.md ("": none)
   )
   steps = config.train.get_ref("steps")
   config.prune = dict(
     method="magnitude",  # magnitude | random | saliency | none
     scope="layer",  # layer | global
     schedule="agp",  # agp | one_shot | iterative | constant
+    structure="unstructured",  # unstructured | neurons | filters | channels
     sparsity=0.9,
     begin=steps // 3,  # agp: first update; one_shot: the step; iterative: first round
     end=steps * 2 // 3,  # agp: last update (the final sparsity is reached here)
@@ -68,6 +105,20 @@ def default_config() -> ml_collections.ConfigDict:
     overrides=ml_collections.ConfigDict(),  # {path regex: sparsity}, e.g. {"fc3": 0.5}
     dense_first=False,
     dense_last=False,
+  )
+  config.rethink = dict(
+    enabled=False,  # then also train the pruned net from scratch (Liu et al. 2019)
+    steps=0,  # 0: as many steps as train.steps
+    seed=1,  # seeds the re-initialisation
+  )
+  config.checkpoint = dict(
+    dir="",  # "": <train.workdir>/checkpoints, or no checkpoints without a workdir
+    every=500,  # steps between checkpoints (and one at the end of each phase)
+    keep=3,  # the newest checkpoints kept
+  )
+  config.parallel = dict(
+    devices=0,  # devices of the data-parallel mesh (0: all)
+    shard_params=False,  # FSDP: shard each kernel's largest divisible axis over devices
   )
   return config
 
@@ -228,22 +279,68 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(value, bool):
       fail(field, f"must be True or False, got {value!r}.")
 
-  d, t, p = config.data, config.train, config.prune
-  choice("data.name", d.name, data.names())
+  def text(field, value):
+    if not isinstance(value, str):
+      fail(field, f"must be a string, got {value!r}.")
+
+  def positive(field, value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+      fail(field, f"must be a number > 0, got {value!r}.")
+
+  d, m, t, p = config.data, config.model, config.train, config.prune
+  r, c, par = config.rethink, config.checkpoint, config.parallel
+  text("data.name", d.name)
   integer("data.batch_size", d.batch_size, 1)
   integer("data.eval_batch_size", d.eval_batch_size, 1)
-  choice("model.name", config.model.name, models.names())
+  text("data.data_dir", d.data_dir)
+  flag("data.download", d.download)
+  text("data.train_split", d.train_split)
+  text("data.test_split", d.test_split)
+  choice("data.augment", d.augment, AUGMENTATIONS)
+  if d.name not in data.names():
+    from jaxprune.train import tfds_source
+
+    if not tfds_source.is_tfds_name(d.name):
+      fail(
+        "data.name",
+        f"must be one of {', '.join(map(repr, data.names()))} or a TFDS dataset name "
+        f"(mnist, cifar10, ...); got {d.name!r}.",
+      )
+  choice("model.name", m.name, models.names())
+  positive("model.width", m.width)
+  if m.width != 1 and m.name not in models.SCALABLE:
+    fail("model.width", f"{m.name} has fixed layer widths; must be 1.0, got {m.width!r}.")
   integer("train.steps", t.steps, 1)
-  lr = t.learning_rate
-  if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
-    fail("train.learning_rate", f"must be a number > 0, got {lr!r}.")
+  choice("train.optimizer", t.optimizer, OPTIMIZERS)
+  positive("train.learning_rate", t.learning_rate)
+  choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+  integer("train.warmup_steps", t.warmup_steps, 0)
   integer("train.seed", t.seed, 0)
   integer("train.eval_every", t.eval_every, 1)
   integer("train.log_every", t.log_every, 1)
   flag("train.progress", t.progress)
+  text("train.workdir", t.workdir)
+  flag("rethink.enabled", r.enabled)
+  integer("rethink.steps", r.steps, 0)
+  integer("rethink.seed", r.seed, 0)
+  text("checkpoint.dir", c.dir)
+  integer("checkpoint.every", c.every, 1)
+  integer("checkpoint.keep", c.keep, 1)
+  integer("parallel.devices", par.devices, 0)
+  flag("parallel.shard_params", par.shard_params)
+  n_devices = par.devices or jax.device_count()
+  if n_devices > jax.device_count():
+    fail("parallel.devices", f"asks for {n_devices} devices; there are {jax.device_count()}.")
+  for field, size in (
+    ("data.batch_size", d.batch_size),
+    ("data.eval_batch_size", d.eval_batch_size),
+  ):
+    if size % n_devices or size % jax.process_count():
+      fail(field, f"{size} does not split evenly over {n_devices} devices.")
   choice("prune.method", p.method, (*PRUNERS, "none"))
   choice("prune.scope", p.scope, ("layer", "global"))
   choice("prune.schedule", p.schedule, SCHEDULES)
+  choice("prune.structure", p.structure, STRUCTURES)
   fraction("prune.sparsity", p.sparsity)
   integer("prune.begin", p.begin, 0)
   integer("prune.end", p.end, 0)
@@ -253,6 +350,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   flag("prune.dense_last", p.dense_last)
   for pattern, value in p.overrides.items():
     fraction(f"prune.overrides[{pattern!r}]", value)
+  if r.enabled and p.method == "none":
+    fail("rethink.enabled", "needs a pruned run to copy the masks from; prune.method is 'none'.")
   if p.method == "none" or p.schedule == "constant":
     return
   if p.schedule == "agp" and p.end < p.begin:
@@ -268,63 +367,3 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f"the last pruning step is {last}, but training stops before step "
       f"train.steps = {t.steps}; lower {field} or raise train.steps.",
     )
-
-
-def make_schedule(config: ml_collections.ConfigDict) -> jaxprune.Schedule:
-  """The sparsity schedule of ``config.prune``.
-
-  ``iterative`` prunes ``rounds`` times, ``every`` steps apart from ``begin``; each
-  round removes the same fraction of the remaining weights, ending at ``sparsity``.
-
-  Examples:
-    >>> from jaxprune.train import config as config_lib
-    >>> config = config_lib.default_config()
-    >>> config.prune.schedule, config.prune.sparsity, config.prune.rounds = "iterative", 0.75, 2
-    >>> s = config_lib.make_schedule(config)
-    >>> [round(float(s.sparsity(t)), 3) for t in (999, 1000, 1100)]
-    [0.0, 0.5, 0.75]
-  """
-  p = config.prune
-  if p.schedule == "agp":
-    return jaxprune.agp(p.sparsity, p.begin, p.end, p.every)
-  if p.schedule == "one_shot":
-    return jaxprune.one_shot(p.sparsity, at=p.begin)
-  if p.schedule == "constant":
-    return jaxprune.constant(p.sparsity)
-  rounds = [
-    (p.begin + i * p.every, 1 - (1 - p.sparsity) ** ((i + 1) / p.rounds))
-    for i in range(p.rounds - 1)
-  ]
-  return jaxprune.iterative([*rounds, (p.begin + (p.rounds - 1) * p.every, p.sparsity)])
-
-
-def make_pruner(config: ml_collections.ConfigDict) -> jaxprune.Pruner | None:
-  """The pruner that ``config.prune`` describes (``None`` for ``method="none"``).
-
-  Examples:
-    >>> from jaxprune.train import config as config_lib
-    >>> config = config_lib.default_config()
-    >>> config.prune.overrides = {"fc3": 0.5}
-    >>> pruner = config_lib.make_pruner(config)
-    >>> pruner.scope, dict(pruner.overrides), pruner.schedule.final
-    ('layer', {'fc3': 0.5}, 0.9)
-  """
-  p = config.prune
-  if p.method == "none":
-    return None
-  return PRUNERS[p.method](
-    make_schedule(config),
-    scope=p.scope,
-    overrides=dict(p.overrides),
-    dense_first=p.dense_first,
-    dense_last=p.dense_last,
-    **({"seed": config.train.seed} if p.method == "random" else {}),
-  )
-
-
-def make_optimizer(
-  config: ml_collections.ConfigDict, pruner: jaxprune.Pruner | None
-) -> optax.GradientTransformation:
-  """Adam at ``train.learning_rate``, inside :func:`jaxprune.masked` when pruning."""
-  inner = optax.adam(config.train.learning_rate)
-  return inner if pruner is None else jaxprune.masked(inner, pruner)

@@ -1,4 +1,4 @@
-"""Datasets for the training pipeline: named, in memory, batched deterministically.
+"""Datasets for the training pipeline: named, random-access, batched deterministically.
 
 Two sets of real handwritten digits ship inside PyPI packages and need no download:
 
@@ -6,20 +6,30 @@ Two sets of real handwritten digits ship inside PyPI packages and need no downlo
   1,000 test images after a fixed shuffle (the file is sorted by class);
 * ``"digits"``: scikit-learn's 1,797 8x8 digits, 1,500 train and 297 test images.
 
-Images are ``float32`` in ``[0, 1]`` shaped ``(N, H, W, 1)``; labels are ``int32``.
+Any other name is a TFDS dataset read through ``tfds.data_source`` (no TensorFlow; see
+:mod:`jaxprune.train.tfds_source`), e.g. ``"mnist"``, ``"cifar10"``, ``"fashion_mnist"``,
+from ``data_dir`` where it was prepared beforehand.
+
+Images are ``float32`` in ``[0, 1]`` shaped ``(N, H, W, C)``; labels are ``int32``.
 Batching only needs ``len(split)`` and ``split.take(indices)`` (the :class:`Source`
-protocol), so a random-access source such as ``tfds.data_source`` can be registered
-next to the in-memory sets without touching the loop.
+protocol). The order of an epoch is a function of ``(seed, epoch)`` only, so a run
+can restart at any step and see the same batches (:func:`stream`); with several
+processes (multi-host) each one reads its own slice of every global batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+import pathlib
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 SPLIT_SEED = 0  # the train/test split never depends on the training seed
 
@@ -84,32 +94,58 @@ def _mnist5k() -> Dataset:
 
 
 def _digits() -> Dataset:
-  from sklearn.datasets import load_digits
-
-  bunch = load_digits()
-  return _split("digits", bunch.images / np.float32(16), bunch.target, n_test=297)
+  # The file behind sklearn.datasets.load_digits(), read without importing scikit-learn
+  # (~5 s on a busy CPU). Rows: 64 pixels (0..16), then the label.
+  spec = importlib.util.find_spec("sklearn")
+  if spec is None or not spec.submodule_search_locations:
+    raise ModuleNotFoundError(
+      "The 'digits' dataset ships with scikit-learn: pip install scikit-learn"
+    )
+  path = pathlib.Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+  table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+  images = table[:, :-1].reshape(-1, 8, 8) / np.float32(16)
+  return _split("digits", images, table[:, -1].astype(np.int32), n_test=297)
 
 
 DATASETS: dict[str, Callable[[], Dataset]] = {"mnist5k": _mnist5k, "digits": _digits}
 
 
 def names() -> list[str]:
-  """The names :func:`load` knows."""
+  """The embedded dataset names (any other name is looked up in TFDS)."""
   return sorted(DATASETS)
 
 
 @functools.cache
-def load(name: str) -> Dataset:
-  """Loads a dataset by name (cached: later calls return the same object).
+def _embedded(name: str) -> Dataset:
+  return DATASETS[name]()
+
+
+def load(
+  name: str,
+  *,
+  data_dir: str | None = None,
+  download: bool = False,
+  train_split: str = "train",
+  test_split: str = "test",
+) -> Dataset:
+  """Loads a dataset by name: an embedded one (cached) or a prepared TFDS dataset.
 
   Args:
-    name: one of :func:`names` (``"mnist5k"``, ``"digits"``).
+    name: ``"mnist5k"``, ``"digits"``, or a TFDS name (``"mnist"``, ``"cifar10"``,
+      ``"cifar10:3.0.2"``, ...).
+    data_dir: where TFDS datasets are prepared (``None``: the TFDS default,
+      ``~/tensorflow_datasets``). Unused for the embedded sets.
+    download: let TFDS download and prepare a missing dataset (needs network).
+    train_split: the TFDS split to train on (e.g. ``"train[:90%]"``).
+    test_split: the TFDS split to evaluate on.
 
   Returns:
     A :class:`Dataset` with fixed, disjoint train and test splits.
 
   Raises:
-    ValueError: for an unknown name, listing the known ones.
+    ValueError: for a name that is neither embedded nor a TFDS dataset.
+    jaxprune.train.tfds_source.DatasetNotPrepared: when a TFDS dataset is not in
+      ``data_dir`` (the message says how to provide it).
 
   Examples:
     >>> from jaxprune.train import data
@@ -117,12 +153,13 @@ def load(name: str) -> Dataset:
     >>> len(ds.train), len(ds.test), ds.image_shape, ds.num_classes
     (1500, 297, (8, 8, 1), 10)
   """
-  if name not in DATASETS:
-    raise ValueError(
-      f"Unknown dataset {name!r}; known datasets: {', '.join(names())}. "
-      "(TFDS datasets are not supported yet.)"
-    )
-  return DATASETS[name]()
+  if name in DATASETS:
+    return _embedded(name)
+  from jaxprune.train import tfds_source
+
+  return tfds_source.load(
+    name, data_dir=data_dir, download=download, train_split=train_split, test_split=test_split
+  )
 
 
 def epoch_order(n: int, *, seed: int, epoch: int) -> np.ndarray:
@@ -130,10 +167,27 @@ def epoch_order(n: int, *, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng((seed, epoch)).permutation(n)
 
 
+def _process_slice(indices: np.ndarray, process: tuple[int, int]) -> np.ndarray:
+  index, count = process
+  if len(indices) % count:
+    raise ValueError(f"A batch of {len(indices)} does not split over {count} processes.")
+  per = len(indices) // count
+  return indices[index * per : (index + 1) * per]
+
+
 def batches(
-  split: Source, batch_size: int, *, seed: int, epoch: int
+  split: Source, batch_size: int, *, seed: int, epoch: int, process: tuple[int, int] = (0, 1)
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """The full batches of one shuffled epoch (the last partial batch is dropped).
+
+  Args:
+    split: the examples.
+    batch_size: the global batch size.
+    seed: with ``epoch``, fixes the order.
+    epoch: the epoch number.
+    process: ``(index, count)``: this process reads rows ``index * B / count`` to
+      ``(index + 1) * B / count`` of every global batch (``jax.process_index()``,
+      ``jax.process_count()`` in a multi-host run).
 
   Examples:
     >>> from jaxprune.train import data
@@ -143,15 +197,31 @@ def batches(
   """
   order = epoch_order(len(split), seed=seed, epoch=epoch)
   for start in range(0, len(order) - batch_size + 1, batch_size):
-    yield split.take(order[start : start + batch_size])
+    yield split.take(_process_slice(order[start : start + batch_size], process))
+
+
+def steps_per_epoch(split: Source, batch_size: int) -> int:
+  """Full batches per epoch; raises ``ValueError`` when the split is smaller than a batch."""
+  per_epoch = len(split) // batch_size
+  if per_epoch == 0:
+    raise ValueError(
+      f"batch_size {batch_size} is larger than the training split ({len(split)} examples)."
+    )
+  return per_epoch
 
 
 def stream(
-  split: Source, batch_size: int, *, seed: int, start_step: int = 0
+  split: Source,
+  batch_size: int,
+  *,
+  seed: int,
+  start_step: int = 0,
+  process: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Endless training batches over epochs ``0, 1, ...``; starts at any step (for resume).
 
-  Batch ``t`` of the stream is the same whatever ``start_step`` is.
+  Batch ``t`` of the stream is the same whatever ``start_step`` is: the data position
+  of a checkpoint is just its step.
 
   Examples:
     >>> import numpy as np
@@ -162,26 +232,22 @@ def stream(
     >>> np.array_equal(next(data.stream(train, 500, seed=0, start_step=3))[1], batches[3][1])
     True
   """
-  per_epoch = len(split) // batch_size
-  if per_epoch == 0:
-    raise ValueError(
-      f"batch_size {batch_size} is larger than the training split ({len(split)} examples)."
-    )
+  per_epoch = steps_per_epoch(split, batch_size)
   epoch, skip = divmod(start_step, per_epoch)
   while True:
-    for i, batch in enumerate(batches(split, batch_size, seed=seed, epoch=epoch)):
-      if i >= skip:
-        yield batch
+    order = epoch_order(len(split), seed=seed, epoch=epoch)
+    for start in range(skip * batch_size, per_epoch * batch_size, batch_size):
+      yield split.take(_process_slice(order[start : start + batch_size], process))
     epoch, skip = epoch + 1, 0
 
 
 def eval_batches(
-  split: Source, batch_size: int
+  split: Source, batch_size: int, *, process: tuple[int, int] = (0, 1)
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """The whole split in order, as ``(images, labels, valid)`` of one fixed batch shape.
 
   The last batch is padded by repeating examples; ``valid`` marks the real ones, so one
-  compiled evaluation function serves every batch.
+  compiled evaluation function serves every batch. ``process`` as in :func:`batches`.
 
   Examples:
     >>> from jaxprune.train import data
@@ -191,7 +257,38 @@ def eval_batches(
   """
   n = len(split)
   for start in range(0, n, batch_size):
-    indices = np.arange(start, start + batch_size)
+    indices = _process_slice(np.arange(start, start + batch_size), process)
     valid = indices < n
     images, labels = split.take(np.where(valid, indices, n - 1))
     yield images, labels, valid
+
+
+def augment(images: jax.Array, key: jax.Array, kind: str) -> jax.Array:
+  """Random training augmentation inside the jitted step (``"none"`` returns the images).
+
+  ``"flip_crop"`` (the CIFAR ResNet recipe): pad 4 pixels with zeros, crop back to the
+  original size at a random offset, flip left-right with probability 1/2, per example.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxprune.train import data
+    >>> x = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
+    >>> data.augment(x, jax.random.key(0), "flip_crop").shape
+    (2, 8, 8, 3)
+  """
+  if kind == "none":
+    return images
+  if kind != "flip_crop":
+    raise ValueError(f"Unknown augmentation {kind!r}; known: 'none', 'flip_crop'.")
+  n, h, w, c = images.shape
+  pad = 4
+  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  k_crop, k_flip = jax.random.split(key)
+  offsets = jax.random.randint(k_crop, (n, 2), 0, 2 * pad + 1)
+  flips = jax.random.bernoulli(k_flip, 0.5, (n,))
+
+  def one(image, offset, flip):
+    crop = lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+    return jnp.where(flip, crop[:, ::-1], crop)
+
+  return jax.vmap(one)(padded, offsets, flips)

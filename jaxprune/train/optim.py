@@ -1,0 +1,142 @@
+"""The optimizer of a run, built from its config: pruner, sparsity and learning-rate schedules.
+
+:func:`make_optimizer` wraps Adam or SGD in :func:`jaxprune.masked` with the pruner that
+``config.prune`` describes, so the pruned weights are zero after every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+import jaxprune
+
+PRUNERS = {
+  "magnitude": jaxprune.magnitude,
+  "random": jaxprune.random,
+  "saliency": jaxprune.saliency,
+}
+SCHEDULES = ("agp", "one_shot", "iterative", "constant")
+STRUCTURES = ("unstructured", "neurons", "filters", "channels")
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> jaxprune.Schedule:
+  """The sparsity schedule of ``config.prune``.
+
+  ``iterative`` prunes ``rounds`` times, ``every`` steps apart from ``begin``; each
+  round removes the same fraction of the remaining weights, ending at ``sparsity``.
+
+  Examples:
+    >>> from jaxprune.train import config as config_lib, optim
+    >>> config = config_lib.default_config()
+    >>> config.prune.schedule, config.prune.sparsity, config.prune.rounds = "iterative", 0.75, 2
+    >>> s = optim.make_schedule(config)
+    >>> [round(float(s.sparsity(t)), 3) for t in (999, 1000, 1100)]
+    [0.0, 0.5, 0.75]
+  """
+  p = config.prune
+  if p.schedule == "agp":
+    return jaxprune.agp(p.sparsity, p.begin, p.end, p.every)
+  if p.schedule == "one_shot":
+    return jaxprune.one_shot(p.sparsity, at=p.begin)
+  if p.schedule == "constant":
+    return jaxprune.constant(p.sparsity)
+  rounds = [
+    (p.begin + i * p.every, 1 - (1 - p.sparsity) ** ((i + 1) / p.rounds))
+    for i in range(p.rounds - 1)
+  ]
+  return jaxprune.iterative([*rounds, (p.begin + (p.rounds - 1) * p.every, p.sparsity)])
+
+
+def make_pruner(config: ml_collections.ConfigDict) -> jaxprune.Pruner | None:
+  """The pruner that ``config.prune`` describes (``None`` for ``method="none"``).
+
+  Examples:
+    >>> from jaxprune.train import config as config_lib, optim
+    >>> config = config_lib.default_config()
+    >>> config.prune.overrides = {"fc3": 0.5}
+    >>> pruner = optim.make_pruner(config)
+    >>> pruner.scope, dict(pruner.overrides), pruner.schedule.final
+    ('layer', {'fc3': 0.5}, 0.9)
+  """
+  p = config.prune
+  if p.method == "none":
+    return None
+  return PRUNERS[p.method](
+    make_schedule(config),
+    scope=p.scope,
+    overrides=dict(p.overrides),
+    dense_first=p.dense_first,
+    dense_last=p.dense_last,
+    structure=p.structure,
+    **({"seed": config.train.seed} if p.method == "random" else {}),
+  )
+
+
+def frozen(pruner: jaxprune.Pruner) -> jaxprune.Pruner:
+  """The pruner with masks that never change: keeps the masks set in the optimizer state.
+
+  For the "rethinking" run (Liu et al. 2019): put the final masks of a pruned run into
+  a fresh :class:`jaxprune.MaskedState` and train re-initialised weights with them.
+
+  Examples:
+    >>> import jaxprune
+    >>> from jaxprune.train import optim
+    >>> bool(optim.frozen(jaxprune.magnitude(0.5)).is_update(0))
+    False
+  """
+  final = pruner.schedule.final
+
+  def never(step):
+    return jnp.zeros(jnp.shape(step), bool)
+
+  schedule = jaxprune.Schedule(lambda step: jnp.float32(final), never, final)
+  return dataclasses.replace(pruner, schedule=schedule)
+
+
+def make_learning_rate(config: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
+  """``step -> learning rate``: ``train.lr_schedule`` over ``steps`` after ``warmup_steps``.
+
+  Examples:
+    >>> from jaxprune.train import config as config_lib, optim
+    >>> config = config_lib.default_config()
+    >>> config.train.update(lr_schedule="cosine", warmup_steps=10, learning_rate=0.1)
+    >>> lr = optim.make_learning_rate(config, 110)
+    >>> [round(float(lr(t)), 3) for t in (0, 5, 10, 60, 110)]
+    [0.0, 0.05, 0.1, 0.05, 0.0]
+  """
+  t = config.train
+  if t.lr_schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+      0.0, t.learning_rate, t.warmup_steps, max(steps, t.warmup_steps + 1)
+    )
+  if t.warmup_steps:
+    return optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps)
+  return optax.constant_schedule(t.learning_rate)
+
+
+def make_optimizer(
+  config: ml_collections.ConfigDict,
+  pruner: jaxprune.Pruner | None,
+  learning_rate: optax.ScalarOrSchedule | None = None,
+) -> optax.GradientTransformation:
+  """Adam, or SGD with Nesterov momentum 0.9, inside :func:`jaxprune.masked` when pruning.
+
+  Args:
+    config: the run's config (``train.optimizer``, ``train.learning_rate``).
+    pruner: from :func:`make_pruner`; ``None`` trains dense.
+    learning_rate: a schedule (default: :func:`make_learning_rate` over
+      ``train.steps``).
+  """
+  if learning_rate is None:
+    learning_rate = make_learning_rate(config, config.train.steps)
+  if config.train.optimizer == "sgd":
+    inner = optax.sgd(learning_rate, momentum=0.9, nesterov=True)
+  else:
+    inner = optax.adam(learning_rate)
+  return inner if pruner is None else jaxprune.masked(inner, pruner)

@@ -1,0 +1,344 @@
+"""One invocation of a recipe: phases, the device mesh, checkpoints, metrics, outputs.
+
+:class:`Run` wires the pieces of :mod:`jaxprune.train` together for
+:func:`jaxprune.train.loop.train`:
+
+1. restore the newest checkpoint of ``checkpoint.dir``, if any (same command, same
+   config: the run continues where it stopped);
+2. the ``train`` phase: dense training, pruning, fine-tuning;
+3. with ``rethink.enabled``, the ``rethink`` phase: the final masks of phase 2, fixed,
+   on weights re-initialised with ``rethink.seed``, trained from scratch; its global
+   steps follow those of phase 2 in checkpoints and metrics;
+4. write ``params.npz``, ``summary.json`` and ``report.md`` into ``train.workdir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+
+import jaxprune
+from jaxprune import tree as tree_lib
+from jaxprune.train import checkpoint as checkpoint_lib
+from jaxprune.train import config as config_lib
+from jaxprune.train import data, loop, models, optim, report
+from jaxprune.train import metrics as metrics_lib
+from jaxprune.train import sharding as sharding_lib
+
+# Fields whose change makes a checkpoint belong to another run.
+RUN_IDENTITY = ("data.name", "data.batch_size", "model", "train.seed", "prune", "rethink")
+
+
+@dataclasses.dataclass
+class Phase:
+  """A phase's optimizer and schedule: ``train`` (global steps 1..T) or ``rethink``."""
+
+  name: str
+  offset: int
+  steps: int
+  tx: optax.GradientTransformation
+  learning_rate: optax.Schedule
+  targets: np.ndarray
+  graphdef: nnx.GraphDef
+  initial: loop.TrainState
+
+
+def flat_arrays(tree: Any) -> dict[str, np.ndarray]:
+  """``{path: numpy array}`` of a pytree's array leaves (what ``params.npz`` holds)."""
+  return {p: np.asarray(x) for p, x in tree_lib.leaves_with_paths(sharding_lib.to_host(tree))}
+
+
+def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON data (references resolved)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def _last_accuracy(history: list[dict[str, Any]]) -> float:
+  return [r for r in history if r.get("test_accuracy") is not None][-1]["test_accuracy"]
+
+
+def _field(tree: dict[str, Any], field: str) -> Any:
+  for key in field.split("."):
+    tree = tree.get(key) if isinstance(tree, dict) else None
+  return tree
+
+
+class Run:
+  """A configured run; :meth:`execute` trains (or resumes) and returns the result."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, dataset: data.Dataset | None = None):
+    config_lib.validate_config(config)
+    self.started = time.perf_counter()
+    self.config = config
+    d, t = config.data, config.train
+    self.ds = dataset or data.load(
+      d.name,
+      data_dir=d.data_dir or None,
+      download=d.download,
+      train_split=d.train_split,
+      test_split=d.test_split,
+    )
+    self.per_epoch = data.steps_per_epoch(self.ds.train, d.batch_size)
+    self.mesh = sharding_lib.make_mesh(config.parallel.devices)
+    self.pruner = optim.make_pruner(config)
+    self.workdir = pathlib.Path(t.workdir) if t.workdir else None
+    self.primary = jax.process_index() == 0
+    ckpt_dir = config.checkpoint.dir or (str(self.workdir / "checkpoints") if self.workdir else "")
+    self.rethink_steps = (config.rethink.steps or t.steps) if config.rethink.enabled else 0
+    self.ckpt = None
+    if ckpt_dir:
+      self.ckpt = checkpoint_lib.Checkpointer(
+        ckpt_dir,
+        every=config.checkpoint.every,
+        keep=config.checkpoint.keep,
+        preserve=(t.steps,) if self.rethink_steps else (),
+      )
+    self.writer = None
+
+  # --- building phases ----------------------------------------------------------------
+
+  def _model(self, seed: int) -> nnx.Module:
+    m = self.config.model
+    return models.create(m.name, self.ds.image_shape, self.ds.num_classes, seed=seed, width=m.width)
+
+  def _place(self, state: loop.TrainState) -> loop.TrainState:
+    shardings = sharding_lib.state_shardings(
+      state, self.mesh, shard_params=self.config.parallel.shard_params
+    )
+    return jax.device_put(state, shardings)
+
+  def train_phase(self) -> Phase:
+    t = self.config.train
+    lr = optim.make_learning_rate(self.config, t.steps)
+    tx = optim.make_optimizer(self.config, self.pruner, lr)
+    graphdef, state = loop.init_state(self._model(t.seed), tx, seed=t.seed)
+    if self.pruner is None:
+      targets = np.zeros(t.steps)
+    else:
+      targets = np.asarray(jax.vmap(self.pruner.schedule.sparsity)(jnp.arange(t.steps)))
+    return Phase("train", 0, t.steps, tx, lr, targets, graphdef, self._place(state))
+
+  def rethink_phase(self, masks: Any) -> Phase:
+    r, steps = self.config.rethink, self.rethink_steps
+    lr = optim.make_learning_rate(self.config, steps)
+    tx = optim.make_optimizer(self.config, optim.frozen(self.pruner), lr)
+    graphdef, state = loop.init_state(self._model(r.seed), tx, seed=r.seed, masks=masks)
+    targets = np.full(steps, self.pruner.schedule.final)
+    offset = self.config.train.steps
+    return Phase("rethink", offset, steps, tx, lr, targets, graphdef, self._place(state))
+
+  def measured_paths(self, params: Any) -> tuple[str, ...]:
+    """The params whose sparsity is reported: the pruned ones (all kernels when dense)."""
+    if self.pruner is None:
+      return tuple(tree_lib.selected_paths(params))
+    return tuple(self.pruner.paths(params))
+
+  def summary(self, params: Any) -> jaxprune.Summary:
+    paths = set(self.measured_paths(params))
+    return jaxprune.summary(sharding_lib.to_host(params), where=lambda path, _: path in paths)
+
+  # --- running ------------------------------------------------------------------------
+
+  def _meta(self, phase: Phase, done: int, history: list, extra: dict) -> dict[str, Any]:
+    epoch, batch = divmod(done, self.per_epoch)
+    position = {"seed": self.config.train.seed, "epoch": epoch, "batch": batch}
+    return {
+      "phase": phase.name,
+      "step": done,
+      "global_step": phase.offset + done,
+      "data_position": {**position, "batch_size": self.config.data.batch_size},
+      "history": history,
+      "config": config_json(self.config),
+      **extra,
+    }
+
+  def run_phase(
+    self, phase: Phase, state: loop.TrainState, history: list, extra: dict
+  ) -> loop.TrainState:
+    """Trains ``state`` from its step to ``phase.steps``; appends records to ``history``.
+
+    ``extra`` is what checkpoints carry besides the state and the history: the dense
+    accuracy and its step (recorded here by the train phase) and, from a checkpoint,
+    the ``window`` of steps whose mean loss is not logged yet.
+    """
+    config, t = self.config, self.config.train
+    measured = self.measured_paths(state.params)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    step_fn = jax.jit(
+      loop.make_train_step(
+        phase.graphdef, phase.tx, augment=config.data.augment, measured=measured
+      ),
+      out_shardings=(shardings, sharding_lib.replicated(self.mesh)),
+    )
+    eval_fn = loop.make_eval_step(phase.graphdef)
+    start = int(state.step)
+    batches = data.stream(
+      self.ds.train,
+      config.data.batch_size,
+      seed=t.seed,
+      start_step=start,
+      process=sharding_lib.process(),
+    )
+    batch_sharding = sharding_lib.batch_sharding(self.mesh)
+    dense_step = int(np.argmax(phase.targets > 0)) if phase.targets.any() else phase.steps
+    accuracies = [r["test_accuracy"] for r in history if r.get("test_accuracy") is not None]
+    acc = accuracies[-1] if accuracies else None
+    # The steps since the last log (their mean is logged), carried across a resume.
+    window = [{k: jnp.float32(v) for k, v in m.items()} for m in extra.pop("window", [])]
+    desc = f"{config.model.name} on {self.ds.name}" + (
+      " (from scratch)" if phase.name == "rethink" else ""
+    )
+    with tqdm.tqdm(
+      total=phase.steps, initial=start, desc=desc, unit="step", disable=not t.progress
+    ) as bar:
+      for step in range(start, phase.steps):
+        images, labels = sharding_lib.global_batch(next(batches), batch_sharding)
+        state, metrics = step_fn(state, images, labels)
+        window.append(metrics)
+        done = step + 1
+        common = {
+          "phase": phase.name,
+          "step": done,
+          "global_step": phase.offset + done,
+          "epoch": round(done / self.per_epoch, 4),
+        }
+        records = []
+        if done % t.log_every == 0 or done == phase.steps:
+          means = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *window))
+          window = []
+          records.append({
+            **common,
+            "loss": float(means["loss"]),
+            "train_accuracy": float(means["accuracy"]),
+            "sparsity": float(metrics["sparsity"]),
+            "target_sparsity": float(phase.targets[step]),
+            "learning_rate": float(phase.learning_rate(step)),
+          })  # fmt: skip
+          bar.set_postfix(
+            {
+              "loss": f"{records[-1]['loss']:.4f}",
+              "acc": f"{records[-1]['train_accuracy']:.2%}",
+              **({} if acc is None else {"test": f"{acc:.2%}"}),
+              "sparsity": f"{records[-1]['sparsity']:.0%}",
+            },
+            refresh=False,
+          )
+        is_dense_eval = phase.name == "train" and 0 < done == dense_step < phase.steps
+        if done % t.eval_every == 0 or done == phase.steps or is_dense_eval:
+          acc = loop.evaluate(eval_fn, state, self.ds.test, config.data.eval_batch_size, self.mesh)
+          sparsity = float(loop.zero_fraction(state.params, paths=measured))
+          records.append({**common, "test_accuracy": acc, "sparsity": sparsity})
+          if is_dense_eval:
+            extra.update(dense_accuracy=acc, dense_step=done)
+        for record in records:
+          history.append(record)
+          if self.writer is not None:
+            self.writer.write(record)
+        global_step = phase.offset + done
+        if self.ckpt is not None and (self.ckpt.due(global_step) or done == phase.steps):
+          if self.writer is not None:
+            self.writer.flush()
+          pending = [{k: float(v) for k, v in m.items()} for m in jax.device_get(window)]
+          meta = self._meta(phase, done, history, {**extra, "window": pending})
+          self.ckpt.save(global_step, state, meta, force=done == phase.steps)
+        bar.update()
+    if phase.name == "train" and "dense_step" not in extra:
+      extra.update(dense_accuracy=acc if dense_step == phase.steps else None, dense_step=dense_step)
+    return state
+
+  def _resume(self, phase: Phase) -> tuple[loop.TrainState, dict[str, Any]] | None:
+    if self.ckpt is None or self.ckpt.latest() is None:
+      return None
+    template = phase.initial
+    state, meta = self.ckpt.restore(template)
+    now = config_json(self.config)
+    for field in RUN_IDENTITY:
+      if _field(meta["config"], field) != _field(now, field):
+        raise config_lib.ConfigError(
+          f"{field}: checkpoint.dir {self.ckpt.directory} holds a run with {field} = "
+          f"{_field(meta['config'], field)!r}, not {_field(now, field)!r}; use another "
+          "checkpoint.dir (or train.workdir), or the config of that run."
+        )
+    return state, meta
+
+  def execute(self) -> loop.TrainResult:
+    """Trains (or resumes, or just reports a finished run) and writes the outputs."""
+    main = self.train_phase()
+    resumed = self._resume(main)
+    resumed_from = None if resumed is None else resumed[1]["global_step"]
+    if self.workdir is not None and self.primary:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      (self.workdir / "config.json").write_text(json.dumps(config_json(self.config), indent=2))
+      self.writer = metrics_lib.MetricsWriter(self.workdir, resume_step=resumed_from)
+    try:
+      result = self._execute(main, resumed, resumed_from)
+    finally:
+      if self.writer is not None:
+        self.writer.close()
+      if self.ckpt is not None:
+        self.ckpt.close()
+    if self.workdir is not None:
+      self._write_outputs(result)
+    return result
+
+  def _execute(self, main: Phase, resumed: Any, resumed_from: int | None) -> loop.TrainResult:
+    state, rethink_state, history, r_history = main.initial, None, [], []
+    r_extra: dict[str, Any] = {}
+    if resumed is not None and resumed[1]["phase"] == "rethink":
+      rethink_state, r_history = resumed[0], resumed[1]["history"]
+      r_extra = {"window": resumed[1].get("window", [])}
+      resumed = self.ckpt.restore(main.initial, step=main.steps)  # the end of phase 1
+    extra: dict[str, Any] = {}
+    if resumed is not None:
+      state, meta = resumed
+      history = meta["history"]
+      extra = {k: meta[k] for k in ("dense_accuracy", "dense_step", "window") if k in meta}
+    state = self.run_phase(main, state, history, extra)
+    rethink = None
+    if self.rethink_steps:
+      phase = self.rethink_phase(jaxprune.masks_of(state.opt_state))
+      r_state = phase.initial if rethink_state is None else rethink_state
+      r_state = self.run_phase(phase, r_state, r_history, r_extra)
+      rethink = loop.PhaseResult(
+        "rethink", _last_accuracy(r_history), self.summary(r_state.params), r_state,
+        tuple(r_history),
+      )  # fmt: skip
+    return loop.TrainResult(
+      dense_accuracy=extra.get("dense_accuracy"),
+      dense_step=extra["dense_step"],
+      final_accuracy=_last_accuracy(history),
+      summary=self.summary(state.params),
+      state=state,
+      graphdef=main.graphdef,
+      history=tuple(history),
+      seconds=time.perf_counter() - self.started,
+      rethink=rethink,
+      resumed_from=resumed_from,
+    )
+
+  def _write_outputs(self, result: loop.TrainResult) -> None:
+    """``params.npz`` (and ``params_rethink.npz``), ``summary.json``, ``report.md``.
+
+    Every process gathers the arrays (a collective); process 0 writes.
+    """
+    phases = [("params.npz", result.state)]
+    if result.rethink is not None:
+      phases.append(("params_rethink.npz", result.rethink.state))
+    for name, state in phases:
+      arrays = flat_arrays({"params": state.params, "rest": state.rest})
+      if self.primary:
+        np.savez(self.workdir / name, **arrays)
+    if self.primary:
+      report.write_summary(self.workdir, self.config, result)
+      report.write_report(self.workdir)
