@@ -16,8 +16,8 @@ demo: $(STAMP)
 	$(PY) -m jaxprune train --config configs/lenet300_agp.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check jaxprune tests benchmarks configs
-	$(PY) -m ruff format --check jaxprune tests benchmarks configs
+	$(PY) -m ruff check jaxprune tests benchmarks configs colabs
+	$(PY) -m ruff format --check jaxprune tests benchmarks configs colabs
 
 format: $(STAMP)
 	$(PY) -m ruff check --fix jaxprune tests benchmarks configs
