@@ -45,7 +45,7 @@ def test_summary_of_masks_counts_false():
 
 
 @settings(max_examples=12)
-@given(shape=st.lists(st.integers(1, 13), min_size=1, max_size=3), seed=st.integers(0, 99))
+@given(shape=st.sampled_from([(1,), (7,), (3, 5), (2, 3, 9)]), seed=st.integers(0, 99))
 def test_pack_roundtrip_one_bit_per_weight(shape, seed):
   m = {"w": jax.random.bernoulli(jax.random.key(seed), 0.3, tuple(shape)), "b": None}
   packed = jaxprune.pack_masks(m)
