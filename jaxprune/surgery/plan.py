@@ -96,9 +96,7 @@ def trace(fn: Callable[..., Any], variables: Any, *example_inputs: Any) -> Plan:
   for i, x in enumerate(specs):
     floating = jnp.issubdtype(x.dtype, jnp.floating)
     in_labels.append([atoms.new(i, a, n) if floating else None for a, n in enumerate(x.shape)])
-  n_inputs = len(closed.jaxpr.invars) - len(specs)
   in_labels += [[None] * len(v.aval.shape) for v in closed.jaxpr.invars[len(specs) :]]
-  assert n_inputs >= 0
   outs = Tracer(atoms).run(closed.jaxpr, in_labels)
   for labels in outs:
     for lab in labels:
