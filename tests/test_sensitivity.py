@@ -140,3 +140,32 @@ def test_ratios_are_pruner_overrides():
   masks = jaxprune.magnitude(0.0, overrides=ratios).masks(params)
   zeros = {r.path: r.zeros for r in jaxprune.summary(masks).rows}
   assert zeros == {"conv1/kernel": 0, "conv2/kernel": 32, "fc1/kernel": 58, "fc2/kernel": 16}
+
+
+def test_channel_sensitivity_removes_whole_groups_one_at_a_time():
+  from jaxprune import surgery
+  from jaxprune.analysis import channel_sensitivity
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv1, self.bn1 = nnx.Conv(1, 4, (3, 3), rngs=rngs), nnx.BatchNorm(4, rngs=rngs)
+      self.conv2, self.bn2 = nnx.Conv(4, 8, (3, 3), rngs=rngs), nnx.BatchNorm(8, rngs=rngs)
+      self.head = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+      x = nnx.relu(self.bn1(self.conv1(x)))
+      return self.head(nnx.relu(self.bn2(self.conv2(x))).mean(axis=(1, 2)))
+
+  net = Net(nnx.Rngs(0))
+  plan = surgery.plan(net, example_input=jnp.ones((1, 5, 5, 1)))
+  params = nnx.state(net, nnx.Param)
+
+  def kept(p):  # channels left in each BatchNorm, as "bn1 kept * 100 + bn2 kept"
+    return 100 * int((p["bn1"]["scale"][...] != 0).sum()) + int((p["bn2"]["scale"][...] != 0).sum())
+
+  result = channel_sensitivity(plan, params, kept, (0.0, 0.5, 0.75), progress=False)
+  assert result.structure == "channels (l1)" and result.dense == 408
+  assert result.accuracy == {"conv1/kernel": (408, 208, 108), "conv2/kernel": (408, 404, 402)}
+  assert choose_ratios(result, 4, regex=False) == {"conv1/kernel": 0.0, "conv2/kernel": 0.5}
+  with pytest.raises(ValueError, match="sparsity must be in"):
+    channel_sensitivity(plan, params, kept, (0.0, 1.0), progress=False)

@@ -103,3 +103,60 @@ def test_channel_masks_score_groups_by_all_their_producers(chain):
   assert int(np.asarray(m["bn2"]["scale"]).sum()) == 3
   with pytest.raises(ValueError, match="norm must be"):
     surgery.channel_masks(p, params, 0.5, norm="l0")
+
+
+def test_slimming_layer_scope_prunes_each_group_by_its_own_gammas(chain):
+  net, p = chain
+  params = nnx.state(net, nnx.Param)
+  m = surgery.slimming_masks(p, params, 0.5, scope="layer")
+  assert np.asarray(m["bn1"]["scale"]).tolist() == [True, False, True, False]
+  assert np.asarray(m["bn2"]["scale"]).tolist() == [False, True, False, True, True, False]
+  # one global threshold would remove 0.05 (bn1) before 0.5 (bn2) whatever the layer
+  scaled = jax.tree_util.tree_map_with_path(
+    lambda path, x: x * 100 if "bn2" in jax.tree_util.keystr(path) else x, params
+  )
+  g = surgery.slimming_masks(p, scaled, 0.5)
+  assert int(np.asarray(g["bn1"]["scale"]).sum()) == 1  # bn1 loses all but one
+  assert (
+    int(np.asarray(surgery.slimming_masks(p, scaled, 0.5, scope="layer")["bn1"]["scale"]).sum())
+    == 2
+  )
+  with pytest.raises(ValueError, match="scope must be 'global' or 'layer'"):
+    surgery.slimming_masks(p, params, 0.5, scope="net")
+
+
+def test_channel_masks_take_per_group_ratios(chain):
+  net, p = chain
+  params = nnx.state(net, nnx.Param)
+  m = surgery.channel_masks(p, params, {"conv2/kernel": 0.5})
+  assert m["bn1"]["scale"].get_value() is None and m["conv1"]["kernel"].get_value() is None
+  assert int(np.asarray(m["bn2"]["scale"]).sum()) == 3
+  removed = ~np.asarray(m["bn2"]["scale"])
+  assert not np.asarray(m["left"]["kernel"])[:, :, removed].any()  # both consumers cut
+  assert not np.asarray(m["right"]["kernel"])[:, :, removed].any()
+  with pytest.raises(ValueError, match="No group 'conv9/kernel'"):
+    surgery.channel_masks(p, params, {"conv9/kernel": 0.5})
+  with pytest.raises(ValueError, match=r"sparsity of group 'conv2/kernel' must be in \[0, 1\)"):
+    surgery.channel_masks(p, params, {"conv2/kernel": 1.5})
+  with pytest.raises(ValueError, match="blocked by the model output"):
+    surgery.channel_masks(p, params, {"head/kernel": 0.5})
+
+
+def test_idle_channels_from_zero_filters_or_zero_consumer_slices(chain):
+  net, p = chain
+  params = nnx.state(net, nnx.Param)
+  assert surgery.idle_channels(p, params) == {}
+  k1 = np.asarray(params["conv1"]["kernel"]).copy()
+  k1[..., 2] = 0  # conv1's filter 2 computes nothing
+  left = np.asarray(params["left"]["kernel"]).copy()
+  right = np.asarray(params["right"]["kernel"]).copy()
+  left[:, :, 4], right[:, :, 4] = 0, 0  # nothing reads channel 4 of conv2 ...
+  right[:, :, 1] = 0  # ... channel 1 is still read by `left`
+  params["conv1"]["kernel"].set_value(jnp.asarray(k1))
+  params["left"]["kernel"].set_value(jnp.asarray(left))
+  params["right"]["kernel"].set_value(jnp.asarray(right))
+  idle = surgery.idle_channels(p, params)
+  assert idle == {"conv1/kernel": [2], "conv2/kernel": [4]}
+  m = surgery.group_masks(p, params, idle)
+  assert np.asarray(m["bn2"]["scale"]).tolist() == [True] * 4 + [False, True]
+  assert not np.asarray(m["conv2"]["kernel"])[:, :, 2, :].any()  # conv1's channel 2 as input

@@ -9,7 +9,7 @@ import pytest
 
 import jaxprune
 from jaxprune.train import config as config_lib
-from jaxprune.train import data, loop, metrics, models, optim, report
+from jaxprune.train import data, loop, metrics, models, optim, report, structured
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "configs").glob("*.py") if p.stem != "autopruner")
@@ -225,7 +225,20 @@ def test_every_recipe_runs_a_few_steps(path, tmp_path):
   result = loop.train(config)
   assert 0 <= result.final_accuracy <= 1
   assert (result.rethink is not None) == config.rethink.enabled
-  if config.prune.method == "none":  # dense: all kernels reported, the final accuracy
+  if structured.is_channel_method(config):  # whole channels: filter, BatchNorm, consumer
+    masks = jaxprune.masks_of(result.state.opt_state)
+    for mask, w in zip(jax.tree.leaves(masks), jax.tree.leaves(result.state.params)):
+      assert mask.dtype == bool and mask.shape == w.shape and not np.any(w[~mask])
+    for i in range(3):
+      filters = np.asarray(masks["features"][i]["conv"]["kernel"]).reshape(
+        -1, masks["features"][i]["conv"]["kernel"].shape[-1]
+      )
+      kept = filters.any(0)
+      assert np.array_equal(np.asarray(masks["features"][i]["bn"]["scale"]), kept)
+      assert np.array_equal(np.asarray(masks["features"][i]["bn"]["bias"]), kept)
+    if config.prune.method in ("slimming", "apoz"):  # a fixed fraction of channels
+      assert result.summary.sparsity > 0
+  elif config.prune.method == "none":  # dense: all kernels reported, the final accuracy
     assert result.dense_step == 6 and result.dense_accuracy == result.final_accuracy
     assert [r.path for r in result.summary.rows] == ["fc1/kernel", "fc2/kernel", "fc3/kernel"]
     assert result.summary.sparsity < 0.01

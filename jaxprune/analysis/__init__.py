@@ -7,12 +7,14 @@ from jaxprune.analysis.apoz import apoz, apoz_masks
 from jaxprune.analysis.histograms import plot_apoz_histogram, plot_weight_histograms
 from jaxprune.analysis.sensitivity import (
   Sensitivity,
+  channel_sensitivity,
   choose_ratios,
   plot_sensitivity,
   sensitivity,
 )
 
 __all__ = [
+  "channel_sensitivity",
   "apoz",
   "apoz_masks",
   "choose_ratios",

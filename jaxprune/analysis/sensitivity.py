@@ -5,6 +5,7 @@ retraining, and give layers that lose little a high pruning ratio and sensitive 
 (often the first conv) a low one. :func:`sensitivity` runs the sweep for any pruning
 method and structure, :func:`plot_sensitivity` draws one curve per layer and
 :func:`choose_ratios` turns a tolerated accuracy drop into per-layer ``overrides=``.
+:func:`channel_sensitivity` sweeps whole coupled channel groups instead of one param.
 """
 
 from __future__ import annotations
@@ -125,32 +126,109 @@ def sensitivity(
     >>> result.accuracy
     {'a': (44.0, 34.0), 'b': (44.0, 40.0)}
   """
-  grid = tuple(sorted({float(s) for s in sparsities}))
-  if not grid:
-    raise ValueError("`sparsities` is empty: pass a grid such as (0.0, 0.5, 0.9).")
-  for s in grid:
-    check_sparsity(s)
+  grid = _grid(sparsities)
   make = _pruner_factory(method)
   name = structures_lib.as_structure(structure).name
   layers = tree_lib.selected_paths(params, where)
   if not layers:
     raise ValueError("`where` selects no params: nothing to sweep (see jaxprune.summary(params)).")
 
+  def masks_for(layer, s):
+    return make(s, where="^" + re.escape(layer) + "$", structure=structure).masks(params)
+
+  return _sweep(params, evaluate, layers, grid, masks_for, name, progress)
+
+
+def channel_sensitivity(
+  plan: Any,
+  params: Any,
+  evaluate: Callable[[Any], Any],
+  sparsities: Sequence[float] = (0.0, 0.25, 0.5, 0.75),
+  *,
+  norm: str = "l1",
+  progress: bool = True,
+) -> Sensitivity:
+  """Removes whole channels of one coupled group at a time, smallest filter norm first.
+
+  The sweep of Li et al. (2017) for nets with BatchNorm or residual adds: for every
+  prunable group of ``plan`` and every sparsity ``s``, the masks of
+  :func:`jaxprune.surgery.channel_masks` remove ``round(s * C)`` of that group's
+  channels everywhere they exist (the filters, the norm's scale and bias, the
+  consumers' input channels), so the accuracy measured is that of the smaller network
+  :func:`jaxprune.surgery.shrink` would build. Masking only a conv's filters before a
+  BatchNorm would leave each channel emitting a constant instead.
+
+  Args:
+    plan: from :func:`jaxprune.surgery.plan`.
+    params: the trained params pytree.
+    evaluate: ``params -> accuracy``.
+    sparsities: the grid, each in ``[0, 1)``.
+    norm: ``"l1"`` or ``"l2"``, the filter norm that ranks the channels.
+    progress: show the progress bar.
+
+  Returns:
+    A :class:`Sensitivity` keyed by group name (the producer's path); pass
+    :func:`choose_ratios` ``(result, max_drop, regex=False)`` to ``channel_masks``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxprune import surgery
+    >>> from jaxprune.analysis import channel_sensitivity
+    >>> net = nnx.Sequential(nnx.Linear(2, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 1, rngs=nnx.Rngs(1)))
+    >>> plan = surgery.plan(net, example_input=jnp.ones((1, 2)))
+    >>> params = nnx.state(net, nnx.Param)
+    >>> result = channel_sensitivity(
+    ...   plan, params, lambda p: (p["layers"][1]["kernel"][...] != 0).sum(), (0.0, 0.5),
+    ...   progress=False)
+    >>> result.accuracy
+    {'layers/0/kernel': (4.0, 2.0)}
+  """
+  from jaxprune.surgery.channels import channel_masks
+
+  grid = _grid(sparsities)
+  layers = [g.name for g in plan.groups if not g.blocked]
+  if not layers:
+    raise ValueError(f"The plan has no prunable group: {plan}")
+
+  def masks_for(group, s):
+    return channel_masks(plan, params, {group: s}, norm=norm)
+
+  return _sweep(params, evaluate, layers, grid, masks_for, f"channels ({norm})", progress)
+
+
+def _grid(sparsities: Sequence[float]) -> tuple[float, ...]:
+  grid = tuple(sorted({float(s) for s in sparsities}))
+  if not grid:
+    raise ValueError("`sparsities` is empty: pass a grid such as (0.0, 0.5, 0.9).")
+  for s in grid:
+    check_sparsity(s)
+  return grid
+
+
+def _sweep(
+  params: Any,
+  evaluate: Callable[[Any], Any],
+  layers: Sequence[str],
+  grid: tuple[float, ...],
+  masks_for: Callable[[str, float], Any],
+  name: str,
+  progress: bool,
+) -> Sensitivity:
+  """Evaluates ``params`` masked by ``masks_for(layer, s)`` for each layer and sparsity."""
   dense = float(evaluate(params))
   accuracy = {}
   with tqdm.tqdm(
     total=len(layers) * len(grid), desc="sensitivity", unit="run", disable=not progress
   ) as bar:
     for layer in layers:
-      only = "^" + re.escape(layer) + "$"
       row = []
       for s in grid:
         bar.set_postfix_str(f"{layer} @ {s:g}")
         if s == 0.0:
           row.append(dense)
         else:
-          masks = make(s, where=only, structure=structure).masks(params)
-          row.append(float(evaluate(masks_lib.apply_mask(params, masks))))
+          row.append(float(evaluate(masks_lib.apply_mask(params, masks_for(layer, s)))))
         bar.update()
       accuracy[layer] = tuple(row)
   return Sensitivity(grid, accuracy, dense, name)

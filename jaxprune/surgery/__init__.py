@@ -10,7 +10,7 @@ Examples:
 """
 
 from jaxprune.surgery.api import Shrunk, plan, shrink
-from jaxprune.surgery.channels import channel_masks, group_masks, slimming_masks
+from jaxprune.surgery.channels import channel_masks, group_masks, idle_channels, slimming_masks
 from jaxprune.surgery.plan import Group, Plan
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
   "Shrunk",
   "channel_masks",
   "group_masks",
+  "idle_channels",
   "plan",
   "shrink",
   "slimming_masks",

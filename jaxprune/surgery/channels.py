@@ -60,18 +60,27 @@ def group_masks(plan: Plan, params: Any, remove: Mapping[str, Sequence[int]]) ->
   return jax.tree.unflatten(treedef, [mask_for(tree_lib.path_str(p), x) for p, x in flat])
 
 
-def slimming_masks(plan: Plan, params: Any, sparsity: float, scale: str = "scale") -> Any:
+def slimming_masks(
+  plan: Plan, params: Any, sparsity: float, scale: str = "scale", *, scope: str = "global"
+) -> Any:
   """Network Slimming: removes the channels with the smallest ``|gamma|`` network-wide.
 
   Every prunable group that holds a norm scale (a 1-D param whose path ends with
   ``scale``) competes under one global threshold; each removed channel is masked in
   every array of its group. At least one channel of each group is kept.
 
+  The paper's global threshold assumes the scales of all layers are comparable. In a
+  stack of conv-BN layers trained with the L1 penalty they often are not (the scales of
+  a whole layer shrink together and one threshold strips it almost bare):
+  ``scope="layer"`` removes ``sparsity`` of each group's channels instead, smallest
+  ``|gamma|`` first.
+
   Args:
     plan: from :func:`jaxprune.surgery.plan`.
     params: the params (with the trained, L1-regularised scales).
     sparsity: fraction of those channels to remove, in ``[0, 1)``.
     scale: the last path component of the norm scales.
+    scope: ``"global"`` (one threshold, Liu et al. 2017) or ``"layer"``.
 
   Returns:
     A mask pytree over ``params``.
@@ -96,6 +105,8 @@ def slimming_masks(plan: Plan, params: Any, sparsity: float, scale: str = "scale
     ([True, False, True, False], [True, False, True, False])
   """
   check_sparsity(sparsity)
+  if scope not in ("global", "layer"):
+    raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}.")
   values = {p: x for p, x in tree_lib.leaves_with_paths(params)}
 
   def value(path):
@@ -114,7 +125,7 @@ def slimming_masks(plan: Plan, params: Any, sparsity: float, scale: str = "scale
       f"No prunable group has a norm scale ending in {scale!r}; groups: "
       f"{[g.name for g in plan.groups]}"
     )
-  kept = topk_leaves([s for _, s in scored], sparsity, "global")
+  kept = topk_leaves([s for _, s in scored], sparsity, scope)
   remove = {}
   for (g, s), k in zip(scored, kept):
     k = np.asarray(k).copy()
@@ -124,7 +135,9 @@ def slimming_masks(plan: Plan, params: Any, sparsity: float, scale: str = "scale
   return group_masks(plan, params, remove)
 
 
-def channel_masks(plan: Plan, params: Any, sparsity: float, norm: str = "l1") -> Any:
+def channel_masks(
+  plan: Plan, params: Any, sparsity: float | Mapping[str, float], norm: str = "l1"
+) -> Any:
   """Removes ``round(sparsity * C)`` channels of every prunable group, smallest first.
 
   A channel's score is the summed L1 (or L2) norm of its producers' filters, so in a
@@ -134,13 +147,20 @@ def channel_masks(plan: Plan, params: Any, sparsity: float, norm: str = "l1") ->
   Args:
     plan: from :func:`jaxprune.surgery.plan`.
     params: the params to score and mask.
-    sparsity: fraction of each group's channels to remove, in ``[0, 1)``.
+    sparsity: fraction of each group's channels to remove, in ``[0, 1)``; or
+      ``{group name: fraction}`` (groups not named keep all their channels), e.g. the
+      ratios :func:`jaxprune.analysis.choose_ratios` picks from a
+      :func:`jaxprune.analysis.channel_sensitivity` sweep.
     norm: ``"l1"`` (Li et al. 2017) or ``"l2"``.
 
   Returns:
     A mask pytree over ``params``.
+
+  Raises:
+    ValueError: for a sparsity outside ``[0, 1)``, a ratio for an unknown or blocked
+      group, or an unknown norm.
   """
-  check_sparsity(sparsity)
+  ratios = _ratios(plan, sparsity)
   if norm not in ("l1", "l2"):
     raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}.")
   values = {p: np.asarray(x) for p, x in tree_lib.leaves_with_paths(params)}
@@ -160,10 +180,76 @@ def channel_masks(plan: Plan, params: Any, sparsity: float, norm: str = "l1") ->
       w = np.moveaxis(value(path), axis, 0).reshape(plan.shapes[path][axis], -1)
       per = np.abs(w).sum(1) if norm == "l1" else np.sqrt((w.astype(np.float64) ** 2).sum(1))
       scores += np.array([per[g.channels[j][(path, axis)]].sum() for j in range(g.size)])
-    n_remove = min(g.size - 1, int(round(float(sparsity) * g.size)))
+    if g.name not in ratios:
+      continue
+    n_remove = min(g.size - 1, int(round(ratios[g.name] * g.size)))
     order = np.argsort(scores, kind="stable")
     remove[g.name] = sorted(int(j) for j in order[:n_remove])
   return group_masks(plan, params, remove)
+
+
+def idle_channels(plan: Plan, params: Any) -> dict[str, list[int]]:
+  """``{group name: channels}`` that compute nothing or that nothing reads.
+
+  A channel is idle when the weights of all its producers are zero (a filter zeroed by
+  filter-wise group lasso or a mask) or when every consumer kernel ignores it (its
+  input-channel slice is zero in each: channel-wise group lasso on the next layers).
+  :func:`group_masks` of the result masks such channels everywhere, which turns SSL's
+  zero groups into channels :func:`jaxprune.surgery.shrink` removes. (Masking a channel
+  whose producers are zero also zeroes its norm's bias: the constant it emitted is gone,
+  as in every structured pruning; fine-tune afterwards.)
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxprune import surgery
+    >>> class Net(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.fc1, self.fc2 = nnx.Linear(3, 4, rngs=rngs), nnx.Linear(4, 2, rngs=rngs)
+    ...   def __call__(self, x):
+    ...     return self.fc2(nnx.relu(self.fc1(x)))
+    >>> net = Net(nnx.Rngs(0))
+    >>> net.fc2.kernel.set_value(net.fc2.kernel[...].at[1].set(0.0))  # nothing reads unit 1
+    >>> p = surgery.plan(net, example_input=jnp.ones((1, 3)))
+    >>> surgery.idle_channels(p, nnx.state(net, nnx.Param))
+    {'fc1/kernel': [1]}
+  """
+  values = {p: np.asarray(x) for p, x in tree_lib.leaves_with_paths(params)}
+  idle = {}
+  for g in plan.groups:
+    if g.blocked:
+      continue
+    kernels = [(p, a) for p, a in g.members if len(plan.shapes[p]) >= 2]
+    producers = [m for m in kernels if m in g.producers]
+    consumers = [m for m in kernels if m not in g.producers]
+
+    def zero(channel, members):
+      arrays = [_lookup(values, p) for p, _ in members]
+      return bool(members) and all(
+        x is not None and not np.take(x, channel[p, a], axis=a).any()
+        for (p, a), x in zip(members, arrays)
+      )
+
+    chans = [j for j, ch in enumerate(g.channels) if zero(ch, producers) or zero(ch, consumers)]
+    if chans:
+      idle[g.name] = chans
+  return idle
+
+
+def _ratios(plan: Plan, sparsity: float | Mapping[str, float]) -> dict[str, float]:
+  """``{group name: fraction removed}`` of the prunable groups."""
+  prunable = [g.name for g in plan.groups if not g.blocked]
+  if not isinstance(sparsity, Mapping):
+    check_sparsity(sparsity)
+    return dict.fromkeys(prunable, float(sparsity))
+  groups = {g.name: g for g in plan.groups}
+  for name, value in sparsity.items():
+    if name not in groups:
+      raise ValueError(f"No group {name!r}; groups: {sorted(groups)}")
+    check_sparsity(value, f"sparsity of group {name!r}")
+    if groups[name].blocked and value > 0:
+      raise ValueError(f"Group {name!r} cannot be pruned: blocked by {groups[name].blocked}.")
+  return {name: float(v) for name, v in sparsity.items() if name in prunable}
 
 
 def _lookup(values: dict[str, Any], path: str) -> Any:

@@ -20,11 +20,13 @@ from typing import Any
 import jax
 import ml_collections
 
-from jaxprune.train import data, models
+from jaxprune.regularizers import GROUP_KINDS
+from jaxprune.train import data, models, structured
 from jaxprune.train.optim import (
   LR_SCHEDULES,
   OPTIMIZERS,
   PRUNERS,
+  REGULARIZERS,
   SCHEDULES,
   STRUCTURES,
   make_learning_rate,
@@ -93,8 +95,10 @@ def default_config() -> ml_collections.ConfigDict:
   )
   steps = config.train.get_ref("steps")
   config.prune = dict(
-    method="magnitude",  # magnitude | random | saliency | none
-    scope="layer",  # layer | global
+    # magnitude | random | saliency | none, or a channel method (jaxprune.train.structured,
+    # at prune.begin): l1_filter | slimming | apoz | ssl
+    method="magnitude",
+    scope="layer",  # layer | global (slimming: global = one |gamma| threshold)
     schedule="agp",  # agp | one_shot | iterative | constant
     structure="unstructured",  # unstructured | neurons | filters | channels
     sparsity=0.9,
@@ -105,6 +109,19 @@ def default_config() -> ml_collections.ConfigDict:
     overrides=ml_collections.ConfigDict(),  # {path regex: sparsity}, e.g. {"fc3": 0.5}
     dense_first=False,
     dense_last=False,
+    ratios="uniform",  # l1_filter: uniform (prune.sparsity) | sensitivity (per-group sweep)
+    layers="",  # apoz: regex of the modules whose ReLU outputs are counted
+  )
+  config.regularize = dict(
+    method="none",  # none | group_lasso (SSL) | l1 (slimming: BatchNorm scales)
+    strength=0.0,  # lambda; until prune.begin for the channel methods
+    groups=("channel",),  # group_lasso: filter | channel | shape | depth
+    where="",  # regex of the params ("": kernels for group_lasso, BN scales for l1)
+  )
+  config.sensitivity = dict(
+    grid=(0.0, 0.25, 0.5, 0.75),  # sparsities tried per layer / channel group
+    max_drop=0.01,  # l1_filter ratios: the largest sparsity within this accuracy drop
+    examples=1000,  # the validation slice: the last training examples
   )
   config.rethink = dict(
     enabled=False,  # then also train the pruned net from scratch (Liu et al. 2019)
@@ -198,9 +215,10 @@ def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
   try:
     node[name] = value
   except TypeError as e:
+    kind = type(current).__name__
+    article = "an" if kind[0] in "aeiou" else "a"
     raise ConfigError(
-      f"{field}: cannot set {text!r}; it needs a {type(current).__name__} "
-      f"like its current value {current!r}."
+      f"{field}: cannot set {text!r}; it needs {article} {kind} like its current value {current!r}."
     ) from e
 
 
@@ -289,6 +307,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   d, m, t, p = config.data, config.model, config.train, config.prune
   r, c, par = config.rethink, config.checkpoint, config.parallel
+  reg, sens = config.regularize, config.sensitivity
   text("data.name", d.name)
   integer("data.batch_size", d.batch_size, 1)
   integer("data.eval_batch_size", d.eval_batch_size, 1)
@@ -337,7 +356,46 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   ):
     if size % n_devices or size % jax.process_count():
       fail(field, f"{size} does not split evenly over {n_devices} devices.")
-  choice("prune.method", p.method, (*PRUNERS, "none"))
+  choice("prune.method", p.method, (*PRUNERS, *structured.CHANNEL_METHODS, "none"))
+  choice("prune.ratios", p.ratios, structured.RATIOS)
+  text("prune.layers", p.layers)
+  choice("regularize.method", reg.method, REGULARIZERS)
+  if (
+    isinstance(reg.strength, bool) or not isinstance(reg.strength, int | float) or reg.strength < 0
+  ):
+    fail("regularize.strength", f"must be a number >= 0, got {reg.strength!r}.")
+  if isinstance(reg.groups, str) or not reg.groups or any(g not in GROUP_KINDS for g in reg.groups):
+    fail("regularize.groups", f"must be a tuple of {', '.join(GROUP_KINDS)}; got {reg.groups!r}.")
+  text("regularize.where", reg.where)
+  if not sens.grid or any(
+    isinstance(s, bool) or not isinstance(s, int | float) or not 0 <= s < 1 for s in sens.grid
+  ):
+    fail("sensitivity.grid", f"must be sparsities in [0, 1), got {sens.grid!r}.")
+  if (
+    isinstance(sens.max_drop, bool)
+    or not isinstance(sens.max_drop, int | float)
+    or sens.max_drop < 0
+  ):
+    fail("sensitivity.max_drop", f"must be an accuracy drop >= 0, got {sens.max_drop!r}.")
+  integer("sensitivity.examples", sens.examples, 1)
+  if structured.is_channel_method(config):
+    if p.schedule != "one_shot":
+      fail(
+        "prune.schedule",
+        f"{p.method} removes channels once, at prune.begin: set it to 'one_shot', "
+        f"got {p.schedule!r}.",
+      )
+    if p.method == "apoz" and not p.layers:
+      fail("prune.layers", "apoz needs the regex of the layers to measure, e.g. '^features/\\d+$'.")
+    if p.method == "ssl" and reg.method != "group_lasso":
+      fail("regularize.method", f"ssl removes the groups group_lasso zeroes; got {reg.method!r}.")
+    if p.method == "slimming" and reg.method != "l1":
+      fail(
+        "regularize.method",
+        f"slimming needs the L1 penalty on the scales ('l1'); got {reg.method!r}.",
+      )
+    if r.enabled:
+      fail("rethink.enabled", f"the rethinking phase supports the weight pruners, not {p.method}.")
   choice("prune.scope", p.scope, ("layer", "global"))
   choice("prune.schedule", p.schedule, SCHEDULES)
   choice("prune.structure", p.structure, STRUCTURES)

@@ -57,6 +57,29 @@ class Split:
 
 
 @dataclasses.dataclass(frozen=True)
+class Subset:
+  """The examples of ``source`` at ``indices``, in that order (a validation slice).
+
+  Examples:
+    >>> import numpy as np
+    >>> from jaxprune.train import data
+    >>> train = data.load("digits").train
+    >>> last = data.Subset(train, np.arange(len(train) - 100, len(train)))
+    >>> len(last), last.take(np.array([0]))[0].shape
+    (100, (1, 8, 8, 1))
+  """
+
+  source: Source
+  indices: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return self.source.take(np.asarray(self.indices)[indices])
+
+
+@dataclasses.dataclass(frozen=True)
 class Dataset:
   """A named dataset: train and test splits, the image shape and the class count."""
 

@@ -212,6 +212,8 @@ class TrainResult:
     seconds: wall time of this invocation, compilation included.
     rethink: the from-scratch run of the pruned architecture (``rethink.enabled``).
     resumed_from: the global step of the checkpoint this invocation resumed from.
+    regularized: whether a sparsity regularizer (``config.regularize``) trained the
+      model before pruning, so the "dense" accuracy is that of the regularized model.
   """
 
   dense_accuracy: float | None
@@ -224,6 +226,7 @@ class TrainResult:
   seconds: float
   rethink: PhaseResult | None = None
   resumed_from: int | None = None
+  regularized: bool = False
 
   def model(self) -> nnx.Module:
     """The trained model as an ``nnx.Module`` (in eval mode)."""
@@ -238,6 +241,8 @@ class TrainResult:
       if self.dense_accuracy is None
       else f"{self.dense_accuracy:.2%} (step {self.dense_step})"
     )
+    if self.regularized and self.dense_accuracy is not None:
+      dense += ", trained with the sparsity regularizer"
     lines = [f"dense accuracy: {dense}", f"final accuracy: {self.final_accuracy:.2%}"]
     if self.rethink is not None:
       lines.append(

@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
 import optax
 
 import jaxprune
+from jaxprune.train import structured
 
 PRUNERS = {
   "magnitude": jaxprune.magnitude,
@@ -21,6 +23,7 @@ PRUNERS = {
 }
 SCHEDULES = ("agp", "one_shot", "iterative", "constant")
 STRUCTURES = ("unstructured", "neurons", "filters", "channels")
+REGULARIZERS = ("none", "group_lasso", "l1")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -54,7 +57,10 @@ def make_schedule(config: ml_collections.ConfigDict) -> jaxprune.Schedule:
 
 
 def make_pruner(config: ml_collections.ConfigDict) -> jaxprune.Pruner | None:
-  """The pruner that ``config.prune`` describes (``None`` for ``method="none"``).
+  """The pruner that ``config.prune`` describes.
+
+  ``None`` for ``method="none"`` and for the channel methods of
+  :mod:`jaxprune.train.structured`, which set fixed masks at ``prune.begin`` instead.
 
   Examples:
     >>> from jaxprune.train import config as config_lib, optim
@@ -65,7 +71,7 @@ def make_pruner(config: ml_collections.ConfigDict) -> jaxprune.Pruner | None:
     ('layer', {'fc3': 0.5}, 0.9)
   """
   p = config.prune
-  if p.method == "none":
+  if p.method == "none" or structured.is_channel_method(config):
     return None
   return PRUNERS[p.method](
     make_schedule(config),
@@ -81,14 +87,15 @@ def make_pruner(config: ml_collections.ConfigDict) -> jaxprune.Pruner | None:
 def frozen(pruner: jaxprune.Pruner) -> jaxprune.Pruner:
   """The pruner with masks that never change: keeps the masks set in the optimizer state.
 
-  For the "rethinking" run (Liu et al. 2019): put the final masks of a pruned run into
-  a fresh :class:`jaxprune.MaskedState` and train re-initialised weights with them.
+    For the "rethinking" run (Liu et al. 2019): put the final masks of a pruned run into
+    a fresh :class:`jaxprune.MaskedState` and train re-initialised weights with them.
 
-  Examples:
-    >>> import jaxprune
-    >>> from jaxprune.train import optim
-    >>> bool(optim.frozen(jaxprune.magnitude(0.5)).is_update(0))
-    False
+    Examples:
+      >>> import jaxprune
+  from jaxprune.train import structured
+      >>> from jaxprune.train import optim
+      >>> bool(optim.frozen(jaxprune.magnitude(0.5)).is_update(0))
+      False
   """
   final = pruner.schedule.final
 
@@ -120,18 +127,59 @@ def make_learning_rate(config: ml_collections.ConfigDict, steps: int) -> optax.S
   return optax.constant_schedule(t.learning_rate)
 
 
+def make_regularizer(
+  config: ml_collections.ConfigDict, learning_rate: optax.Schedule
+) -> optax.GradientTransformation | None:
+  """The proximal step of ``config.regularize`` (``None`` for ``method="none"``).
+
+  ``group_lasso`` (SSL) or ``l1`` (Network Slimming, default: the BatchNorm scales),
+  with ``strength`` until ``prune.begin`` for the channel methods (they prune there and
+  fine-tune without it) and for the whole run otherwise. With SGD the prox step is the
+  learning rate of the step (exact proximal gradient descent); with Adam it is 1 and
+  ``strength`` is the shrinkage per step (see :mod:`jaxprune.regularizers`).
+
+  Examples:
+    >>> from jaxprune.train import config as config_lib, optim
+    >>> config = config_lib.default_config()
+    >>> config.regularize.update(method="l1", strength=1e-4)
+    >>> optim.make_regularizer(config, optim.make_learning_rate(config, 10)) is not None
+    True
+  """
+  r = config.regularize
+  if r.method == "none":
+    return None
+  until = config.prune.begin if structured.is_channel_method(config) else None
+
+  def strength(step):
+    on = jnp.ones((), bool) if until is None else step < until
+    return jnp.where(on, jnp.float32(r.strength), 0.0)
+
+  step_size = learning_rate if config.train.optimizer == "sgd" else 1.0
+  where = r.where or None
+  if r.method == "group_lasso":
+    factory = optax.inject_hyperparams(jaxprune.group_lasso, static_args=("groups", "where"))
+    return factory(strength=strength, groups=tuple(r.groups), where=where, learning_rate=step_size)
+  factory = optax.inject_hyperparams(jaxprune.l1, static_args=("where",))
+  return factory(strength=strength, learning_rate=step_size, **({"where": where} if where else {}))
+
+
 def make_optimizer(
   config: ml_collections.ConfigDict,
   pruner: jaxprune.Pruner | None,
   learning_rate: optax.ScalarOrSchedule | None = None,
+  *,
+  masks: Any = None,
 ) -> optax.GradientTransformation:
   """Adam, or SGD with Nesterov momentum 0.9, inside :func:`jaxprune.masked` when pruning.
 
   Args:
-    config: the run's config (``train.optimizer``, ``train.learning_rate``).
-    pruner: from :func:`make_pruner`; ``None`` trains dense.
+    config: the run's config (``train.optimizer``, ``train.learning_rate``,
+      ``regularize``).
+    pruner: from :func:`make_pruner`; ``None`` trains dense (or with fixed ``masks``).
     learning_rate: a schedule (default: :func:`make_learning_rate` over
       ``train.steps``).
+    masks: fixed masks over every param (the channel methods start from all-``True``
+      masks and set theirs into the optimizer state at ``prune.begin``).
   """
   if learning_rate is None:
     learning_rate = make_learning_rate(config, config.train.steps)
@@ -139,4 +187,9 @@ def make_optimizer(
     inner = optax.sgd(learning_rate, momentum=0.9, nesterov=True)
   else:
     inner = optax.adam(learning_rate)
-  return inner if pruner is None else jaxprune.masked(inner, pruner)
+  regularizer = make_regularizer(config, learning_rate)
+  if regularizer is not None:
+    inner = optax.chain(inner, regularizer)
+  if pruner is not None:
+    return jaxprune.masked(inner, pruner)
+  return inner if masks is None else jaxprune.masked(inner, masks)

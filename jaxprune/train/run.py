@@ -30,19 +30,32 @@ from flax import nnx
 
 import jaxprune
 from jaxprune import tree as tree_lib
+from jaxprune.analysis import plot_sensitivity
 from jaxprune.train import checkpoint as checkpoint_lib
 from jaxprune.train import config as config_lib
-from jaxprune.train import data, loop, models, optim, report
+from jaxprune.train import data, loop, models, optim, report, structured
 from jaxprune.train import metrics as metrics_lib
 from jaxprune.train import sharding as sharding_lib
 
 # Fields whose change makes a checkpoint belong to another run.
-RUN_IDENTITY = ("data.name", "data.batch_size", "model", "train.seed", "prune", "rethink")
+RUN_IDENTITY = (
+  "data.name",
+  "data.batch_size",
+  "model",
+  "train.seed",
+  "prune",
+  "rethink",
+  "regularize",
+)
 
 
 @dataclasses.dataclass
 class Phase:
-  """A phase's optimizer and schedule: ``train`` (global steps 1..T) or ``rethink``."""
+  """A phase's optimizer and schedule: ``train`` (global steps 1..T) or ``rethink``.
+
+  ``prune_at`` is the step before which a channel method sets its masks (``None``:
+  the pruner inside the optimizer does it).
+  """
 
   name: str
   offset: int
@@ -52,6 +65,7 @@ class Phase:
   targets: np.ndarray
   graphdef: nnx.GraphDef
   initial: loop.TrainState
+  prune_at: int | None = None
 
 
 def flat_arrays(tree: Any) -> dict[str, np.ndarray]:
@@ -92,6 +106,7 @@ class Run:
     self.per_epoch = data.steps_per_epoch(self.ds.train, d.batch_size)
     self.mesh = sharding_lib.make_mesh(config.parallel.devices)
     self.pruner = optim.make_pruner(config)
+    self.channel_method = structured.is_channel_method(config)
     self.workdir = pathlib.Path(t.workdir) if t.workdir else None
     self.primary = jax.process_index() == 0
     ckpt_dir = config.checkpoint.dir or (str(self.workdir / "checkpoints") if self.workdir else "")
@@ -121,13 +136,23 @@ class Run:
   def train_phase(self) -> Phase:
     t = self.config.train
     lr = optim.make_learning_rate(self.config, t.steps)
-    tx = optim.make_optimizer(self.config, self.pruner, lr)
-    graphdef, state = loop.init_state(self._model(t.seed), tx, seed=t.seed)
-    if self.pruner is None:
+    model = self._model(t.seed)
+    masks = None
+    if self.channel_method:
+      masks = structured.full_masks(nnx.state(model, nnx.Param))
+    tx = optim.make_optimizer(self.config, self.pruner, lr, masks=masks)
+    graphdef, state = loop.init_state(model, tx, seed=t.seed)
+    prune_at = self.config.prune.begin if self.channel_method else None
+    if self.channel_method:
+      # The channel fraction removed is known only once chosen: prune.sparsity is the
+      # target of the methods that take one, 0 for ssl.
+      target = 0.0 if self.config.prune.method == "ssl" else self.config.prune.sparsity
+      targets = np.where(np.arange(t.steps) >= prune_at, target, 0.0)
+    elif self.pruner is None:
       targets = np.zeros(t.steps)
     else:
       targets = np.asarray(jax.vmap(self.pruner.schedule.sparsity)(jnp.arange(t.steps)))
-    return Phase("train", 0, t.steps, tx, lr, targets, graphdef, self._place(state))
+    return Phase("train", 0, t.steps, tx, lr, targets, graphdef, self._place(state), prune_at)
 
   def rethink_phase(self, masks: Any) -> Phase:
     r, steps = self.config.rethink, self.rethink_steps
@@ -137,6 +162,32 @@ class Run:
     targets = np.full(steps, self.pruner.schedule.final)
     offset = self.config.train.steps
     return Phase("rethink", offset, steps, tx, lr, targets, graphdef, self._place(state))
+
+  def prune_channels(self, phase: Phase, state: loop.TrainState) -> loop.TrainState:
+    """Chooses the channels of a channel method and sets their masks into ``state``."""
+    config = self.config
+    host = sharding_lib.to_host(state)
+    model = nnx.merge(phase.graphdef, host.params, host.rest)
+    validation = structured.validation_split(config, self.ds.train)
+    eval_fn = loop.make_eval_step(phase.graphdef)
+
+    def evaluate(params):
+      masked = state._replace(params=params, rest=host.rest)
+      return loop.evaluate(eval_fn, masked, validation, config.data.eval_batch_size)
+
+    chosen = structured.prune_channels(
+      config, model, validation, evaluate, example_input=self.ds.test.take(np.arange(1))[0]
+    )
+    if chosen.sensitivity is not None:
+      tqdm.tqdm.write(str(chosen.sensitivity))
+      if self.workdir is not None and self.primary:
+        chosen.sensitivity.to_csv(self.workdir / "sensitivity.csv")
+        plot_sensitivity(chosen.sensitivity, self.workdir / "sensitivity.png")
+    tqdm.tqdm.write(chosen.report())
+    masks = chosen.masks
+    opt_state = host.opt_state._replace(masks=masks)
+    new = host._replace(params=jaxprune.apply_mask(host.params, masks), opt_state=opt_state)
+    return jax.device_put(new, jax.tree.map(lambda x: x.sharding, state))
 
   def measured_paths(self, params: Any) -> tuple[str, ...]:
     """The params whose sparsity is reported: the pruned ones (all kernels when dense)."""
@@ -191,7 +242,12 @@ class Run:
       process=sharding_lib.process(),
     )
     batch_sharding = sharding_lib.batch_sharding(self.mesh)
-    dense_step = int(np.argmax(phase.targets > 0)) if phase.targets.any() else phase.steps
+    if phase.prune_at is not None:
+      dense_step = phase.prune_at
+    elif phase.targets.any():
+      dense_step = int(np.argmax(phase.targets > 0))
+    else:
+      dense_step = phase.steps
     accuracies = [r["test_accuracy"] for r in history if r.get("test_accuracy") is not None]
     acc = accuracies[-1] if accuracies else None
     # The steps since the last log (their mean is logged), carried across a resume.
@@ -203,6 +259,8 @@ class Run:
       total=phase.steps, initial=start, desc=desc, unit="step", disable=not t.progress
     ) as bar:
       for step in range(start, phase.steps):
+        if step == phase.prune_at:
+          state = self.prune_channels(phase, state)
         images, labels = sharding_lib.global_batch(next(batches), batch_sharding)
         state, metrics = step_fn(state, images, labels)
         window.append(metrics)
@@ -289,7 +347,10 @@ class Run:
       if self.ckpt is not None:
         self.ckpt.close()
     if self.workdir is not None:
-      self._write_outputs(result)
+      # A rerun of a finished run trains nothing: keep the outputs of the run that did.
+      done = resumed_from == self.config.train.steps + self.rethink_steps
+      if not (done and (self.workdir / "summary.json").is_file()):
+        self._write_outputs(result)
     return result
 
   def _execute(self, main: Phase, resumed: Any, resumed_from: int | None) -> loop.TrainResult:
@@ -325,6 +386,7 @@ class Run:
       seconds=time.perf_counter() - self.started,
       rethink=rethink,
       resumed_from=resumed_from,
+      regularized=self.config.regularize.method != "none",
     )
 
   def _write_outputs(self, result: loop.TrainResult) -> None:
