@@ -11,13 +11,17 @@ Examples:
 
 from jaxprune.surgery.api import Shrunk, plan, shrink
 from jaxprune.surgery.channels import channel_masks, group_masks, idle_channels, slimming_masks
+from jaxprune.surgery.fold import FoldedBatchNorm, batchnorm_pairs, fold_batchnorm
 from jaxprune.surgery.plan import Group, Plan
 
 __all__ = [
+  "FoldedBatchNorm",
   "Group",
   "Plan",
   "Shrunk",
+  "batchnorm_pairs",
   "channel_masks",
+  "fold_batchnorm",
   "group_masks",
   "idle_channels",
   "plan",

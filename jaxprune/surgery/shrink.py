@@ -22,6 +22,11 @@ from jaxprune import tree as tree_lib
 from jaxprune.surgery.graph import CALLS
 from jaxprune.surgery.plan import Group, Plan
 
+# The batch of the random inputs that check constancy (plan_removal) and equality
+# (shrink's check): one batch size, so the second eager run reuses the ops compiled by
+# the first.
+CHECK_BATCH = 3
+
 
 def dead_channels(group: Group, values: dict[str, np.ndarray]) -> list[int]:
   """Channels of ``group`` whose producer slices are all exactly zero."""
@@ -80,11 +85,28 @@ def _consumer_axes(eqn: Any) -> tuple[int, int, int]:
 
 @dataclasses.dataclass
 class Removal:
-  """Which channels of each group go, and the bias corrections that fold them away."""
+  """Which channels of each group go, and the bias corrections that fold them away.
+
+  Attributes:
+    removed: ``{group name: channels removed}``.
+    bias_delta: ``{bias path: correction}``: the removed channels' constant
+      contribution to each consumer, added to its bias.
+    kept_constant: ``{group name: channels}`` that were dead (constant output) but are
+      kept, because some consumer cannot absorb their constant exactly.
+    why_kept: ``{group name: reason}`` naming that consumer and why.
+    jaxpr: the model's closed jaxpr at batch :data:`CHECK_BATCH`.
+  """
 
   removed: dict[str, list[int]]
   bias_delta: dict[str, np.ndarray]
   kept_constant: dict[str, list[int]]
+  why_kept: dict[str, str] = dataclasses.field(default_factory=dict)
+  jaxpr: Any = None
+
+
+def evaluate(closed: Any, leaves: list[Any], inputs: list[Any]) -> list[Any]:
+  """The outputs of ``closed`` (a ``plan.fn`` jaxpr), evaluated op by op."""
+  return _eval_capture(closed.jaxpr, closed.consts, list(leaves) + list(inputs), [])
 
 
 def plan_removal(
@@ -94,54 +116,79 @@ def plan_removal(
   candidates: dict[str, list[int]],
   rng: np.random.Generator,
 ) -> Removal:
-  """Folds the constant output of candidate channels into consumer biases where exact."""
+  """Folds the constant output of candidate channels into consumer biases where exact.
+
+  A channel whose constant cannot be folded into one of its consumers is kept, and the
+  folds into the other consumers are then recomputed without it (repeated until no
+  consumer keeps another channel), so no constant is both kept and folded.
+  """
   values = {p: np.asarray(x) for p, x in zip(plan.paths, leaves)}
   inputs = [
-    jnp.asarray(rng.normal(size=(2, *jnp.shape(x)[1:])), jnp.result_type(x)) for x in example_inputs
+    jnp.asarray(rng.normal(size=(CHECK_BATCH, *jnp.shape(x)[1:])), jnp.result_type(x))
+    for x in example_inputs
   ]
   capture: list = []
-  closed = jax.make_jaxpr(plan.fn)(list(leaves), *inputs)  # batch of 2: constancy is checked
+  closed = jax.make_jaxpr(plan.fn)(list(leaves), *inputs)  # a batch: constancy is checked
   _eval_capture(closed.jaxpr, closed.consts, list(leaves) + inputs, capture)
   by_member = {}
   for g in plan.groups:
     for m in g.members:
       by_member[m] = g
   removed = {name: list(chans) for name, chans in candidates.items()}
-  bias_delta: dict[str, np.ndarray] = {}
-  kept: dict[str, list[int]] = collections.defaultdict(list)
+  kept: dict[str, set[int]] = collections.defaultdict(set)
+  why: dict[str, str] = {}
   leaf_ids = {id(x): p for p, x in zip(plan.paths, leaves)}
-  for eqn, ins, _ in capture:
-    lhs_axis, rhs_axis, out_axis = _consumer_axes(eqn)
-    rhs_path = leaf_ids.get(id(ins[1]))
-    if rhs_path is None or lhs_axis < 0:
-      continue
-    group = by_member.get((rhs_path, rhs_axis))
-    if group is None or not removed.get(group.name):
-      continue
-    lhs = np.asarray(ins[0])
-    chans = removed[group.name]
-    index = np.concatenate([group.channels[j][(rhs_path, rhs_axis)] for j in chans])
-    only = np.zeros_like(lhs)
-    sl = [slice(None)] * lhs.ndim
-    sl[lhs_axis] = index
-    only[tuple(sl)] = lhs[tuple(sl)]
-    if not only.any():
-      continue
-    delta = np.asarray(eqn.primitive.bind(jnp.asarray(only), ins[1], **eqn.params))
-    flat = np.moveaxis(delta, out_axis, -1).reshape(-1, delta.shape[out_axis])
-    bias_path = rhs_path.rsplit("/", 1)[0] + "/bias" if "/" in rhs_path else "bias"
-    exact = np.allclose(flat, flat[:1], rtol=1e-6, atol=1e-6 * (1 + np.abs(flat).max()))
-    if exact and bias_path in values and values[bias_path].shape == (flat.shape[1],):
-      bias_delta[bias_path] = bias_delta.get(bias_path, 0) + flat[0]
-    else:
+  while True:
+    bias_delta: dict[str, np.ndarray] = {}
+    changed = False
+    for eqn, ins, _ in capture:
+      lhs_axis, rhs_axis, out_axis = _consumer_axes(eqn)
+      rhs_path = leaf_ids.get(id(ins[1]))
+      if rhs_path is None or lhs_axis < 0:
+        continue
+      group = by_member.get((rhs_path, rhs_axis))
+      if group is None or not removed.get(group.name):
+        continue
+      lhs = np.asarray(ins[0])
+      chans = removed[group.name]
+      index = np.concatenate([group.channels[j][(rhs_path, rhs_axis)] for j in chans])
+      only = np.zeros_like(lhs)
+      sl = [slice(None)] * lhs.ndim
+      sl[lhs_axis] = index
+      only[tuple(sl)] = lhs[tuple(sl)]
+      if not only.any():
+        continue
+      delta = np.asarray(eqn.primitive.bind(jnp.asarray(only), ins[1], **eqn.params))
+      flat = np.moveaxis(delta, out_axis, -1).reshape(-1, delta.shape[out_axis])
+      bias_path = rhs_path.rsplit("/", 1)[0] + "/bias" if "/" in rhs_path else "bias"
+      exact = np.allclose(flat, flat[:1], rtol=1e-6, atol=1e-6 * (1 + np.abs(flat).max()))
+      has_bias = bias_path in values and values[bias_path].shape == (flat.shape[1],)
+      if exact and has_bias:
+        bias_delta[bias_path] = bias_delta.get(bias_path, 0) + flat[0]
+        continue
       # Keep the channels that are not silent: their constant cannot be folded here.
       silent = []
       for j in chans:
         idx = group.channels[j][(rhs_path, rhs_axis)]
         part = np.take(lhs, idx, axis=lhs_axis)
-        (silent if not part.any() else kept[group.name]).append(j)
+        if part.any():
+          kept[group.name].add(j)
+        else:
+          silent.append(j)
       removed[group.name] = silent
-  return Removal(removed, bias_delta, dict(kept))
+      changed = True
+      why.setdefault(
+        group.name,
+        f"{rhs_path} has no bias to absorb their constant output"
+        if not has_bias
+        else f"their constant contribution through {rhs_path} varies over positions "
+        "(zero padding at the borders)",
+      )
+    if not changed:
+      break
+  kept_constant = {k: sorted(v) for k, v in kept.items() if v}
+  why_kept = {k: why[k] for k in kept_constant}
+  return Removal(removed, bias_delta, kept_constant, why_kept, jaxpr=closed)
 
 
 def kept_indices(plan: Plan, removed: dict[str, list[int]]) -> dict[str, dict[int, np.ndarray]]:
@@ -160,10 +207,10 @@ def kept_indices(plan: Plan, removed: dict[str, list[int]]) -> dict[str, dict[in
 
 def take(leaf: Any, kept: dict[int, np.ndarray]) -> jax.Array:
   """``leaf`` with only the kept indices along each sliced axis."""
-  out = jnp.asarray(leaf)
+  out = np.asarray(leaf)  # numpy: an eager jnp.take compiles a program per shape
   for axis, idx in kept.items():
-    out = jnp.take(out, jnp.asarray(idx, jnp.int32), axis=axis)
-  return out
+    out = np.take(out, np.asarray(idx, np.int64), axis=axis)
+  return jnp.asarray(out)
 
 
 def slice_tree(tree: Any, plan: Plan, kept: dict[str, dict[int, np.ndarray]]) -> Any:
