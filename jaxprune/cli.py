@@ -1,8 +1,10 @@
-"""The ``jaxprune`` command line: ``train``, ``eval`` and ``report``.
+"""The ``jaxprune`` command line: ``train``, ``eval``, ``sensitivity``, ``shrink``, ``report``.
 
   jaxprune train --config configs/lenet300_agp.py --config.train.steps=600
   python -m jaxprune train --config configs/lenet300_agp.py --dry-run
   jaxprune eval --workdir runs/agp          # test accuracy of the newest checkpoint
+  jaxprune sensitivity --config configs/l1_filter.py  # per-layer sweep: PNG + CSV
+  jaxprune shrink --workdir runs/filters    # cut out pruned channels: a smaller model
   jaxprune report runs/agp                  # regenerate runs/agp/report.md and plots
 
 Any config field can be overridden with ``--config.FIELD=VALUE`` (or ``--config.FIELD
@@ -35,8 +37,18 @@ CONFIG_HELP = (
 )
 
 
+def _add_run_source(command: argparse.ArgumentParser) -> None:
+  """``--config FILE | --workdir DIR`` naming a run, and ``--step`` for its checkpoint."""
+  source = command.add_mutually_exclusive_group(required=True)
+  source.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+  source.add_argument(
+    "--workdir", metavar="DIR", help="the train.workdir of a run (reads its config.json)"
+  )
+  command.add_argument("--step", type=int, help="the checkpoint's step (default: newest)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-  """The argument parser: one subcommand per task (``train``, ``eval``, ``report``)."""
+  """The argument parser: one subcommand per task (``train``, ``eval``, ``shrink``, ...)."""
   parser = argparse.ArgumentParser(
     prog="jaxprune", description="Neural-network pruning for JAX, Flax and Optax."
   )
@@ -67,12 +79,53 @@ def build_parser() -> argparse.ArgumentParser:
     "config (with overrides) that trained it.",
     **common,
   )
-  source = eval_cmd.add_mutually_exclusive_group(required=True)
-  source.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
-  source.add_argument(
-    "--workdir", metavar="DIR", help="the train.workdir of a run (reads its config.json)"
+  _add_run_source(eval_cmd)
+  sweep = commands.add_parser(
+    "sensitivity",
+    help="prune one layer at a time over a sparsity grid: table, PNG and CSV",
+    description="Sweep the sensitivity of a recipe's model (Li et al. 2017): prune each "
+    "layer alone (whole channel groups for the channel methods and structured "
+    "recipes) at every sparsity of sensitivity.grid, measure accuracy on the "
+    "validation slice (the last sensitivity.examples training examples), print the "
+    "table and the largest ratio per layer within sensitivity.max_drop, and write "
+    "sensitivity.csv and sensitivity.png. The model is the run's newest checkpoint "
+    "(or --step), or, when the run has none, trained here dense for prune.begin steps.",
+    **common,
   )
-  eval_cmd.add_argument("--step", type=int, help="the checkpoint's step (default: newest)")
+  sweep.add_argument("--config", required=True, metavar="FILE", help=CONFIG_HELP)
+  sweep.add_argument("--step", type=int, help="the checkpoint's step (default: newest)")
+  sweep.add_argument(
+    "--out", metavar="DIR", help="where to write the CSV and PNG (default: the workdir, or .)"
+  )
+  shrink = commands.add_parser(
+    "shrink",
+    help="cut the pruned channels out of a run's checkpoint: a smaller model",
+    description="Restore a checkpoint of a run (the newest by default), remove every "
+    "channel whose producing weights are all zero under the masks in its optimizer state "
+    "(structured pruning: prune.structure=neurons or filters), check that the smaller "
+    "model computes what the masked one does, and print channels per layer and params, "
+    "FLOPs, sizes and test accuracy before and after. Writes shrunk.npz, shrunk.json "
+    "(the new widths) and shrink.md into the run's workdir, or --out DIR.",
+    **common,
+  )
+  _add_run_source(shrink)
+  shrink.add_argument(
+    "--out", metavar="DIR", help="where to write the shrunk model (default: the workdir)"
+  )
+  shrink.add_argument(
+    "--keep",
+    metavar="REGEX",
+    action="append",
+    default=[],
+    help="never shrink the outputs of layers whose param paths match (repeatable)",
+  )
+  shrink.add_argument(
+    "--multiple-of",
+    type=int,
+    default=1,
+    metavar="N",
+    help="round every new width up to a multiple of N (8 for GPU tensor cores)",
+  )
   report = commands.add_parser(
     "report",
     help="regenerate the markdown report of a finished run",
@@ -134,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides, unknown = split_overrides(extra)
   if unknown or (overrides and args.command == "report"):
     parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
-  from jaxprune.train import evaluate, report, run
+  from jaxprune.train import evaluate, report, run, sweep
+  from jaxprune.train import shrink as shrink_lib
 
   try:
     if args.command == "report":
@@ -148,6 +202,18 @@ def main(argv: Sequence[str] | None = None) -> int:
       config = config_lib.load_config(args.config, overrides)
     if args.command == "eval":
       print(evaluate.evaluate_checkpoint(config, step=args.step).report())
+      return 0
+    if args.command == "sensitivity":
+      print(describe(config), flush=True)
+      print(sweep.run_sweep(config, step=args.step, out=args.out).report())
+      return 0
+    if args.command == "shrink":
+      if args.multiple_of < 1:
+        parser.error(f"--multiple-of must be >= 1, got {args.multiple_of}")
+      result = shrink_lib.shrink_checkpoint(
+        config, step=args.step, out=args.out, keep=args.keep, multiple_of=args.multiple_of
+      )
+      print(result.report())
       return 0
     if args.dry_run:
       print(str(config).rstrip())

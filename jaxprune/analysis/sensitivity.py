@@ -27,6 +27,7 @@ from jaxprune import tree as tree_lib
 from jaxprune.analysis import _plot
 from jaxprune.select import check_sparsity
 
+CHANNEL_GROUPS = "channel groups"  # the structure name of channel_sensitivity sweeps
 _METHODS = {"magnitude": pruners_lib.magnitude, "random": pruners_lib.random}
 
 
@@ -167,8 +168,9 @@ def channel_sensitivity(
     progress: show the progress bar.
 
   Returns:
-    A :class:`Sensitivity` keyed by group name (the producer's path); pass
-    :func:`choose_ratios` ``(result, max_drop, regex=False)`` to ``channel_masks``.
+    A :class:`Sensitivity` keyed by group name (the producer's path):
+    ``channel_masks(plan, params, choose_ratios(result, max_drop))`` prunes with the
+    ratios it supports.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -194,7 +196,9 @@ def channel_sensitivity(
   def masks_for(group, s):
     return channel_masks(plan, params, {group: s}, norm=norm)
 
-  return _sweep(params, evaluate, layers, grid, masks_for, f"channels ({norm})", progress)
+  return _sweep(
+    params, evaluate, layers, grid, masks_for, f"{CHANNEL_GROUPS}, {norm.upper()}", progress
+  )
 
 
 def _grid(sparsities: Sequence[float]) -> tuple[float, ...]:
@@ -245,7 +249,9 @@ def _pruner_factory(method: str | Callable[..., pruners_lib.Pruner]) -> Callable
   return _METHODS[method]
 
 
-def choose_ratios(result: Sensitivity, max_drop: float, *, regex: bool = True) -> dict[str, float]:
+def choose_ratios(
+  result: Sensitivity, max_drop: float, *, regex: bool | None = None
+) -> dict[str, float]:
   """Per layer, the largest sparsity up to which the accuracy drop stays within ``max_drop``.
 
   Li et al.'s recipe: walking up the grid, a layer's ratio is the last sparsity before
@@ -257,7 +263,9 @@ def choose_ratios(result: Sensitivity, max_drop: float, *, regex: bool = True) -
     max_drop: the tolerated accuracy loss, in the units ``evaluate`` returns.
     regex: key the result by ``"^" + re.escape(path) + "$"`` so it can be passed as a
       pruner's ``overrides=`` (a bare path would also match longer paths ending in it);
-      ``False`` keys it by the plain param path.
+      ``False`` keys it by the plain param path. The default, ``None``, is ``True`` for
+      a :func:`sensitivity` sweep and ``False`` for a :func:`channel_sensitivity` one
+      (group names, as :func:`jaxprune.surgery.channel_masks` takes them).
 
   Returns:
     ``{layer: sparsity}``.
@@ -272,6 +280,8 @@ def choose_ratios(result: Sensitivity, max_drop: float, *, regex: bool = True) -
   """
   if max_drop < 0:
     raise ValueError(f"max_drop is a tolerated accuracy loss and must be >= 0, got {max_drop}.")
+  if regex is None:
+    regex = not result.structure.startswith(CHANNEL_GROUPS)
   ratios = {}
   for layer in result.layers:
     best = 0.0

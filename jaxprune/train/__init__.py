@@ -25,9 +25,14 @@ from jaxprune.train.metrics import MetricsWriter
 from jaxprune.train.models import create as create_model
 from jaxprune.train.optim import make_learning_rate, make_optimizer, make_pruner, make_schedule
 from jaxprune.train.report import write_report
+from jaxprune.train.shrink import load_shrunk, shrink_checkpoint
+from jaxprune.train.sweep import run_sweep
 from jaxprune.train.tfds_source import DatasetNotPrepared
 
 __all__ = [
+  "load_shrunk",
+  "run_sweep",
+  "shrink_checkpoint",
   "Checkpointer",
   "ConfigError",
   "Dataset",
