@@ -87,15 +87,14 @@ def make_pruner(config: ml_collections.ConfigDict) -> jaxprune.Pruner | None:
 def frozen(pruner: jaxprune.Pruner) -> jaxprune.Pruner:
   """The pruner with masks that never change: keeps the masks set in the optimizer state.
 
-    For the "rethinking" run (Liu et al. 2019): put the final masks of a pruned run into
-    a fresh :class:`jaxprune.MaskedState` and train re-initialised weights with them.
+  For the "rethinking" run (Liu et al. 2019): put the final masks of a pruned run into
+  a fresh :class:`jaxprune.MaskedState` and train re-initialised weights with them.
 
-    Examples:
-      >>> import jaxprune
-  from jaxprune.train import structured
-      >>> from jaxprune.train import optim
-      >>> bool(optim.frozen(jaxprune.magnitude(0.5)).is_update(0))
-      False
+  Examples:
+    >>> import jaxprune
+    >>> from jaxprune.train import optim
+    >>> bool(optim.frozen(jaxprune.magnitude(0.5)).is_update(0))
+    False
   """
   final = pruner.schedule.final
 
