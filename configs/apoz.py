@@ -8,20 +8,12 @@ highest APoZ from the filter, the BatchNorm and the next layer's input, fine-tun
   python -m jaxprune train --config configs/apoz.py --config.train.workdir=runs/apoz
 """
 
-from jaxprune.train.config import default_config
+from jaxprune.train.config import digits_convnet_config
 
 
 def get_config():
-  config = default_config()
-  config.data.name = "digits"
-  config.data.batch_size = 64
-  config.model.name = "vgg_small"
-  config.train.steps = 1500
-  config.train.learning_rate = 3e-3
-  config.train.eval_every = 250
+  config = digits_convnet_config()  # vgg_small on digits, 1,500 steps, prune at 1,000
   config.prune.method = "apoz"
-  config.prune.schedule = "one_shot"
-  config.prune.begin = 1000
   config.prune.layers = r"^features/\d+$"  # the conv-BN-ReLU blocks
   config.prune.sparsity = 0.4
   config.sensitivity.examples = 500  # the validation slice APoZ is counted over

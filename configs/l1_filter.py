@@ -12,20 +12,12 @@ workdir; ``jaxprune shrink`` then cuts the smaller model out of the checkpoint.
   python -m jaxprune sensitivity --config configs/l1_filter.py   # the sweep alone
 """
 
-from jaxprune.train.config import default_config
+from jaxprune.train.config import digits_convnet_config
 
 
 def get_config():
-  config = default_config()
-  config.data.name = "digits"
-  config.data.batch_size = 64
-  config.model.name = "vgg_small"
-  config.train.steps = 1500
-  config.train.learning_rate = 3e-3
-  config.train.eval_every = 250
+  config = digits_convnet_config()  # vgg_small on digits, 1,500 steps, prune at 1,000
   config.prune.method = "l1_filter"
-  config.prune.schedule = "one_shot"
-  config.prune.begin = 1000
   config.prune.ratios = "sensitivity"  # "uniform": prune.sparsity of every group
   config.prune.sparsity = 0.5
   config.sensitivity.grid = (0.0, 0.25, 0.5, 0.75)

@@ -11,22 +11,14 @@ strips the first layer almost bare.
   python -m jaxprune train --config configs/slimming.py --config.train.workdir=runs/slim
 """
 
-from jaxprune.train.config import default_config
+from jaxprune.train.config import digits_convnet_config
 
 
 def get_config():
-  config = default_config()
-  config.data.name = "digits"
-  config.data.batch_size = 64
-  config.model.name = "vgg_small"
-  config.train.steps = 1500
-  config.train.learning_rate = 3e-3
-  config.train.eval_every = 250
+  config = digits_convnet_config()  # vgg_small on digits, 1,500 steps, prune at 1,000
   config.regularize.method = "l1"  # default where: the BatchNorm scales
   config.regularize.strength = 1e-3  # with Adam: the shrinkage of |gamma| per step
   config.prune.method = "slimming"
-  config.prune.schedule = "one_shot"
-  config.prune.begin = 1000
   config.prune.scope = "layer"
   config.prune.sparsity = 0.5
   return config

@@ -13,23 +13,17 @@ such normalisation.
   python -m jaxprune train --config configs/ssl.py --config.train.workdir=runs/ssl
 """
 
-from jaxprune.train.config import default_config
+from jaxprune.train.config import digits_convnet_config
 
 
 def get_config():
-  config = default_config()
-  config.data.name = "digits"
-  config.data.batch_size = 64
-  config.model.name = "vgg_small"
-  config.train.steps = 1500
+  config = digits_convnet_config()  # vgg_small on digits, 1,500 steps
   config.train.optimizer = "sgd"  # the prox step is exact proximal gradient descent
   config.train.learning_rate = 0.02
-  config.train.eval_every = 250
   config.regularize.method = "group_lasso"
   config.regularize.strength = 0.4
   config.regularize.groups = ("channel",)
   config.regularize.where = r"features/[1-9]\d*/conv/kernel|head/kernel"  # not the pixels
   config.prune.method = "ssl"
-  config.prune.schedule = "one_shot"
   config.prune.begin = 1200
   return config

@@ -40,6 +40,7 @@ __all__ = [
   "apply_override",
   "check_fields",
   "default_config",
+  "digits_convnet_config",
   "load_config",
   "make_learning_rate",
   "make_optimizer",
@@ -137,6 +138,26 @@ def default_config() -> ml_collections.ConfigDict:
     devices=0,  # devices of the data-parallel mesh (0: all)
     shard_params=False,  # FSDP: shard each kernel's largest divisible axis over devices
   )
+  return config
+
+
+def digits_convnet_config() -> ml_collections.ConfigDict:
+  """:func:`default_config` for ``vgg_small`` on the 8x8 digits: the channel recipes' base.
+
+  conv-BN-ReLU 16/32/64 + Dense, batch 64, Adam 3e-3, 1,500 steps, one channel-pruning
+  step at 1,000 (``one_shot``), evaluation every 250 steps.
+
+  Examples:
+    >>> from jaxprune.train import config as config_lib
+    >>> config = config_lib.digits_convnet_config()
+    >>> config.model.name, config.data.name, config.prune.begin
+    ('vgg_small', 'digits', 1000)
+  """
+  config = default_config()
+  config.data.update(name="digits", batch_size=64)
+  config.model.name = "vgg_small"
+  config.train.update(steps=1500, learning_rate=3e-3, eval_every=250)
+  config.prune.update(schedule="one_shot", begin=1000)
   return config
 
 
