@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+from typing import Any
 
 import ml_collections
 
@@ -44,22 +45,45 @@ def evaluate_checkpoint(
     ConfigError: when the config names no checkpoint directory.
     FileNotFoundError: when the directory holds no (such) checkpoint.
   """
+  run, graphdef, state, meta = restore_checkpoint(config, step, dataset, "evaluate")
+  eval_fn = loop.make_eval_step(graphdef)
+  accuracy = loop.evaluate(eval_fn, state, run.ds.test, config.data.eval_batch_size, run.mesh)
+  return Evaluation(meta["phase"], meta["step"], accuracy, run.summary(state.params))
+
+
+def restore_checkpoint(
+  config: ml_collections.ConfigDict,
+  step: int | None = None,
+  dataset: data.Dataset | None = None,
+  purpose: str = "restore",
+) -> tuple[Run, Any, loop.TrainState, dict[str, Any]]:
+  """``(run, graphdef, state, meta)`` of checkpoint ``step`` (default: the newest).
+
+  Raises:
+    ConfigError: when the config names no checkpoint directory.
+    FileNotFoundError: when the directory holds no checkpoint, or none of ``step``
+      (the message lists the steps there).
+  """
   if not (config.checkpoint.dir or config.train.workdir):
     raise config_lib.ConfigError(
-      "checkpoint.dir: no checkpoints to evaluate; set checkpoint.dir or train.workdir "
+      f"checkpoint.dir: no checkpoints to {purpose}; set checkpoint.dir or train.workdir "
       "to the directory of a run."
     )
   run = Run(config, dataset=dataset)
   try:
-    if run.ckpt.latest() is None:
+    steps = run.ckpt.steps()
+    if not steps:
       raise FileNotFoundError(f"No checkpoint in {run.ckpt.directory}: has the run started?")
+    if step is not None and step not in steps:
+      raise FileNotFoundError(
+        f"No checkpoint of step {step} in {run.ckpt.directory}; its checkpoints are of "
+        f"steps {', '.join(map(str, steps))}."
+      )
     main = run.train_phase()
     state, meta = run.ckpt.restore(main.initial, step)
   finally:
     run.ckpt.close()
-  eval_fn = loop.make_eval_step(main.graphdef)
-  accuracy = loop.evaluate(eval_fn, state, run.ds.test, config.data.eval_batch_size, run.mesh)
-  return Evaluation(meta["phase"], meta["step"], accuracy, run.summary(state.params))
+  return run, main.graphdef, state, meta
 
 
 def config_from_workdir(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:

@@ -43,10 +43,9 @@ import jaxprune
 from jaxprune import surgery
 from jaxprune import tree as tree_lib
 from jaxprune.surgery import rebuild
-from jaxprune.train import config as config_lib
-from jaxprune.train import data, models
+from jaxprune.train import data, evaluate, models
 from jaxprune.train import sharding as sharding_lib
-from jaxprune.train.run import Run, config_json, flat_arrays
+from jaxprune.train.run import config_json, flat_arrays
 
 SHRUNK_NPZ, SHRUNK_JSON, REPORT_NAME = "shrunk.npz", "shrunk.json", "shrink.md"
 
@@ -203,29 +202,6 @@ def _footprint(model: nnx.Module, npz: bytes, flops: float, accuracy: float) -> 
   return Footprint(n, flops, nbytes, len(npz), accuracy)
 
 
-def _restore(config: ml_collections.ConfigDict, step: int | None, dataset: data.Dataset | None):
-  if not (config.checkpoint.dir or config.train.workdir):
-    raise config_lib.ConfigError(
-      "checkpoint.dir: no checkpoints to shrink; set checkpoint.dir or train.workdir to the "
-      "directory of a run."
-    )
-  run = Run(config, dataset=dataset)
-  try:
-    steps = run.ckpt.steps()
-    if not steps:
-      raise FileNotFoundError(f"No checkpoint in {run.ckpt.directory}: has the run started?")
-    if step is not None and step not in steps:
-      raise FileNotFoundError(
-        f"No checkpoint of step {step} in {run.ckpt.directory}; its checkpoints are of "
-        f"steps {', '.join(map(str, steps))}."
-      )
-    main = run.train_phase()
-    state, meta = run.ckpt.restore(main.initial, step)
-  finally:
-    run.ckpt.close()
-  return run, main.graphdef, state, meta
-
-
 def shrink_checkpoint(
   config: ml_collections.ConfigDict,
   *,
@@ -253,7 +229,7 @@ def shrink_checkpoint(
     ConfigError: when the config names no checkpoint directory.
     FileNotFoundError: when the directory holds no (such) checkpoint.
   """
-  run, graphdef, state, meta = _restore(config, step, dataset)
+  run, graphdef, state, meta = evaluate.restore_checkpoint(config, step, dataset, "shrink")
   params, rest = sharding_lib.to_host((state.params, state.rest))
   masked_states = jax.tree.leaves(
     state.opt_state, is_leaf=lambda x: isinstance(x, jaxprune.MaskedState)
