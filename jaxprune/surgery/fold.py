@@ -30,7 +30,6 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxprune.surgery.graph import CALLS
-from jaxprune.surgery.shrink import check_outputs
 
 _PRODUCERS = (nnx.Conv, nnx.Linear)
 _MARK = "jaxprune_fold"
@@ -296,4 +295,12 @@ def _check(model, folded, example_input, rtol: float, seed: int) -> None:
   reference = nnx.clone(model)
   reference.eval()
   ref_out, out = reference(*xs), folded(*xs)
-  check_outputs(ref_out, out, rtol, check="fold_batchnorm", model="folded model", reference="model")
+  err, scale = 0.0, 1.0
+  for a, b in zip(jax.tree.leaves(ref_out), jax.tree.leaves(out)):
+    err = max(err, float(np.max(np.abs(np.asarray(a) - np.asarray(b)))))
+    scale = max(scale, float(np.max(np.abs(np.asarray(a)))))
+  if not err <= rtol * scale:  # NaN fails too
+    raise ValueError(
+      f"fold_batchnorm check failed: the folded model's outputs differ from the model's "
+      f"by {err:.3g} (tolerance {rtol * scale:.3g}). Please report this model."
+    )

@@ -231,26 +231,3 @@ def slice_tree(tree: Any, plan: Plan, kept: dict[str, dict[int, np.ndarray]]) ->
     return leaf
 
   return jax.tree_util.tree_map_with_path(one, tree, is_leaf=tree_lib.is_none)
-
-
-def check_outputs(
-  expected: Any, outputs: Any, rtol: float, *, check: str, model: str, reference: str
-) -> float:
-  """The largest ``|outputs - expected|``; raises when it exceeds ``rtol * max|expected|``.
-
-  The scale is at least 1, output shapes must match, and a NaN difference fails. The
-  error reads "``check`` check failed: the ``model``'s outputs differ from the
-  ``reference``'s by ...".
-  """
-  err, scale = 0.0, 1.0
-  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(outputs)):
-    if np.shape(a) != np.shape(b):
-      raise ValueError(f"The {model}'s output has shape {np.shape(b)}, not {np.shape(a)}.")
-    err = max(err, float(np.max(np.abs(np.asarray(a) - np.asarray(b)))))
-    scale = max(scale, float(np.max(np.abs(np.asarray(a)))))
-  if not err <= rtol * scale:  # NaN fails too
-    raise ValueError(
-      f"{check} check failed: the {model}'s outputs differ from the {reference}'s "
-      f"by {err:.3g} (tolerance {rtol * scale:.3g}). Please report this model."
-    )
-  return err
