@@ -70,6 +70,18 @@ def test_alpha_schedule_rules():
     nn.alpha_schedule(mode="cubic")
 
 
+def test_alpha_schedule_may_start_at_zero():
+  """Gates open (v = 0.5, no gradient to their FC) while the network pretrains."""
+  a = nn.alpha_schedule(0.0, 100.0, steps=100)
+  assert [float(a(t)) for t in (0, 50, 100)] == pytest.approx([0.0, 50.0, 100.0])
+  with pytest.raises(ValueError, match="geometric alpha_schedule needs start > 0"):
+    nn.alpha_schedule(0.0, 100.0, mode="geometric")
+  with pytest.raises(ValueError, match="0 <= start <= end and end > 0"):
+    nn.alpha_schedule(0.0, 0.0)
+  with pytest.raises(ValueError, match="0 <= start <= end"):
+    nn.alpha_schedule(-1.0, 10.0)
+
+
 def test_gate_loss_and_adaptive_lambda_by_hand():
   v = jnp.array([1.0, 0.5, 0.0, 0.5])  # ||v||_1 / C = 0.5
   assert float(nn.keep_ratio(v)) == 0.5
@@ -189,6 +201,8 @@ def _build(make, seed=0):
     value = rng.normal(size=var.shape)
     if isinstance(var, nn.GateAlpha):
       value = 1.0
+    elif isinstance(var, nn.GateMask):
+      value = np.full(var.shape, np.nan)  # live
     elif path[-1] == "var":
       value = 1.0 + np.abs(value)
     elif "gate" in path and path[-1] == "kernel":
@@ -246,6 +260,82 @@ def test_folded_model_equals_hard_gated_model(mode):
     # into a padded 3x3 conv, which cannot be folded exactly, so surgery keeps them
     assert small.model.block2.layers[0].out_features == int(masks["block2/gate"].sum())
     assert small.model.fc.out_features == int(masks["fc/gate"].sum())
+
+
+def _calibrated(seed=0):
+  """A GatedNet with masks from a training-mode pass over 32 images (as the recipe does),
+  then put in eval mode, where BatchNorm uses its running statistics. The gates' logits
+  depend on the input (kernel std 1, bias 0), as trained gates' do."""
+  model = _build(lambda: GatedNet(nnx.Rngs(0)), seed=seed)
+  rng = np.random.default_rng(seed + 1)
+  for gate in nn.gates(model).values():
+    gate.kernel.set_value(jnp.asarray(rng.normal(size=gate.kernel.shape), jnp.float32))
+    gate.bias.set_value(jnp.zeros_like(gate.bias[...]))
+  nn.set_alpha(model, jnp.inf)
+  calibration = nnx.clone(model)
+  calibration.train()
+  forward(calibration, jax.random.normal(jax.random.key(5), (32, 4, 4, 2)))
+  masks = nn.hard_masks(nn.gate_vectors(calibration))
+  model.eval()
+  return model, masks
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_frozen_gated_model_equals_the_folded_model(batch):
+  model, masks = _calibrated()
+  x = jax.random.normal(jax.random.key(7), (batch, 4, 4, 2))
+  plain, _ = nn.ungate(model, masks)
+  plain.eval()
+  want = jnp.concatenate([forward(plain, x[i : i + 1]) for i in range(batch)])
+  np.testing.assert_allclose(forward(plain, x), want, atol=1e-5, rtol=0)
+  nn.freeze_gates(model, masks)
+  got = jnp.concatenate([forward(model, x[i : i + 1]) for i in range(batch)])
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(forward(model, x), want, atol=1e-5, rtol=0)
+  assert all((v == masks[p]).all() for p, v in nn.gate_vectors(model).items())
+
+
+def test_live_hard_gates_can_disagree_with_the_masks_in_eval_mode():
+  """Why freezing is needed: in eval mode the hard gates of single images differ from the
+  calibration masks for some images and channels (BatchNorm running statistics)."""
+  model, masks = _calibrated()
+  x = jax.random.normal(jax.random.key(7), (16, 4, 4, 2))
+  flips = 0
+  for i in range(16):
+    forward(model, x[i : i + 1])
+    flips += sum(
+      int((v != masks[p]).sum()) for p, v in nn.hard_masks(nn.gate_vectors(model)).items()
+    )
+  assert flips > 0
+  nn.freeze_gates(model, masks)
+  for i in range(16):
+    forward(model, x[i : i + 1])
+    vectors = nn.hard_masks(nn.gate_vectors(model))
+    assert all((v == masks[p]).all() for p, v in vectors.items())
+
+
+def test_freeze_gates_checks_the_masks():
+  model, masks = _calibrated()
+  with pytest.raises(ValueError, match=r"missing \['fc/gate'\], unknown \['head'\]"):
+    nn.freeze_gates(model, {**{p: m for p, m in masks.items() if p != "fc/gate"}, "head": 1})
+  with pytest.raises(ValueError, match="'fc/gate' has shape \\(3,\\)"):
+    nn.freeze_gates(model, {**masks, "fc/gate": jnp.ones(3, bool)})
+  with pytest.raises(ValueError, match="no jaxprune.nn.Gate to freeze"):
+    nn.freeze_gates(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), {})
+
+
+def test_frozen_gates_do_not_recompile():
+  model, masks = _calibrated()
+  graphdef, _ = nnx.split(model)
+  apply = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  x = jnp.ones((2, 4, 4, 2))
+  outs = [apply(nnx.state(model), x)]
+  nn.freeze_gates(model, masks)
+  outs.append(apply(nnx.state(model), x))
+  nn.freeze_gates(model, None)
+  outs.append(apply(nnx.state(model), x))
+  assert apply._cache_size() == 1
+  np.testing.assert_array_equal(outs[0], outs[2])
 
 
 def test_ungate_explains_what_it_cannot_fold():
@@ -309,6 +399,65 @@ def test_linen_ungate_params_equals_hard_gated_model():
   np.testing.assert_allclose(plain, out, atol=1e-5, rtol=0)
   with pytest.raises(ValueError, match="No producer"):
     nn.ungate_params(params, masks, {"gate1": "conv1"})
+
+
+class LinenTrainNet(linen_nn.Module):
+  """LinenNet with BatchNorm in either mode, gates after conv-BN-ReLU."""
+
+  gated: bool = True
+
+  @linen_nn.compact
+  def __call__(self, x, alpha=1.0, train=False):
+    for i, width in enumerate((6, 5)):
+      x = linen_nn.Conv(width, (3, 3), name=f"conv{i}")(x)
+      x = linen_nn.BatchNorm(use_running_average=not train, name=f"bn{i}")(x)
+      x = linen_nn.relu(x)
+      if self.gated:
+        x = nn.linen.Gate(init_std=0.01, name=f"gate{i}")(x, alpha)
+    return linen_nn.Dense(3, name="head")(x.mean((1, 2)))
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_linen_frozen_gates_equal_the_folded_model(batch):
+  x = jax.random.normal(jax.random.key(0), (batch, 6, 6, 2))
+  calibration = jax.random.normal(jax.random.key(3), (32, 6, 6, 2))
+  variables = jax.jit(LinenTrainNet().init)(jax.random.key(1), x)
+  params = jax.tree_util.tree_map_with_path(
+    lambda p, v: (
+      jnp.where(jnp.arange(v.shape[0]) % 3 == 0, -1.0, 1.0)
+      if "gate" in tree_lib.path_str(p) and tree_lib.path_str(p).endswith("bias")
+      else v
+    ),
+    variables["params"],
+  )
+  stats = jax.tree.map(lambda s: s + 0.5, variables["batch_stats"])
+  variables = {"params": params, "batch_stats": stats}
+  _, state = jax.jit(
+    lambda v, x: LinenTrainNet().apply(
+      v, x, jnp.inf, train=True, mutable=["intermediates", "batch_stats"]
+    )
+  )(variables, calibration)
+  masks = nn.hard_masks(nn.gate_vectors(state))
+  assert sorted(masks) == ["gate0", "gate1"]
+  folded, _ = nn.ungate_params(
+    params, masks, {"gate0": ("conv0", "bn0"), "gate1": ("conv1", "bn1")}
+  )
+  plain = jax.jit(LinenTrainNet(gated=False).apply)
+  want = jnp.concatenate(
+    [plain({"params": folded, "batch_stats": stats}, x[i : i + 1]) for i in range(batch)]
+  )
+  frozen = nn.linen.freeze_gates(variables, masks)
+  assert "gate_masks" not in variables and sorted(frozen["gate_masks"]) == ["gate0", "gate1"]
+  apply = jax.jit(lambda v, x: LinenTrainNet().apply(v, x, 1.0, mutable=["intermediates"]))
+  got = jnp.concatenate([apply(frozen, x[i : i + 1])[0] for i in range(batch)])
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  out, state = apply(frozen, x)
+  np.testing.assert_allclose(out, want, atol=1e-5, rtol=0)
+  assert all((v == masks[p]).all() for p, v in nn.gate_vectors(state).items())
+  with pytest.raises(ValueError, match="No gate params under \\['gate9'\\]"):
+    nn.linen.freeze_gates(variables, {"gate9": masks["gate0"]})
+  with pytest.raises(ValueError, match="'head' is not a gate"):
+    nn.linen.freeze_gates(variables, {"head": jnp.ones(3, bool)})
 
 
 def test_gate_vectors_needs_gates():

@@ -1,5 +1,9 @@
 """Flax layers for pruning: AutoPruner channel gates (NNX, and Linen in ``linen``).
 
+Evaluate a gated model as the pruned one by freezing its gates to their hard masks
+(:func:`freeze_gates`; Linen: :func:`linen.freeze_gates`): live gates, even with
+``alpha = inf``, follow each batch and the BatchNorm mode.
+
 Examples:
   >>> import jax.numpy as jnp
   >>> from flax import nnx
@@ -20,9 +24,11 @@ from jaxprune.nn.autopruner import (
   Gate,
   GateAlpha,
   Gated,
+  GateMask,
   GateVector,
   alpha_schedule,
   fc_std,
+  freeze_gates,
   gate_vector,
   gate_vectors,
   gates,
@@ -42,6 +48,7 @@ __all__ = [
   "adaptive_lambda",
   "alpha_schedule",
   "fc_std",
+  "freeze_gates",
   "Gate",
   "gate_loss",
   "gate_penalty",
@@ -49,6 +56,7 @@ __all__ = [
   "gate_vectors",
   "GateAlpha",
   "Gated",
+  "GateMask",
   "gates",
   "GateVector",
   "hard_masks",

@@ -11,6 +11,14 @@ adaptive ``lambda = 100 * |r_b - r|``) to the loss and lets ``alpha`` grow
 folds them into the producer layers: a plain model whose removed channels have zero
 filters, plus jaxprune masks for surgery.
 
+Hard gates are still computed from each batch: with ``alpha = inf`` a gate is
+``1[pool(x) @ W + b > 0]`` of *this* batch, so in eval mode (BatchNorm running
+statistics instead of the batch's) or on a batch of one image a few gates can flip
+away from the :func:`~jaxprune.nn.hard_masks` of the calibration pass, and evaluating
+the gated model is then not evaluating the pruned one. :func:`freeze_gates` fixes every
+gate to its hard mask (Linen: :func:`jaxprune.nn.linen.freeze_gates`), after which the
+gated model computes exactly what :func:`~jaxprune.nn.ungate` returns.
+
 Where the gate goes: :class:`Gated` wraps the producer (a conv or Dense layer), an
 optional ``nnx.BatchNorm`` and an optional activation, and gates their output. With a
 BatchNorm after the producer, gate after the norm (as the authors do: conv-BN-ReLU-gate),
@@ -24,7 +32,7 @@ from the task loss. Folding is exact either way for hard 0/1 gates: ``m * f(BN(y
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -84,6 +92,10 @@ class GateVector(nnx.Variable):
   """The gate vector ``v`` of a gate's last forward pass (NaN before the first)."""
 
 
+class GateMask(nnx.Variable):
+  """A gate's frozen 0/1 vector, set by :func:`freeze_gates` (NaN: the gate is live)."""
+
+
 class Gate(nnx.Module):
   """The AutoPruner branch: pool -> FC -> ``sigmoid(alpha * .)``, multiplying its input.
 
@@ -91,6 +103,11 @@ class Gate(nnx.Module):
   :func:`set_alpha` with a traced value never recompiles when it changes; the last
   ``v`` is kept in a :class:`GateVector` variable for :func:`gate_vectors`. To fold the
   gate into its producer later, wrap the producer in :class:`Gated` instead.
+
+  The gate depends on the batch it sees, even with ``alpha = inf``: in eval mode, or
+  on a single image, it can differ from the hard mask of a calibration pass. After
+  :func:`freeze_gates` it multiplies by that mask (kept in a :class:`GateMask`
+  variable) whatever the input; the FC then gets no gradient.
 
   Args:
     features: the number of channels ``C`` (the input's last axis).
@@ -123,6 +140,7 @@ class Gate(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((features,), param_dtype))
     self.alpha = GateAlpha(jnp.asarray(alpha, jnp.float32))
     self.vector = GateVector(jnp.full((features,), jnp.nan, jnp.float32))
+    self.frozen = GateMask(jnp.full((features,), jnp.nan, jnp.float32))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.shape[-1] != self.bias.shape[0]:
@@ -131,6 +149,8 @@ class Gate(nnx.Module):
         f"{x.shape[-1]} on the last axis (shape {x.shape})."
       )
     v = gate_vector(self.kernel[...], self.bias[...], x, self.alpha[...])
+    frozen = self.frozen[...]
+    v = jnp.where(jnp.isnan(frozen), v, frozen.astype(v.dtype))
     self.vector.set_value(v.astype(jnp.float32))
     return x * v.astype(x.dtype)
 
@@ -152,6 +172,11 @@ class Gated(nnx.Module):
   layer (or ``nnx.Sequential(layer, norm, activation)``) with the hard gate folded into
   the layer's kernel and bias and the norm's scale and bias. Keep the ``activation``
   zero at zero (``relu``, ``gelu``, ``tanh``) so the folding stays exact.
+
+  With a BatchNorm, the gate in eval mode pools the output of the running statistics,
+  not of the batch's, so even hard gates (``alpha = inf``) can disagree with the masks
+  of a training-mode calibration pass; :func:`freeze_gates` the model to evaluate what
+  :func:`ungate` will give.
 
   Args:
     layer: the producer, e.g. ``nnx.Conv`` or ``nnx.Linear`` (a ``kernel`` param with
@@ -225,6 +250,11 @@ def gates(model: nnx.Module) -> dict[str, Gate]:
 def set_alpha(model: nnx.Module, alpha: Any) -> None:
   """Sets every gate's ``alpha`` (a float or a traced array: no recompilation under jit).
 
+  ``alpha = inf`` makes every gate a hard 0/1 vector, but still one computed from the
+  batch: in eval mode (BatchNorm running statistics) or on small batches it can differ
+  from the :func:`~jaxprune.nn.hard_masks` the model will be folded with. To evaluate
+  the pruned model through the gated one, :func:`freeze_gates` it instead.
+
   Examples:
     >>> from flax import nnx
     >>> from jaxprune.nn import Gate, set_alpha
@@ -241,6 +271,51 @@ def set_alpha(model: nnx.Module, alpha: Any) -> None:
     gate.alpha.set_value(value)
 
 
+def freeze_gates(model: nnx.Module, masks: Mapping[str, Any] | None) -> None:
+  """Fixes every gate to its hard mask, so the gated model computes the pruned one.
+
+  After ``freeze_gates(model, masks)`` each :class:`Gate` multiplies its input by
+  ``masks[path]`` (as 0/1) whatever the batch, BatchNorm mode or ``alpha``, so
+  ``model(x)`` equals ``ungate(model, masks)[0](x)`` on any input, one image or many.
+  :func:`gate_vectors` then returns the masks. ``freeze_gates(model, None)`` makes the
+  gates live again. Values only change, so jitted steps do not recompile.
+
+  Args:
+    model: an NNX model with :class:`Gate` layers.
+    masks: ``{gate path: (C,) bool}`` for every gate, e.g. from :func:`hard_masks`,
+      or ``None`` to unfreeze.
+
+  Raises:
+    ValueError: for a missing or extra gate path, or a mask of the wrong length.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxprune.nn import Gated, freeze_gates
+    >>> block = Gated(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+    >>> freeze_gates(block, {"gate": jnp.array([True, False, True])})
+    >>> bool((block(jnp.ones((1, 2)))[:, 1] == 0).all())
+    True
+  """
+  found = gates(model)
+  if not found:
+    raise ValueError(f"{type(model).__name__} has no jaxprune.nn.Gate to freeze.")
+  if masks is None:
+    for gate in found.values():
+      gate.frozen.set_value(jnp.full_like(gate.frozen.get_value(), jnp.nan))
+    return
+  missing, extra = sorted(set(found) - set(masks)), sorted(set(masks) - set(found))
+  if missing or extra:
+    raise ValueError(f"Masks do not match the gates: missing {missing}, unknown {extra}.")
+  for path, gate in found.items():
+    keep = jnp.asarray(masks[path])
+    if keep.shape != gate.frozen.shape:
+      raise ValueError(
+        f"The mask for {path!r} has shape {keep.shape}; the gate has {gate.frozen.shape}."
+      )
+    gate.frozen.set_value(keep.astype(bool).astype(jnp.float32))
+
+
 def alpha_schedule(
   start: float = 1.0,
   end: float = 100.0,
@@ -255,7 +330,9 @@ def alpha_schedule(
   ``alpha_t = start + (end - start) * p`` (the authors' code: ``linspace(1, 100)``
   stepped every 100 iterations over the training), ``"geometric"`` gives
   ``alpha_t = start * (end / start) ** p``. ``end`` holds from step ``steps`` on.
-  Traceable, so the step can be a jit argument.
+  Traceable, so the step can be a jit argument. ``start = 0`` (linear only) begins
+  with every gate at 0.5 and untrained, e.g. to pretrain the network with the gates
+  in place.
 
   Examples:
     >>> from jaxprune.nn import alpha_schedule
@@ -264,11 +341,15 @@ def alpha_schedule(
     [1.0, 1.0, 10.9, 50.5, 100.0, 100.0]
     >>> round(float(alpha_schedule(1.0, 100.0, steps=100, mode="geometric")(50)), 1)
     10.0
+    >>> float(alpha_schedule(0.0, 100.0, steps=100)(0))
+    0.0
   """
   if mode not in ("linear", "geometric"):
     raise ValueError(f"mode must be 'linear' or 'geometric', got {mode!r}.")
-  if not 0 < start <= end:
-    raise ValueError(f"Need 0 < start <= end, got start={start}, end={end}.")
+  if not 0 <= start <= end or end <= 0:
+    raise ValueError(f"Need 0 <= start <= end and end > 0, got start={start}, end={end}.")
+  if mode == "geometric" and start == 0:
+    raise ValueError("A geometric alpha_schedule needs start > 0 (0 * ratio is 0); got 0.")
   if steps < 1 or every < 1:
     raise ValueError(f"steps and every must be >= 1, got steps={steps}, every={every}.")
   start, end = float(start), float(end)
