@@ -18,9 +18,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import tqdm
-
 from jaxprune import masks as masks_lib
+from jaxprune import progress as progress_lib
 from jaxprune import pruners as pruners_lib
 from jaxprune import structures as structures_lib
 from jaxprune import tree as tree_lib
@@ -101,7 +100,8 @@ def sensitivity(
   For every param ``p`` chosen by ``where`` and every sparsity ``s``, the masks of
   ``method(s, where="^" + re.escape(p) + "$", structure=structure)`` are applied to
   ``params`` (the other layers stay dense) and ``evaluate`` is called on the result.
-  Sparsity 0 reuses the dense accuracy. A tqdm bar counts the layer x sparsity runs.
+  Sparsity 0 reuses the dense accuracy. A progress bar counts the layer x sparsity runs
+  (plain lines when stderr is not a terminal, see :mod:`jaxprune.progress`).
 
   Args:
     params: the trained params pytree.
@@ -222,7 +222,7 @@ def _sweep(
   """Evaluates ``params`` masked by ``masks_for(layer, s)`` for each layer and sparsity."""
   dense = float(evaluate(params))
   accuracy = {}
-  with tqdm.tqdm(
+  with progress_lib.bar(
     total=len(layers) * len(grid), desc="sensitivity", unit="run", disable=not progress
   ) as bar:
     for layer in layers:

@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tqdm
 from flax import nnx
 
 import jaxprune
+from jaxprune import progress
 from jaxprune import tree as tree_lib
 from jaxprune.analysis import plot_sensitivity
 from jaxprune.train import checkpoint as checkpoint_lib
@@ -179,11 +179,11 @@ class Run:
       config, model, validation, evaluate, example_input=self.ds.test.take(np.arange(1))[0]
     )
     if chosen.sensitivity is not None:
-      tqdm.tqdm.write(str(chosen.sensitivity))
+      progress.write(str(chosen.sensitivity))
       if self.workdir is not None and self.primary:
         chosen.sensitivity.to_csv(self.workdir / "sensitivity.csv")
         plot_sensitivity(chosen.sensitivity, self.workdir / "sensitivity.png")
-    tqdm.tqdm.write(chosen.report())
+    progress.write(chosen.report())
     masks = chosen.masks
     opt_state = host.opt_state._replace(masks=masks)
     new = host._replace(params=jaxprune.apply_mask(host.params, masks), opt_state=opt_state)
@@ -255,7 +255,7 @@ class Run:
     desc = f"{config.model.name} on {self.ds.name}" + (
       " (from scratch)" if phase.name == "rethink" else ""
     )
-    with tqdm.tqdm(
+    with progress.bar(
       total=phase.steps, initial=start, desc=desc, unit="step", disable=not t.progress
     ) as bar:
       for step in range(start, phase.steps):
