@@ -187,6 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides, unknown = split_overrides(extra)
   if unknown or (overrides and args.command == "report"):
     parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+  if getattr(args, "step", None) is not None and args.step < 0:
+    parser.error(f"--step must be a checkpoint step >= 0, got {args.step}")
+  if args.command == "shrink" and args.multiple_of < 1:
+    parser.error(f"--multiple-of must be >= 1, got {args.multiple_of}")
   from jaxprune.train import evaluate, report, run, sweep
   from jaxprune.train import shrink as shrink_lib
 
@@ -208,8 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(sweep.run_sweep(config, step=args.step, out=args.out).report())
       return 0
     if args.command == "shrink":
-      if args.multiple_of < 1:
-        parser.error(f"--multiple-of must be >= 1, got {args.multiple_of}")
       result = shrink_lib.shrink_checkpoint(
         config, step=args.step, out=args.out, keep=args.keep, multiple_of=args.multiple_of
       )

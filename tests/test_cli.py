@@ -180,3 +180,56 @@ def test_eval_and_report_errors(tmp_path, capsys, argv, message):
   with pytest.raises(SystemExit) as e:
     cli.main([a.format(tmp=tmp_path) for a in argv])
   assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "sensitivity", "shrink"])
+@pytest.mark.parametrize("override, field, message", [
+  ("prune.overrides={'fc9': 0.5}", "prune.overrides", "'fc9' matches none of the pruned params"),
+  ("prune.overrides={'fc(': 0.5}", "prune.overrides['fc(']", "not a valid regular expression"),
+  ("regularize.where='('", "regularize.where", "not a valid regular expression"),
+  ("data.batch_size=2000", "data.batch_size", "larger than the training split of digits (1500"),
+])  # fmt: skip
+def test_config_errors_come_before_any_data(monkeypatch, capsys, command, override, field, message):
+  """Today's code raised the override and batch-size errors only after loading the data."""
+  from jaxprune.train import data
+
+  def no_data(*args, **kwargs):
+    raise AssertionError("data loaded before the config was validated")
+
+  monkeypatch.setattr(data, "load", no_data)
+  argv = [command, "--config", AGP, "--config.data.name=digits", f"--config.{override}"]
+  with pytest.raises(SystemExit) as e:
+    cli.main(argv)
+  err = capsys.readouterr().err
+  assert e.value.code == 2
+  assert err.startswith(f"jaxprune {command}: error: {field}: ") and message in err
+
+
+@pytest.mark.parametrize("overrides, field, message", [
+  (["regularize.method='group_lasso'", "regularize.strength=0.1", "regularize.where='conv'"],
+   "regularize.where", "where='conv' selects none"),
+  (["regularize.method='l1'", "regularize.strength=0.1"], "regularize.method", "selects none"),
+])  # fmt: skip
+def test_regularizer_patterns_are_checked_against_the_model(overrides, field, message):
+  with pytest.raises(config_lib.ConfigError, match=rf"^{field}: .*{message}"):
+    config_lib.load_config(AGP, ["data.name=digits", *overrides])
+
+
+def test_apoz_layers_must_name_a_layer():
+  path = ROOT / "configs" / "apoz.py"
+  with pytest.raises(
+    config_lib.ConfigError, match=r"prune\.layers: 'fc9' matches none of the layers"
+  ):
+    config_lib.load_config(path, ["prune.layers=fc9"])
+  with pytest.raises(config_lib.ConfigError, match=r"prune\.layers: '\[' is not a valid regular"):
+    config_lib.load_config(path, ["prune.layers=["])
+
+
+@pytest.mark.parametrize("argv, message", [
+  (["eval", "--config", AGP, "--step", "-1"], "--step must be a checkpoint step >= 0, got -1"),
+  (["shrink", "--config", AGP, "--multiple-of", "0"], "--multiple-of must be >= 1, got 0"),
+])  # fmt: skip
+def test_bad_command_arguments(capsys, argv, message):
+  with pytest.raises(SystemExit) as e:
+    cli.main(argv)
+  assert e.value.code == 2 and message in capsys.readouterr().err

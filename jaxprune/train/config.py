@@ -10,16 +10,23 @@ pruner are built from a config in :mod:`jaxprune.train.optim` (re-exported here)
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
+import functools
 import importlib.util
 import os
 import pathlib
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
 import ml_collections
+import optax
+from flax import nnx
 
+import jaxprune
+from jaxprune import tree as tree_lib
 from jaxprune.regularizers import GROUP_KINDS
 from jaxprune.train import data, models, structured
 from jaxprune.train.optim import (
@@ -32,6 +39,7 @@ from jaxprune.train.optim import (
   make_learning_rate,
   make_optimizer,
   make_pruner,
+  make_regularizer,
   make_schedule,
 )
 
@@ -51,6 +59,7 @@ __all__ = [
 
 AUGMENTATIONS = ("none", "flip_crop")
 FREE_FORM = ("prune.overrides",)  # groups whose keys the user chooses
+PLACEHOLDER_SHAPE = (32, 32, 3)  # builds a model for a TFDS dataset not loaded yet
 
 
 class ConfigError(ValueError):
@@ -431,18 +440,93 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fraction(f"prune.overrides[{pattern!r}]", value)
   if r.enabled and p.method == "none":
     fail("rethink.enabled", "needs a pruned run to copy the masks from; prune.method is 'none'.")
-  if p.method == "none" or p.schedule == "constant":
-    return
-  if p.schedule == "agp" and p.end < p.begin:
-    fail("prune.end", f"must not come before prune.begin ({p.begin}), got {p.end}.")
-  field, last = {
-    "agp": ("prune.end", p.end),
-    "one_shot": ("prune.begin", p.begin),
-    "iterative": ("prune.rounds", p.begin + (p.rounds - 1) * p.every),
-  }[p.schedule]
-  if last >= t.steps:
-    fail(
-      field,
-      f"the last pruning step is {last}, but training stops before step "
-      f"train.steps = {t.steps}; lower {field} or raise train.steps.",
+  if p.method != "none" and p.schedule != "constant":
+    if p.schedule == "agp" and p.end < p.begin:
+      fail("prune.end", f"must not come before prune.begin ({p.begin}), got {p.end}.")
+    field, last = {
+      "agp": ("prune.end", p.end),
+      "one_shot": ("prune.begin", p.begin),
+      "iterative": ("prune.rounds", p.begin + (p.rounds - 1) * p.every),
+    }[p.schedule]
+    if last >= t.steps:
+      fail(
+        field,
+        f"the last pruning step is {last}, but training stops before step "
+        f"train.steps = {t.steps}; lower {field} or raise train.steps.",
+      )
+  _check_patterns(config)
+  _check_split_sizes(config)
+  _check_against_model(config)
+
+
+def _check_patterns(config: ml_collections.ConfigDict) -> None:
+  """Every regex field compiles."""
+  patterns = [(f"prune.overrides[{k!r}]", k) for k in config.prune.overrides]
+  patterns += [("regularize.where", config.regularize.where), ("prune.layers", config.prune.layers)]
+  for field, pattern in patterns:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(f"{field}: {pattern!r} is not a valid regular expression ({e}).") from e
+
+
+def _check_split_sizes(config: ml_collections.ConfigDict) -> None:
+  """The batch fits the training split of an embedded dataset (known without loading it)."""
+  size = data.TRAIN_SIZES.get(config.data.name)
+  if size is not None and config.data.batch_size > size:
+    raise ConfigError(
+      f"data.batch_size: {config.data.batch_size} is larger than the training split of "
+      f"{config.data.name} ({size} examples)."
     )
+
+
+@functools.cache
+def _abstract_model(name: str, image_shape: tuple[int, ...], width: float) -> Any:
+  return nnx.eval_shape(lambda: models.create(name, image_shape, 10, width=width))
+
+
+def _check_against_model(config: ml_collections.ConfigDict) -> None:
+  """The param and layer patterns match the model; the pruner and regularizer accept it.
+
+  Built from shapes only (``nnx.eval_shape``), with the image shape of an embedded
+  dataset, or a placeholder for a TFDS one (the param paths do not depend on it).
+  """
+  d, m, p, reg = config.data, config.model, config.prune, config.regularize
+  shape = data.IMAGE_SHAPES.get(d.name)
+  try:
+    model = _abstract_model(m.name, shape or PLACEHOLDER_SHAPE, float(m.width))
+  except ValueError as e:
+    if shape is None:
+      return  # the TFDS images' shape is not known before loading; checked then
+    raise ConfigError(f"model.name: {m.name} cannot take the {d.name} images: {e}") from e
+  params = nnx.state(model, nnx.Param)
+  if structured.is_channel_method(config) and p.method == "apoz":
+    layers = [
+      "/".join(map(str, path))
+      for path, node in nnx.iter_graph(model)
+      if path and isinstance(node, nnx.Module)
+    ]
+    if not any(tree_lib.matches(p.layers, layer) for layer in layers):
+      raise ConfigError(
+        f"prune.layers: {p.layers!r} matches none of the layers of {m.name}: {', '.join(layers)}."
+      )
+  if reg.method != "none":
+    regularizer = make_regularizer(config, make_learning_rate(config, config.train.steps))
+    try:
+      jax.eval_shape(regularizer.init, params)
+    except ValueError as e:
+      raise ConfigError(f"regularize.{'where' if reg.where else 'method'}: {e}") from e
+  pruner = make_pruner(config)
+  if pruner is None:
+    return
+  for field, candidate in (
+    (
+      "prune.structure" if p.structure != "unstructured" else "prune.method",
+      dataclasses.replace(pruner, overrides={}),
+    ),
+    ("prune.overrides", pruner),
+  ):
+    try:
+      jax.eval_shape(jaxprune.masked(optax.identity(), candidate).init, params)
+    except ValueError as e:
+      raise ConfigError(f"{field}: {e}") from e

@@ -131,6 +131,9 @@ def _digits() -> Dataset:
 
 
 DATASETS: dict[str, Callable[[], Dataset]] = {"mnist5k": _mnist5k, "digits": _digits}
+# What config validation knows of the embedded sets before loading them.
+IMAGE_SHAPES = {"mnist5k": (28, 28, 1), "digits": (8, 8, 1)}
+TRAIN_SIZES = {"mnist5k": 4000, "digits": 1500}
 
 
 def names() -> list[str]:

@@ -96,14 +96,7 @@ class Run:
     self.started = time.perf_counter()
     self.config = config
     d, t = config.data, config.train
-    self.ds = dataset or data.load(
-      d.name,
-      data_dir=d.data_dir or None,
-      download=d.download,
-      train_split=d.train_split,
-      test_split=d.test_split,
-    )
-    self.per_epoch = data.steps_per_epoch(self.ds.train, d.batch_size)
+    # Everything that can fail on the config alone comes before the data.
     self.mesh = sharding_lib.make_mesh(config.parallel.devices)
     self.pruner = optim.make_pruner(config)
     self.channel_method = structured.is_channel_method(config)
@@ -120,6 +113,14 @@ class Run:
         preserve=(t.steps,) if self.rethink_steps else (),
       )
     self.writer = None
+    self.ds = dataset or data.load(
+      d.name,
+      data_dir=d.data_dir or None,
+      download=d.download,
+      train_split=d.train_split,
+      test_split=d.test_split,
+    )
+    self.per_epoch = data.steps_per_epoch(self.ds.train, d.batch_size)
 
   # --- building phases ----------------------------------------------------------------
 
