@@ -19,6 +19,7 @@ produces its channels: ``producers={"bn1": ("conv1", "bn1")}``.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -88,6 +89,11 @@ def apoz(
   patterns = (layers,) if isinstance(layers, str) else tuple(layers)
   if not patterns:
     raise ValueError("`layers` is empty: name at least one layer (a regex over layer paths).")
+  for pattern in patterns:
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise ValueError(f"layers: {pattern!r} is not a valid regular expression ({e}).") from e
 
   def selected(path: str) -> bool:
     return bool(path) and tree_lib.matches(patterns, path)
@@ -106,6 +112,11 @@ def apoz(
     intercepting = _intercept_calls(classes)
   else:
     raise TypeError(f"apoz() takes an NNX or a Linen module, got {type(model).__name__}.")
+  no_match = ValueError(
+    f"layers: {list(patterns)} matches none of the model's layers: {available}."
+  )
+  if isinstance(model, nnx.Module) and not any(selected(layer) for layer in available):
+    raise no_match  # (a Linen module's layers are known once it runs)
 
   @jax.jit
   def count(state, x):
@@ -113,15 +124,19 @@ def apoz(
 
   zeros: dict[str, np.ndarray] = {}
   positions: dict[str, int] = {}
+  n_batches = 0
   with intercepting:
     for x in batches:
+      n_batches += 1
       for path, (z, n) in jax.device_get(count(state, x)).items():
         zeros[path] = zeros.get(path, 0) + np.asarray(z, np.int64)
         positions[path] = positions.get(path, 0) + int(n)
+  if not zeros and n_batches:
+    raise no_match
   if not zeros:
     raise ValueError(
-      f"No activation was recorded: `batches` is empty or no layer path matches "
-      f"{list(patterns)}. The model's layers: {available}."
+      "`batches` is empty: pass an iterable of input batches (it may be used up, e.g. a "
+      "generator read before)."
     )
   return {p: zeros[p] / positions[p] for p in sorted(zeros, key=tree_lib.natural_key)}
 
@@ -290,6 +305,8 @@ def apoz_masks(
     ([True, False, True, False], True)
   """
   check_sparsity(sparsity)
+  if not apoz_values:
+    raise ValueError("`apoz_values` is empty: pass {layer path: APoZ per unit}, from apoz().")
   overrides = dict(overrides or {})
   producers = dict(producers or {})
   for pattern, value in overrides.items():

@@ -23,6 +23,11 @@ def _weights(params: Any, where: tree_lib.Where) -> dict[str, np.ndarray]:
   }
 
 
+def _check_bins(bins: Any) -> None:
+  if isinstance(bins, bool) or not isinstance(bins, int | np.integer) or bins < 1:
+    raise ValueError(f"bins must be an integer >= 1 (the number of bins), got {bins!r}.")
+
+
 def _bin_edges(values: list[np.ndarray], bins: int) -> np.ndarray:
   """Common bins over the finite non-zero entries of all ``values``."""
   finite = np.concatenate([v[(v != 0) & np.isfinite(v)] for v in values])
@@ -67,6 +72,7 @@ def plot_weight_histograms(
   """
   if not stages:
     raise ValueError("`stages` is empty: pass {stage name: params}.")
+  _check_bins(bins)
   weights = {name: _weights(params, where) for name, params in stages.items()}
   layers = list(next(iter(weights.values())))
   if not layers:
@@ -123,6 +129,16 @@ def plot_apoz_histogram(
   """
   if not apoz_values:
     raise ValueError("`apoz_values` is empty: pass {layer path: APoZ per unit}.")
+  _check_bins(bins)
+  for layer, values in apoz_values.items():
+    v = np.asarray(values, np.float64).ravel()
+    if not v.size:
+      raise ValueError(f"apoz_values[{layer!r}] is empty: it needs one APoZ per unit.")
+    if not np.all((v >= 0) & (v <= 1)):
+      bad = v[~((v >= 0) & (v <= 1))][0]
+      raise ValueError(
+        f"apoz_values[{layer!r}] must be fractions of zero outputs in [0, 1]; found {bad}."
+      )
   cols = min(len(apoz_values), 3)
   rows = math.ceil(len(apoz_values) / cols)
   fig = _plot.figure(rows, cols, width=3.6, height=2.6)

@@ -18,6 +18,9 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+import numpy as np
+
 from jaxprune import masks as masks_lib
 from jaxprune import progress as progress_lib
 from jaxprune import pruners as pruners_lib
@@ -202,12 +205,30 @@ def channel_sensitivity(
 
 
 def _grid(sparsities: Sequence[float]) -> tuple[float, ...]:
-  grid = tuple(sorted({float(s) for s in sparsities}))
+  if isinstance(sparsities, str | bytes) or not hasattr(sparsities, "__iter__"):
+    raise ValueError(f"`sparsities` must be a sequence of numbers in [0, 1), got {sparsities!r}.")
+  values = list(sparsities)
+  for s in values:
+    a = np.asarray(s)
+    if a.ndim or a.dtype == bool or not np.issubdtype(a.dtype, np.number):
+      raise ValueError(f"`sparsities` must hold numbers in [0, 1); found {s!r}.")
+  grid = tuple(sorted({float(s) for s in values}))
   if not grid:
     raise ValueError("`sparsities` is empty: pass a grid such as (0.0, 0.5, 0.9).")
   for s in grid:
     check_sparsity(s)
   return grid
+
+
+def _score(value: Any, what: str) -> float:
+  """``evaluate``'s result as a float: one finite number, or an error saying what came back."""
+  array = np.asarray(jax.device_get(value))
+  if array.shape != () or not np.issubdtype(array.dtype, np.number):
+    raise ValueError(
+      f"`evaluate` must return one number (e.g. an accuracy); for {what} it returned "
+      f"{type(value).__name__} of shape {array.shape}, dtype {array.dtype}."
+    )
+  return float(array)
 
 
 def _sweep(
@@ -220,7 +241,7 @@ def _sweep(
   progress: bool,
 ) -> Sensitivity:
   """Evaluates ``params`` masked by ``masks_for(layer, s)`` for each layer and sparsity."""
-  dense = float(evaluate(params))
+  dense = _score(evaluate(params), "the dense params")
   accuracy = {}
   with progress_lib.bar(
     total=len(layers) * len(grid), desc="sensitivity", unit="run", disable=not progress
@@ -232,7 +253,8 @@ def _sweep(
         if s == 0.0:
           row.append(dense)
         else:
-          row.append(float(evaluate(masks_lib.apply_mask(params, masks_for(layer, s)))))
+          score = evaluate(masks_lib.apply_mask(params, masks_for(layer, s)))
+          row.append(_score(score, f"{layer} at sparsity {s:g}"))
         bar.update()
       accuracy[layer] = tuple(row)
   return Sensitivity(grid, accuracy, dense, name)
