@@ -140,26 +140,37 @@ class Summary:
     return self.table()
 
 
-def summary(tree: Any, where: tree_lib.Where = "") -> Summary:
+def _prunable_or_mask(path: str, leaf: Any) -> bool:
+  return getattr(leaf, "dtype", None) == jnp.bool_ or tree_lib.default_where(path, leaf)
+
+
+def summary(tree: Any, where: tree_lib.Where = None) -> Summary:
   """Per-leaf shape, size, zeros and sparsity of params (zeros) or masks (``False``).
 
   Args:
     tree: params or a mask tree. For params a zero entry counts as pruned; for bool
       masks a ``False`` entry does. ``None`` leaves are skipped.
-    where: which leaves to list (a ``where`` filter: regexes or a predicate); the
-      default ``""`` lists every array leaf.
+    where: which leaves to list, the same filter as the pruners' ``where``. The
+      default ``None`` lists what a pruner prunes by default, so the total is the
+      sparsity of the prunable weights: weight matrices and conv kernels (float arrays
+      with ``ndim >= 2``; a bias at zero is not a pruned weight), and every leaf of a
+      bool mask tree. ``where=""`` lists every array leaf.
 
   Returns:
     A :class:`Summary`: ``print`` it for a table, or read ``.sparsity``,
     ``summary[path].zeros``, ``.as_dict()``.
 
+  Raises:
+    ValueError: ``where`` selects no leaf (the error lists the leaves).
+
   Examples:
     >>> import jax.numpy as jnp, jaxprune
-    >>> s = jaxprune.summary({"w": jnp.array([[0., 1.], [0., 0.]])})
-    >>> s["w"].zeros, s.sparsity
-    (3, 0.75)
+    >>> params = {"w": jnp.array([[0., 1.], [0., 0.]]), "b": jnp.zeros(2)}
+    >>> s = jaxprune.summary(params)
+    >>> s["w"].zeros, s.sparsity, jaxprune.summary(params, where="").sparsity
+    (3, 0.75, 0.8333333333333334)
   """
-  pred = tree_lib.as_predicate(where)
+  pred = _prunable_or_mask if where is None else tree_lib.as_predicate(where)
   rows = []
   for path, leaf in tree_lib.leaves_with_paths(tree):
     if leaf is None or not hasattr(leaf, "shape") or not pred(path, leaf):
@@ -167,11 +178,16 @@ def summary(tree: Any, where: tree_lib.Where = "") -> Summary:
     x = np.asarray(jax.device_get(leaf))
     zeros = int(x.size - np.count_nonzero(x))
     rows.append(LeafStats(path, tuple(x.shape), int(x.size), zeros))
+  if not rows:
+    raise tree_lib.no_match_error(tree, where, "summary")
   return Summary(tuple(rows))
 
 
 def pack_masks(masks: Any) -> Any:
   """Packs every bool mask leaf to ``uint8`` bits (1 bit per weight; ``None`` stays).
+
+  Raises:
+    TypeError: a leaf is not a bool array (pack masks, not params).
 
   Examples:
     >>> import jax.numpy as jnp, jaxprune
@@ -179,6 +195,13 @@ def pack_masks(masks: Any) -> Any:
     >>> jaxprune.pack_masks(m)["w"].shape
     (2,)
   """
+  for path, leaf in tree_lib.leaves_with_paths(masks, is_leaf=tree_lib.is_none):
+    if leaf is not None and getattr(leaf, "dtype", None) != jnp.bool_:
+      raise TypeError(
+        f"pack_masks packs bool masks, but the leaf {path!r} is "
+        f"{getattr(leaf, 'dtype', type(leaf).__name__)}; pass masks (e.g. "
+        "jaxprune.masks_of(state)), not params."
+      )
   return jax.tree.map(
     lambda m: None if m is None else jnp.packbits(jnp.ravel(m)), masks, is_leaf=tree_lib.is_none
   )

@@ -13,13 +13,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune import masks as masks_lib
 from jaxprune import scores as scores_lib
+from jaxprune import select as select_lib
 from jaxprune import structures as structures_lib
 from jaxprune import tree as tree_lib
 from jaxprune.schedules import Schedule, as_schedule
-from jaxprune.select import check_sparsity, topk_leaves
+from jaxprune.select import check_sparsity, topk_by_count
 
 ScoreFn = Callable[[jax.Array, Any, Any], jax.Array]
 
@@ -37,8 +39,10 @@ class Pruner:
       matrices and conv kernels, never biases or norm scales), regexes searched in the
       param path, or a ``(path, leaf) -> bool`` predicate.
     overrides: ``{regex: sparsity or Schedule}`` per-layer targets, pruned layer-wise.
-      A float follows the main schedule's progress: it is reached when the main
-      schedule reaches its final value. The first matching regex wins.
+      A float follows the main schedule's progress and update steps: it is reached when
+      the main schedule reaches its final value (so the main schedule needs a nonzero
+      ``final``). A :class:`Schedule` is followed as it is, on its own update steps.
+      The first matching regex wins (see :meth:`schedule_of`).
     dense_first: keep the first pruned param (in natural path order) dense.
     dense_last: keep the last one dense (e.g. the classifier head).
     structure: which weights go together (see :mod:`jaxprune.structures`):
@@ -63,6 +67,18 @@ class Pruner:
   def __post_init__(self):
     if self.scope not in ("layer", "global"):
       raise ValueError(f"scope must be 'layer' or 'global', got {self.scope!r}.")
+    if not isinstance(self.schedule, Schedule):
+      raise TypeError(f"schedule must be a jaxprune.Schedule, got {self.schedule!r}.")
+    if not callable(self.score):
+      raise TypeError(f"score must be a (param, grad, key) -> scores function, got {self.score!r}.")
+    tree_lib.as_predicate(self.where)  # a bad filter fails here, not at the first update
+    if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
+      raise TypeError(f"seed must be an int, got {self.seed!r} ({type(self.seed).__name__}).")
+    for name in ("dense_first", "dense_last", "needs_grads"):
+      if not isinstance(getattr(self, name), bool):
+        raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+    if not isinstance(self.overrides, Mapping):
+      raise TypeError(f"overrides must be a {{regex: sparsity}} dict, got {self.overrides!r}.")
     object.__setattr__(self, "structure", structures_lib.as_structure(self.structure))
     if isinstance(self.structure, structures_lib.NM):
       nm = self.structure
@@ -74,11 +90,21 @@ class Pruner:
           f"schedule ends at {self.schedule.final}; pass sparsity={nm.sparsity:g} "
           "(or a schedule that ends there)."
         )
+    main_final = self.schedule.final
     for pattern, value in self.overrides.items():
       if not isinstance(pattern, str):
         raise TypeError(f"override keys are regexes over param paths, got {pattern!r}.")
-      if not isinstance(value, Schedule):
-        check_sparsity(value, f"override sparsity for {pattern!r}")
+      tree_lib.as_predicate(pattern)
+      if isinstance(value, Schedule):
+        continue
+      check_sparsity(value, f"override sparsity for {pattern!r}")
+      if not main_final:
+        raise ValueError(
+          f"The override {pattern!r}: {value} is a float, which follows the main "
+          "schedule's progress (reached when the main schedule reaches its final "
+          f"sparsity), but the main schedule's final sparsity is {main_final}. Give the "
+          f"override its own schedule, e.g. {{{pattern!r}: jaxprune.constant({value})}}."
+        )
 
   def paths(self, params: Any) -> list[str]:
     """The paths of the params this pruner acts on, in natural order."""
@@ -97,21 +123,30 @@ class Pruner:
     """All-kept masks for the pruned params, ``None`` for the others."""
     return masks_lib.ones_like(params, self.paths(params))
 
+  def schedule_of(self, path: str) -> Schedule:
+    """The schedule that the param at ``path`` follows.
+
+    An override given as a :class:`Schedule` is followed as it is (its own targets and
+    update steps). An override given as a float ``v`` follows the main schedule's
+    progress, scaled so that it reaches ``v`` when the main schedule reaches its final
+    value, on the main schedule's update steps. The first matching regex wins.
+    """
+    for pattern, value in self.overrides.items():
+      if tree_lib.matches(pattern, path):
+        return value if isinstance(value, Schedule) else _scaled(self.schedule, float(value))
+    return self.schedule
+
   def is_update(self, step: Any) -> jax.Array:
-    """Whether masks are recomputed at ``step``."""
-    return self.schedule.is_update(step)
+    """Whether masks are recomputed at ``step``: an update step of any param's schedule."""
+    update = jnp.asarray(self.schedule.is_update(step))
+    for value in self.overrides.values():
+      if isinstance(value, Schedule):
+        update = update | jnp.asarray(value.is_update(step))
+    return update
 
   def sparsity_of(self, path: str, step: Any) -> jax.Array:
     """The target sparsity of the param at ``path`` at ``step`` (``None``: the end)."""
-    main = self.schedule
-    for pattern, value in self.overrides.items():
-      if tree_lib.matches(pattern, path):
-        if isinstance(value, Schedule):
-          return _at(value, step)
-        if main.final:
-          return jnp.float32(value) * _at(main, step) / main.final
-        return jnp.float32(value)
-    return _at(main, step)
+    return _at(self.schedule_of(path), step)
 
   def masks(self, params: Any, grads: Any = None, *, step: Any = None, previous: Any = None) -> Any:
     """Masks for ``params`` at ``step`` (``None``: the schedule's final sparsity).
@@ -119,13 +154,20 @@ class Pruner:
     Args:
       params: the params pytree.
       grads: gradients with the structure of params (needed by saliency scores).
-      step: the training step; selects the target sparsity and seeds random scores.
+      step: the training step (a scalar integer); selects the target sparsity and
+        seeds random scores.
       previous: the current masks; weights they prune keep the lowest score, so masks
-        only shrink while the target sparsity grows.
+        only shrink while the target sparsity grows. With ``step``, a param whose
+        schedule has no update at ``step`` keeps its previous mask.
 
     Returns:
-      A mask pytree: exactly ``round(sparsity * n)`` weights pruned per param (layer
-      scope) or over all non-overridden params together (global scope).
+      A mask pytree: exactly ``round(sparsity * n)`` weights (or groups) pruned per
+      param (layer scope) or over all non-overridden params together (global scope),
+      with Python's ``round`` of the float64 product for the built-in schedules.
+
+    Raises:
+      ValueError: a concrete target outside ``[0, 1)`` or NaN (a traced one, known only
+        on the device, is clipped to ``[0, 1]``, and NaN keeps the previous masks).
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune
@@ -134,6 +176,10 @@ class Pruner:
       >>> m["w"].sum().item(), m["b"] is None
       (2, True)
     """
+    if step is not None and (
+      jnp.ndim(step) != 0 or not jnp.issubdtype(jnp.result_type(step), jnp.integer)
+    ):
+      raise TypeError(f"step must be a scalar integer, got {step!r} (shape {jnp.shape(step)}).")
     paths = self.paths(params)
     by_path = dict(tree_lib.leaves_with_paths(params))
     if self.needs_grads and grads is None:
@@ -145,12 +191,14 @@ class Pruner:
     prev_of = {}
     if previous is not None:
       tree_lib.check_same_structure(params, previous)
-      prev_of = dict(tree_lib.leaves_with_paths(previous))
+      prev_of = dict(tree_lib.leaves_with_paths(previous, is_leaf=tree_lib.is_none))
     step_value = 0 if step is None else step
     base_key = jax.random.fold_in(jax.random.key(self.seed), jnp.asarray(step_value, jnp.int32))
     structure = self.structure
     scores = {}
     for i, path in enumerate(paths):
+      if jnp.size(by_path[path]) == 0:
+        raise ValueError(f"The param {path!r} has no entries (shape {jnp.shape(by_path[path])}).")
       structure.check(path, tuple(jnp.shape(by_path[path])))
       s = self.score(by_path[path], grad_of.get(path), jax.random.fold_in(base_key, i))
       s = structure.group_scores(s)
@@ -159,32 +207,56 @@ class Pruner:
         s = jnp.where(kept, s.astype(jnp.float32), -jnp.inf)
       scores[path] = s
 
-    if isinstance(structure, structures_lib.NM):
-      result = {}
-      for p in paths:
-        n_keep = structure.m - jnp.round(self.sparsity_of(p, step) * structure.m)
-        result[p] = structure.keep(scores[p], n_keep.astype(jnp.int32))
-      return self._to_tree(params, result)
-
-    overridden = [p for p in paths if any(tree_lib.matches(o, p) for o in self.overrides)]
-    pooled = [p for p in paths if p not in overridden]
     result = {}
-    if self.scope == "global" and pooled:
-      kept = topk_leaves([scores[p] for p in pooled], _at(self.schedule, step), "global")
-      result.update(zip(pooled, kept))
-      layerwise = overridden
+    if isinstance(structure, structures_lib.NM):
+      for p in paths:
+        n_keep = structure.m - jnp.asarray(_removed(self.schedule_of(p), structure.m, step))
+        result[p] = structure.keep(scores[p], n_keep.astype(jnp.int32))
     else:
+      overridden = [p for p in paths if any(tree_lib.matches(o, p) for o in self.overrides)]
+      pooled = [p for p in paths if p not in overridden]
       layerwise = paths
-    for p in layerwise:
-      result[p] = topk_leaves([scores[p]], self.sparsity_of(p, step), "layer")[0]
-    for p in paths:
-      result[p] = structure.expand(result[p], tuple(jnp.shape(by_path[p])))
+      if self.scope == "global" and pooled:
+        total = sum(int(jnp.size(scores[p])) for p in pooled)
+        removed = _removed(self.schedule, total, step)
+        result.update(zip(pooled, topk_by_count([scores[p] for p in pooled], [removed], "global")))
+        layerwise = overridden
+      for p in layerwise:
+        removed = _removed(self.schedule_of(p), int(jnp.size(scores[p])), step)
+        result[p] = topk_by_count([scores[p]], [removed], "layer")[0]
+      for p in paths:
+        result[p] = structure.expand(result[p], tuple(jnp.shape(by_path[p])))
+    if step is not None:
+      result = {p: self._hold(p, m, step, prev_of.get(p)) for p, m in result.items()}
     return self._to_tree(params, result)
+
+  def _hold(self, path: str, mask: jax.Array, step: Any, previous: Any) -> jax.Array:
+    """``mask``, or the previous one where this param's schedule has no valid update now."""
+    schedule = self.schedule_of(path)
+    valid = ~jnp.isnan(_at(schedule, step))
+    if previous is not None:
+      valid = valid & jnp.asarray(schedule.is_update(step))
+    if select_lib.is_concrete(valid) and bool(valid):
+      return mask
+    fallback = jnp.ones_like(mask) if previous is None else previous
+    return jnp.where(valid, mask, fallback)
 
   @staticmethod
   def _to_tree(params: Any, by_path: dict[str, jax.Array]) -> Any:
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     return jax.tree.unflatten(treedef, [by_path.get(tree_lib.path_str(k)) for k, _ in flat])
+
+
+def _scaled(main: Schedule, value: float) -> Schedule:
+  """``main``'s progress scaled to end at ``value`` (the meaning of a float override)."""
+  final = float(main.final)
+  ratio = value / final
+  sparsity = lambda step: main.sparsity(step) * jnp.float32(ratio)  # noqa: E731
+  if main.levels is None:
+    return Schedule(sparsity, main.is_update, value)
+  levels = tuple(value if lv == final else lv * ratio for lv in main.levels)
+  table = jnp.asarray(levels, jnp.float32)
+  return Schedule(lambda step: table[main.level(step)], main.is_update, value, levels, main.level)
 
 
 def _at(schedule: Schedule, step: Any) -> jax.Array:
@@ -195,8 +267,34 @@ def _at(schedule: Schedule, step: Any) -> jax.Array:
   return schedule.sparsity(step)
 
 
+def _removed(schedule: Schedule, size: int, step: Any) -> int | jax.Array:
+  """``round(target * size)`` at ``step``: on the host from the schedule's levels when it can.
+
+  A concrete target is checked and counted on the host in float64; a schedule with a
+  few known levels counts each on the host and indexes the table on the device; any
+  other traced target is counted on the device (float32, clipped, NaN removes none).
+  """
+  if step is None:
+    if schedule.final is None:
+      raise ValueError("This schedule has no final sparsity: pass step=.")
+    return select_lib.n_pruned(size, schedule.final)
+  if schedule.levels is not None:
+    level = schedule.level(step)
+    if select_lib.is_concrete(level):  # (inside a jit trace even a constant step is traced)
+      return select_lib.n_pruned(size, schedule.levels[int(level)])
+    table = jnp.asarray([select_lib.n_pruned(size, v) for v in schedule.levels], jnp.int32)
+    return table[level]
+  target = schedule.sparsity(step)
+  if select_lib.is_concrete(target):
+    select_lib.check_sparsity(target, f"the schedule's sparsity at step {int(step)}")
+  return select_lib.n_pruned(size, target)
+
+
 def _pruner(score: ScoreFn, sparsity: Any, overrides: Mapping[str, Any] | None, **kw) -> Pruner:
-  return Pruner(score=score, schedule=as_schedule(sparsity), overrides=dict(overrides or {}), **kw)
+  overrides = {} if overrides is None else overrides
+  if isinstance(overrides, Mapping):
+    overrides = dict(overrides)
+  return Pruner(score=score, schedule=as_schedule(sparsity), overrides=overrides, **kw)
 
 
 _COMMON_ARGS = """

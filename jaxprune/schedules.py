@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune.select import check_sparsity
 
@@ -22,17 +23,40 @@ class Schedule(NamedTuple):
     sparsity: ``step -> float32`` target sparsity at that step.
     is_update: ``step -> bool``: whether masks are recomputed at that step.
     final: the target at the end of the schedule (``None`` when unknown).
+    levels: the values the target takes, as Python floats, when there are few of them
+      (``None`` for an arbitrary function). Pruners count the weights to remove from
+      these on the host, ``round(level * n)`` in float64, so a count does not depend on
+      a float32 product computed on the device.
+    level: ``step -> int32`` index into ``levels`` of the target at that step.
   """
 
   sparsity: Callable[[Any], Any]
   is_update: Callable[[Any], Any]
   final: float | None
+  levels: tuple[float, ...] | None = None
+  level: Callable[[Any], Any] | None = None
+
+
+_MAX_LEVELS = 4096  # beyond this many distinct targets, counts are computed on the device
 
 
 def _int(value: Any, name: str) -> int:
-  if isinstance(value, bool) or int(value) != value:
+  if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+    raise TypeError(f"{name} must be an integer step, got {value!r}.")
+  if int(value) != value:
     raise TypeError(f"{name} must be an integer step, got {value!r}.")
   return int(value)
+
+
+def _from_levels(levels: list[float], level: Callable, is_update: Callable) -> Schedule:
+  table = jnp.asarray(levels, jnp.float32)
+  return Schedule(
+    sparsity=lambda step: table[level(step)],
+    is_update=is_update,
+    final=levels[-1],
+    levels=tuple(levels),
+    level=level,
+  )
 
 
 def one_shot(sparsity: float, at: int = 0) -> Schedule:
@@ -48,11 +72,10 @@ def one_shot(sparsity: float, at: int = 0) -> Schedule:
   at = _int(at, "at")
   if at < 0:
     raise ValueError(f"at must be >= 0, got {at}.")
-  value = float(sparsity)
-  return Schedule(
-    sparsity=lambda step: jnp.where(jnp.asarray(step) >= at, value, 0.0).astype(jnp.float32),
+  return _from_levels(
+    [0.0, float(sparsity)],
+    level=lambda step: (jnp.asarray(step) >= at).astype(jnp.int32),
     is_update=lambda step: jnp.asarray(step) == at,
-    final=value,
   )
 
 
@@ -73,9 +96,10 @@ def agp(final: float, begin: int, end: int, every: int, initial: float = 0.0) ->
   ``s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (n * dt))^3`` at the update steps
   ``t in {t0, t0 + dt, ..., t0 + n * dt}``, with ``t0 = begin``, ``dt = every`` and
   ``t0 + n * dt = end``. Between update steps the target stays at the value of the
-  last update; before ``begin`` it is 0 (no pruning), after ``end`` it is ``final``.
+  last update; before ``begin`` it is 0 (no pruning), from ``end`` on it is ``final``.
   ``end`` is always an update step, also when ``end - begin`` is not a multiple of
-  ``every`` (the formula then reaches ``final`` exactly at ``end``).
+  ``every`` (the formula then reaches ``final`` exactly at ``end``), and also when
+  ``begin == end`` (a one-shot prune to ``final`` there).
 
   Examples:
     >>> import jaxprune
@@ -92,21 +116,37 @@ def agp(final: float, begin: int, end: int, every: int, initial: float = 0.0) ->
     raise ValueError(f"begin must be >= 0, got {begin}.")
   if end < begin:
     raise ValueError(f"end ({end}) must not come before begin ({begin}).")
-  s_f, s_i, span = float(final), float(initial), max(end - begin, 1)
+  s_f, s_i = float(final), float(initial)
+  if s_i > s_f:
+    raise ValueError(
+      f"initial ({s_i}) must not exceed final ({s_f}): masks only shrink while the target grows."
+    )
 
-  def last_update(step):
-    t = jnp.clip(jnp.asarray(step, jnp.int32), begin, end)
-    return jnp.where(t == end, end, begin + (t - begin) // every * every)
-
-  def sparsity(step):
-    progress = (last_update(step) - begin).astype(jnp.float32) / span
-    s = s_f + (s_i - s_f) * (1.0 - progress) ** 3
-    return jnp.where(jnp.asarray(step) < begin, 0.0, s).astype(jnp.float32)
+  def value(t: Any) -> Any:  # the formula at update step t (floats on the host, or traced)
+    progress = 1.0 if end == begin else (t - begin) / (end - begin)
+    return s_f + (s_i - s_f) * (1.0 - progress) ** 3
 
   def is_update(step):
     step = jnp.asarray(step)
     on_grid = (step - begin) % every == 0
     return (step >= begin) & (step <= end) & (on_grid | (step == end))
+
+  n_updates = -(-(end - begin) // every) + 1  # the grid below `end`, and `end`
+
+  def level(step):
+    t = jnp.asarray(step, jnp.int32)
+    on_grid = 1 + (jnp.clip(t, begin, end) - begin) // every
+    return jnp.where(t < begin, 0, jnp.where(t >= end, n_updates, on_grid)).astype(jnp.int32)
+
+  if n_updates < _MAX_LEVELS:
+    grid = [*range(begin, end, every), end] if end > begin else [end]
+    return _from_levels([0.0, *(value(t) for t in grid)], level, is_update)
+
+  def sparsity(step):
+    t = jnp.clip(jnp.asarray(step, jnp.int32), begin, end)
+    last = jnp.where(t == end, end, begin + (t - begin) // every * every)
+    s = value(last.astype(jnp.float32))
+    return jnp.where(jnp.asarray(step) < begin, 0.0, s).astype(jnp.float32)
 
   return Schedule(sparsity, is_update, s_f)
 
@@ -115,7 +155,8 @@ def iterative(rounds: Sequence[tuple[int, float]]) -> Schedule:
   """Prune/retrain rounds (Han et al. 2015): ``[(step, sparsity), ...]``.
 
   The target jumps to each round's sparsity at its step and stays there until the
-  next round; masks are recomputed at those steps only.
+  next round; masks are recomputed at those steps only. Steps strictly increase and
+  sparsities do not decrease (masks only shrink).
 
   Examples:
     >>> import jaxprune
@@ -123,30 +164,44 @@ def iterative(rounds: Sequence[tuple[int, float]]) -> Schedule:
     >>> [float(s.sparsity(t)) for t in (0, 150, 999)], bool(s.is_update(150))
     ([0.5, 0.75, 0.8999999761581421], False)
   """
-  rounds = [(_int(t, "round step"), float(s)) for t, s in rounds]
-  if not rounds:
+  if isinstance(rounds, str) or not isinstance(rounds, Sequence | np.ndarray):
+    raise TypeError(f"iterative() takes a list of (step, sparsity) pairs, got {rounds!r}.")
+  parsed = []
+  for r in rounds:
+    if not isinstance(r, Sequence | np.ndarray) or isinstance(r, str) or len(r) != 2:
+      raise TypeError(f"iterative() takes a list of (step, sparsity) pairs; {r!r} is not a pair.")
+    t = _int(r[0], "round step")
+    check_sparsity(r[1], f"sparsity of the round at step {t}")
+    parsed.append((t, float(r[1])))
+  if not parsed:
     raise ValueError("iterative() needs at least one (step, sparsity) round.")
-  for t, s in rounds:
-    check_sparsity(s, f"sparsity of the round at step {t}")
+  for t, _ in parsed:
     if t < 0:
       raise ValueError(f"round steps must be >= 0, got {t}.")
-  steps = [t for t, _ in rounds]
+  steps = [t for t, _ in parsed]
   if steps != sorted(set(steps)):
     raise ValueError(f"round steps must be strictly increasing, got {steps}.")
+  values = [s for _, s in parsed]
+  if any(b < a for a, b in zip(values, values[1:])):
+    raise ValueError(f"round sparsities must not decrease (masks only shrink), got {values}.")
   at = jnp.asarray(steps, jnp.int32)
-  values = jnp.asarray([0.0] + [s for _, s in rounds], jnp.float32)
-
-  def sparsity(step):
-    return values[jnp.searchsorted(at, jnp.asarray(step, jnp.int32), side="right")]
-
-  return Schedule(sparsity, lambda step: jnp.any(at == jnp.asarray(step)), rounds[-1][1])
+  return _from_levels(
+    [0.0, *values],
+    level=lambda step: jnp.searchsorted(at, jnp.asarray(step, jnp.int32), side="right"),
+    is_update=lambda step: jnp.any(at == jnp.asarray(step)),
+  )
 
 
 def schedule(fn: Callable[[Any], Any], every: int = 1, final: float | None = None) -> Schedule:
   """Any ``step -> sparsity`` function, with masks recomputed every ``every`` steps.
 
-  The function must be traceable (``jnp`` ops on the step). Its values are clipped to
-  ``[0, 1]`` by the selector; ``final`` enables float per-layer overrides.
+  The function must be traceable (``jnp`` ops on the step). Where the step is concrete
+  (a direct ``pruner.masks(params, step=...)`` call, or ``masked`` run without ``jit``)
+  a value outside ``[0, 1)`` or NaN raises. Inside ``jit`` the value is only known on
+  the device: it is clipped to ``[0, 1]`` (so above 1 every weight is pruned), and NaN
+  leaves the masks as they were. Counts are then ``round(s * n)`` on a float32
+  product, which can differ by one from the float64 rule of the built-in schedules.
+  ``final`` enables float per-layer overrides.
 
   Examples:
     >>> import jax.numpy as jnp, jaxprune
@@ -154,6 +209,8 @@ def schedule(fn: Callable[[Any], Any], every: int = 1, final: float | None = Non
     >>> float(s.sparsity(500)), bool(s.is_update(500)), bool(s.is_update(510))
     (0.5, True, False)
   """
+  if not callable(fn):
+    raise TypeError(f"schedule() takes a step -> sparsity function, got {fn!r}.")
   every = _int(every, "every")
   if every <= 0:
     raise ValueError(f"every must be > 0, got {every}.")

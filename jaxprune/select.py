@@ -45,10 +45,13 @@ def check_sparsity(sparsity: Any, name: str = "sparsity") -> None:
 def sortable_keys(scores: jax.Array) -> jax.Array:
   """Flat ``uint32`` keys whose unsigned order is the float order of ``scores``."""
   x = jnp.ravel(scores).astype(jnp.float32)
-  x = jnp.where(x == 0, jnp.float32(0), x)  # -0.0 -> +0.0 (XLA folds away `x + 0.0`)
   i = lax.bitcast_convert_type(x, jnp.int32)
+  # -0.0 -> +0.0 on the bits: a float compare would also zero denormals (XLA:CPU flushes
+  # them), ranking 1e-45 equal to 0.
+  i = jnp.where(i == jnp.int32(-(2**31)), jnp.int32(0), i)
   i = jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
-  return lax.bitcast_convert_type(i, jnp.uint32) ^ jnp.uint32(0x80000000)
+  u = lax.bitcast_convert_type(i, jnp.uint32) ^ jnp.uint32(0x80000000)
+  return jnp.where(jnp.isnan(x), jnp.uint32(0xFFFFFFFF), u)  # NaN (either sign) ranks first
 
 
 _ROW = 1024  # block size of the tie cutoff search
@@ -115,10 +118,34 @@ def keep_topk(keys: list[jax.Array], k: jax.Array) -> list[jax.Array]:
   return [m & (k > 0) for m in masks]
 
 
-def n_keep(size: int, sparsity: Any) -> jax.Array:
-  """Weights kept of ``size`` at ``sparsity``: ``size - round(sparsity * size)``."""
+def is_concrete(x: Any) -> bool:
+  """Whether ``x`` has a value on the host (not a tracer inside ``jit``/``cond``)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def n_pruned(size: int, sparsity: Any) -> int | jax.Array:
+  """Weights removed of ``size`` at ``sparsity``: ``round(sparsity * size)``.
+
+  A concrete sparsity is checked (``[0, 1)``, finite) and counted on the host with
+  Python's ``round`` of the float64 product, the rule ``torch.nn.utils.prune`` uses. A
+  traced one is only known on the device: it is counted from the float32 product,
+  clipped to ``[0, 1]`` (NaN counts as 0: nothing removed).
+
+  Examples:
+    >>> from jaxprune.select import n_pruned
+    >>> n_pruned(95, 0.3)  # 0.3 * 95 = 28.499999999999996 in float64
+    28
+  """
+  if is_concrete(sparsity):
+    check_sparsity(sparsity)
+    return round(float(sparsity) * size)
   s = jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)
-  return size - jnp.round(s * size).astype(jnp.int32)
+  return jnp.where(jnp.isnan(s), 0, jnp.round(s * size)).astype(jnp.int32)
+
+
+def n_keep(size: int, sparsity: Any) -> int | jax.Array:
+  """Weights kept of ``size`` at ``sparsity``: ``size - round(sparsity * size)``."""
+  return size - n_pruned(size, sparsity)
 
 
 def topk_leaves(scores: list[jax.Array], sparsity: Any, scope: str) -> list[jax.Array]:
@@ -127,16 +154,34 @@ def topk_leaves(scores: list[jax.Array], sparsity: Any, scope: str) -> list[jax.
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
   if not scores:
     return []
-  return _topk_leaves(list(scores), jnp.asarray(sparsity, jnp.float32), scope)
+  if scope == "layer":
+    removed = [n_pruned(int(jnp.size(s)), sparsity) for s in scores]
+  else:
+    removed = [n_pruned(sum(int(jnp.size(s)) for s in scores), sparsity)]
+  return topk_by_count(scores, removed, scope)
+
+
+def topk_by_count(scores: list[jax.Array], removed: list[Any], scope: str) -> list[jax.Array]:
+  """Masks removing exactly ``removed[i]`` of leaf i (layer) or ``removed[0]`` overall (global).
+
+  Counts are ints or int32 scalars (traced counts are clipped to the leaf sizes).
+  """
+  if not scores:
+    return []
+  return _topk_by_count(list(scores), [jnp.asarray(r, jnp.int32) for r in removed], scope)
 
 
 @functools.partial(jax.jit, static_argnames="scope")
-def _topk_leaves(scores: list[jax.Array], sparsity: jax.Array, scope: str) -> list[jax.Array]:
+def _topk_by_count(
+  scores: list[jax.Array], removed: list[jax.Array], scope: str
+) -> list[jax.Array]:
   keys = [sortable_keys(s) for s in scores]
   if scope == "layer":
-    flat = [keep_topk([u], n_keep(u.size, sparsity))[0] for u in keys]
+    flat = [keep_topk([u], u.size - jnp.clip(r, 0, u.size)) for u, r in zip(keys, removed)]
+    flat = [f[0] for f in flat]
   else:
-    flat = keep_topk(keys, n_keep(sum(u.size for u in keys), sparsity))
+    total = sum(u.size for u in keys)
+    flat = keep_topk(keys, total - jnp.clip(removed[0], 0, total))
   return [m.reshape(jnp.shape(s)) for m, s in zip(flat, scores)]
 
 
@@ -146,14 +191,21 @@ def topk_mask(scores: Any, sparsity: Any, scope: str = "layer") -> Any:
   Args:
     scores: a pytree of score arrays; ``None`` leaves (params that are never pruned)
       stay ``None`` in the mask.
-    sparsity: fraction removed, in ``[0, 1)``; a Python float or a scalar array.
+    sparsity: fraction removed, in ``[0, 1)``; a Python float or a scalar array. A
+      concrete value is counted on the host (``round(sparsity * n)`` in float64); a
+      traced one inside ``jit`` in float32, clipped to ``[0, 1]``.
     scope: ``"layer"`` keeps the top ``1 - sparsity`` of every leaf; ``"global"`` keeps
       the top ``1 - sparsity`` of all leaves pooled (one threshold).
 
   Returns:
     A pytree of bool arrays (``True`` = kept) with the structure of ``scores``. Ties
     are broken deterministically by position: the lower flat index, then the earlier
-    leaf, is kept.
+    leaf, is kept. NaN scores rank above every number (kept, so a NaN weight is not
+    hidden by pruning).
+
+  Raises:
+    ValueError: sparsity outside ``[0, 1)``, no arrays, an empty array, or a scalar
+      leaf with ``scope="layer"``.
 
   Examples:
     >>> import jax.numpy as jnp, jaxprune
@@ -166,9 +218,26 @@ def topk_mask(scores: Any, sparsity: Any, scope: str = "layer") -> Any:
     ([True, True], [False, False])
   """
   check_sparsity(sparsity)
+  if scope not in ("layer", "global"):
+    raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
   leaves, treedef = jax.tree.flatten(scores, is_leaf=tree_lib.is_none)
   live = [i for i, s in enumerate(leaves) if s is not None]
-  masks = topk_leaves([leaves[i] for i in live], sparsity, scope)
+  if not live:
+    raise ValueError(f"topk_mask: the scores tree has no arrays to rank ({scores!r}).")
+  paths = [p for p, _ in tree_lib.leaves_with_paths(scores, is_leaf=tree_lib.is_none)]
+  for i in live:
+    shape = jnp.shape(leaves[i])
+    if not jnp.issubdtype(jnp.result_type(leaves[i]), jnp.number):
+      raise TypeError(f"topk_mask: scores at {paths[i]!r} are not numbers ({leaves[i]!r}).")
+    if 0 in shape:
+      raise ValueError(f"topk_mask: scores at {paths[i]!r} have no entries (shape {shape}).")
+    if scope == "layer" and not shape:
+      raise ValueError(
+        f"topk_mask: scores at {paths[i]!r} are a scalar, and scope='layer' ranks entries "
+        "within each array, so nothing could be removed. Stack the scores into one "
+        "array, or use scope='global'."
+      )
+  masks = topk_leaves([jnp.asarray(leaves[i]) for i in live], sparsity, scope)
   out = list(leaves)
   for i, m in zip(live, masks):
     out[i] = m

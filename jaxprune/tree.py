@@ -8,8 +8,9 @@ pruned: a ``where`` filter over ``(path, leaf)``.
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -48,13 +49,20 @@ def leaves_with_paths(
   return [(path_str(p), leaf) for p, leaf in flat]
 
 
-def same_leaf(full: str, short: str) -> bool:
-  """Whether ``short`` names the leaf at ``full`` (equal, or a suffix after a ``/``).
+def strip_collection(path: str) -> str:
+  """``'params/Dense_0/kernel'`` -> ``'Dense_0/kernel'``: Linen's ``params`` collection prefix dropped."""
+  return path[len("params/") :] if path.startswith("params/") else path
+
+
+def same_leaf(a: str, b: str) -> bool:
+  """Whether two paths name the same param: equal once a leading ``params/`` is dropped.
 
   Linen variables put params under ``params/``; a mask tree over the params alone
-  names ``Dense_0/kernel`` what the variables call ``params/Dense_0/kernel``.
+  names ``Dense_0/kernel`` what the variables call ``params/Dense_0/kernel``. Paths are
+  never matched by suffix: ``Dense_0/kernel`` and ``Res_0/Dense_0/kernel`` are
+  different layers.
   """
-  return full == short or full.endswith("/" + short)
+  return strip_collection(a) == strip_collection(b)
 
 
 def is_none(x: Any) -> bool:
@@ -88,17 +96,66 @@ def as_predicate(where: Where) -> Callable[[str, Any], bool]:
   ``None`` selects :func:`default_where`; a string or a list of strings are regular
   expressions searched in the path (and the leaf must still be an array); a callable is
   used as it is.
+
+  Raises:
+    TypeError: ``where`` is none of these.
+    ValueError: a pattern is not a valid regular expression.
   """
   if where is None:
     return default_where
   if callable(where):
     return where
-  patterns = (where,) if isinstance(where, str) else tuple(where)
+  if isinstance(where, str):
+    patterns: tuple = (where,)
+  elif isinstance(where, Iterable) and not isinstance(where, bytes | Mapping):
+    patterns = tuple(where)
+  else:
+    raise TypeError(
+      "`where` must be None (weight matrices and conv kernels), a regex string, a list "
+      f"of regex strings or a (path, leaf) -> bool callable; got {where!r} "
+      f"({type(where).__name__})."
+    )
   for p in patterns:
     if not isinstance(p, str):
       raise TypeError(f"`where` patterns must be strings, got {p!r} ({type(p).__name__}).")
-    re.compile(p)
+    try:
+      re.compile(p)
+    except re.error as e:
+      raise ValueError(f"`where` pattern {p!r} is not a valid regular expression: {e}.") from e
   return lambda path, leaf: hasattr(leaf, "shape") and matches(patterns, path)
+
+
+def _describe(leaf: Any) -> str:
+  shape = "x".join(map(str, np.shape(leaf))) or "scalar"
+  return f"{getattr(leaf, 'dtype', type(leaf).__name__)}[{shape}]"
+
+
+def no_match_error(params: Any, where: Where, what: str = "pruner") -> ValueError:
+  """The error for a ``where`` that selects nothing: lists the paths, suggests a close one."""
+  leaves = [(p, x) for p, x in leaves_with_paths(params) if x is not None]
+  if not leaves:
+    return ValueError(f"{what}: the params tree has no array leaves ({type(params).__name__}).")
+  shown = ", ".join(f"{p} {_describe(x)}" for p, x in leaves[:16])
+  if len(leaves) > 16:
+    shown += f", ... ({len(leaves)} leaves in all)"
+  if where is None:
+    told = (
+      "the default `where` selects floating-point arrays with ndim >= 2 (weight matrices "
+      "and conv kernels), and there are none"
+    )
+  else:
+    told = f"where={where!r} selects none of the floating-point params"
+  hint = ""
+  if isinstance(where, str) or (
+    isinstance(where, Iterable) and not callable(where) and not isinstance(where, Mapping)
+  ):
+    words = {part for p, _ in leaves for part in [p, *p.split("/")]}
+    for pattern in (where,) if isinstance(where, str) else where:
+      close = difflib.get_close_matches(str(pattern), sorted(words), n=1, cutoff=0.6)
+      if close:
+        hint = f" Did you mean {close[0]!r}?"
+        break
+  return ValueError(f"{what}: {told}. Params: [{shown}].{hint}")
 
 
 def selected_paths(
@@ -107,12 +164,17 @@ def selected_paths(
   *,
   dense_first: bool = False,
   dense_last: bool = False,
+  what: str = "pruner",
 ) -> list[str]:
   """Paths of the leaves a pruner acts on, in natural path order.
 
-  Raises a ``TypeError`` naming the path when the filter selects a non-float leaf.
   ``dense_first`` / ``dense_last`` drop the first / last selected path in natural order
   (``Dense_2`` sorts before ``Dense_10``), i.e. keep the input or output layer dense.
+
+  Raises:
+    TypeError: naming the path when the filter selects a non-float leaf.
+    ValueError: when nothing is selected (listing the params, with a close match for a
+      mistyped pattern), or when ``dense_first`` / ``dense_last`` leave nothing.
   """
   pred = as_predicate(where)
   chosen = []
@@ -126,12 +188,16 @@ def selected_paths(
         "Narrow `where=` so it does not select it."
       )
     chosen.append(path)
+  if not chosen:
+    raise no_match_error(params, where, what)
   chosen.sort(key=natural_key)
-  if dense_first and chosen:
-    chosen = chosen[1:]
-  if dense_last and chosen:
-    chosen = chosen[:-1]
-  return chosen
+  kept = chosen[1 if dense_first else 0 : len(chosen) - (1 if dense_last else 0)]
+  if not kept:
+    raise ValueError(
+      f"{what}: `where` selects only {chosen}, and dense_first/dense_last keep "
+      f"{'it' if len(chosen) == 1 else 'them'} dense: nothing is left to prune."
+    )
+  return kept
 
 
 def check_same_structure(

@@ -34,7 +34,7 @@ def test_summary_counts_and_table():
   assert table[0].split() == ["param", "shape", "size", "zeros", "sparsity"]
   assert table[2].split() == ["fc1/kernel", "2x2", "4", "3", "75.00%"]
   assert table[-1].split() == ["total", "10", "3", "30.00%"]
-  assert jaxprune.summary(params).size == 12
+  assert jaxprune.summary(params, where="").size == 12
   with pytest.raises(KeyError, match="fc3"):
     s["fc3"]
 
@@ -62,3 +62,18 @@ def test_combine_is_and_with_none_as_all_kept():
   assert jaxprune.combine(a, {"w": None, "b": None})["w"].tolist() == [True, True, False]
   with pytest.raises(ValueError, match="at least one"):
     jaxprune.combine()
+
+
+def test_summary_default_totals_prunable_weights_not_biases():
+  params = {"fc": {"kernel": jnp.array([[1.0, 0.0], [2.0, 3.0]]), "bias": jnp.zeros(2)}}
+  s = jaxprune.summary(params)
+  assert [r.path for r in s.rows] == ["fc/kernel"] and s.sparsity == 0.25
+  assert jaxprune.summary(params, where=None).as_dict() == s.as_dict()
+  assert jaxprune.summary(params, where="").sparsity == 0.5  # "" lists every array
+  with pytest.raises(ValueError, match=r"where='conv' selects none.*fc/kernel"):
+    jaxprune.summary(params, where="conv")
+
+
+def test_pack_masks_rejects_params():
+  with pytest.raises(TypeError, match="leaf 'w' is float32"):
+    jaxprune.pack_masks({"w": jnp.ones((2, 2))})

@@ -135,3 +135,106 @@ def test_mismatched_grads_are_named():
 def test_final_sparsity_needs_a_known_final():
   with pytest.raises(ValueError, match="no final sparsity"):
     jaxprune.magnitude(lambda t: 0.5).masks({"w": jnp.ones((2, 2))})
+
+
+def _run_masked(pruner, params, steps):
+  import optax
+
+  tx = jaxprune.masked(optax.sgd(0.0), pruner)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  for _ in range(steps):
+    _, state = update(grads, state, params)
+  return jaxprune.masks_of(state)
+
+
+def test_schedule_override_updates_on_its_own_steps():
+  params = {
+    "a": jnp.arange(1.0, 101.0).reshape(10, 10),
+    "b": jnp.arange(1.0, 101.0).reshape(10, 10),
+  }
+  pruner = jaxprune.magnitude(
+    jaxprune.iterative([(0, 0.5), (10, 0.9)]),
+    overrides={"b": jaxprune.iterative([(5, 0.3), (15, 0.6)])},
+  )
+  for steps, a, b in [(1, 50, 0), (6, 50, 30), (11, 90, 30), (20, 90, 60)]:
+    m = _run_masked(pruner, params, steps)
+    assert int((~m["a"]).sum()) == a and int((~m["b"]).sum()) == b, steps
+    np.testing.assert_allclose(float(pruner.sparsity_of("b", steps - 1)), b / 100, rtol=1e-6)
+  direct = pruner.masks(params, step=19)
+  assert int((~direct["b"]).sum()) == 60
+
+
+def test_float_override_follows_main_progress_and_update_steps():
+  params = {"a": jnp.ones((10, 10)), "b": jnp.ones((10, 10))}
+  pruner = jaxprune.magnitude(jaxprune.agp(0.8, 0, 10, 5), overrides={"b": 0.4})
+  assert pruner.schedule_of("b").levels[-1] == 0.4
+  for steps in (1, 6, 11):
+    m = _run_masked(pruner, params, steps)
+    target_a = float(pruner.sparsity_of("a", steps - 1))
+    assert int((~m["b"]).sum()) == round(pruner.schedule_of("b").levels[-1] * 100 * target_a / 0.8)
+
+
+@pytest.mark.parametrize("main", [0.0, lambda t: 0.5])
+def test_float_override_needs_a_main_schedule_with_a_final(main):
+  with pytest.raises(ValueError, match="give the override its own schedule|Give the override"):
+    jaxprune.magnitude(main, overrides={"b": 0.5})
+  jaxprune.magnitude(main, overrides={"b": jaxprune.constant(0.5)})  # the way to say it
+
+
+def test_where_that_selects_nothing_is_an_error_with_a_suggestion():
+  params = {"Dense_0": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}
+  with pytest.raises(ValueError, match=r"where='Dens_0' selects none.*Did you mean 'Dense_0'"):
+    jaxprune.magnitude(0.5, where="Dens_0").masks(params)
+  with pytest.raises(ValueError, match=r"default `where`.*Params: \[w int32\[4x4\]\]"):
+    jaxprune.magnitude(0.5).masks({"w": jnp.ones((4, 4), jnp.int32)})
+  with pytest.raises(ValueError, match="no array leaves"):
+    jaxprune.magnitude(0.5).masks({})
+  with pytest.raises(ValueError, match="nothing is left to prune"):
+    jaxprune.magnitude(0.5, dense_first=True).masks({"w": jnp.ones((4, 4))})
+
+
+@pytest.mark.parametrize(
+  "make, err, match",
+  [
+    (lambda: jaxprune.random(0.5, seed="x"), TypeError, "seed must be an int"),
+    (lambda: jaxprune.magnitude(0.5, where=42), TypeError, "`where` must be None"),
+    (lambda: jaxprune.magnitude(0.5, where="["), ValueError, "not a valid regular expression"),
+    (lambda: jaxprune.magnitude(0.5, overrides={"[": 0.1}), ValueError, "regular expression"),
+    (lambda: jaxprune.magnitude(0.5, overrides=[("a", 0.1)]), TypeError, "overrides must be"),
+    (lambda: jaxprune.magnitude(0.5, dense_last="yes"), TypeError, "dense_last must be"),
+    (lambda: jaxprune.magnitude(float("nan")), ValueError, r"in \[0, 1\)"),
+    (lambda: jaxprune.magnitude(0.5, structure="rows"), ValueError, "Unknown structure"),
+  ],
+)
+def test_pruner_argument_errors(make, err, match):
+  with pytest.raises(err, match=match):
+    make()
+
+
+def test_zero_size_param_and_non_scalar_step():
+  with pytest.raises(ValueError, match=r"'w' has no entries \(shape \(0, 3\)\)"):
+    jaxprune.magnitude(0.5).masks({"w": jnp.ones((0, 3))})
+  with pytest.raises(TypeError, match="step must be a scalar integer"):
+    jaxprune.magnitude(0.5).masks({"w": jnp.ones((3, 3))}, step=jnp.array([1, 2]))
+  with pytest.raises(TypeError, match="step must be a scalar integer"):
+    jaxprune.magnitude(0.5).masks({"w": jnp.ones((3, 3))}, step=1.5)
+
+
+@pytest.mark.parametrize("value", [float("nan"), 1.5, -0.2])
+def test_custom_schedule_out_of_range_raises_where_concrete(value):
+  pruner = jaxprune.magnitude(jaxprune.schedule(lambda t: jnp.where(t >= 3, value, 0.1)))
+  params = {"w": jnp.ones((4, 4))}
+  assert int((~pruner.masks(params, step=0)["w"]).sum()) == 2
+  with pytest.raises(ValueError, match="sparsity at step 3"):
+    pruner.masks(params, step=3)
+
+
+def test_traced_nan_target_keeps_previous_masks_and_above_one_prunes_all():
+  params = {"w": jnp.arange(1.0, 17.0).reshape(4, 4)}
+  nan_later = jaxprune.magnitude(jaxprune.schedule(lambda t: jnp.where(t >= 1, jnp.nan, 0.5)))
+  m = _run_masked(nan_later, params, 3)
+  assert int(m["w"].sum()) == 8  # step 0 pruned half; NaN steps left the masks alone
+  above = jaxprune.magnitude(jaxprune.schedule(lambda t: jnp.where(t >= 1, 1.5, 0.5)))
+  assert int(_run_masked(above, params, 2)["w"].sum()) == 0  # clipped to 1: documented

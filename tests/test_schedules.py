@@ -2,6 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxprune
 
@@ -93,3 +95,81 @@ def test_schedule_errors(make, match):
 def test_non_integer_steps_rejected():
   with pytest.raises(TypeError, match="begin must be an integer step"):
     jaxprune.agp(0.9, begin=1.5, end=10, every=1)
+
+
+def test_agp_with_begin_equal_to_end_prunes_to_final_there():
+  s = jaxprune.agp(0.6, begin=7, end=7, every=3)
+  assert [float(s.sparsity(t)) for t in (0, 6)] == [0.0, 0.0]
+  np.testing.assert_allclose([float(s.sparsity(t)) for t in (7, 8, 100)], 0.6, rtol=1e-6)
+  assert [bool(s.is_update(t)) for t in (6, 7, 8)] == [False, True, False]
+
+
+def test_agp_initial_above_final_rejected():
+  with pytest.raises(ValueError, match=r"initial \(0.5\) must not exceed final \(0.3\)"):
+    jaxprune.agp(0.3, 0, 10, 1, initial=0.5)
+
+
+def test_iterative_decreasing_sparsity_rejected():
+  with pytest.raises(ValueError, match="must not decrease"):
+    jaxprune.iterative([(0, 0.5), (10, 0.3)])
+
+
+@pytest.mark.parametrize(
+  "rounds, err, match",
+  [
+    ([(0, 0.5, 3)], TypeError, r"\(0, 0.5, 3\) is not a pair"),
+    ([0.5], TypeError, "0.5 is not a pair"),
+    (0.5, TypeError, "list of \\(step, sparsity\\) pairs"),
+    ([("a", 0.5)], TypeError, "round step must be an integer"),
+    ([(0, "x")], TypeError, "must be a number"),
+  ],
+)
+def test_iterative_malformed_rounds(rounds, err, match):
+  with pytest.raises(err, match=match):
+    jaxprune.iterative(rounds)
+
+
+def test_long_agp_falls_back_to_the_formula():
+  s = jaxprune.agp(0.9, begin=0, end=100_000, every=1)
+  assert s.levels is None  # too many distinct targets for a host-side table
+  np.testing.assert_allclose(float(s.sparsity(50_000)), agp_formula(50_000, 0.9, 0, 0, 1, 1e5))
+  np.testing.assert_allclose(float(s.sparsity(100_000)), 0.9, rtol=1e-6)
+
+
+schedule_kinds = st.one_of(
+  st.builds(
+    lambda final, begin, span, every, frac: (
+      jaxprune.agp(final, begin, begin + span, every, initial=final * frac),
+      begin + span,
+    ),
+    st.floats(0, 0.99),
+    st.integers(0, 50),
+    st.integers(0, 80),
+    st.integers(1, 30),
+    st.floats(0, 1),
+  ),
+  st.builds(
+    lambda s, at: (jaxprune.one_shot(s, at=at), at), st.floats(0, 0.99), st.integers(0, 50)
+  ),
+  st.builds(
+    lambda steps, values: (
+      jaxprune.iterative(list(zip(steps, sorted(values[: len(steps)])))),
+      steps[-1],
+    ),
+    st.lists(st.integers(0, 200), min_size=1, max_size=5, unique=True).map(sorted),
+    st.lists(st.floats(0, 0.99), min_size=5, max_size=5),
+  ),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=schedule_kinds, extra=st.integers(0, 40))
+def test_property_every_schedule_reaches_final_by_end_and_never_exceeds_it(kind, extra):
+  s, end = kind
+  final = np.float32(s.final)
+  steps = np.arange(0, end + extra + 1)
+  values = np.asarray(jax.vmap(s.sparsity)(jnp.asarray(steps)))
+  assert values.max() <= final
+  assert (values[end:] == final).all()
+  assert bool(s.is_update(end))
+  assert (np.diff(values) >= 0).all()  # targets never decrease: masks only shrink
