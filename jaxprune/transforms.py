@@ -44,7 +44,46 @@ def _zero_pruned(inner: optax.GradientTransformation, inner_state: Any, masks: A
   )
 
 
-def masked(inner: optax.GradientTransformation, pruner: Pruner) -> optax.GradientTransformation:
+def _check_inner(inner: Any) -> None:
+  """Raises ``TypeError`` unless ``inner`` is an optax transform (``init`` and ``update``)."""
+  if callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None)):
+    return
+  if isinstance(inner, Pruner):
+    hint = " The arguments are swapped: write jaxprune.masked(optimizer, pruner)."
+  elif callable(inner):
+    hint = f" Call the factory first, e.g. {getattr(inner, '__name__', 'optax.adam')}(1e-3)."
+  else:
+    hint = " Pass an optimizer such as optax.adam(1e-3) or optax.chain(...)."
+  raise TypeError(
+    "masked(inner, pruner): inner must be an optax GradientTransformation (an object "
+    f"with init and update), got {inner!r} ({type(inner).__name__}).{hint}"
+  )
+
+
+def _check_fixed_masks(masks: Any) -> Any:
+  """Returns ``masks`` when it is a pytree of bool arrays, or raises a ``TypeError`` naming it."""
+  leaves = jax.tree.leaves(masks)
+  if leaves and all(getattr(x, "dtype", None) == jnp.bool_ for x in leaves):
+    return masks
+  if callable(getattr(masks, "init", None)) and callable(getattr(masks, "update", None)):
+    hint = " The arguments are swapped: write jaxprune.masked(optimizer, pruner)."
+  elif isinstance(masks, int | float) and not isinstance(masks, bool):
+    hint = f" For a sparsity, pass a pruner: jaxprune.magnitude({masks!r})."
+  elif leaves:
+    bad = next(x for x in leaves if getattr(x, "dtype", None) != jnp.bool_)
+    kind = getattr(bad, "dtype", type(bad).__name__)
+    hint = f" It has a leaf of {kind}; masks are bool arrays (True = kept)."
+  else:
+    hint = " It has no array leaves."
+  raise TypeError(
+    "masked(inner, pruner): pruner must be a jaxprune.Pruner (e.g. jaxprune.magnitude(0.9)) "
+    f"or a fixed mask pytree of bool arrays, got {type(masks).__name__}.{hint}"
+  )
+
+
+def masked(
+  inner: optax.GradientTransformation, pruner: Pruner | Any
+) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that the weights ``pruner`` removes are, and stay, exactly zero.
 
   On each step: if the pruner's schedule says so, masks are recomputed from the current
@@ -53,7 +92,9 @@ def masked(inner: optax.GradientTransformation, pruner: Pruner) -> optax.Gradien
   zero; gradients of pruned weights are masked before ``inner`` sees them, so
   moments cannot revive them; the returned updates take pruned weights to exactly zero
   (``update = -param`` there). So ``optax.apply_updates`` alone leaves a pruned model:
-  there is no second call to remember.
+  there is no second call to remember. Extra keyword arguments of ``update`` (optax's
+  ``value=``, ``grad=``, ..., e.g. from ``nnx.Optimizer.update(model, grads,
+  value=loss)``) are passed on to ``inner`` (``optax.polyak_sgd`` needs ``value``).
 
   Not to be confused with ``optax.masked(inner, mask)``, which applies ``inner`` to a
   chosen subset of params and lets the others pass through untouched. The two compose:
@@ -62,14 +103,19 @@ def masked(inner: optax.GradientTransformation, pruner: Pruner) -> optax.Gradien
 
   Args:
     inner: any optax ``GradientTransformation`` (``optax.adam(1e-3)``, a chain, an
-      ``inject_hyperparams`` optimizer, ...).
+      ``inject_hyperparams`` optimizer, one that takes extra arguments such as
+      ``optax.polyak_sgd()``, ...).
     pruner: a :class:`jaxprune.Pruner` (``jaxprune.magnitude(...)``, ...), or a fixed
       mask pytree (bool arrays, ``None`` for unpruned params; e.g. from
       ``pruner.masks(params)``, APoZ or slimming masks) kept for the whole run.
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is a :class:`MaskedState`;
+    An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`MaskedState`;
     ``update`` needs ``params``. Read the masks with :func:`masks_of`.
+
+  Raises:
+    TypeError: at construction, when ``inner`` is not an optax transform or ``pruner``
+      is neither a Pruner nor a pytree of bool arrays (a number, swapped arguments).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, jaxprune
@@ -86,15 +132,9 @@ def masked(inner: optax.GradientTransformation, pruner: Pruner) -> optax.Gradien
     >>> (params["w"] == 0).sum().item(), jaxprune.masks_of(state)["w"].sum().item()
     (3, 3)
   """
-  fixed = None
-  if not isinstance(pruner, Pruner):
-    leaves = jax.tree.leaves(pruner)
-    if not leaves or not all(getattr(x, "dtype", None) == jnp.bool_ for x in leaves):
-      raise TypeError(
-        "masked() takes a jaxprune.Pruner (e.g. jaxprune.magnitude(0.9)) or a fixed "
-        f"mask pytree of bool arrays, got {type(pruner).__name__}."
-      )
-    fixed = pruner
+  _check_inner(inner)
+  fixed = None if isinstance(pruner, Pruner) else _check_fixed_masks(pruner)
+  inner_extra = optax.with_extra_args_support(inner)
 
   def init(params):
     if fixed is not None:
@@ -105,12 +145,12 @@ def masked(inner: optax.GradientTransformation, pruner: Pruner) -> optax.Gradien
       count=jnp.zeros([], jnp.int32),
     )
 
-  def update(updates, state, params=None):
+  def update(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("jaxprune.masked needs the params: call tx.update(grads, state, params).")
     step = state.count
 
-    def refresh(masks):
+    def refresh(masks, step):
       return pruner.masks(params, updates, step=step, previous=masks)
 
     masks, inner_state = state.masks, state.inner_state
@@ -118,11 +158,13 @@ def masked(inner: optax.GradientTransformation, pruner: Pruner) -> optax.Gradien
       # Only the masks go through the cond: a cond over the optimizer state too would
       # copy all of it (e.g. Adam's moments) on every step. The zeroing below is a
       # no-op except right after an update and fuses into the inner update.
-      masks = lax.cond(pruner.is_update(step), refresh, lambda masks: masks, masks)
+      # The step is an operand, not a constant closed over: inside the cond it is traced,
+      # with or without jit, so the pruner takes one code path in both.
+      masks = lax.cond(pruner.is_update(step), refresh, lambda masks, _: masks, masks, step)
       inner_state = _zero_pruned(inner, inner_state, masks)
     grads = masks_lib.apply_mask(updates, masks)
-    inner_updates, inner_state = inner.update(
-      grads, inner_state, masks_lib.apply_mask(params, masks)
+    inner_updates, inner_state = inner_extra.update(
+      grads, inner_state, masks_lib.apply_mask(params, masks), **extra_args
     )
     new_updates = jax.tree.map(
       lambda m, u, p: u if m is None else jnp.where(m, u, -p.astype(u.dtype)),
@@ -133,7 +175,7 @@ def masked(inner: optax.GradientTransformation, pruner: Pruner) -> optax.Gradien
     )
     return new_updates, MaskedState(inner_state, masks, step + 1)
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def masks_of(state: Any) -> Any:

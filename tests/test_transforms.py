@@ -181,7 +181,7 @@ def test_errors():
   state = tx.init(mlp_params())
   with pytest.raises(ValueError, match="needs the params"):
     tx.update(mlp_params(), state)
-  with pytest.raises(TypeError, match="takes a jaxprune.Pruner .* or a fixed"):
+  with pytest.raises(TypeError, match="pruner must be a jaxprune.Pruner .* or a fixed"):
     jaxprune.masked(optax.sgd(0.1), 0.5)
   with pytest.raises(ValueError, match="No jaxprune.masked state"):
     jaxprune.masks_of(optax.sgd(0.1).init(mlp_params()))
@@ -202,3 +202,56 @@ def test_fixed_masks_are_kept_for_the_whole_run():
   assert jaxprune.masks_of(state) is not None
   with pytest.raises(ValueError, match="'fc2/bias' is only in the params"):
     jaxprune.masked(optax.sgd(0.1), {"fc1": masks["fc1"]}).init(mlp_params())
+
+
+@pytest.mark.parametrize(
+  ("inner", "message"),
+  [
+    (0.1, r"inner must be an optax GradientTransformation .*got 0.1 \(float\)"),
+    (optax.adam, r"got <function adam.*Call the factory first, e.g. adam\(1e-3\)"),
+    (jaxprune.magnitude(0.5), "arguments are swapped"),
+    ({"init": 1}, r"\(dict\)"),
+  ],
+)
+def test_masked_refuses_a_bad_inner_at_construction(inner, message):
+  with pytest.raises(TypeError, match=message):
+    jaxprune.masked(inner, jaxprune.magnitude(0.5))
+
+
+@pytest.mark.parametrize(
+  ("pruner", "message"),
+  [
+    (0.5, r"got float\. For a sparsity, pass a pruner: jaxprune.magnitude\(0.5\)"),
+    ("magnitude", "got str"),
+    (optax.sgd(0.1), "arguments are swapped"),
+    ({"w": jnp.ones((2, 2))}, "has a leaf of float32; masks are bool arrays"),
+    ({"w": None}, "no array leaves"),
+  ],
+)
+def test_masked_refuses_a_bad_pruner_at_construction(pruner, message):
+  with pytest.raises(TypeError, match="pruner must be a jaxprune.Pruner"):
+    jaxprune.masked(optax.sgd(0.1), pruner)
+  with pytest.raises(TypeError, match=message):
+    jaxprune.masked(optax.sgd(0.1), pruner)
+
+
+def test_training_loop_sets_masks_of_a_masked_state_inside_a_chain():
+  """``loop.init_state(..., masks=)`` finds the MaskedState in a chain (``tree_set``)."""
+  from jaxprune.train import loop
+
+  model = nnx.Sequential(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), nnx.Linear(32, 4, rngs=nnx.Rngs(1)))
+  params = nnx.state(model, nnx.Param)
+  masks = jaxprune.magnitude(0.75).masks(params)
+  later = jaxprune.magnitude(jaxprune.one_shot(0.5, at=100))  # keeps the masks it is given
+  tx = optax.chain(optax.clip(1.0), jaxprune.masked(optax.sgd(0.1), later))
+  _, state = loop.init_state(model, tx, seed=0, masks=masks)
+  assert jaxprune.masks_of(state.opt_state) is masks
+  assert jaxprune.summary(state.params, "kernel").sparsity == 0.75
+  updates, opt_state = tx.update(
+    jax.tree.map(jnp.ones_like, state.params), state.opt_state, state.params
+  )
+  params = optax.apply_updates(state.params, updates)
+  assert jaxprune.summary(params, "kernel").sparsity == 0.75
+  np.testing.assert_array_equal(
+    jaxprune.masks_of(opt_state)["layers"][0]["kernel"], masks["layers"][0]["kernel"]
+  )

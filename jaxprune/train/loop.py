@@ -61,13 +61,14 @@ def init_state(
     tx: the optimizer (:func:`jaxprune.masked` or plain optax).
     seed: seeds the state's RNG key.
     masks: fixed masks to start from (the rethinking run): the params are masked and
-      the masks put into the :class:`jaxprune.MaskedState` of ``tx``.
+      the masks put into the :class:`jaxprune.MaskedState` of ``tx``, wherever it sits
+      in the state (e.g. inside ``optax.chain``).
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   opt_state = tx.init(params)
   if masks is not None:
     params = jaxprune.apply_mask(params, masks)
-    opt_state = opt_state._replace(masks=masks)
+    opt_state = optax.tree_utils.tree_set(opt_state, masks=masks)
   rng = jax.random.key_data(jax.random.key(seed))
   return graphdef, TrainState(params, rest, opt_state, jnp.zeros((), jnp.int32), rng)
 
