@@ -12,10 +12,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxprune import tree as tree_lib
-from jaxprune.select import check_sparsity, topk_leaves
+from jaxprune.select import topk_leaves
 
 
 class TopKGradientsState(NamedTuple):
@@ -24,9 +25,28 @@ class TopKGradientsState(NamedTuple):
   residual: Any
 
 
+def _check_density(density: Any) -> None:
+  """Raises unless ``density`` is a number in ``(0, 1]`` (a traced one is not checked)."""
+  if isinstance(density, jax.core.Tracer):
+    return  # a traced hyperparameter (optax.inject_hyperparams under jit)
+  v = np.asarray(density)
+  if isinstance(density, bool) or not (
+    np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)
+  ):
+    raise TypeError(
+      "topk_gradients(): density must be a number in (0, 1], the fraction of gradient "
+      f"entries passed on; got {density!r} ({type(density).__name__})."
+    )
+  if v.ndim != 0 or not 0 < v <= 1:
+    raise ValueError(
+      "topk_gradients(): density must be in (0, 1], the fraction of gradient entries "
+      f"passed on (a scalar); got {density!r}."
+    )
+
+
 def topk_gradients(
-  density: float, *, scope: str = "layer", where: tree_lib.Where = ""
-) -> optax.GradientTransformation:
+  density: float | jax.Array, *, scope: str = "layer", where: tree_lib.Where = ""
+) -> optax.GradientTransformationExtraArgs:
   """Keeps the ``density`` fraction of largest-magnitude gradient entries, with error feedback.
 
   Each step: ``acc = grad + residual``; the top ``density`` of ``|acc|`` (per leaf, or
@@ -36,13 +56,23 @@ def topk_gradients(
   In data-parallel training the kept entries are what each worker would send.
 
   Args:
-    density: fraction of entries passed on, in ``(0, 1]``.
+    density: fraction of entries passed on, in ``(0, 1]``; a number, or a scalar array
+      (``optax.inject_hyperparams(jaxprune.topk_gradients)(density=0.01)`` makes it a
+      hyperparameter that can change during training).
     scope: ``"layer"`` or ``"global"``.
     where: which leaves are sparsified (default ``""``: every float array); others pass
       through untouched.
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is a :class:`TopKGradientsState`.
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`TopKGradientsState`; ``update`` ignores optax's extra arguments
+    (``value=``, ...).
+
+  Raises:
+    TypeError: at construction, for a ``density`` that is not a number or a malformed
+      ``where``.
+    ValueError: at construction, for a ``density`` outside ``(0, 1]`` or an unknown
+      ``scope``; at ``init``, for a ``where`` that selects no floating-point leaf.
 
   Examples:
     >>> import jax.numpy as jnp, jaxprune
@@ -53,19 +83,27 @@ def topk_gradients(
     >>> out["w"].tolist(), state.residual["w"].tolist()
     ([0.0, -4.0, 2.0, 0.0], [1.0, 0.0, 0.0, 0.5])
   """
-  check_sparsity(1.0 - float(density), "1 - density")
+  _check_density(density)
   if scope not in ("layer", "global"):
-    raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
+    raise ValueError(f"topk_gradients(): scope must be 'layer' or 'global', got {scope!r}.")
   pred = tree_lib.as_predicate(where)
 
   def chosen(tree):
     return [pred(p, x) and tree_lib.is_float(x) for p, x in tree_lib.leaves_with_paths(tree)]
 
   def init(params):
+    if not any(chosen(params)):
+      paths = [p for p, _ in tree_lib.leaves_with_paths(params)]
+      shown = ", ".join(paths[:12]) + (f", ... ({len(paths)} in all)" if len(paths) > 12 else "")
+      raise ValueError(
+        f"topk_gradients(): where={where!r} selects none of the floating-point params "
+        f"[{shown}]. Pass `where=` regexes over these paths or a (path, leaf) -> bool "
+        "predicate."
+      )
     return TopKGradientsState(jax.tree.map(jnp.zeros_like, params))
 
-  def update(updates, state, params=None):
-    del params
+  def update(updates, state, params=None, **extra_args):
+    del params, extra_args  # optax's `value=`, ...: accepted, not used
     acc = jax.tree.map(lambda g, r: g + r.astype(g.dtype), updates, state.residual)
     leaves, treedef = jax.tree.flatten(acc)
     picks = [i for i, ok in enumerate(chosen(acc)) if ok]
@@ -78,4 +116,4 @@ def topk_gradients(
       jax.tree.unflatten(treedef, residual)
     )
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformationExtraArgs(init, update)

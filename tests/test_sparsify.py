@@ -50,3 +50,47 @@ def test_where_and_errors():
     jaxprune.topk_gradients(0.0)
   with pytest.raises(ValueError, match="scope must be"):
     jaxprune.topk_gradients(0.5, scope="all")
+
+
+@pytest.mark.parametrize("bad", ["0.1", None, True])
+def test_density_that_is_not_a_number_fails_at_construction(bad):
+  with pytest.raises(TypeError, match=r"topk_gradients\(\): density must be a number in \(0, 1\]"):
+    jaxprune.topk_gradients(bad)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, float("nan"), np.array([0.1, 0.2]), [0.1]])
+def test_density_outside_0_1_fails_at_construction(bad):
+  with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+    jaxprune.topk_gradients(bad)
+
+
+def test_density_one_sends_everything_and_an_injected_density_changes():
+  g = {"w": jnp.array([1.0, -4.0, 2.0, 0.5])}
+  tx = jaxprune.topk_gradients(1)
+  out, _ = tx.update(g, tx.init(g))
+  assert out["w"].tolist() == g["w"].tolist()
+  tx = optax.inject_hyperparams(jaxprune.topk_gradients)(density=0.25)
+  state = tx.init(g)
+  out, state = jax.jit(tx.update)(g, state)
+  assert out["w"].tolist() == [0.0, -4.0, 0.0, 0.0]
+  state.hyperparams["density"] = jnp.asarray(0.75)
+  out, state = jax.jit(tx.update)(g, state)
+  assert out["w"].tolist() == [2.0, -4.0, 4.0, 0.0]  # top 3 of g + residual [1, 0, 2, .5]
+
+
+def test_bad_where_fails_at_construction_and_an_empty_selection_at_init():
+  with pytest.raises(TypeError, match="where"):
+    jaxprune.topk_gradients(0.5, where=5)
+  tx = jaxprune.topk_gradients(0.5, where="kernel")
+  with pytest.raises(ValueError, match=r"where='kernel' selects none .*\[b, w\]"):
+    tx.init({"w": jnp.ones(3), "b": jnp.ones(2)})
+  with pytest.raises(ValueError, match="selects none"):
+    jaxprune.topk_gradients(0.5).init({"ids": jnp.arange(3)})
+
+
+def test_update_accepts_optax_extra_args():
+  tx = jaxprune.topk_gradients(0.5)
+  g = {"w": jnp.array([1.0, -4.0, 2.0, 0.5])}
+  out, _ = tx.update(g, tx.init(g), value=jnp.float32(1.0))
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  assert out["w"].tolist() == [0.0, -4.0, 2.0, 0.0]
