@@ -36,12 +36,23 @@ def apply_mask(params: Any, masks: Any) -> Any:
     [1.0, 0.0]
   """
   tree_lib.check_same_structure(params, masks)
+  _check_bool(masks, "apply_mask")
   return jax.tree.map(
     lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros((), p.dtype)),
     masks,
     params,
     is_leaf=tree_lib.is_none,
   )
+
+
+def _check_bool(masks: Any, fn: str) -> None:
+  for path, leaf in tree_lib.leaves_with_paths(masks, is_leaf=tree_lib.is_none):
+    if leaf is not None and getattr(leaf, "dtype", None) != jnp.bool_:
+      raise TypeError(
+        f"{fn} takes bool masks (True = kept), but the mask leaf {path!r} is "
+        f"{getattr(leaf, 'dtype', type(leaf).__name__)}; pass masks (e.g. "
+        "jaxprune.masks_of(state) or pruner.masks(params)), not params or scores."
+      )
 
 
 def ones_like(params: Any, paths: list[str] | set[str]) -> Any:
@@ -67,9 +78,26 @@ def combine(*masks: Any) -> Any:
     return jnp.logical_and(a, b)
 
   out = masks[0]
-  for m in masks[1:]:
+  for i, m in enumerate(masks[1:], start=2):
+    _check_like(out, m, i)
     out = jax.tree.map(both, out, m, is_leaf=tree_lib.is_none)
   return out
+
+
+def _check_like(first: Any, other: Any, i: int) -> None:
+  a = tree_lib.leaves_with_paths(first, is_leaf=tree_lib.is_none)
+  b = tree_lib.leaves_with_paths(other, is_leaf=tree_lib.is_none)
+  if [p for p, _ in a] != [p for p, _ in b]:
+    raise ValueError(
+      f"combine(): mask #{i} has the leaves {[p for p, _ in b]}, the masks before it "
+      f"{[p for p, _ in a]}."
+    )
+  for (path, x), (_, y) in zip(a, b):
+    if x is not None and y is not None and jnp.shape(x) != jnp.shape(y):
+      raise ValueError(
+        f"combine(): mask #{i} for {path!r} has shape {jnp.shape(y)}, the masks before it "
+        f"{jnp.shape(x)}."
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,13 +223,7 @@ def pack_masks(masks: Any) -> Any:
     >>> jaxprune.pack_masks(m)["w"].shape
     (2,)
   """
-  for path, leaf in tree_lib.leaves_with_paths(masks, is_leaf=tree_lib.is_none):
-    if leaf is not None and getattr(leaf, "dtype", None) != jnp.bool_:
-      raise TypeError(
-        f"pack_masks packs bool masks, but the leaf {path!r} is "
-        f"{getattr(leaf, 'dtype', type(leaf).__name__)}; pass masks (e.g. "
-        "jaxprune.masks_of(state)), not params."
-      )
+  _check_bool(masks, "pack_masks")
   return jax.tree.map(
     lambda m: None if m is None else jnp.packbits(jnp.ravel(m)), masks, is_leaf=tree_lib.is_none
   )
@@ -215,6 +237,11 @@ def unpack_masks(packed: Any, params: Any) -> Any:
     if bits is None:
       return None
     size = int(np.prod(jnp.shape(p)))
+    if jnp.shape(bits) != (-(-size // 8),) or jnp.result_type(bits) != jnp.uint8:
+      raise ValueError(
+        f"A packed mask of {jnp.shape(bits)} {jnp.result_type(bits)} cannot unpack to "
+        f"shape {jnp.shape(p)}: expected ({-(-size // 8)},) uint8 from pack_masks."
+      )
     return jnp.unpackbits(bits, count=size).astype(bool).reshape(jnp.shape(p))
 
   return jax.tree.map(unpack, packed, params, is_leaf=tree_lib.is_none)

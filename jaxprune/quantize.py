@@ -43,7 +43,7 @@ def quantize(params: Any, where: tree_lib.Where = None, per_channel: bool = True
     >>> q["w"].values.tolist(), jaxprune.dequantize(q)["w"].tolist()
     ([[0, 127], [-127, 64]], [[0.0, 1.0], [-2.0, 0.5039370059967041]])
   """
-  chosen = set(tree_lib.selected_paths(params, where))
+  chosen = set(tree_lib.selected_paths(params, where, what="quantize"))
 
   def one(path, x):
     if tree_lib.path_str(path) not in chosen:

@@ -77,3 +77,18 @@ def test_summary_default_totals_prunable_weights_not_biases():
 def test_pack_masks_rejects_params():
   with pytest.raises(TypeError, match="leaf 'w' is float32"):
     jaxprune.pack_masks({"w": jnp.ones((2, 2))})
+
+
+def test_mask_helpers_name_bad_inputs():
+  with pytest.raises(TypeError, match="apply_mask takes bool masks.*'w' is float32"):
+    jaxprune.apply_mask({"w": jnp.ones(2)}, {"w": jnp.ones(2)})
+  with pytest.raises(
+    ValueError, match=r"mask #2 has the leaves \['v'\], the masks before it \['w'\]"
+  ):
+    jaxprune.combine({"w": jnp.ones(2, bool)}, {"v": jnp.ones(2, bool)})
+  with pytest.raises(
+    ValueError, match=r"mask #2 for 'w' has shape \(3,\), the masks before it \(2,\)"
+  ):
+    jaxprune.combine({"w": jnp.ones(2, bool)}, {"w": jnp.ones(3, bool)})
+  with pytest.raises(ValueError, match=r"cannot unpack to shape \(4, 4\): expected \(2,\) uint8"):
+    jaxprune.unpack_masks({"w": jnp.ones(1, jnp.uint8)}, {"w": jnp.ones((4, 4))})
