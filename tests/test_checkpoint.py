@@ -4,7 +4,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +116,26 @@ def test_resume_inside_the_rethink_phase_matches_an_uninterrupted_run(tmp_path):
     loop.train(config)
 
 
+DIE_AT_16 = """
+import os, signal, sys
+from jaxprune import cli
+from jaxprune.train import checkpoint
+
+save = checkpoint.Checkpointer.save
+
+
+def save_or_die(self, step, *args, **kwargs):
+  if step == 16:
+    self.wait()  # checkpoint 8 is on disk; steps 9-16 were trained and are lost
+    os.kill(os.getpid(), signal.SIGKILL)
+  return save(self, step, *args, **kwargs)
+
+
+checkpoint.Checkpointer.save = save_or_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def command(workdir):
   return [
     sys.executable, "-m", "jaxprune", "train", "--config", AGP,
@@ -145,19 +164,17 @@ def test_kill_9_then_the_same_command_resumes_bitwise(tmp_path):
   assert "fc1/kernel  64x300   19,200  17,280    90.00%" in out and "total" in out
   assert f"report: {whole}/report.md" in out
 
-  proc = subprocess.Popen(command(cut), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)  # fmt: skip
-  deadline = time.monotonic() + 240
-  while not (cut / "checkpoints" / "8").is_dir():  # renamed into place when complete
-    assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  assert proc.wait() == -signal.SIGKILL
+  # The process kills itself with SIGKILL when it reaches checkpoint 16, after checkpoint
+  # 8 is complete and 8 more steps were trained: deterministic on a busy machine (a
+  # polling parent could miss the window and find the run finished).
+  killed = subprocess.run([sys.executable, "-c", DIE_AT_16, *command(cut)[3:]], **run)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  assert (cut / "checkpoints" / "8").is_dir() and not (cut / "checkpoints" / "16").exists()
   assert not (cut / "params.npz").exists(), "the run finished before it was killed"
 
   resumed = subprocess.run(command(cut), **run)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert "resumed from checkpoint step" in resumed.stdout
+  assert "resumed from checkpoint step 8" in resumed.stdout
   a, b = np.load(whole / "params.npz"), np.load(cut / "params.npz")
   assert sorted(a) == sorted(b) and "params/fc1/kernel" in a
   for key in a:
