@@ -154,7 +154,7 @@ def test_kill_9_then_the_same_command_resumes_bitwise(tmp_path):
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
   }
-  run = {"cwd": ROOT, "env": env, "capture_output": True, "text": True, "timeout": 300}
+  run = {"cwd": ROOT, "env": env, "capture_output": True, "text": True, "timeout": 900}
   whole, cut = tmp_path / "whole", tmp_path / "cut"
   done = subprocess.run(command(whole), **run)
   assert done.returncode == 0, done.stderr[-2000:]

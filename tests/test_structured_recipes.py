@@ -39,7 +39,7 @@ def train_cli(workdir, *overrides):
   argv += [f"--config.train.steps={SSL_STEPS}", f"--config.prune.begin={SSL_BEGIN}"]
   argv += [f"--config.train.eval_every={SSL_STEPS}", "--config.train.progress=False"]
   argv += [f"--config.train.workdir={workdir}", "--config.checkpoint.every=100000", *overrides]
-  subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+  subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True, timeout=900)
   return json.loads((workdir / "summary.json").read_text())
 
 
