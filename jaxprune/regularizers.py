@@ -57,6 +57,11 @@ _MIN_NDIM = {"filter": 2, "channel": 2, "shape": 2, "depth": 0}
 
 
 def _check_groups(groups: str | Iterable[str]) -> tuple[str, ...]:
+  if not isinstance(groups, str | Iterable):
+    raise TypeError(
+      f"groups must be a group kind or a sequence of kinds of {GROUP_KINDS}, got "
+      f"{groups!r} ({type(groups).__name__})."
+    )
   kinds = (groups,) if isinstance(groups, str) else tuple(groups)
   if not kinds:
     raise ValueError(f"groups must name at least one group kind of {GROUP_KINDS}.")
@@ -77,17 +82,26 @@ def _check_rank(path: str, shape: tuple[int, ...], kind: str) -> None:
     )
 
 
-def _check_nonnegative(name: str, value: Any, factory: str) -> None:
+def _check_nonnegative(name: str, value: Any, factory: str, *, hyperparam: bool = True) -> None:
+  """Raises unless ``value`` is a finite scalar ``>= 0`` (a traced one is not checked)."""
   if callable(value):
-    raise TypeError(
-      f"{factory}() takes a number for {name}; for a schedule wrap the factory: "
-      f"optax.inject_hyperparams({factory})({name}=schedule)."
+    hint = (
+      f"; for a schedule wrap the factory: optax.inject_hyperparams({factory})({name}=schedule)"
+      if hyperparam
+      else ""
     )
+    raise TypeError(f"{factory}() takes a number for {name}, got a function{hint}.")
   if isinstance(value, jax.core.Tracer):
     return  # a traced hyperparameter (optax.inject_hyperparams under jit)
   v = np.asarray(value)
-  if v.ndim != 0 or not np.issubdtype(v.dtype, np.number) or not v >= 0:
-    raise ValueError(f"{factory}(): {name} must be a number >= 0, got {value!r}.")
+  if isinstance(value, bool) or not (
+    np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)
+  ):
+    raise TypeError(
+      f"{factory}(): {name} must be a number >= 0, got {value!r} ({type(value).__name__})."
+    )
+  if v.ndim != 0 or not np.isfinite(v) or not v >= 0:
+    raise ValueError(f"{factory}(): {name} must be a number >= 0 (finite, scalar), got {value!r}.")
 
 
 def _group_axes(kind: str, ndim: int) -> tuple[int, ...]:
@@ -144,6 +158,7 @@ def block_soft_threshold(w: jax.Array, threshold: Any, kind: str) -> jax.Array:
     >>> block_soft_threshold(w, 2.5, "filter").tolist()
     [[1.5, 0.0], [2.0, 0.0]]
   """
+  _check_nonnegative("threshold", threshold, "block_soft_threshold", hyperparam=False)
   norm = group_norms(w, kind, keepdims=True)
   keep = norm > threshold
   factor = jnp.where(keep, 1 - threshold / jnp.where(keep, norm, 1), 0).astype(w.dtype)
@@ -161,6 +176,7 @@ def soft_threshold(w: jax.Array, threshold: Any) -> jax.Array:
     >>> soft_threshold(jnp.array([-2., -0.5, 0.25, 1.5]), 0.5).tolist()
     [-1.5, 0.0, 0.0, 1.0]
   """
+  _check_nonnegative("threshold", threshold, "soft_threshold", hyperparam=False)
   threshold = jnp.asarray(threshold, w.dtype)
   return jnp.where(jnp.abs(w) > threshold, w - jnp.sign(w) * threshold, jnp.zeros((), w.dtype))
 
@@ -189,14 +205,16 @@ def _proximal(
   where: tree_lib.Where,
   kinds: Sequence[str],
   factory: str,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """An optax transform that returns ``prox(params + updates) - params`` on selected leaves."""
+  tree_lib.as_predicate(where)  # a malformed `where` fails here, not at init
 
   def init(params):
     _selected(params, where, kinds, factory)
     return optax.EmptyState()
 
-  def update(updates, state, params=None):
+  def update(updates, state, params=None, **extra_args):
+    del extra_args  # optax's `value=`, ...: accepted (nnx.Optimizer passes them), not used
     if params is None:
       raise ValueError(
         f"{factory}() needs the params: call tx.update(grads, state, params) "
@@ -214,7 +232,7 @@ def _proximal(
       out.append(u)
     return treedef.unflatten(out), state
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def group_lasso(
@@ -222,7 +240,7 @@ def group_lasso(
   groups: str | Sequence[str] = ("filter",),
   where: tree_lib.Where = None,
   learning_rate: float | jax.Array = 1.0,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Structured sparsity learning (SSL, Wen et al. 2016): a proximal group-lasso step.
 
   Regularizes ``strength * sum_g ||w_g||_2`` over the chosen groups of every selected
@@ -247,13 +265,18 @@ def group_lasso(
       makes ``strength`` the shrinkage per step).
 
   Returns:
-    An ``optax.GradientTransformation`` with an ``optax.EmptyState``; ``update`` needs
-    ``params``. Count the zero groups with :func:`zero_groups`.
+    An ``optax.GradientTransformationExtraArgs`` with an ``optax.EmptyState``;
+    ``update`` needs ``params`` and ignores optax's extra arguments (``value=``, ...).
+    Count the zero groups with :func:`zero_groups`.
 
   Raises:
-    ValueError: for a negative strength, an unknown group kind, a param whose rank does
-      not have the requested kind (naming its path and shape), or a ``where`` that
-      selects nothing.
+    TypeError: at construction, for a ``strength`` or ``learning_rate`` that is not a
+      number (a schedule: see above), ``groups`` that is not a kind or a sequence of
+      kinds, or a malformed ``where``.
+    ValueError: at construction, for a negative, non-finite or non-scalar ``strength``
+      or ``learning_rate``, an unknown group kind or an invalid ``where`` regex; at
+      ``init``, for a param whose rank does not have the requested kind (naming its
+      path and shape), or a ``where`` that selects nothing.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -284,7 +307,7 @@ def l1(
   strength: float | jax.Array,
   where: tree_lib.Where = BATCHNORM_SCALES,
   learning_rate: float | jax.Array = 1.0,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Proximal L1 (soft-thresholding), e.g. on BatchNorm scales for Network Slimming.
 
   Regularizes ``strength * sum |w|`` over the selected params by soft-thresholding the
@@ -307,8 +330,13 @@ def l1(
       makes ``strength`` the shrinkage per step).
 
   Returns:
-    An ``optax.GradientTransformation`` with an ``optax.EmptyState``; ``update`` needs
-    ``params``.
+    An ``optax.GradientTransformationExtraArgs`` with an ``optax.EmptyState``;
+    ``update`` needs ``params`` and ignores optax's extra arguments (``value=``, ...).
+
+  Raises:
+    TypeError, ValueError: at construction for a bad ``strength``, ``learning_rate``
+      or ``where``, at ``init`` for a ``where`` that selects nothing (as
+      :func:`group_lasso`).
 
   Examples:
     >>> import jax.numpy as jnp, optax

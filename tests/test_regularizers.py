@@ -475,3 +475,59 @@ def test_composes_with_optax_masked():
   new, _ = step(tx, params, grads)
   assert new["a"].tolist() == [[1.5, 0.0], [2.0, 0.0]]
   assert new["b"].tolist() == w.tolist()
+
+
+@pytest.mark.parametrize("factory", [group_lasso, l1])
+@pytest.mark.parametrize("bad", ["0.1", None, True, {"a": 1.0}])
+def test_strength_that_is_not_a_number_fails_at_construction(factory, bad):
+  name = factory.__name__
+  with pytest.raises(TypeError, match=rf"{name}\(\): strength must be a number >= 0, got"):
+    factory(bad)
+  with pytest.raises(TypeError, match=rf"{name}\(\): learning_rate must be a number"):
+    factory(1.0, learning_rate=bad)
+
+
+@pytest.mark.parametrize("factory", [group_lasso, l1])
+def test_infinite_strength_or_learning_rate_fails_at_construction(factory):
+  with pytest.raises(ValueError, match="strength must be a number >= 0 .finite, scalar., got inf"):
+    factory(float("inf"))
+  with pytest.raises(ValueError, match="learning_rate must be a number >= 0"):
+    factory(0.0, learning_rate=float("inf"))
+
+
+@pytest.mark.parametrize("bad", [None, 3])
+def test_groups_that_are_not_kinds_fail_at_construction(bad):
+  with pytest.raises(TypeError, match=r"groups must be a group kind or a sequence of kinds"):
+    group_lasso(1.0, groups=bad)
+
+
+@pytest.mark.parametrize("factory", [group_lasso, l1])
+def test_malformed_where_fails_at_construction_not_at_init(factory):
+  with pytest.raises(TypeError, match="where"):
+    factory(1.0, where=5)
+  with pytest.raises(ValueError, match=r"'\(' is not a valid regular expression"):
+    factory(1.0, where="(")
+
+
+def test_prox_functions_refuse_a_negative_threshold():
+  w = jnp.ones((2, 2))
+  with pytest.raises(
+    ValueError, match=r"block_soft_threshold\(\): threshold must be a number >= 0"
+  ):
+    block_soft_threshold(w, -1.0, "filter")
+  with pytest.raises(ValueError, match=r"soft_threshold\(\): threshold must be a number >= 0"):
+    soft_threshold(w, -1.0)
+  with pytest.raises(
+    TypeError, match=r"soft_threshold\(\) takes a number for threshold, got a function\.$"
+  ):
+    soft_threshold(w, lambda step: 0.1)
+
+
+@pytest.mark.parametrize("factory", [group_lasso, l1])
+def test_update_accepts_optax_extra_args(factory):
+  tx = factory(2.5, where=None)
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  params = {"w": jnp.array([[3.0, 0.3], [4.0, 0.4]])}
+  updates, _ = tx.update(zeros_like(params), tx.init(params), params, value=jnp.float32(1.0))
+  expected = {group_lasso: [[1.5, 0.0], [2.0, 0.0]], l1: [[0.5, 0.0], [1.5, 0.0]]}[factory]
+  assert optax.apply_updates(params, updates)["w"].tolist() == expected
