@@ -183,16 +183,7 @@ def soft_threshold(w: jax.Array, threshold: Any) -> jax.Array:
 
 def _selected(params: Any, where: tree_lib.Where, kinds: Sequence[str], factory: str) -> set[str]:
   """The paths ``where`` selects, checked: float, a supported rank, at least one."""
-  paths = tree_lib.selected_paths(params, where)
-  if not paths:
-    all_paths = [p for p, _ in tree_lib.leaves_with_paths(params)]
-    shown = ", ".join(all_paths[:12]) + (
-      f", ... ({len(all_paths)} in all)" if len(all_paths) > 12 else ""
-    )
-    raise ValueError(
-      f"{factory}(): where={where!r} selects none of the params [{shown}]. "
-      "Pass `where=` regexes over these paths or a (path, leaf) -> bool predicate."
-    )
+  paths = tree_lib.selected_paths(params, where, what=f"{factory}()")
   shapes = dict(tree_lib.leaves_with_paths(params))
   for path in paths:
     for kind in kinds:

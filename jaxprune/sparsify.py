@@ -93,13 +93,7 @@ def topk_gradients(
 
   def init(params):
     if not any(chosen(params)):
-      paths = [p for p, _ in tree_lib.leaves_with_paths(params)]
-      shown = ", ".join(paths[:12]) + (f", ... ({len(paths)} in all)" if len(paths) > 12 else "")
-      raise ValueError(
-        f"topk_gradients(): where={where!r} selects none of the floating-point params "
-        f"[{shown}]. Pass `where=` regexes over these paths or a (path, leaf) -> bool "
-        "predicate."
-      )
+      raise tree_lib.no_match_error(params, where, "topk_gradients()")
     return TopKGradientsState(jax.tree.map(jnp.zeros_like, params))
 
   def update(updates, state, params=None, **extra_args):

@@ -443,8 +443,10 @@ def test_depth_groups_accept_any_rank():
 
 def test_where_that_selects_nothing_lists_the_paths():
   params = {"LayerNorm_0": {"scale": jnp.ones(3)}, "Dense_0": {"kernel": jnp.ones((3, 3))}}
-  with pytest.raises(ValueError, match=r"selects none of the params.*LayerNorm_0/scale"):
+  with pytest.raises(ValueError, match=r"l1\(\): where=.* selects none of the .*LayerNorm_0/scale"):
     l1(1e-4).init(params)
+  with pytest.raises(ValueError, match=r"group_lasso\(\): where='Dense_1' selects none"):
+    group_lasso(1.0, where="Dense_1").init(params)
 
 
 def test_non_float_param_is_refused_by_path():
