@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ from jaxprune.schedules import Schedule, as_schedule
 from jaxprune.select import check_sparsity, topk_by_count
 
 ScoreFn = Callable[[jax.Array, Any, Any], jax.Array]
+Scope = Literal["layer", "global"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +56,12 @@ class Pruner:
 
   score: ScoreFn
   schedule: Schedule
-  scope: str = "layer"
+  scope: Scope = "layer"
   where: tree_lib.Where = None
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   dense_first: bool = False
   dense_last: bool = False
-  structure: Any = None
+  structure: str | structures_lib.Structure | None = None
   needs_grads: bool = False
   seed: int = 0
 
@@ -79,17 +80,14 @@ class Pruner:
         raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
     if not isinstance(self.overrides, Mapping):
       raise TypeError(f"overrides must be a {{regex: sparsity}} dict, got {self.overrides!r}.")
-    object.__setattr__(self, "structure", structures_lib.as_structure(self.structure))
-    if isinstance(self.structure, structures_lib.NM):
-      nm = self.structure
-      if self.scope != "layer" or self.overrides:
-        raise ValueError(f"{nm.n}:{nm.m} sparsity is per group: use scope='layer', no overrides.")
-      if self.schedule.final is None or abs(self.schedule.final - nm.sparsity) > 1e-6:
-        raise ValueError(
-          f"{nm.n}:{nm.m} sparsity removes {nm.sparsity:g} of the weights, but the "
-          f"schedule ends at {self.schedule.final}; pass sparsity={nm.sparsity:g} "
-          "(or a schedule that ends there)."
-        )
+    structure = structures_lib.as_structure(self.structure)
+    object.__setattr__(self, "structure", structure)
+    if not structure.poolable and (self.scope != "layer" or self.overrides):
+      raise ValueError(
+        f"The {structure.name} structure counts within each group of a kernel: use "
+        "scope='layer' and no overrides."
+      )
+    structure.check_target(self.schedule.final)
     main_final = self.schedule.final
     for pattern, value in self.overrides.items():
       if not isinstance(pattern, str):
@@ -207,25 +205,18 @@ class Pruner:
         s = jnp.where(kept, s.astype(jnp.float32), -jnp.inf)
       scores[path] = s
 
-    result = {}
-    if isinstance(structure, structures_lib.NM):
-      for p in paths:
-        n_keep = structure.m - jnp.asarray(_removed(self.schedule_of(p), structure.m, step))
-        result[p] = structure.keep(scores[p], n_keep.astype(jnp.int32))
-    else:
-      overridden = [p for p in paths if any(tree_lib.matches(o, p) for o in self.overrides)]
-      pooled = [p for p in paths if p not in overridden]
-      layerwise = paths
-      if self.scope == "global" and pooled:
-        total = sum(int(jnp.size(scores[p])) for p in pooled)
-        removed = _removed(self.schedule, total, step)
-        result.update(zip(pooled, topk_by_count([scores[p] for p in pooled], [removed], "global")))
-        layerwise = overridden
-      for p in layerwise:
-        removed = _removed(self.schedule_of(p), int(jnp.size(scores[p])), step)
-        result[p] = topk_by_count([scores[p]], [removed], "layer")[0]
-      for p in paths:
-        result[p] = structure.expand(result[p], tuple(jnp.shape(by_path[p])))
+    overridden = [p for p in paths if any(tree_lib.matches(o, p) for o in self.overrides)]
+    pooled = [p for p in paths if p not in overridden]
+    layerwise, result = paths, {}
+    if self.scope == "global" and pooled:
+      total = sum(int(jnp.size(scores[p])) for p in pooled)
+      removed = _removed(self.schedule, total, step)
+      result.update(zip(pooled, topk_by_count([scores[p] for p in pooled], [removed], "global")))
+      layerwise = overridden
+    for p in layerwise:
+      schedule = self.schedule_of(p)
+      result[p] = structure.select(scores[p], lambda n, s=schedule: _removed(s, n, step))
+    result = {p: structure.expand(result[p], tuple(jnp.shape(by_path[p]))) for p in paths}
     if step is not None:
       result = {p: self._hold(p, m, step, prev_of.get(p)) for p, m in result.items()}
     return self._to_tree(params, result)
@@ -313,12 +304,12 @@ _COMMON_ARGS = """
 def magnitude(
   sparsity: float | Schedule | Callable,
   *,
-  scope: str = "layer",
+  scope: Scope = "layer",
   where: tree_lib.Where = None,
   overrides: Mapping[str, Any] | None = None,
   dense_first: bool = False,
   dense_last: bool = False,
-  structure: Any = None,
+  structure: str | structures_lib.Structure | None = None,
 ) -> Pruner:
   """Magnitude pruning (Han et al. 2015): removes the weights with the smallest ``|w|``.
 
@@ -353,12 +344,12 @@ def random(
   sparsity: float | Schedule | Callable,
   *,
   seed: int = 0,
-  scope: str = "layer",
+  scope: Scope = "layer",
   where: tree_lib.Where = None,
   overrides: Mapping[str, Any] | None = None,
   dense_first: bool = False,
   dense_last: bool = False,
-  structure: Any = None,
+  structure: str | structures_lib.Structure | None = None,
 ) -> Pruner:
   """Random pruning, the baseline: removes uniformly random weights (or groups).
 
@@ -393,12 +384,12 @@ def random(
 def saliency(
   sparsity: float | Schedule | Callable,
   *,
-  scope: str = "layer",
+  scope: Scope = "layer",
   where: tree_lib.Where = None,
   overrides: Mapping[str, Any] | None = None,
   dense_first: bool = False,
   dense_last: bool = False,
-  structure: Any = None,
+  structure: str | structures_lib.Structure | None = None,
 ) -> Pruner:
   """Saliency pruning: removes the weights with the smallest ``|w * dL/dw|``.
 

@@ -18,10 +18,60 @@ Group sparsity counts groups: 50% of filters removes half the filters.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+
+from jaxprune.select import topk_by_count
+
+Removed = Callable[[int], "int | jax.Array"]  # weights (groups) of a set of n to remove
+
+
+@runtime_checkable
+class Structure(Protocol):
+  """What every sparsity structure implements: which weights go together.
+
+  ``group_scores`` pools per-weight scores into one score per group, ``select`` keeps
+  the best groups given how many of ``n`` to remove, ``expand`` maps a group mask back
+  to the kernel's shape. Pruners use nothing else.
+  """
+
+  name: str
+  poolable: bool  # can one threshold pool its groups over layers (scope="global")
+
+  def check(self, path: str, shape: tuple[int, ...]) -> None:
+    """Raises ``ValueError`` naming ``path`` when the kernel's shape does not fit."""
+    ...
+
+  def check_target(self, final: float | None) -> None:
+    """Raises ``ValueError`` when a schedule ending at ``final`` cannot be met."""
+    ...
+
+  def group_scores(self, scores: jax.Array) -> jax.Array: ...
+
+  def group_mask(self, mask: jax.Array) -> jax.Array:
+    """A group is kept when any of its weights is kept."""
+    ...
+
+  def select(self, group_scores: jax.Array, removed: Removed) -> jax.Array:
+    """The group mask keeping the best groups; ``removed(n)`` of every ``n`` go."""
+    ...
+
+  def expand(self, group_mask: jax.Array, shape: tuple[int, ...]) -> jax.Array: ...
+
+
+class _Ranked:
+  """Selection shared by the structures that rank all groups of a kernel together."""
+
+  poolable = True
+
+  def check_target(self, final: float | None) -> None:
+    del final
+
+  def select(self, group_scores: jax.Array, removed: Removed) -> jax.Array:
+    return topk_by_count([group_scores], [removed(int(group_scores.size))], "layer")[0]
 
 
 def _norm(x: jax.Array, axes: tuple[int, ...], ord: str) -> jax.Array:
@@ -37,7 +87,7 @@ def _check_ord(ord: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Unstructured:
+class Unstructured(_Ranked):
   """Every weight is its own group."""
 
   name = "unstructured"
@@ -57,7 +107,7 @@ class Unstructured:
 
 
 @dataclasses.dataclass(frozen=True)
-class Axis:
+class Axis(_Ranked):
   """Whole slices along one kernel axis (-1: output units, -2: input channels)."""
 
   axis: int
@@ -90,7 +140,7 @@ class Axis:
 
 
 @dataclasses.dataclass(frozen=True)
-class Blocks:
+class Blocks(_Ranked):
   """``(bi, bo)`` tiles over the (input, output) axes, all leading axes included."""
 
   shape: tuple[int, int]
@@ -136,6 +186,7 @@ class NM:
   n: int
   m: int
   name = "n:m"
+  poolable = False  # every group of m has its own count
 
   def __post_init__(self):
     if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n <= self.m):
@@ -144,6 +195,21 @@ class NM:
   @property
   def sparsity(self) -> float:
     return 1.0 - self.n / self.m
+
+  def check_target(self, final: float | None) -> None:
+    if final is None or abs(final - self.sparsity) > 1e-6:
+      raise ValueError(
+        f"{self.n}:{self.m} sparsity removes {self.sparsity:g} of the weights, but the "
+        f"schedule ends at {final}; pass sparsity={self.sparsity:g} "
+        "(or a schedule that ends there)."
+      )
+
+  def select(self, group_scores: jax.Array, removed: Removed) -> jax.Array:
+    return self.keep(group_scores, self.m - jnp.asarray(removed(self.m), jnp.int32))
+
+  def expand(self, group_mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    del shape
+    return group_mask
 
   def group_scores(self, scores: jax.Array) -> jax.Array:
     return scores  # selection happens inside each group, in `keep`
@@ -169,7 +235,7 @@ class NM:
     return (rank < n_keep).reshape(scores.shape)
 
 
-def as_structure(structure: Any) -> Any:
+def as_structure(structure: str | Structure | None) -> Structure:
   """A structure object from a name or an object (``None`` -> unstructured)."""
   if structure is None or structure == "unstructured":
     return Unstructured()
@@ -181,7 +247,7 @@ def as_structure(structure: Any) -> Any:
         "'channels', jaxprune.blocks((r, c)) or jaxprune.n_m(n, m)."
       )
     return named[structure]()
-  if isinstance(structure, Unstructured | Axis | Blocks | NM):
+  if isinstance(structure, Structure):
     return structure
   raise TypeError(f"Not a sparsity structure: {structure!r}.")
 

@@ -121,3 +121,19 @@ def test_structure_on_a_param_of_the_wrong_rank_names_it():
     jaxprune.magnitude(0.75, structure=jaxprune.n_m(2, 8)).masks(params)
   with pytest.raises(ValueError, match="3x3 blocks"):
     jaxprune.magnitude(0.5, structure=jaxprune.blocks((3, 3))).masks(params)
+
+
+def test_every_structure_implements_the_interface():
+  from jaxprune.structures import Structure
+
+  for s in (
+    jaxprune.structures.as_structure(None),
+    jaxprune.neurons(),
+    jaxprune.filters(),
+    jaxprune.channels(),
+    jaxprune.blocks((2, 2)),
+    jaxprune.n_m(2, 4),
+  ):
+    assert isinstance(s, Structure), s
+  with pytest.raises(ValueError, match="n:m structure counts within each group"):
+    jaxprune.magnitude(0.5, structure=jaxprune.n_m(2, 4), scope="global")
