@@ -255,3 +255,5 @@ def test_training_loop_sets_masks_of_a_masked_state_inside_a_chain():
   np.testing.assert_array_equal(
     jaxprune.masks_of(opt_state)["layers"][0]["kernel"], masks["layers"][0]["kernel"]
   )
+  with pytest.raises(ValueError, match="No jaxprune.masked state found"):
+    loop.init_state(model, optax.sgd(0.1), seed=0, masks=masks)
