@@ -153,7 +153,7 @@ def test_scalar_and_per_sample_broadcasts_do_not_couple_channels():
 
     def __call__(self, x):
       h = nnx.relu(self.fc(x))
-      h = h * jnp.mean(h, axis=-1, keepdims=True) * 2.0  # (N, 1) gate and a scalar
+      h = h * jnp.mean(x, axis=-1, keepdims=True) * 2.0  # (N, 1) gate and a scalar
       return self.out(h)
 
   p = surgery.plan(abstract(Gated), example_input=spec(2, 4))

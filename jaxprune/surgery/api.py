@@ -13,17 +13,12 @@ from flax import linen as nn
 from flax import nnx
 
 from jaxprune import tree as tree_lib
+from jaxprune.surgery import candidates as candidates_lib
+from jaxprune.surgery import check as check_lib
 from jaxprune.surgery import rebuild
+from jaxprune.surgery.graph import exception_line
 from jaxprune.surgery.plan import Plan, trace
-from jaxprune.surgery.shrink import (
-  CHECK_BATCH,
-  dead_channels,
-  evaluate,
-  kept_indices,
-  plan_removal,
-  slice_tree,
-  take,
-)
+from jaxprune.surgery.shrink import kept_indices, plan_removal, slice_tree, take
 
 
 def _forward(model: Any, variables: Any, apply_kwargs: Mapping[str, Any]) -> tuple[Callable, Any]:
@@ -80,7 +75,21 @@ def plan(
   if example_input is None:
     raise ValueError("plan() needs an example_input (an array or jax.ShapeDtypeStruct).")
   fn, variables = _forward(model, variables, dict(apply_kwargs or {}))
-  return trace(fn, variables, *_inputs(example_input))
+  return _trace(fn, variables, _inputs(example_input), "plan")
+
+
+def _trace(fn: Callable, variables: Any, inputs: tuple, caller: str) -> Plan:
+  """:func:`trace`, with an error about ``example_input`` when the model does not run."""
+  for x in inputs:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise TypeError(
+        f"{caller}(): example_input must be an array or jax.ShapeDtypeStruct (a tuple "
+        f"for several inputs), got {type(x).__name__}."
+      )
+  try:
+    return trace(fn, variables, *inputs)
+  except (TypeError, ValueError) as e:
+    raise check_lib.example_input_error(caller, inputs, e) from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +103,18 @@ class Shrunk:
     removed: ``{group name: [removed channel indices]}``.
     kept: ``{path: {axis: kept indices}}`` for every sliced array.
     widths: ``{module path: {attribute: new size}}``, the new architecture as a config.
-    max_error: the largest output difference from the masked model found by the check.
+    max_error: the largest output difference from the masked model found by the check
+      (over every input size it ran at).
     kept_constant: ``{group name: [channel indices]}`` that were dead (all producer
       weights zero, so their output is a constant) but are kept, because a consumer
-      cannot absorb that constant exactly (no bias, or a zero-padded spatial conv, where
-      the constant's contribution differs at the borders).
+      cannot absorb that constant exactly (no bias, a zero-padded conv at the borders,
+      a strided conv whose padding depends on the input size).
     why_kept: ``{group name: reason}`` for ``kept_constant``, naming the consumer.
+    stayed: ``{group name: [(channels, why), ...]}``: every other pruned channel that
+      stays (zero in some producers only, the last channel of a layer, rounding to
+      ``multiple_of``).
+    checked_shapes: the input shapes the check ran at (the example's, and each axis
+      the model lets vary grown by one).
   """
 
   model: Any
@@ -111,13 +126,19 @@ class Shrunk:
   max_error: float | None
   kept_constant: dict[str, list[int]] = dataclasses.field(default_factory=dict)
   why_kept: dict[str, str] = dataclasses.field(default_factory=dict)
+  stayed: candidates_lib.Stayed = dataclasses.field(default_factory=dict)
+  checked_shapes: tuple = ()
 
   def slice(self, tree: Any) -> Any:
-    """Slices a tree of params-shaped leaves (masks, Adam moments, a whole optax state)."""
+    """Slices the params-shaped parts of a tree (masks, Adam moments, a whole optax state).
+
+    The tree may be built from the params (``tx.init(variables["params"])``,
+    ``tx.init(nnx.state(model, nnx.Param))``) or from all variables.
+    """
     return slice_tree(tree, self.plan, self.kept)
 
   def report(self) -> str:
-    """One line per group: channels before -> after, why blocked, dead channels kept.
+    """One line per group: channels before -> after, why blocked, pruned channels kept.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -140,6 +161,9 @@ class Shrunk:
       if kept:
         dead = "dead channel" if len(kept) == 1 else "dead channels"
         line += f" (kept {len(kept)} {dead} {kept}: {self.why_kept.get(g.name, '')})"
+      for chans, why in self.stayed.get(g.name, ()):
+        word = "pruned channel" if len(chans) == 1 else "pruned channels"
+        line += f" (kept {len(chans)} {word} {chans}: {why})"
       lines.append(line)
     return "\n".join(lines)
 
@@ -163,14 +187,18 @@ def shrink(
   Channels are removed where the masks (or ``remove=``) say: a channel goes when all its
   producers' weights are zero after masking (structured masks, SSL zero groups, hard
   gates). Constant outputs of removed channels (``relu(bias)``...) are folded into the
-  consumers' biases; channels whose constant cannot be folded exactly are kept. Groups
-  that reach the model output, or pass an op slicing cannot follow, are never cut; if
-  ``remove=`` asks for such a group the error names the op and where it is.
+  consumers' biases where that is exact at every input size; other such channels are
+  kept. Groups that reach the model output, or pass an op slicing cannot follow, are
+  never cut; if ``remove=`` asks for such a group the error names the op and where it
+  is. The small model takes every input shape the original takes; the check runs it
+  at the example's shape and with each axis the model lets vary (spatial, sequence)
+  grown by one.
 
   Args:
     model: an ``nnx.Module`` or a ``linen.Module``.
     variables: Linen variables; ``None`` for NNX.
-    masks: a mask pytree over the params (or over all variables); ``None`` = no masks.
+    masks: a mask pytree over the params (or over all variables), matched to the
+      arrays by exact path; ``None`` = no masks.
     example_input: an input array or ``jax.ShapeDtypeStruct`` (batch axis first).
     remove: ``{group name: channel indices}`` to remove explicitly (all their
       producers' weights are then treated as zero).
@@ -179,7 +207,8 @@ def shrink(
     multiple_of: round every new width up to a multiple (8 for GPU tensor cores, 128
       for TPU lanes) by keeping some channels that could have gone.
     apply_kwargs: extra keyword arguments of the forward call.
-    verify: run both models on random inputs and raise if outputs differ.
+    verify: run the shrunk model and the original one with the masks applied on random
+      inputs and raise if outputs differ (the error names the groups involved).
     rtol: tolerance of that check, relative to the largest output magnitude.
     seed: seeds the random inputs of the check.
 
@@ -203,64 +232,49 @@ def shrink(
   inputs = _inputs(example_input)
   kwargs = dict(apply_kwargs or {})
   fn, state = _forward(model, variables, kwargs)
-  the_plan = trace(fn, state, *inputs)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-  leaves = [x for _, x in flat]
-  masked = _apply_masks(the_plan, leaves, masks)
-  values = {p: np.asarray(x) for p, x in zip(the_plan.paths, masked)}
-  protect = tree_lib.as_predicate(keep) if keep else (lambda path, leaf: False)
+  the_plan = _trace(fn, state, inputs, "shrink")
   remove = dict(remove or {})
-  names = {g.name for g in the_plan.groups}
-  for name in remove:
-    if name not in names:
-      raise KeyError(f"remove= names no group {name!r}; groups: {sorted(names)}")
+  candidates_lib.check_remove(the_plan, remove)
+  # The user's masked model: its variables are the reference of the check, run through
+  # the model's own forward pass (not through anything the removal computes).
+  masked_state = check_lib.masked_variables(state, masks)
+  treedef = jax.tree.structure(state)
+  leaves = jax.tree.leaves(masked_state)
+  leaves = _zero_producers(the_plan, leaves, remove)
+  values = {p: np.asarray(x) for p, x in zip(the_plan.paths, leaves)}
+  protect = tree_lib.as_predicate(keep) if keep else (lambda path, leaf: False)
+  chosen, stayed = candidates_lib.choose(the_plan, values, remove, protect)
 
-  candidates: dict[str, list[int]] = {}
-  for g in the_plan.groups:
-    if g.name in remove:
-      if g.blocked:
-        raise ValueError(f"Cannot remove channels of group {g.name!r}: blocked by {g.blocked}.")
-      chans = sorted(set(int(j) for j in remove[g.name]))
-      masked = _zero_producers(the_plan, masked, g, chans)
-      values = {p: np.asarray(x) for p, x in zip(the_plan.paths, masked)}
-    elif g.blocked or any(protect(p, values[p]) for p, _ in g.producers):
-      continue
-    else:
-      chans = dead_channels(g, values)
-    chans = chans[: max(0, g.size - 1)] if len(chans) >= g.size else chans
-    candidates[g.name] = chans
+  rng = np.random.default_rng(seed)
+  shapes = [tuple(tuple(jnp.shape(x)) for x in inputs)]
+  grown = check_lib.grown_shapes(fn, state, inputs)
+  if grown is not None:
+    shapes.append(grown)
+  batches = [check_lib.random_inputs(inputs, rng, s) for s in shapes]
+  removal = plan_removal(the_plan, leaves, batches, chosen)
+  removed = candidates_lib.round_widths(the_plan, removal.removed, multiple_of, stayed)
+  if removed != {k: v for k, v in removal.removed.items() if v}:
+    # Channels kept for the rounding must not be folded too: fold again without them.
+    removal = plan_removal(the_plan, leaves, batches, removed)
+    removed = {k: v for k, v in removal.removed.items() if v}
 
-  removal = plan_removal(the_plan, masked, inputs, candidates, np.random.default_rng(seed))
-  removed = {
-    k: _round_width(the_plan.group(k).size, v, multiple_of) for k, v in removal.removed.items()
-  }
-  removed = {k: v for k, v in removed.items() if v}
-  folded = [
-    jnp.asarray((np.asarray(x) + removal.bias_delta[p]).astype(np.asarray(x).dtype))
-    if p in removal.bias_delta
-    else x
-    for p, x in zip(the_plan.paths, masked)
-  ]
-  kept = kept_indices(the_plan, removed)
-  new_leaves = [take(x, kept[p]) if p in kept else x for p, x in zip(the_plan.paths, folded)]
-  new_state = jax.tree.unflatten(treedef, new_leaves)
-  if isinstance(model, nnx.Module):
-    graphdef = nnx.graphdef(model)
-    small = nnx.merge(graphdef, new_state)
-    widths = rebuild.fix_nnx_attributes(small)
-    small_fn, small_vars = _forward(small, None, kwargs)
-  else:
-    small, widths = rebuild.linen_module(model, the_plan, kept)
-    small_fn, small_vars = _forward(small, new_state, kwargs)
+  def build(removed):
+    bias_delta = plan_removal(the_plan, leaves, batches, removed).bias_delta
+    return _build(model, kwargs, the_plan, leaves, treedef, bias_delta, removed)
 
+  small, small_vars, small_fn, kept, widths = _build(
+    model, kwargs, the_plan, leaves, treedef, removal.bias_delta, removed
+  )
   max_error = None
   if verify:
-    # The masked model runs through the jaxpr plan_removal evaluated (same ops, same
-    # shapes: nothing to compile again).
-    def reference(*xs):
-      return evaluate(removal.jaxpr, list(masked), list(xs))
-
-    max_error = _check(reference, small_fn, small_vars, inputs, rtol, seed)
+    reference = jax.tree.unflatten(treedef, leaves)
+    check_rng = np.random.default_rng(seed + 1)
+    checks = [check_lib.random_inputs(inputs, check_rng, s) for s in shapes]
+    try:
+      max_error = _check(fn, reference, small_fn, small_vars, checks, rtol)
+    except _Mismatch as e:
+      names = _culprits(removed, build, fn, reference, checks, rtol)
+      raise ValueError(f"{e} Groups involved: {', '.join(names)}.") from None
   return Shrunk(
     small,
     small_vars,
@@ -271,73 +285,105 @@ def shrink(
     max_error,
     kept_constant=removal.kept_constant,
     why_kept=removal.why_kept,
+    stayed=stayed,
+    checked_shapes=tuple(shapes),
   )
 
 
-def _round_width(size: int, removed: list[int], multiple_of: int) -> list[int]:
-  keep = size - len(removed)
-  target = min(size, -(-keep // multiple_of) * multiple_of)
-  return sorted(removed)[: size - target]
-
-
-def _apply_masks(the_plan: Plan, leaves: list[Any], masks: Any) -> list[Any]:
-  if masks is None:
-    return list(leaves)
-  by_path = {p: m for p, m in tree_lib.leaves_with_paths(masks, is_leaf=tree_lib.is_none)}
-  out = []
-  for p, x in zip(the_plan.paths, leaves):
-    m = by_path.get(p)
-    if m is None:
-      m = next((v for k, v in by_path.items() if v is not None and tree_lib.same_leaf(p, k)), None)
-    if m is not None and np.shape(m) != np.shape(x):
-      raise ValueError(f"The mask for {p!r} has shape {np.shape(m)}, the array {np.shape(x)}.")
-    if m is not None:  # numpy: eager jnp ops would compile one program per shape
-      x = np.asarray(x)
-      x = jnp.asarray(np.where(np.asarray(m), x, np.zeros((), x.dtype)))
-    out.append(x)
-  known = set(the_plan.paths)
-  for k, v in by_path.items():
-    if v is not None and not any(tree_lib.same_leaf(p, k) for p in known):
-      raise ValueError(f"The mask names {k!r}, which is not a variable of this model.")
-  return out
-
-
-def _zero_producers(the_plan: Plan, leaves: list[Any], group, chans: list[int]) -> list[Any]:
+def _zero_producers(
+  the_plan: Plan, leaves: list[Any], remove: Mapping[str, Sequence[int]]
+) -> list[Any]:
+  """``leaves`` with the producers of the channels ``remove`` names set to zero."""
   index = {p: i for i, p in enumerate(the_plan.paths)}
   out = list(leaves)
-  for p, a in group.producers:
-    idx = np.concatenate([group.channels[j][(p, a)] for j in chans]) if chans else np.array([], int)
-    arr = np.array(out[index[p]])
-    sl = [slice(None)] * arr.ndim
-    sl[a] = idx
-    arr[tuple(sl)] = 0
-    out[index[p]] = jnp.asarray(arr)
+  for name, chans in remove.items():
+    g = the_plan.group(name)
+    chans = sorted({int(j) for j in chans})
+    if not chans:
+      continue
+    for p, a in g.producers:
+      arr = np.array(out[index[p]])
+      sl = [slice(None)] * arr.ndim
+      sl[a] = np.concatenate([g.channels[j][(p, a)] for j in chans])
+      arr[tuple(sl)] = 0
+      out[index[p]] = jnp.asarray(arr)
   return out
 
 
-def _check(reference, small_fn, small_vars, inputs, rtol, seed) -> float:
-  rng = np.random.default_rng(seed + 1)
-  xs = [
-    jnp.asarray(rng.normal(size=(CHECK_BATCH, *jnp.shape(x)[1:])), jnp.result_type(x))
-    for x in inputs
+def _build(model, kwargs, the_plan, leaves, treedef, bias_delta, removed) -> tuple:
+  """The small model: biases corrected, arrays sliced, layer sizes set."""
+  folded = [
+    jnp.asarray((np.asarray(x) + bias_delta[p]).astype(np.asarray(x).dtype))
+    if p in bias_delta
+    else x
+    for p, x in zip(the_plan.paths, leaves)
   ]
-  try:
-    small_out = small_fn(small_vars, *xs)
-  except Exception as e:  # a shape hard-coded in the model code, typically
-    raise ValueError(
-      "The shrunk model does not run: " + str(e).splitlines()[0] + ". Does the model code "
-      "hard-code a width (e.g. reshape to a fixed size)? Derive sizes from the input."
-    ) from e
-  ref_out = reference(*xs)
-  err, scale = 0.0, 1.0
-  for a, b in zip(jax.tree.leaves(ref_out), jax.tree.leaves(small_out)):
-    if np.shape(a) != np.shape(b):
-      raise ValueError(f"The shrunk model's output has shape {np.shape(b)}, not {np.shape(a)}.")
-    err = max(err, float(np.max(np.abs(np.asarray(a) - np.asarray(b)))))
-    scale = max(scale, float(np.max(np.abs(np.asarray(a)))))
-  if not err <= rtol * scale:  # NaN fails too
-    raise ValueError(
-      f"Surgery check failed: the shrunk model's outputs differ from the masked model's "
-      f"by {err:.3g} (tolerance {rtol * scale:.3g}). Please report this model."
-    )
+  kept = kept_indices(the_plan, removed)
+  new_leaves = [take(x, kept[p]) if p in kept else x for p, x in zip(the_plan.paths, folded)]
+  new_state = jax.tree.unflatten(treedef, new_leaves)
+  if isinstance(model, nnx.Module):
+    small = nnx.merge(nnx.graphdef(model), new_state)
+    widths = rebuild.fix_nnx_attributes(small)
+    small_fn, small_vars = _forward(small, None, kwargs)
+  else:
+    small, widths = rebuild.linen_module(model, the_plan, kept)
+    small_fn, small_vars = _forward(small, new_state, kwargs)
+  return small, small_vars, small_fn, kept, widths
+
+
+class _Mismatch(ValueError):
+  """The shrunk model's outputs differ from the masked model's."""
+
+
+def _check(fn, reference, small_fn, small_vars, checks, rtol) -> float:
+  """The largest difference between the masked and shrunk models over ``checks``."""
+  err = 0.0
+  for xs in checks:
+    shape = ", ".join(str(tuple(x.shape)) for x in xs)
+    try:
+      small_out = small_fn(small_vars, *xs)
+    except Exception as e:
+      line = exception_line(e)
+      text = str(e).splitlines()[0] if str(e) else type(e).__name__
+      if "reshape" in text:
+        hint = (
+          f" Does the model code{' at ' + line if line else ''} hard-code a width (e.g. "
+          "reshape to a fixed size)? Derive sizes from the input."
+        )
+      else:
+        hint = (
+          f" (raised {'at ' + line if line else 'in library code'}). This is a limit of "
+          "jaxprune's surgery, not of the model: please report it."
+        )
+      raise ValueError(
+        f"The shrunk model does not run on an input of shape {shape}: {text}.{hint}"
+      ) from e
+    ref_out = fn(reference, *xs)
+    try:
+      err = max(
+        err,
+        check_lib.check_outputs(
+          ref_out,
+          small_out,
+          rtol,
+          check="Surgery",
+          model="shrunk model",
+          reference="masked model",
+          where=f" at input shape {shape}",
+        ),
+      )
+    except ValueError as e:
+      raise _Mismatch(str(e)) from None
   return err
+
+
+def _culprits(removed, build, fn, reference, checks, rtol) -> list[str]:
+  """The groups whose removal alone makes the check fail (all of them if none alone)."""
+  bad = []
+  for name, chans in removed.items():
+    _, small_vars, small_fn, _, _ = build({name: chans})
+    try:
+      _check(fn, reference, small_fn, small_vars, checks, rtol)
+    except ValueError:
+      bad.append(name)
+  return bad or sorted(removed)

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxprune.surgery import check as check_lib
 from jaxprune.surgery.graph import CALLS
 
 _PRODUCERS = (nnx.Conv, nnx.Linear)
@@ -178,7 +179,10 @@ def batchnorm_pairs(model: nnx.Module, example_input: Any) -> list[tuple[str, st
     with _recording(paths, calls):
       return m(*xs)
 
-  closed = jax.make_jaxpr(fn)(state, *specs)
+  try:
+    closed = jax.make_jaxpr(fn)(state, *specs)
+  except (TypeError, ValueError) as e:
+    raise check_lib.example_input_error("batchnorm_pairs", inputs, e) from e
   uses, marked_out, marked_in = _uses(closed.jaxpr)
   producer_of = {marked_out[c.mark]: c for c in calls if c.kind == "producer"}
   count: dict[str, int] = {}
@@ -290,17 +294,14 @@ def fold_batchnorm(
 
 def _check(model, folded, example_input, rtol: float, seed: int) -> None:
   inputs = tuple(example_input) if isinstance(example_input, list | tuple) else (example_input,)
-  rng = np.random.default_rng(seed + 1)
-  xs = [jnp.asarray(rng.normal(size=(3, *jnp.shape(x)[1:])), jnp.result_type(x)) for x in inputs]
+  xs = check_lib.random_inputs(inputs, np.random.default_rng(seed + 1))
   reference = nnx.clone(model)
   reference.eval()
-  ref_out, out = reference(*xs), folded(*xs)
-  err, scale = 0.0, 1.0
-  for a, b in zip(jax.tree.leaves(ref_out), jax.tree.leaves(out)):
-    err = max(err, float(np.max(np.abs(np.asarray(a) - np.asarray(b)))))
-    scale = max(scale, float(np.max(np.abs(np.asarray(a)))))
-  if not err <= rtol * scale:  # NaN fails too
-    raise ValueError(
-      f"fold_batchnorm check failed: the folded model's outputs differ from the model's "
-      f"by {err:.3g} (tolerance {rtol * scale:.3g}). Please report this model."
-    )
+  check_lib.check_outputs(
+    reference(*xs),
+    folded(*xs),
+    rtol,
+    check="fold_batchnorm",
+    model="folded model",
+    reference="model",
+  )

@@ -16,10 +16,13 @@ so surgery refuses those channels with an error naming them.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
+import flax
+import jax
 import numpy as np
-from jax import core
+import optax
 from jax.extend import core as jex_core
 
 ELEMENTWISE = {
@@ -38,6 +41,14 @@ REDUCTIONS = {
 }  # fmt: skip
 CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
          "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"}  # fmt: skip
+
+# Why a reduction over channels blocks them: LayerNorm, RMSNorm, GroupNorm, a mean over
+# features all divide by (or compare against) every channel, so removing any channel,
+# even an all-zero one, changes the result.
+STATISTIC = (
+  " (a statistic over the channel axis, as LayerNorm/RMSNorm take: every channel, even "
+  "an all-zero one, changes it, so none can be removed)"
+)
 
 Label = np.ndarray | None  # atom id per index along one axis (-1: none), or None
 
@@ -94,18 +105,55 @@ def _merge(atoms: Atoms, labels: list[Label]) -> Label:
   return out
 
 
-def _where(eqn: Any) -> str:
-  stack = str(eqn.source_info.name_stack)
-  frame = ""
+# Frames in these directories are library code: a message points at the first frame
+# outside them, the line of the user's model that called the layer.
+_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, flax, optax)) + (
+  os.path.dirname(__file__) + os.sep,
+)
+
+
+def is_library(file_name: str) -> bool:
+  """Whether a frame's file is jax, flax, optax, surgery itself or Python's own."""
+  from jax._src import source_info_util
+
+  return file_name.startswith(_LIBRARY_DIRS) or not source_info_util.is_user_filename(file_name)
+
+
+def user_line(traceback: Any) -> str:
+  """``file.py:LINE`` of the innermost frame of a jax ``Traceback`` outside the libraries."""
   try:
     from jax._src import source_info_util
 
-    f = source_info_util.user_frame(eqn.source_info.traceback)
-    if f is not None:
-      frame = f" at {f.file_name.rsplit('/', 1)[-1]}:{f.start_line}"
+    code, lasti = traceback.raw_frames() if traceback is not None else ([], [])
+    for c, i in zip(code, lasti):
+      if not is_library(c.co_filename):
+        frame = source_info_util.raw_frame_to_frame(c, i)
+        return f"{os.path.basename(frame.file_name)}:{frame.start_line}"
   except Exception:  # source info is a nicety; never fail the trace over it
-    frame = ""
-  return f"`{eqn.primitive.name}`" + (f" in {stack}" if stack else "") + frame
+    return ""
+  return ""
+
+
+def exception_line(e: BaseException) -> str:
+  """``file.py:LINE`` of the innermost frame of ``e``'s traceback outside the libraries."""
+  tb, line = e.__traceback__, ""
+  while tb is not None:
+    if not is_library(tb.tb_frame.f_code.co_filename):
+      line = f"{os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
+    tb = tb.tb_next
+  return line
+
+
+def _where(eqn: Any, what: str = "") -> str:
+  """```op` [of PARAM] [in NAME STACK] [at FILE:LINE]`` for a message about ``eqn``."""
+  stack = str(eqn.source_info.name_stack)
+  line = user_line(eqn.source_info.traceback)
+  return (
+    f"`{eqn.primitive.name}`"
+    + (f" of {what}" if what else "")
+    + (f" in {stack}" if stack else "")
+    + (f" at {line}" if line else "")
+  )
 
 
 def _shape(v: Any) -> tuple[int, ...]:
@@ -115,8 +163,16 @@ def _shape(v: Any) -> tuple[int, ...]:
 class Tracer:
   """Walks a jaxpr, propagating atom labels and recording unions and blocks."""
 
-  def __init__(self, atoms: Atoms):
+  def __init__(self, atoms: Atoms, paths: tuple[str, ...] = ()):
     self.atoms = atoms
+    self.paths = paths
+
+  def param(self, label: Label) -> str:
+    """The path of the array whose atoms ``label`` holds (``""`` if none)."""
+    if label is None or not self.paths:
+      return ""
+    ids = [x for x in label.tolist() if x >= 0]
+    return self.paths[self.atoms.origin[ids[0]][0]] if ids else ""
 
   def run(self, jaxpr: Any, in_labels: list[list[Label]]) -> list[list[Label]]:
     env: dict[Any, list[Label]] = {}
@@ -132,7 +188,7 @@ class Tracer:
       ins = [read(v) for v in eqn.invars]
       outs = self.rule(eqn, ins)
       for v, lab in zip(eqn.outvars, outs):
-        if not isinstance(v, core.DropVar):
+        if not isinstance(v, jex_core.DropVar):
           env[v] = lab
     return [read(v) for v in jaxpr.outvars]
 
@@ -171,8 +227,8 @@ class Tracer:
     if name in REDUCTIONS:
       axes = set(p["axes"])
       for a in axes:
-        if ins[0][a] is not None and in_shapes[0][a] > 1 and name in ("argmax", "argmin"):
-          self.atoms.block(ins[0][a], _where(eqn))
+        if ins[0][a] is not None and in_shapes[0][a] > 1:
+          self.atoms.block(ins[0][a], _where(eqn) + STATISTIC)
       return [[lab for a, lab in enumerate(ins[0]) if a not in axes]]
     if name == "transpose":
       return [[ins[0][a] for a in p["permutation"]]]
@@ -354,12 +410,15 @@ class Tracer:
       self.atoms.union(lhs[lhs_spec[1]], rhs[rhs_spec[0]])
       out[out_spec[1]] = _merge(self.atoms, [lhs[lhs_spec[1]], rhs[rhs_spec[0]]])
     else:
-      reason = _where(eqn) + f" (grouped conv, feature_group_count={groups})"
+      reason = _where(eqn, self.param(rhs[rhs_spec[0]])) + (
+        f" (grouped conv, feature_group_count={groups}: only depthwise convs with one "
+        "filter per input channel can be sliced)"
+      )
       self.atoms.block(lhs[lhs_spec[1]], reason)
       self.atoms.block(rhs[rhs_spec[0]], reason)
       self.atoms.block(rhs[rhs_spec[1]], reason)
     for a in lhs_spec[2:]:
-      self.atoms.block(lhs[a], _where(eqn))
+      self.atoms.block(lhs[a], _where(eqn, self.param(rhs[rhs_spec[0]])))
     return out
 
   def _mark_producer(self, lab: Label) -> None:

@@ -97,7 +97,7 @@ def trace(fn: Callable[..., Any], variables: Any, *example_inputs: Any) -> Plan:
     floating = jnp.issubdtype(x.dtype, jnp.floating)
     in_labels.append([atoms.new(i, a, n) if floating else None for a, n in enumerate(x.shape)])
   in_labels += [[None] * len(v.aval.shape) for v in closed.jaxpr.invars[len(specs) :]]
-  outs = Tracer(atoms).run(closed.jaxpr, in_labels)
+  outs = Tracer(atoms, paths).run(closed.jaxpr, in_labels)
   for labels in outs:
     for lab in labels:
       atoms.block(lab, "the model output")

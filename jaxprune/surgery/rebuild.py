@@ -21,10 +21,13 @@ def fix_nnx_attributes(model: nnx.Module) -> dict[str, dict[str, int]]:
       new = {"in_features": _shape(mod.kernel)[0], "out_features": _shape(mod.kernel)[1]}
     elif isinstance(mod, nnx.Conv):
       k = _shape(mod.kernel)
-      if mod.feature_group_count > 1:  # depthwise (the only grouped conv surgery slices)
-        new = {"in_features": k[-1], "out_features": k[-1], "feature_group_count": k[-1]}
-      else:
+      groups = mod.feature_group_count
+      if groups == 1:
         new = {"in_features": k[-2], "out_features": k[-1]}
+      elif k[-1] != mod.out_features:
+        # Surgery slices only depthwise convs with one filter per input channel (the
+        # plan blocks every other grouped conv): in = out = groups = the new width.
+        new = {"in_features": k[-1], "out_features": k[-1], "feature_group_count": k[-1]}
       mod.kernel_shape = k
     elif isinstance(mod, nnx.BatchNorm | nnx.LayerNorm | nnx.RMSNorm):
       for attr in ("scale", "bias", "mean", "var"):

@@ -4,8 +4,9 @@ A channel of a prunable group is removed when its producers' weights are all zer
 the masks (structured masks, zero SSL groups, hard gates): its value is then the same
 for every input (e.g. ``relu(beta)`` after a BatchNorm). Before it is cut, its constant
 contribution to each consumer is folded into the consumer's bias, so the small model
-computes what the masked one does. A channel whose contribution cannot be folded
-exactly (no bias to fold into, or a padded spatial conv at the border) is kept.
+computes what the masked one does, at every input size. A channel whose contribution
+cannot be folded exactly (no bias to fold into, a padded conv at the borders, a strided
+conv whose padding depends on the input size) is kept.
 """
 
 from __future__ import annotations
@@ -21,20 +22,6 @@ import numpy as np
 from jaxprune import tree as tree_lib
 from jaxprune.surgery.graph import CALLS
 from jaxprune.surgery.plan import Group, Plan
-
-# The batch of the random inputs that check constancy (plan_removal) and equality
-# (shrink's check): one batch size, so the second eager run reuses the ops compiled by
-# the first.
-CHECK_BATCH = 3
-
-
-def dead_channels(group: Group, values: dict[str, np.ndarray]) -> list[int]:
-  """Channels of ``group`` whose producer slices are all exactly zero."""
-  dead = []
-  for j, chan in enumerate(group.channels):
-    if all(not np.any(np.take(values[p], chan[(p, a)], axis=a)) for p, a in group.producers):
-      dead.append(j)
-  return dead
 
 
 def _eval_capture(jaxpr: Any, consts: list, args: list, capture: list) -> list:
@@ -69,18 +56,58 @@ def _eval_capture(jaxpr: Any, consts: list, args: list, capture: list) -> list:
   return [read(v) for v in jaxpr.outvars]
 
 
-def _consumer_axes(eqn: Any) -> tuple[int, int, int]:
-  """(lhs feature axis, rhs input axis, output feature axis) of a dot/conv."""
+@dataclasses.dataclass(frozen=True)
+class _Consumer:
+  """How a dot/conv reads its input channels.
+
+  Attributes:
+    pairs: ``(lhs axis, rhs axis)`` of every contracted pair (the lhs feature axis and
+      the kernel's input axis of a conv).
+    out_axis: the output feature axis, or -1 when a constant input channel cannot be
+      folded into a bias (batch dimensions, several contracted axes, a grouped conv).
+  """
+
+  pairs: tuple[tuple[int, int], ...]
+  out_axis: int
+
+
+def _consumer(eqn: Any) -> _Consumer | None:
+  """What a dot/conv reads; ``None`` for a depthwise conv, whose output channel is its
+  input channel (same group): a constant flows through it to the next consumer."""
   if eqn.primitive.name == "dot_general":
     (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
-    if len(lc) != 1 or lb:
-      return -1, -1, -1
     n_out = len(eqn.outvars[0].aval.shape)
-    return lc[0], rc[0], n_out - 1
+    plain = len(lc) == 1 and not lb
+    return _Consumer(tuple(zip(lc, rc)), n_out - 1 if plain else -1)
   dn = eqn.params["dimension_numbers"]
-  if eqn.params["feature_group_count"] != 1:
-    return -1, -1, -1
-  return dn.lhs_spec[1], dn.rhs_spec[1], dn.out_spec[1]
+  groups = eqn.params["feature_group_count"]
+  pair = ((dn.lhs_spec[1], dn.rhs_spec[1]),)
+  if groups != 1:
+    c_in = eqn.invars[0].aval.shape[dn.lhs_spec[1]]
+    c_out = eqn.invars[1].aval.shape[dn.rhs_spec[0]]
+    return None if groups == c_in == c_out else _Consumer(pair, -1)
+  return _Consumer(pair, dn.out_spec[1])
+
+
+def _size_dependent(eqn: Any) -> bool:
+  """A strided conv with a window wider than one and no padding at the traced size.
+
+  Its padding may only be zero at this size: Flax's ``"SAME"`` pads a stride-``s`` conv
+  by ``k - r`` at the end when the size leaves a remainder ``0 < r < k``, so what a
+  constant contributes at the borders depends on the input size. (A padded conv is
+  already not exact at the traced size; a stride-1 or 1x1 conv pads the same at every
+  size.)
+  """
+  if eqn.primitive.name != "conv_general_dilated":
+    return False
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  window = [eqn.invars[1].aval.shape[a] for a in dn.rhs_spec[2:]]
+  dilation = p.get("rhs_dilation") or (1,) * len(window)
+  for k, d, s, pad in zip(window, dilation, p["window_strides"], p["padding"]):
+    if s > 1 and (k - 1) * d + 1 > 1 and tuple(pad) == (0, 0):
+      return True
+  return False
 
 
 @dataclasses.dataclass
@@ -94,14 +121,12 @@ class Removal:
     kept_constant: ``{group name: channels}`` that were dead (constant output) but are
       kept, because some consumer cannot absorb their constant exactly.
     why_kept: ``{group name: reason}`` naming that consumer and why.
-    jaxpr: the model's closed jaxpr at batch :data:`CHECK_BATCH`.
   """
 
   removed: dict[str, list[int]]
   bias_delta: dict[str, np.ndarray]
   kept_constant: dict[str, list[int]]
   why_kept: dict[str, str] = dataclasses.field(default_factory=dict)
-  jaxpr: Any = None
 
 
 def evaluate(closed: Any, leaves: list[Any], inputs: list[Any]) -> list[Any]:
@@ -109,86 +134,143 @@ def evaluate(closed: Any, leaves: list[Any], inputs: list[Any]) -> list[Any]:
   return _eval_capture(closed.jaxpr, closed.consts, list(leaves) + list(inputs), [])
 
 
+def _captures(plan: Plan, leaves: list[Any], batches: list[list[Any]]) -> list[list]:
+  """Per input batch, every dot/conv of the model with its inputs and output."""
+  out = []
+  for inputs in batches:
+    capture: list = []
+    closed = jax.make_jaxpr(plan.fn)(list(leaves), *inputs)
+    _eval_capture(closed.jaxpr, closed.consts, list(leaves) + list(inputs), capture)
+    out.append(capture)
+  return out
+
+
+def _constant_rows(x: np.ndarray) -> bool:
+  return bool(np.allclose(x, x[:1], rtol=1e-6, atol=1e-6 * (1 + np.abs(x).max(initial=0.0))))
+
+
 def plan_removal(
   plan: Plan,
   leaves: list[Any],
-  example_inputs: tuple,
+  batches: list[list[Any]],
   candidates: dict[str, list[int]],
-  rng: np.random.Generator,
 ) -> Removal:
   """Folds the constant output of candidate channels into consumer biases where exact.
 
-  A channel whose constant cannot be folded into one of its consumers is kept, and the
-  folds into the other consumers are then recomputed without it (repeated until no
-  consumer keeps another channel), so no constant is both kept and folded.
+  Every consumer (a dot or conv reading a group's channels; a layer fed by a
+  concatenation reads several groups) gets each group's constant contribution added to
+  its bias when that contribution is the same at every position, in every batch of
+  ``batches`` (the first at the traced input size, others at other sizes), and cannot
+  change at sizes not tried (:func:`_size_dependent`). Otherwise the non-silent
+  channels are kept, and the folds into the other consumers are recomputed without
+  them (repeated until no consumer keeps another channel), so no constant is both kept
+  and folded.
   """
   values = {p: np.asarray(x) for p, x in zip(plan.paths, leaves)}
-  inputs = [
-    jnp.asarray(rng.normal(size=(CHECK_BATCH, *jnp.shape(x)[1:])), jnp.result_type(x))
-    for x in example_inputs
-  ]
-  capture: list = []
-  closed = jax.make_jaxpr(plan.fn)(list(leaves), *inputs)  # a batch: constancy is checked
-  _eval_capture(closed.jaxpr, closed.consts, list(leaves) + inputs, capture)
-  by_member = {}
+  captures = _captures(plan, leaves, batches)
+  aligned = [c for c in captures[1:] if len(c) == len(captures[0])]
+  by_member: dict[tuple[str, int], list[Group]] = collections.defaultdict(list)
   for g in plan.groups:
     for m in g.members:
-      by_member[m] = g
+      by_member[m].append(g)
   removed = {name: list(chans) for name, chans in candidates.items()}
   kept: dict[str, set[int]] = collections.defaultdict(set)
   why: dict[str, str] = {}
   leaf_ids = {id(x): p for p, x in zip(plan.paths, leaves)}
   while True:
     bias_delta: dict[str, np.ndarray] = {}
+    folded: dict[tuple[str, str], np.ndarray] = {}
     changed = False
-    for eqn, ins, _ in capture:
-      lhs_axis, rhs_axis, out_axis = _consumer_axes(eqn)
+    for i, (eqn, ins, _) in enumerate(captures[0]):
       rhs_path = leaf_ids.get(id(ins[1]))
-      if rhs_path is None or lhs_axis < 0:
+      consumer = _consumer(eqn)
+      if rhs_path is None or consumer is None:
         continue
-      group = by_member.get((rhs_path, rhs_axis))
-      if group is None or not removed.get(group.name):
-        continue
-      lhs = np.asarray(ins[0])
-      chans = removed[group.name]
-      index = np.concatenate([group.channels[j][(rhs_path, rhs_axis)] for j in chans])
-      only = np.zeros_like(lhs)
-      sl = [slice(None)] * lhs.ndim
-      sl[lhs_axis] = index
-      only[tuple(sl)] = lhs[tuple(sl)]
-      if not only.any():
-        continue
-      delta = np.asarray(eqn.primitive.bind(jnp.asarray(only), ins[1], **eqn.params))
-      flat = np.moveaxis(delta, out_axis, -1).reshape(-1, delta.shape[out_axis])
-      bias_path = rhs_path.rsplit("/", 1)[0] + "/bias" if "/" in rhs_path else "bias"
-      exact = np.allclose(flat, flat[:1], rtol=1e-6, atol=1e-6 * (1 + np.abs(flat).max()))
-      has_bias = bias_path in values and values[bias_path].shape == (flat.shape[1],)
-      if exact and has_bias:
-        bias_delta[bias_path] = bias_delta.get(bias_path, 0) + flat[0]
-        continue
-      # Keep the channels that are not silent: their constant cannot be folded here.
-      silent = []
-      for j in chans:
-        idx = group.channels[j][(rhs_path, rhs_axis)]
-        part = np.take(lhs, idx, axis=lhs_axis)
-        if part.any():
-          kept[group.name].add(j)
-        else:
-          silent.append(j)
-      removed[group.name] = silent
-      changed = True
-      why.setdefault(
-        group.name,
-        f"{rhs_path} has no bias to absorb their constant output"
-        if not has_bias
-        else f"their constant contribution through {rhs_path} varies over positions "
-        "(zero padding at the borders)",
-      )
+      runs = [captures[0][i]] + [c[i] for c in aligned]
+      for lhs_axis, rhs_axis in consumer.pairs:
+        for group in by_member.get((rhs_path, rhs_axis), ()):
+          chans = removed.get(group.name)
+          if not chans:
+            continue
+          axes = (lhs_axis, rhs_axis, consumer.out_axis)
+          reason = _fold(group, chans, rhs_path, axes, runs, values, bias_delta, folded)
+          if reason is None:
+            continue
+          silent = []
+          for j in chans:
+            idx = group.channels[j][(rhs_path, rhs_axis)]
+            live = any(np.take(np.asarray(r[1][0]), idx, axis=lhs_axis).any() for r in runs)
+            (kept[group.name].add(j) if live else silent.append(j))
+          if silent != chans:
+            removed[group.name] = silent
+            changed = True
+            why.setdefault(group.name, reason)
     if not changed:
       break
   kept_constant = {k: sorted(v) for k, v in kept.items() if v}
   why_kept = {k: why[k] for k in kept_constant}
-  return Removal(removed, bias_delta, kept_constant, why_kept, jaxpr=closed)
+  return Removal(removed, bias_delta, kept_constant, why_kept)
+
+
+def _fold(group, chans, rhs_path, axes, runs, values, bias_delta, folded) -> str | None:
+  """Adds ``group``'s constant contribution through one consumer to its bias delta.
+
+  Returns ``None`` when it was folded (or is zero), else why it cannot be.
+  """
+  lhs_axis, rhs_axis, out_axis = axes
+  eqn = runs[0][0]
+  index = np.concatenate([group.channels[j][(rhs_path, rhs_axis)] for j in chans])
+  deltas, constant_inputs = [], True
+  for run_eqn, ins, _ in runs:
+    lhs = np.asarray(ins[0])
+    only = np.zeros_like(lhs)
+    sl = [slice(None)] * lhs.ndim
+    sl[lhs_axis] = index
+    only[tuple(sl)] = lhs[tuple(sl)]
+    if not only.any():
+      deltas.append(None)
+      continue
+    part = np.moveaxis(np.take(lhs, index, axis=lhs_axis), lhs_axis, -1)
+    constant_inputs &= _constant_rows(part.reshape(-1, part.shape[-1]))
+    if out_axis < 0:
+      deltas.append(np.zeros((1, 1)))
+      continue
+    delta = np.asarray(run_eqn.primitive.bind(jnp.asarray(only), ins[1], **run_eqn.params))
+    deltas.append(np.moveaxis(delta, out_axis, -1).reshape(-1, delta.shape[out_axis]))
+  if all(d is None for d in deltas):
+    return None  # silent: these channels are zero here
+  if out_axis < 0:
+    return f"{rhs_path} (`{eqn.primitive.name}`) cannot absorb a constant input channel"
+  bias_path = rhs_path.rsplit("/", 1)[0] + "/bias" if "/" in rhs_path else "bias"
+  n_out = next(d for d in deltas if d is not None).shape[1]
+  if not (bias_path in values and values[bias_path].shape == (n_out,)):
+    return f"{rhs_path} has no bias to absorb their constant output"
+  if not constant_inputs:
+    return (
+      f"their output is not constant over positions where {rhs_path} reads it (an op "
+      "before it, e.g. a zero-padded depthwise conv or pooling, changes it at the borders)"
+    )
+  if any(d is None or not _constant_rows(d) for d in deltas):
+    return (
+      f"their constant contribution through {rhs_path} varies over positions (zero "
+      "padding at its borders)"
+    )
+  if _size_dependent(eqn) or any(
+    not np.allclose(d[0], deltas[0][0], rtol=1e-6, atol=1e-6 * (1 + np.abs(d).max()))
+    for d in deltas[1:]
+  ):
+    return (
+      f"their constant contribution through {rhs_path} depends on the input size (a "
+      "strided conv: its padding changes with the size)"
+    )
+  key = (bias_path, group.name)
+  if key in folded:  # a shared layer, called again: its bias absorbs the constant once
+    if np.allclose(folded[key], deltas[0][0], rtol=1e-6, atol=1e-6):
+      return None
+    return f"{rhs_path} is called more than once and sees a different constant each time"
+  folded[key] = deltas[0][0]
+  bias_delta[bias_path] = bias_delta.get(bias_path, 0) + deltas[0][0]
+  return None
 
 
 def kept_indices(plan: Plan, removed: dict[str, list[int]]) -> dict[str, dict[int, np.ndarray]]:
@@ -214,20 +296,51 @@ def take(leaf: Any, kept: dict[int, np.ndarray]) -> jax.Array:
 
 
 def slice_tree(tree: Any, plan: Plan, kept: dict[str, dict[int, np.ndarray]]) -> Any:
-  """Slices any tree holding params-shaped leaves (masks, optimizer moments, ...).
+  """Slices every params-shaped part of ``tree`` (masks, optimizer moments, ...).
 
-  A leaf is sliced when its path ends with a sliced array's path and its shape is that
-  array's original shape; other leaves (and ``None``) pass through.
+  A part of ``tree`` is params-shaped when the paths of its leaves, taken from that
+  part, are paths of the model's arrays (exactly, or without Linen's ``params/``
+  prefix) and the leaves have those arrays' shapes: ``mu`` in an Adam state
+  ``(ScaleByAdamState(count, mu, nu), ...)``, whose leaves ``mu/Dense_0/kernel`` are
+  ``Dense_0/kernel`` from there. Paths are never matched by suffix.
+
+  Raises:
+    ValueError: when no part of ``tree`` is params-shaped (the message lists both).
   """
-  names = sorted(kept, key=len, reverse=True)
+  tables = (
+    {p: p for p in plan.paths},
+    {tree_lib.strip_collection(p): p for p in plan.paths},
+  )
 
-  def one(path, leaf):
-    if leaf is None or not hasattr(leaf, "shape"):
-      return leaf
-    p = tree_lib.path_str(path)
-    for name in names:
-      if tree_lib.same_leaf(p, name) and tuple(leaf.shape) == plan.shapes[name]:
-        return take(leaf, kept[name])
-    return leaf
+  def table_of(node: Any) -> dict[str, str] | None:
+    items = tree_lib.leaves_with_paths(node, is_leaf=tree_lib.is_none)
+    if not any(hasattr(x, "shape") for _, x in items):
+      return None
+    for table in tables:
+      if all(p in table and (x is None or np.shape(x) == plan.shapes[table[p]]) for p, x in items):
+        return table
+    return None
 
-  return jax.tree_util.tree_map_with_path(one, tree, is_leaf=tree_lib.is_none)
+  found = []
+
+  def one(node: Any) -> Any:
+    table = table_of(node) if node is not None else None
+    if table is None:
+      return node
+    found.append(True)
+
+    def leaf(path, x):
+      name = table[tree_lib.path_str(path)]
+      return x if x is None or name not in kept else take(x, kept[name])
+
+    return jax.tree_util.tree_map_with_path(leaf, node, is_leaf=tree_lib.is_none)
+
+  out = jax.tree.map(one, tree, is_leaf=lambda n: n is None or table_of(n) is not None)
+  arrays = [p for p, x in tree_lib.leaves_with_paths(tree) if hasattr(x, "shape")]
+  if not found and arrays:
+    raise ValueError(
+      f"slice: no part of the tree has the model's arrays at their paths and shapes "
+      f"(tree leaves: {arrays[:8]}; model arrays: {list(plan.paths)[:8]}). Pass masks, "
+      "optimizer moments or an optax state built from the model's params or variables."
+    )
+  return out

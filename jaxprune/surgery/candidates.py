@@ -1,0 +1,113 @@
+"""Which channels of each group ``shrink`` tries to remove, and why the others stay."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxprune.surgery.plan import Group, Plan
+
+Stayed = dict[str, list[tuple[list[int], str]]]  # group -> [(channels, why)]
+
+
+def _zero(values: dict[str, np.ndarray], chan: dict, member: tuple[str, int]) -> bool:
+  path, axis = member
+  return not np.any(np.take(values[path], chan[member], axis=axis))
+
+
+def dead_channels(group: Group, values: dict[str, np.ndarray]) -> list[int]:
+  """Channels of ``group`` whose producer slices are all exactly zero."""
+  return [
+    j for j, c in enumerate(group.channels) if all(_zero(values, c, m) for m in group.producers)
+  ]
+
+
+def check_remove(plan: Plan, remove: Mapping[str, Sequence[int]], what: str = "remove=") -> None:
+  """Raises a ``ValueError`` naming the problem with ``{group name: channels}``."""
+  groups = {g.name: g for g in plan.groups}
+  for name, chans in remove.items():
+    if name not in groups:
+      raise KeyError(
+        f"{what} names no group {name!r}; the groups are (name: channels): "
+        + ", ".join(f"{g.name}: {g.size}" for g in plan.groups)
+      )
+    g = groups[name]
+    bad = [j for j in chans if not isinstance(j, int | np.integer) or not 0 <= int(j) < g.size]
+    if bad:
+      raise ValueError(
+        f"{what} group {name!r} has channels 0..{g.size - 1}; got {bad[:5]} "
+        "(channel indices within the group, see print(plan))."
+      )
+    if g.blocked and len(chans):
+      raise ValueError(f"{what} cannot remove channels of group {name!r}: blocked by {g.blocked}.")
+
+
+def choose(
+  plan: Plan,
+  values: dict[str, np.ndarray],
+  remove: Mapping[str, Sequence[int]],
+  protect: Callable[[str, Any], bool],
+) -> tuple[dict[str, list[int]], Stayed]:
+  """``{group: channels to try to remove}``, and the pruned channels that stay, with why.
+
+  A channel is a candidate when all its producers' weights are zero (``values`` are
+  masked, and zeroed where ``remove=`` asks). Channels zero in some of their producers
+  only (masks that disagree on the two sides of a residual add) stay, and so does one
+  channel of a group whose channels are all pruned.
+  """
+  candidates: dict[str, list[int]] = {}
+  stayed: Stayed = {}
+  for g in plan.groups:
+    if g.blocked or any(protect(p, values[p]) for p, _ in g.producers):
+      continue
+    chans = dead_channels(g, values)
+    notes = []
+    if len(g.producers) > 1 and g.name not in remove:
+      partly = {}
+      for j, c in enumerate(g.channels):
+        zero = [p for p, a in g.producers if _zero(values, c, (p, a))]
+        if zero and len(zero) < len(g.producers):
+          partly.setdefault(tuple(zero), []).append(j)
+      for zero, js in partly.items():
+        live = [p for p, _ in g.producers if p not in zero]
+        notes.append(
+          (
+            js,
+            f"pruned in {', '.join(zero)} but not in {', '.join(live)}: a channel goes only "
+            "when every layer writing it is zero (e.g. both sides of a residual add)",
+          )
+        )
+    if chans and len(chans) >= g.size:
+      notes.append(
+        ([chans[-1]], f"all {g.size} channels are pruned; one stays so the layer has an output")
+      )
+      chans = chans[:-1]
+    if notes:
+      stayed[g.name] = notes
+    if chans:
+      candidates[g.name] = chans
+  return candidates, stayed
+
+
+def round_widths(
+  plan: Plan, removed: dict[str, list[int]], multiple_of: int, stayed: Stayed
+) -> dict[str, list[int]]:
+  """``removed`` with fewer channels, so every new width is a multiple of ``multiple_of``.
+
+  The channels kept for it are noted in ``stayed``.
+  """
+  out = {}
+  for name, chans in removed.items():
+    size = plan.group(name).size
+    target = min(size, -(-(size - len(chans)) // multiple_of) * multiple_of)
+    chans = sorted(chans)
+    go, back = chans[: size - target], chans[size - target :]
+    if back:
+      stayed.setdefault(name, []).append(
+        (back, f"kept to round the width up to a multiple of {multiple_of}")
+      )
+    if go:
+      out[name] = go
+  return out
