@@ -14,7 +14,7 @@ from jaxprune.schedules import Schedule, agp, constant, iterative, one_shot, sch
 from jaxprune.select import topk_mask
 from jaxprune.sparsify import TopKGradientsState, topk_gradients
 from jaxprune.structures import blocks, channels, filters, n_m, neurons
-from jaxprune.transforms import MaskedState, masked, masks_of
+from jaxprune.transforms import MaskedState, masked, masks_of, set_masks
 
 __version__ = "0.1.0"
 
@@ -47,6 +47,7 @@ __all__ = [
   "saliency",
   "Schedule",
   "schedule",
+  "set_masks",
   "Summary",
   "TopKGradientsState",
   "summary",

@@ -41,9 +41,9 @@ class Pruner:
       param path, or a ``(path, leaf) -> bool`` predicate.
     overrides: ``{regex: sparsity or Schedule}`` per-layer targets, pruned layer-wise.
       A float follows the main schedule's progress and update steps: it is reached when
-      the main schedule reaches its final value (so the main schedule needs a nonzero
-      ``final``). A :class:`Schedule` is followed as it is, on its own update steps.
-      The first matching regex wins (see :meth:`schedule_of`).
+      the main schedule reaches its final value (with a main schedule that ends at 0,
+      from its first update step on). A :class:`Schedule` is followed as it is, on its
+      own update steps. The first matching regex wins (see :meth:`schedule_of`).
     dense_first: keep the first pruned param (in natural path order) dense.
     dense_last: keep the last one dense (e.g. the classifier head).
     structure: which weights go together (see :mod:`jaxprune.structures`):
@@ -96,11 +96,12 @@ class Pruner:
       if isinstance(value, Schedule):
         continue
       check_sparsity(value, f"override sparsity for {pattern!r}")
-      if not main_final:
+      if main_final is None or (main_final == 0 and self.schedule.levels is None):
         raise ValueError(
           f"The override {pattern!r}: {value} is a float, which follows the main "
           "schedule's progress (reached when the main schedule reaches its final "
-          f"sparsity), but the main schedule's final sparsity is {main_final}. Give the "
+          f"sparsity), but the main schedule's final sparsity is {main_final} and its "
+          "steps are not known. Give the "
           f"override its own schedule, e.g. {{{pattern!r}: jaxprune.constant({value})}}."
         )
 
@@ -125,9 +126,12 @@ class Pruner:
     """The schedule that the param at ``path`` follows.
 
     An override given as a :class:`Schedule` is followed as it is (its own targets and
-    update steps). An override given as a float ``v`` follows the main schedule's
-    progress, scaled so that it reaches ``v`` when the main schedule reaches its final
-    value, on the main schedule's update steps. The first matching regex wins.
+    update steps). An override given as a float ``v`` follows the main schedule, on
+    its update steps: scaled so that it reaches ``v`` when the main schedule reaches
+    its final value; or, when the main schedule ends at 0 (``magnitude(0.0,
+    overrides={...})``: nothing pruned but the named layers), ``v`` from the main
+    schedule's first update step on (a one-shot prune there). The first matching regex
+    wins.
     """
     for pattern, value in self.overrides.items():
       if tree_lib.matches(pattern, path):
@@ -241,6 +245,10 @@ class Pruner:
 def _scaled(main: Schedule, value: float) -> Schedule:
   """``main``'s progress scaled to end at ``value`` (the meaning of a float override)."""
   final = float(main.final)
+  if final == 0:  # a main schedule that prunes nothing: `value` from its first update on
+    levels = (0.0,) + (value,) * (len(main.levels) - 1)
+    table = jnp.asarray(levels, jnp.float32)
+    return Schedule(lambda step: table[main.level(step)], main.is_update, value, levels, main.level)
   ratio = value / final
   sparsity = lambda step: main.sparsity(step) * jnp.float32(ratio)  # noqa: E731
   if main.levels is None:

@@ -204,3 +204,35 @@ def masks_of(state: Any) -> Any:
       "read the one you want from its position in the state."
     )
   return found[0].masks
+
+
+def set_masks(state: Any, masks: Any) -> Any:
+  """The optimizer state with the masks of its one :func:`masked` state replaced.
+
+  Works wherever the :class:`MaskedState` sits (inside ``optax.chain``,
+  ``inject_hyperparams``, ...), through ``optax.tree_utils.tree_set``; the new masks
+  must have the structure and shapes of the old ones (``None`` where unpruned).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, jaxprune
+    >>> tx = optax.chain(optax.clip(1.0), jaxprune.masked(optax.sgd(0.1), jaxprune.magnitude(0.5)))
+    >>> state = tx.init({"w": jnp.ones(2)[None]})
+    >>> state = jaxprune.set_masks(state, {"w": jnp.array([[True, False]])})
+    >>> jaxprune.masks_of(state)["w"].tolist()
+    [[True, False]]
+  """
+  old = masks_of(state)  # exactly one jaxprune.masked state, or a clear error
+  old_paths = [p for p, _ in tree_lib.leaves_with_paths(old, is_leaf=tree_lib.is_none)]
+  new = tree_lib.leaves_with_paths(masks, is_leaf=tree_lib.is_none)
+  if old_paths != [p for p, _ in new]:
+    raise ValueError(
+      f"set_masks: the new masks have the leaves {[p for p, _ in new]}, the state's masks "
+      f"{old_paths}."
+    )
+  for (path, a), (_, b) in zip(tree_lib.leaves_with_paths(old, is_leaf=tree_lib.is_none), new):
+    if (a is None) != (b is None) or (a is not None and jnp.shape(a) != jnp.shape(b)):
+      raise ValueError(
+        f"set_masks: the mask for {path!r} is {None if b is None else jnp.shape(b)}, the "
+        f"state's is {None if a is None else jnp.shape(a)}."
+      )
+  return optax.tree_utils.tree_set(state, masks=masks)

@@ -33,7 +33,7 @@ def test_weight_histograms_errors(tmp_path):
   s = stages()
   with pytest.raises(ValueError, match="empty"):
     plot_weight_histograms({}, tmp_path / "w.png")
-  with pytest.raises(ValueError, match="selects no params"):
+  with pytest.raises(ValueError, match="plot_weight_histograms: where='nothing' selects none"):
     plot_weight_histograms(s, tmp_path / "w.png", where="nothing")
   with pytest.raises(ValueError, match="'other'"):
     plot_weight_histograms({**s, "other": {"fc": s["trained"]["fc"]}}, tmp_path / "w.png")

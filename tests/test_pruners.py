@@ -176,11 +176,24 @@ def test_float_override_follows_main_progress_and_update_steps():
     assert int((~m["b"]).sum()) == round(pruner.schedule_of("b").levels[-1] * 100 * target_a / 0.8)
 
 
-@pytest.mark.parametrize("main", [0.0, lambda t: 0.5])
-def test_float_override_needs_a_main_schedule_with_a_final(main):
-  with pytest.raises(ValueError, match="give the override its own schedule|Give the override"):
+@pytest.mark.parametrize("main", [jaxprune.schedule(lambda t: 0.0, final=0.0), lambda t: 0.5])
+def test_float_override_needs_a_main_schedule_with_known_steps(main):
+  with pytest.raises(ValueError, match="Give the override its own schedule"):
     jaxprune.magnitude(main, overrides={"b": 0.5})
   jaxprune.magnitude(main, overrides={"b": jaxprune.constant(0.5)})  # the way to say it
+
+
+@pytest.mark.parametrize(
+  "main, first", [(0.0, 0), (jaxprune.one_shot(0.0, at=4), 4), (jaxprune.agp(0.0, 3, 9, 3), 3)]
+)
+def test_float_override_of_a_main_schedule_ending_at_zero_is_one_shot(main, first):
+  params = {"a": jnp.ones((10, 10)), "b": jnp.arange(100.0).reshape(10, 10)}
+  pruner = jaxprune.magnitude(main, overrides={"b": 0.3})
+  before = [float(pruner.sparsity_of("b", t)) for t in range(first)]
+  assert before == [0.0] * first
+  np.testing.assert_allclose([float(pruner.sparsity_of("b", t)) for t in (first, 20)], 0.3)
+  m = _run_masked(pruner, params, first + 1)
+  assert int((~m["b"]).sum()) == 30 and bool(m["a"].all())
 
 
 def test_where_that_selects_nothing_is_an_error_with_a_suggestion():

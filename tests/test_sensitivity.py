@@ -88,7 +88,7 @@ def test_methods():
     sensitivity(params, evaluate, GRID, method="saliency")
   with pytest.raises(ValueError, match=r"\[0, 1\)"):
     sensitivity(params, evaluate, (0.0, 1.0))
-  with pytest.raises(ValueError, match="selects no params"):
+  with pytest.raises(ValueError, match="sensitivity: where='conv' selects none"):
     sensitivity(params, evaluate, GRID, where="conv")
 
 

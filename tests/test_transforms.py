@@ -257,3 +257,17 @@ def test_training_loop_sets_masks_of_a_masked_state_inside_a_chain():
   )
   with pytest.raises(ValueError, match="No jaxprune.masked state found"):
     loop.init_state(model, optax.sgd(0.1), seed=0, masks=masks)
+
+
+def test_set_masks_inside_a_chain_and_its_errors():
+  params = {"w": jnp.ones((2, 2)), "b": jnp.zeros(2)}
+  tx = optax.chain(optax.clip(1.0), jaxprune.masked(optax.adam(0.1), jaxprune.magnitude(0.5)))
+  state = tx.init(params)
+  new = {"w": jnp.array([[True, False], [False, False]]), "b": None}
+  assert jaxprune.masks_of(jaxprune.set_masks(state, new))["w"].sum() == 1
+  with pytest.raises(ValueError, match=r"mask for 'w' is \(3,\), the state's is \(2, 2\)"):
+    jaxprune.set_masks(state, {"w": jnp.ones(3, bool), "b": None})
+  with pytest.raises(ValueError, match="new masks have the leaves"):
+    jaxprune.set_masks(state, {"v": None})
+  with pytest.raises(ValueError, match="No jaxprune.masked state"):
+    jaxprune.set_masks(optax.adam(0.1).init(params), new)

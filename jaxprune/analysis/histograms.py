@@ -19,7 +19,7 @@ def _weights(params: Any, where: tree_lib.Where) -> dict[str, np.ndarray]:
   by_path = dict(tree_lib.leaves_with_paths(params))
   return {
     p: np.asarray(jax.device_get(by_path[p]), np.float32).ravel()
-    for p in tree_lib.selected_paths(params, where)
+    for p in tree_lib.selected_paths(params, where, what="plot_weight_histograms")
   }
 
 
@@ -75,8 +75,6 @@ def plot_weight_histograms(
   _check_bins(bins)
   weights = {name: _weights(params, where) for name, params in stages.items()}
   layers = list(next(iter(weights.values())))
-  if not layers:
-    raise ValueError("`where` selects no params to plot (see jaxprune.summary(params)).")
   for name, w in weights.items():
     if list(w) != layers:
       raise ValueError(f"Stage {name!r} has params {list(w)} but the first stage has {layers}.")

@@ -133,9 +133,7 @@ def sensitivity(
   grid = _grid(sparsities)
   make = _pruner_factory(method)
   name = structures_lib.as_structure(structure).name
-  layers = tree_lib.selected_paths(params, where)
-  if not layers:
-    raise ValueError("`where` selects no params: nothing to sweep (see jaxprune.summary(params)).")
+  layers = tree_lib.selected_paths(params, where, what="sensitivity")
 
   def masks_for(layer, s):
     return make(s, where="^" + re.escape(layer) + "$", structure=structure).masks(params)

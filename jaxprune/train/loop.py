@@ -68,8 +68,7 @@ def init_state(
   opt_state = tx.init(params)
   if masks is not None:
     params = jaxprune.apply_mask(params, masks)
-    jaxprune.masks_of(opt_state)  # exactly one jaxprune.masked state, or a clear error
-    opt_state = optax.tree_utils.tree_set(opt_state, masks=masks)
+    opt_state = jaxprune.set_masks(opt_state, masks)
   rng = jax.random.key_data(jax.random.key(seed))
   return graphdef, TrainState(params, rest, opt_state, jnp.zeros((), jnp.int32), rng)
 

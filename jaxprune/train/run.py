@@ -186,7 +186,7 @@ class Run:
         plot_sensitivity(chosen.sensitivity, self.workdir / "sensitivity.png")
     progress.write(chosen.report())
     masks = chosen.masks
-    opt_state = host.opt_state._replace(masks=masks)
+    opt_state = jaxprune.set_masks(host.opt_state, masks)
     new = host._replace(params=jaxprune.apply_mask(host.params, masks), opt_state=opt_state)
     return jax.device_put(new, jax.tree.map(lambda x: x.sharding, state))
 
