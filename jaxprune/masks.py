@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import table as table_lib
 from jaxprune import tree as tree_lib
 
 
@@ -153,16 +154,7 @@ class Summary:
       for r in self.rows
     ]
     total = ("total", "", f"{self.size:,}", f"{self.zeros:,}", f"{self.sparsity:.2%}")
-    cols = list(zip(header, *body, total))
-    widths = [max(len(c) for c in col) for col in cols]
-
-    def line(cells):
-      return "  ".join(
-        c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-      ).rstrip()
-
-    rule = "-" * len(line(header))
-    return "\n".join([line(header), rule, *map(line, body), rule, line(total)])
+    return table_lib.text_table(header, body, [total], left=2)
 
   def __str__(self) -> str:
     return self.table()

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxprune import table as table_lib
 from jaxprune import tree as tree_lib
 
 GROUP_KINDS = ("filter", "channel", "shape", "depth")
@@ -401,16 +402,7 @@ class GroupReport:
 
     body = [cells(r, i == 0 or self.rows[i - 1].path != r.path) for i, r in enumerate(self.rows)]
     totals = [cells(self.total(k), i == 0) for i, k in enumerate(self.kinds)]
-    cols = list(zip(header, *body, *totals))
-    widths = [max(len(c) for c in col) for col in cols]
-
-    def line(row):
-      return "  ".join(
-        c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
-      ).rstrip()
-
-    rule = "-" * len(line(header))
-    return "\n".join([line(header), rule, *map(line, body), rule, *map(line, totals)])
+    return table_lib.text_table(header, body, totals, left=3)
 
   def __str__(self) -> str:
     return self.table()

@@ -25,6 +25,7 @@ from jaxprune import masks as masks_lib
 from jaxprune import progress as progress_lib
 from jaxprune import pruners as pruners_lib
 from jaxprune import structures as structures_lib
+from jaxprune import table as table_lib
 from jaxprune import tree as tree_lib
 from jaxprune.analysis import _plot
 from jaxprune.select import check_sparsity
@@ -72,17 +73,8 @@ class Sensitivity:
   def table(self) -> str:
     header = ("layer", *(f"s={s:g}" for s in self.sparsities))
     body = [(layer, *(f"{a:.4g}" for a in row)) for layer, row in self.accuracy.items()]
-    cols = list(zip(header, *body))
-    widths = [max(len(c) for c in col) for col in cols]
-
-    def line(cells):
-      return "  ".join(
-        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-      ).rstrip()
-
     title = f"accuracy with one layer pruned ({self.structure}); dense: {self.dense:.4g}"
-    rule = "-" * len(line(header))
-    return "\n".join([title, line(header), rule, *map(line, body)])
+    return table_lib.text_table(header, body, title=title)
 
   def __str__(self) -> str:
     return self.table()
