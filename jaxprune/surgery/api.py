@@ -344,7 +344,7 @@ def _check(fn, reference, small_fn, small_vars, checks, rtol) -> float:
       small_out = small_fn(small_vars, *xs)
     except Exception as e:
       line = exception_line(e)
-      text = str(e).splitlines()[0] if str(e) else type(e).__name__
+      text = (str(e).splitlines()[0] if str(e) else type(e).__name__).rstrip(".")
       if "reshape" in text:
         hint = (
           f" Does the model code{' at ' + line if line else ''} hard-code a width (e.g. "

@@ -30,18 +30,18 @@ def check_remove(plan: Plan, remove: Mapping[str, Sequence[int]], what: str = "r
   for name, chans in remove.items():
     if name not in groups:
       raise KeyError(
-        f"{what} names no group {name!r}; the groups are (name: channels): "
+        f"No group {name!r} (in {what}); the groups are (name: channels): "
         + ", ".join(f"{g.name}: {g.size}" for g in plan.groups)
       )
     g = groups[name]
     bad = [j for j in chans if not isinstance(j, int | np.integer) or not 0 <= int(j) < g.size]
     if bad:
       raise ValueError(
-        f"{what} group {name!r} has channels 0..{g.size - 1}; got {bad[:5]} "
+        f"{what}: group {name!r} has channels 0..{g.size - 1}; got {bad[:5]} "
         "(channel indices within the group, see print(plan))."
       )
     if g.blocked and len(chans):
-      raise ValueError(f"{what} cannot remove channels of group {name!r}: blocked by {g.blocked}.")
+      raise ValueError(f"{what}: group {name!r} cannot be pruned: blocked by {g.blocked}.")
 
 
 def choose(

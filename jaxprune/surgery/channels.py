@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxprune import tree as tree_lib
 from jaxprune.select import check_sparsity, topk_leaves
+from jaxprune.surgery.candidates import check_remove
 from jaxprune.surgery.plan import Plan
 
 
@@ -36,12 +37,9 @@ def group_masks(plan: Plan, params: Any, remove: Mapping[str, Sequence[int]]) ->
   """
   cut: dict[str, np.ndarray] = {}
   groups = {g.name: g for g in plan.groups}
+  check_remove(plan, remove, "group_masks: remove")
   for name, chans in remove.items():
-    if name not in groups:
-      raise KeyError(f"No group {name!r}; groups: {sorted(groups)}")
     g = groups[name]
-    if g.blocked and len(chans):
-      raise ValueError(f"Group {name!r} cannot be pruned: blocked by {g.blocked}.")
     for j in chans:
       for (path, axis), idx in g.channels[j].items():
         if path not in cut:
@@ -50,14 +48,27 @@ def group_masks(plan: Plan, params: Any, remove: Mapping[str, Sequence[int]]) ->
         sl[axis] = idx
         cut[path][tuple(sl)] = False
 
-  def mask_for(path: str, leaf: Any):
-    for full, m in cut.items():
-      if tree_lib.same_leaf(full, path) and m.shape == np.shape(leaf):
-        return jnp.asarray(m)
-    return None
-
+  by_name = {tree_lib.strip_collection(p): m for p, m in cut.items()}
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  return jax.tree.unflatten(treedef, [mask_for(tree_lib.path_str(p), x) for p, x in flat])
+  out = []
+  for p, x in flat:
+    m = by_name.pop(tree_lib.strip_collection(tree_lib.path_str(p)), None)
+    if m is not None and m.shape != np.shape(x):
+      raise ValueError(
+        f"group_masks: params {tree_lib.path_str(p)!r} has shape {np.shape(x)}, the model's "
+        f"array {m.shape}: pass the params of the model the plan was traced from."
+      )
+    out.append(None if m is None else jnp.asarray(m))
+  producers = {
+    tree_lib.strip_collection(p) for n in remove if remove[n] for p, _ in groups[n].producers
+  }
+  missing = sorted(producers & set(by_name))  # batch statistics may be absent; kernels not
+  if missing:
+    raise ValueError(
+      f"group_masks: the params lack {missing[:5]}, whose channels are removed; params "
+      f"have {[tree_lib.path_str(p) for p, _ in flat][:10]}."
+    )
+  return jax.tree.unflatten(treedef, out)
 
 
 def slimming_masks(
@@ -168,7 +179,9 @@ def channel_masks(
   def value(path):
     x = _lookup(values, path)
     if x is None:
-      raise KeyError(f"{path!r} is not in the params given.")
+      raise KeyError(
+        f"channel_masks: {path!r} is not in the params given; they have {list(values)[:10]}."
+      )
     return x
 
   remove = {}
@@ -253,5 +266,5 @@ def _ratios(plan: Plan, sparsity: float | Mapping[str, float]) -> dict[str, floa
 
 
 def _lookup(values: dict[str, Any], path: str) -> Any:
-  """The value of the params leaf that ``path`` (a traced variable's path) names."""
+  """The value of the params leaf that ``path`` (a traced variable's path) names, exactly."""
   return next((x for p, x in values.items() if tree_lib.same_leaf(path, p)), None)

@@ -129,11 +129,6 @@ class Removal:
   why_kept: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def evaluate(closed: Any, leaves: list[Any], inputs: list[Any]) -> list[Any]:
-  """The outputs of ``closed`` (a ``plan.fn`` jaxpr), evaluated op by op."""
-  return _eval_capture(closed.jaxpr, closed.consts, list(leaves) + list(inputs), [])
-
-
 def _captures(plan: Plan, leaves: list[Any], batches: list[list[Any]]) -> list[list]:
   """Per input batch, every dot/conv of the model with its inputs and output."""
   out = []

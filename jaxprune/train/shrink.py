@@ -280,6 +280,8 @@ def _write(result: ShrinkResult, config: Any, ds: data.Dataset, npz: bytes) -> N
     "widths": result.shrunk.widths,
     "removed": result.shrunk.removed,
     "kept_constant": result.shrunk.kept_constant,
+    "why_kept": result.shrunk.why_kept,
+    "stayed": result.shrunk.stayed,
     "masked": dataclasses.asdict(result.masked),
     "shrunk": dataclasses.asdict(result.small),
     "agree": result.agree,
