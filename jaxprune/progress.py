@@ -6,6 +6,9 @@ tqdm bar when its stream is a terminal (or a Jupyter output) and otherwise a
 :class:`LineBar`, which prints one plain line each time the count crosses another
 ``every`` percent (and one at the end). Every progress bar in jaxprune comes from here.
 
+tqdm is optional (the ``train`` extra installs it): without it every bar is a
+:class:`LineBar`, whose lines read the same as tqdm's with or without tqdm.
+
 Examples:
   >>> import io
   >>> from jaxprune import progress
@@ -23,11 +26,60 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping
+from types import ModuleType
 from typing import IO, Any
 
-import tqdm
-
 EVERY = 5.0  # percent between two lines of a LineBar
+
+
+def _tqdm() -> ModuleType | None:
+  """The tqdm module, or None where it is not installed (the core install)."""
+  try:
+    import tqdm
+  except ModuleNotFoundError:
+    return None
+  return tqdm
+
+
+def _clock(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours:d}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes:02d}:{seconds:02d}"
+
+
+def format_line(
+  n: int,
+  total: int | None,
+  elapsed: float,
+  *,
+  desc: str = "",
+  unit: str = "it",
+  postfix: str = "",
+  initial: int = 0,
+) -> str:
+  """One progress line, as tqdm's ``format_meter`` writes it without a bar (``ncols=0``).
+
+  Examples:
+    >>> from jaxprune.progress import format_line
+    >>> format_line(150, 200, 3.2, desc="train", unit="step", postfix="loss=0.1", initial=100)
+    'train:  75% 150/200 [00:03<00:03, 15.62step/s, loss=0.1]'
+    >>> format_line(25, None, 0.0)
+    '25it [00:00, ?it/s]'
+  """
+  rate = (n - initial) / elapsed if elapsed else None
+  if rate and 1 / rate > 1:  # slower than one per second: seconds per unit
+    speed = f"{1 / rate:5.2f}s/{unit}"
+  else:
+    speed = f"{rate:5.2f}{unit}/s" if rate else f"?{unit}/s"
+  if total:
+    remaining = _clock((total - n) / rate) if rate else "?"
+    times = f"{_clock(elapsed)}<{remaining}, {speed}"
+    count = f"{100 * n / total:3.0f}% {n}/{total}"
+  else:
+    times = f"{_clock(elapsed)}, {speed}"
+    count = f"{n}{unit}"
+  prefix = f"{desc}: " if desc else ""
+  return f"{prefix}{count} [{times}{', ' + postfix if postfix else ''}]"
 
 
 def is_interactive(file: IO[str]) -> bool:
@@ -46,7 +98,8 @@ class LineBar:
 
   Supports what jaxprune's loops call on a bar: ``update``, ``set_postfix``,
   ``set_postfix_str``, ``set_description``, ``close`` and use as a context manager.
-  Without a ``total`` it prints a line every ``100 / every`` updates and one at the end.
+  Without a ``total`` it prints a line every ``100 / every`` updates and one at the end;
+  with ``disable`` it counts and prints nothing.
   """
 
   def __init__(
@@ -58,6 +111,7 @@ class LineBar:
     initial: int = 0,
     file: IO[str] | None = None,
     every: float = EVERY,
+    disable: bool = False,
   ):
     if not every > 0:
       raise ValueError(f"every must be a percentage > 0, got {every!r}.")
@@ -65,6 +119,7 @@ class LineBar:
     self.n = self.initial = initial
     self.file = file
     self.every = every
+    self.disable = disable
     self.postfix = ""
     self.start = time.monotonic()
     self._printed = -1  # the last stage printed
@@ -76,14 +131,13 @@ class LineBar:
     return int((self.n - self.initial) // max(1, round(100 / self.every)))
 
   def _print(self) -> None:
-    line = tqdm.tqdm.format_meter(
+    line = format_line(
       self.n,
       self.total,
       time.monotonic() - self.start,
-      ncols=0,
-      prefix=self.desc,
+      desc=self.desc,
       unit=self.unit,
-      postfix=self.postfix or None,
+      postfix=self.postfix,
       initial=self.initial,
     )
     file = sys.stderr if self.file is None else self.file
@@ -93,7 +147,7 @@ class LineBar:
 
   def update(self, n: int = 1) -> None:
     self.n += n
-    if self._stage() > self._printed:
+    if not self.disable and self._stage() > self._printed:
       self._print()
 
   def set_postfix(self, ordered_dict: Mapping[str, Any] | None = None, refresh: bool = True, **kw):
@@ -111,7 +165,7 @@ class LineBar:
       return
     self._closed = True
     done = self.total is not None and self.n >= self.total and self._printed >= self._stage()
-    if not done and self.n > self.initial:
+    if not done and not self.disable and self.n > self.initial:
       self._print()  # where it stopped
 
   def __enter__(self) -> LineBar:
@@ -136,9 +190,9 @@ def bar(
   Args:
     total: the count at 100%.
     desc, unit, initial: as tqdm's (``initial``: where a resumed loop starts).
-    disable: no output at all (a disabled tqdm bar).
-    file: the stream; a terminal or Jupyter output gets a tqdm bar, anything else
-      (a file, a pipe, a CI log) a :class:`LineBar`.
+    disable: no output at all (a disabled :class:`LineBar`).
+    file: the stream; a terminal or Jupyter output gets a tqdm bar where tqdm is
+      installed, anything else (a file, a pipe, a CI log) a :class:`LineBar`.
     every: the percent between two lines of a :class:`LineBar`.
 
   Returns:
@@ -146,13 +200,18 @@ def bar(
     ``set_postfix_str`` and ``close``, and work as context managers.
   """
   stream = sys.stderr if file is None else file
-  if disable or is_interactive(stream):
-    return tqdm.tqdm(
-      total=total, desc=desc, unit=unit, initial=initial, disable=disable, file=stream
-    )
-  return LineBar(total=total, desc=desc, unit=unit, initial=initial, file=stream, every=every)
+  tqdm = _tqdm()
+  if tqdm is not None and not disable and is_interactive(stream):
+    return tqdm.tqdm(total=total, desc=desc, unit=unit, initial=initial, file=stream)
+  return LineBar(
+    total=total, desc=desc, unit=unit, initial=initial, file=stream, every=every, disable=disable
+  )
 
 
 def write(message: str, file: IO[str] | None = None) -> None:
   """Prints ``message`` on its own line without breaking a tqdm bar (default: stdout)."""
-  tqdm.tqdm.write(message, file=file)
+  tqdm = _tqdm()
+  if tqdm is None:
+    print(message, file=sys.stdout if file is None else file, flush=True)
+  else:
+    tqdm.tqdm.write(message, file=file)

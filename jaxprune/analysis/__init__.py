@@ -1,6 +1,8 @@
 """Analysis: APoZ statistics, sensitivity sweeps, weight and APoZ histograms (PNG).
 
-Plots use matplotlib's Agg canvas directly (no pyplot, no display needed).
+Plots use matplotlib's Agg canvas directly (no pyplot, no display needed). matplotlib is
+the ``plot`` extra (``pip install 'jaxprune[plot]'``): this package imports without it, and
+only the ``plot_*`` functions need it.
 """
 
 from jaxprune.analysis.apoz import apoz, apoz_masks

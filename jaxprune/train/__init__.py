@@ -9,6 +9,23 @@ Examples:
   ('mnist5k', 'lenet300', 'agp')
 """
 
+from jaxprune._extras import require
+
+# Before any import below: without the extra, say which one to install (ruff: E402 is off here).
+require(
+  "ml_collections",
+  "orbax.checkpoint",
+  "tensorflow_datasets",
+  "array_record",
+  "mlxtend",
+  "sklearn",
+  "tensorboardX",
+  "tqdm",
+  "matplotlib",
+  extra="train",
+  by="jaxprune.train",
+)
+
 from jaxprune.train.checkpoint import Checkpointer
 from jaxprune.train.config import (
   ConfigError,
