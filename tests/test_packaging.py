@@ -34,12 +34,15 @@ EXTRAS_ONLY = [
 CORE_SCRIPT = textwrap.dedent(
   """
   import io
+  import pathlib
 
   import jax.numpy as jnp
   import numpy as np
   import optax
 
   import jaxprune
+
+  assert (pathlib.Path(jaxprune.__file__).parent / "py.typed").is_file()  # PEP 561
 
   # The README's two lines.
   pruner = jaxprune.magnitude(jaxprune.agp(0.9, begin=1_000, end=10_000, every=100))
