@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import functools
 import importlib.util
+import json
 import os
 import pathlib
 import re
@@ -28,7 +29,7 @@ from flax import nnx
 import jaxprune
 from jaxprune import tree as tree_lib
 from jaxprune.regularizers import GROUP_KINDS
-from jaxprune.train import data, models, structured
+from jaxprune.train import data, models, structured, tfds_source
 from jaxprune.train.optim import (
   LR_SCHEDULES,
   OPTIMIZERS,
@@ -47,6 +48,7 @@ __all__ = [
   "ConfigError",
   "apply_override",
   "check_fields",
+  "config_json",
   "default_config",
   "digits_convnet_config",
   "load_config",
@@ -148,6 +150,11 @@ def default_config() -> ml_collections.ConfigDict:
     shard_params=False,  # FSDP: shard each kernel's largest divisible axis over devices
   )
   return config
+
+
+def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON data (references resolved): ``config.json`` of a run."""
+  return json.loads(config.to_json_best_effort())
 
 
 def digits_convnet_config() -> ml_collections.ConfigDict:
@@ -346,15 +353,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   text("data.train_split", d.train_split)
   text("data.test_split", d.test_split)
   choice("data.augment", d.augment, AUGMENTATIONS)
-  if d.name not in data.names():
-    from jaxprune.train import tfds_source
-
-    if not tfds_source.is_tfds_name(d.name):
-      fail(
-        "data.name",
-        f"must be one of {', '.join(map(repr, data.names()))} or a TFDS dataset name "
-        f"(mnist, cifar10, ...); got {d.name!r}.",
-      )
+  if d.name not in data.names() and not tfds_source.is_tfds_name(d.name):
+    fail(
+      "data.name",
+      f"must be one of {', '.join(map(repr, data.names()))} or a TFDS dataset name "
+      f"(mnist, cifar10, ...); got {d.name!r}.",
+    )
   choice("model.name", m.name, models.names())
   positive("model.width", m.width)
   if m.width != 1 and m.name not in models.SCALABLE:

@@ -12,82 +12,46 @@ from ``data_dir`` where it was prepared beforehand.
 
 Images are ``float32`` in ``[0, 1]`` shaped ``(N, H, W, C)``; labels are ``int32``.
 Batching only needs ``len(split)`` and ``split.take(indices)`` (the :class:`Source`
-protocol). The order of an epoch is a function of ``(seed, epoch)`` only, so a run
+protocol of :mod:`jaxprune.train.sources`, re-exported here with :class:`Split`,
+:class:`Subset` and :class:`Dataset`). The order of an epoch is a function of ``(seed, epoch)`` only, so a run
 can restart at any step and see the same batches (:func:`stream`); with several
 processes (multi-host) each one reads its own slice of every global batch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 import pathlib
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxprune.train import tfds_source
+from jaxprune.train.sources import Dataset, Source, Split, Subset
+
+__all__ = [
+  "DATASETS",
+  "Dataset",
+  "Source",
+  "Split",
+  "Subset",
+  "augment",
+  "batches",
+  "epoch_order",
+  "eval_batches",
+  "from_config",
+  "load",
+  "names",
+  "steps_per_epoch",
+  "stream",
+]
+
 SPLIT_SEED = 0  # the train/test split never depends on the training seed
-
-
-class Source(Protocol):
-  """What batching needs from a split: its length and random access by indices."""
-
-  def __len__(self) -> int: ...
-
-  def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-  """Images ``(N, H, W, C)`` float32 in ``[0, 1]`` and labels ``(N,)`` int32."""
-
-  images: np.ndarray
-  labels: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.labels)
-
-  def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return self.images[indices], self.labels[indices]
-
-
-@dataclasses.dataclass(frozen=True)
-class Subset:
-  """The examples of ``source`` at ``indices``, in that order (a validation slice).
-
-  Examples:
-    >>> import numpy as np
-    >>> from jaxprune.train import data
-    >>> train = data.load("digits").train
-    >>> last = data.Subset(train, np.arange(len(train) - 100, len(train)))
-    >>> len(last), last.take(np.array([0]))[0].shape
-    (100, (1, 8, 8, 1))
-  """
-
-  source: Source
-  indices: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.indices)
-
-  def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return self.source.take(np.asarray(self.indices)[indices])
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-  """A named dataset: train and test splits, the image shape and the class count."""
-
-  name: str
-  train: Source
-  test: Source
-  image_shape: tuple[int, ...]
-  num_classes: int
 
 
 def _split(name: str, images: np.ndarray, labels: np.ndarray, n_test: int) -> Dataset:
@@ -181,10 +145,33 @@ def load(
   """
   if name in DATASETS:
     return _embedded(name)
-  from jaxprune.train import tfds_source
-
+  if not tfds_source.is_tfds_name(name):
+    raise ValueError(
+      f"Unknown dataset {name!r}: neither embedded ({', '.join(names())}) nor a "
+      "TFDS dataset (see tfds.list_builders())."
+    )
   return tfds_source.load(
     name, data_dir=data_dir, download=download, train_split=train_split, test_split=test_split
+  )
+
+
+def from_config(data_config: Any) -> Dataset:
+  """The dataset of a run's ``config.data`` group (:func:`load` with its fields).
+
+  Examples:
+    >>> from jaxprune.train import config as config_lib, data
+    >>> config = config_lib.default_config()
+    >>> config.data.name = "digits"
+    >>> data.from_config(config.data).name
+    'digits'
+  """
+  d = data_config
+  return load(
+    d.name,
+    data_dir=d.data_dir or None,
+    download=d.download,
+    train_split=d.train_split,
+    test_split=d.test_split,
   )
 
 
@@ -202,9 +189,17 @@ def _process_slice(indices: np.ndarray, process: tuple[int, int]) -> np.ndarray:
 
 
 def batches(
-  split: Source, batch_size: int, *, seed: int, epoch: int, process: tuple[int, int] = (0, 1)
+  split: Source,
+  batch_size: int,
+  *,
+  seed: int,
+  epoch: int,
+  process: tuple[int, int] = (0, 1),
+  skip: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """The full batches of one shuffled epoch (the last partial batch is dropped).
+
+  The one batching block of the pipeline: :func:`stream` chains it over epochs.
 
   Args:
     split: the examples.
@@ -214,6 +209,7 @@ def batches(
     process: ``(index, count)``: this process reads rows ``index * B / count`` to
       ``(index + 1) * B / count`` of every global batch (``jax.process_index()``,
       ``jax.process_count()`` in a multi-host run).
+    skip: start at this batch of the epoch (a resumed run).
 
   Examples:
     >>> from jaxprune.train import data
@@ -222,7 +218,7 @@ def batches(
     ((32, 8, 8, 1), dtype('float32'), (32,), dtype('int32'))
   """
   order = epoch_order(len(split), seed=seed, epoch=epoch)
-  for start in range(0, len(order) - batch_size + 1, batch_size):
+  for start in range(skip * batch_size, len(order) - batch_size + 1, batch_size):
     yield split.take(_process_slice(order[start : start + batch_size], process))
 
 
@@ -258,12 +254,9 @@ def stream(
     >>> np.array_equal(next(data.stream(train, 500, seed=0, start_step=3))[1], batches[3][1])
     True
   """
-  per_epoch = steps_per_epoch(split, batch_size)
-  epoch, skip = divmod(start_step, per_epoch)
+  epoch, skip = divmod(start_step, steps_per_epoch(split, batch_size))
   while True:
-    order = epoch_order(len(split), seed=seed, epoch=epoch)
-    for start in range(skip * batch_size, per_epoch * batch_size, batch_size):
-      yield split.take(_process_slice(order[start : start + batch_size], process))
+    yield from batches(split, batch_size, seed=seed, epoch=epoch, process=process, skip=skip)
     epoch, skip = epoch + 1, 0
 
 

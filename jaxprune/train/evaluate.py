@@ -10,14 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any
 
 import ml_collections
 
 import jaxprune
 from jaxprune.train import config as config_lib
-from jaxprune.train import data, loop
-from jaxprune.train.run import Run
+from jaxprune.train import data, optim
+from jaxprune.train import sharding as sharding_lib
+from jaxprune.train import state as state_lib
+from jaxprune.train import step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,48 +43,22 @@ def evaluate_checkpoint(
   """Evaluates checkpoint ``step`` (default: the newest) of the run that ``config`` describes.
 
   Raises:
-    ConfigError: when the config names no checkpoint directory.
+    ConfigError: for a bad config, or one that names no checkpoint directory (before
+      any data is loaded).
     FileNotFoundError: when the directory holds no (such) checkpoint.
   """
-  run, graphdef, state, meta = restore_checkpoint(config, step, dataset, "evaluate")
-  eval_fn = loop.make_eval_step(graphdef)
-  accuracy = loop.evaluate(eval_fn, state, run.ds.test, config.data.eval_batch_size, run.mesh)
-  return Evaluation(meta["phase"], meta["step"], accuracy, run.summary(state.params))
-
-
-def restore_checkpoint(
-  config: ml_collections.ConfigDict,
-  step: int | None = None,
-  dataset: data.Dataset | None = None,
-  purpose: str = "restore",
-) -> tuple[Run, Any, loop.TrainState, dict[str, Any]]:
-  """``(run, graphdef, state, meta)`` of checkpoint ``step`` (default: the newest).
-
-  Raises:
-    ConfigError: when the config names no checkpoint directory.
-    FileNotFoundError: when the directory holds no checkpoint, or none of ``step``
-      (the message lists the steps there).
-  """
-  if not (config.checkpoint.dir or config.train.workdir):
-    raise config_lib.ConfigError(
-      f"checkpoint.dir: no checkpoints to {purpose}; set checkpoint.dir or train.workdir "
-      "to the directory of a run."
-    )
-  run = Run(config, dataset=dataset)
-  try:
-    steps = run.ckpt.steps()
-    if not steps:
-      raise FileNotFoundError(f"No checkpoint in {run.ckpt.directory}: has the run started?")
-    if step is not None and step not in steps:
-      raise FileNotFoundError(
-        f"No checkpoint of step {step} in {run.ckpt.directory}; its checkpoints are of "
-        f"steps {', '.join(map(str, steps))}."
-      )
-    main = run.train_phase()
-    state, meta = run.ckpt.restore(main.initial, step)
-  finally:
-    run.ckpt.close()
-  return run, main.graphdef, state, meta
+  config_lib.validate_config(config)
+  state_lib.require_checkpoints(config, "evaluate")
+  ds = dataset or data.from_config(config.data)
+  mesh = sharding_lib.make_mesh(config.parallel.devices)
+  restored = state_lib.restore(
+    config, ds.image_shape, ds.num_classes, step=step, mesh=mesh, purpose="evaluate"
+  )
+  state, meta = restored.state, restored.meta
+  eval_fn = step_lib.make_eval_step(restored.graphdef)
+  accuracy = step_lib.evaluate(eval_fn, state, ds.test, config.data.eval_batch_size, mesh)
+  summary = step_lib.sparsity_summary(optim.make_pruner(config), state.params)
+  return Evaluation(meta["phase"], meta["step"], accuracy, summary)
 
 
 def config_from_workdir(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:

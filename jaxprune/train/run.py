@@ -1,7 +1,9 @@
 """One invocation of a recipe: phases, the device mesh, checkpoints, metrics, outputs.
 
 :class:`Run` wires the pieces of :mod:`jaxprune.train` together for
-:func:`jaxprune.train.loop.train`:
+:func:`jaxprune.train.loop.train` (the jitted step and evaluation are in
+:mod:`jaxprune.train.step`, the first state and checkpoint restore in
+:mod:`jaxprune.train.state`):
 
 1. restore the newest checkpoint of ``checkpoint.dir``, if any (same command, same
    config: the run continues where it stopped);
@@ -29,13 +31,15 @@ from flax import nnx
 
 import jaxprune
 from jaxprune import progress
-from jaxprune import tree as tree_lib
 from jaxprune.analysis import plot_sensitivity
-from jaxprune.train import checkpoint as checkpoint_lib
 from jaxprune.train import config as config_lib
-from jaxprune.train import data, loop, models, optim, report, structured
+from jaxprune.train import data, models, optim, report, structured
 from jaxprune.train import metrics as metrics_lib
 from jaxprune.train import sharding as sharding_lib
+from jaxprune.train import state as state_lib
+from jaxprune.train import step as step_lib
+from jaxprune.train.config import config_json
+from jaxprune.train.step import TrainState
 
 # Fields whose change makes a checkpoint belong to another run.
 RUN_IDENTITY = (
@@ -47,6 +51,85 @@ RUN_IDENTITY = (
   "rethink",
   "regularize",
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseResult:
+  """The outcome of one phase of a run (``"train"`` or ``"rethink"``).
+
+  Attributes:
+    name: the phase.
+    final_accuracy: test accuracy after its last step.
+    summary: :func:`jaxprune.summary` of its final params over the pruned params.
+    state: its final :class:`TrainState`.
+    history: its metric records (see :mod:`jaxprune.train.metrics`), in order.
+  """
+
+  name: str
+  final_accuracy: float
+  summary: jaxprune.Summary
+  state: TrainState
+  history: tuple[dict[str, Any], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+  """What a run produced.
+
+  Attributes:
+    dense_accuracy: test accuracy just before the first pruning step (``None`` when
+      pruning starts at step 0); the final accuracy when nothing is pruned.
+    dense_step: the step at which ``dense_accuracy`` was measured.
+    final_accuracy: test accuracy after the last step (the fine-tuned model).
+    summary: :func:`jaxprune.summary` of the pruned params (all kernels when unpruned).
+    state: the final :class:`TrainState`.
+    graphdef: rebuilds the model with ``state`` (see :meth:`model`).
+    history: metric records of the main phase: ``{"phase", "step", "global_step",
+      "epoch", ...}`` with ``loss`` / ``train_accuracy`` / ``learning_rate`` every
+      ``log_every`` steps and ``test_accuracy`` at evaluations (see
+      :mod:`jaxprune.train.metrics`).
+    seconds: wall time of this invocation, compilation included.
+    rethink: the from-scratch run of the pruned architecture (``rethink.enabled``).
+    resumed_from: the global step of the checkpoint this invocation resumed from.
+    regularized: whether a sparsity regularizer (``config.regularize``) trained the
+      model before pruning, so the "dense" accuracy is that of the regularized model.
+  """
+
+  dense_accuracy: float | None
+  dense_step: int
+  final_accuracy: float
+  summary: jaxprune.Summary
+  state: TrainState
+  graphdef: nnx.GraphDef
+  history: tuple[dict[str, Any], ...]
+  seconds: float
+  rethink: PhaseResult | None = None
+  resumed_from: int | None = None
+  regularized: bool = False
+
+  def model(self) -> nnx.Module:
+    """The trained model as an ``nnx.Module`` (in eval mode)."""
+    model = nnx.merge(self.graphdef, jax.device_get(self.state.params), self.state.rest)
+    model.eval()
+    return model
+
+  def report(self) -> str:
+    """Dense and final accuracy, the sparsity table and the time, as the CLI prints them."""
+    dense = (
+      "n/a (pruned from step 0)"
+      if self.dense_accuracy is None
+      else f"{self.dense_accuracy:.2%} (step {self.dense_step})"
+    )
+    if self.regularized and self.dense_accuracy is not None:
+      dense += ", trained with the sparsity regularizer"
+    lines = [f"dense accuracy: {dense}", f"final accuracy: {self.final_accuracy:.2%}"]
+    if self.rethink is not None:
+      lines.append(
+        f"from scratch (rethinking, same masks, re-initialised): {self.rethink.final_accuracy:.2%}"
+      )
+    if self.resumed_from is not None:
+      lines.append(f"resumed from checkpoint step {self.resumed_from}")
+    return "\n".join([*lines, str(self.summary), f"time: {self.seconds:.1f} s"])
 
 
 @dataclasses.dataclass
@@ -64,18 +147,8 @@ class Phase:
   learning_rate: optax.Schedule
   targets: np.ndarray
   graphdef: nnx.GraphDef
-  initial: loop.TrainState
+  initial: TrainState
   prune_at: int | None = None
-
-
-def flat_arrays(tree: Any) -> dict[str, np.ndarray]:
-  """``{path: numpy array}`` of a pytree's array leaves (what ``params.npz`` holds)."""
-  return {p: np.asarray(x) for p, x in tree_lib.leaves_with_paths(sharding_lib.to_host(tree))}
-
-
-def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config as plain JSON data (references resolved)."""
-  return json.loads(config.to_json_best_effort())
 
 
 def _last_accuracy(history: list[dict[str, Any]]) -> float:
@@ -95,54 +168,26 @@ class Run:
     config_lib.validate_config(config)
     self.started = time.perf_counter()
     self.config = config
-    d, t = config.data, config.train
+    t = config.train
     # Everything that can fail on the config alone comes before the data.
     self.mesh = sharding_lib.make_mesh(config.parallel.devices)
     self.pruner = optim.make_pruner(config)
     self.channel_method = structured.is_channel_method(config)
     self.workdir = pathlib.Path(t.workdir) if t.workdir else None
     self.primary = jax.process_index() == 0
-    ckpt_dir = config.checkpoint.dir or (str(self.workdir / "checkpoints") if self.workdir else "")
     self.rethink_steps = (config.rethink.steps or t.steps) if config.rethink.enabled else 0
-    self.ckpt = None
-    if ckpt_dir:
-      self.ckpt = checkpoint_lib.Checkpointer(
-        ckpt_dir,
-        every=config.checkpoint.every,
-        keep=config.checkpoint.keep,
-        preserve=(t.steps,) if self.rethink_steps else (),
-      )
+    self.ckpt = state_lib.checkpointer(config)
     self.writer = None
-    self.ds = dataset or data.load(
-      d.name,
-      data_dir=d.data_dir or None,
-      download=d.download,
-      train_split=d.train_split,
-      test_split=d.test_split,
-    )
-    self.per_epoch = data.steps_per_epoch(self.ds.train, d.batch_size)
+    self.ds = dataset or data.from_config(config.data)
+    self.per_epoch = data.steps_per_epoch(self.ds.train, config.data.batch_size)
 
   # --- building phases ----------------------------------------------------------------
 
-  def _model(self, seed: int) -> nnx.Module:
-    m = self.config.model
-    return models.create(m.name, self.ds.image_shape, self.ds.num_classes, seed=seed, width=m.width)
-
-  def _place(self, state: loop.TrainState) -> loop.TrainState:
-    shardings = sharding_lib.state_shardings(
-      state, self.mesh, shard_params=self.config.parallel.shard_params
-    )
-    return jax.device_put(state, shardings)
-
   def train_phase(self) -> Phase:
     t = self.config.train
-    lr = optim.make_learning_rate(self.config, t.steps)
-    model = self._model(t.seed)
-    masks = None
-    if self.channel_method:
-      masks = structured.full_masks(nnx.state(model, nnx.Param))
-    tx = optim.make_optimizer(self.config, self.pruner, lr, masks=masks)
-    graphdef, state = loop.init_state(model, tx, seed=t.seed)
+    start = state_lib.initial(
+      self.config, self.pruner, self.ds.image_shape, self.ds.num_classes, self.mesh
+    )
     prune_at = self.config.prune.begin if self.channel_method else None
     if self.channel_method:
       # The channel fraction removed is known only once chosen: prune.sparsity is the
@@ -153,28 +198,36 @@ class Run:
       targets = np.zeros(t.steps)
     else:
       targets = np.asarray(jax.vmap(self.pruner.schedule.sparsity)(jnp.arange(t.steps)))
-    return Phase("train", 0, t.steps, tx, lr, targets, graphdef, self._place(state), prune_at)
+    return Phase(
+      "train", 0, t.steps, start.tx, start.learning_rate, targets, start.graphdef, start.state,
+      prune_at,
+    )  # fmt: skip
 
   def rethink_phase(self, masks: Any) -> Phase:
     r, steps = self.config.rethink, self.rethink_steps
     lr = optim.make_learning_rate(self.config, steps)
     tx = optim.make_optimizer(self.config, optim.frozen(self.pruner), lr)
-    graphdef, state = loop.init_state(self._model(r.seed), tx, seed=r.seed, masks=masks)
+    m = self.config.model
+    model = models.create(
+      m.name, self.ds.image_shape, self.ds.num_classes, seed=r.seed, width=m.width
+    )
+    graphdef, state = step_lib.init_state(model, tx, seed=r.seed, masks=masks)
+    state = state_lib.place(state, self.mesh, shard_params=self.config.parallel.shard_params)
     targets = np.full(steps, self.pruner.schedule.final)
     offset = self.config.train.steps
-    return Phase("rethink", offset, steps, tx, lr, targets, graphdef, self._place(state))
+    return Phase("rethink", offset, steps, tx, lr, targets, graphdef, state)
 
-  def prune_channels(self, phase: Phase, state: loop.TrainState) -> loop.TrainState:
+  def prune_channels(self, phase: Phase, state: TrainState) -> TrainState:
     """Chooses the channels of a channel method and sets their masks into ``state``."""
     config = self.config
     host = sharding_lib.to_host(state)
     model = nnx.merge(phase.graphdef, host.params, host.rest)
     validation = structured.validation_split(config, self.ds.train)
-    eval_fn = loop.make_eval_step(phase.graphdef)
+    eval_fn = step_lib.make_eval_step(phase.graphdef)
 
     def evaluate(params):
       masked = state._replace(params=params, rest=host.rest)
-      return loop.evaluate(eval_fn, masked, validation, config.data.eval_batch_size)
+      return step_lib.evaluate(eval_fn, masked, validation, config.data.eval_batch_size)
 
     chosen = structured.prune_channels(
       config, model, validation, evaluate, example_input=self.ds.test.take(np.arange(1))[0]
@@ -190,15 +243,8 @@ class Run:
     new = host._replace(params=jaxprune.apply_mask(host.params, masks), opt_state=opt_state)
     return jax.device_put(new, jax.tree.map(lambda x: x.sharding, state))
 
-  def measured_paths(self, params: Any) -> tuple[str, ...]:
-    """The params whose sparsity is reported: the pruned ones (all kernels when dense)."""
-    if self.pruner is None:
-      return tuple(tree_lib.selected_paths(params))
-    return tuple(self.pruner.paths(params))
-
   def summary(self, params: Any) -> jaxprune.Summary:
-    paths = set(self.measured_paths(params))
-    return jaxprune.summary(sharding_lib.to_host(params), where=lambda path, _: path in paths)
+    return step_lib.sparsity_summary(self.pruner, params)
 
   # --- running ------------------------------------------------------------------------
 
@@ -215,9 +261,7 @@ class Run:
       **extra,
     }
 
-  def run_phase(
-    self, phase: Phase, state: loop.TrainState, history: list, extra: dict
-  ) -> loop.TrainState:
+  def run_phase(self, phase: Phase, state: TrainState, history: list, extra: dict) -> TrainState:
     """Trains ``state`` from its step to ``phase.steps``; appends records to ``history``.
 
     ``extra`` is what checkpoints carry besides the state and the history: the dense
@@ -225,15 +269,15 @@ class Run:
     the ``window`` of steps whose mean loss is not logged yet.
     """
     config, t = self.config, self.config.train
-    measured = self.measured_paths(state.params)
+    measured = step_lib.measured_paths(self.pruner, state.params)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     step_fn = jax.jit(
-      loop.make_train_step(
+      step_lib.make_train_step(
         phase.graphdef, phase.tx, augment=config.data.augment, measured=measured
       ),
       out_shardings=(shardings, sharding_lib.replicated(self.mesh)),
     )
-    eval_fn = loop.make_eval_step(phase.graphdef)
+    eval_fn = step_lib.make_eval_step(phase.graphdef)
     start = int(state.step)
     batches = data.stream(
       self.ds.train,
@@ -295,8 +339,10 @@ class Run:
           )
         is_dense_eval = phase.name == "train" and 0 < done == dense_step < phase.steps
         if done % t.eval_every == 0 or done == phase.steps or is_dense_eval:
-          acc = loop.evaluate(eval_fn, state, self.ds.test, config.data.eval_batch_size, self.mesh)
-          sparsity = float(loop.zero_fraction(state.params, paths=measured))
+          acc = step_lib.evaluate(
+            eval_fn, state, self.ds.test, config.data.eval_batch_size, self.mesh
+          )
+          sparsity = float(step_lib.zero_fraction(state.params, paths=measured))
           records.append({**common, "test_accuracy": acc, "sparsity": sparsity})
           if is_dense_eval:
             extra.update(dense_accuracy=acc, dense_step=done)
@@ -316,7 +362,7 @@ class Run:
       extra.update(dense_accuracy=acc if dense_step == phase.steps else None, dense_step=dense_step)
     return state
 
-  def _resume(self, phase: Phase) -> tuple[loop.TrainState, dict[str, Any]] | None:
+  def _resume(self, phase: Phase) -> tuple[TrainState, dict[str, Any]] | None:
     if self.ckpt is None or self.ckpt.latest() is None:
       return None
     template = phase.initial
@@ -331,7 +377,7 @@ class Run:
         )
     return state, meta
 
-  def execute(self) -> loop.TrainResult:
+  def execute(self) -> TrainResult:
     """Trains (or resumes, or just reports a finished run) and writes the outputs."""
     main = self.train_phase()
     resumed = self._resume(main)
@@ -354,7 +400,7 @@ class Run:
         self._write_outputs(result)
     return result
 
-  def _execute(self, main: Phase, resumed: Any, resumed_from: int | None) -> loop.TrainResult:
+  def _execute(self, main: Phase, resumed: Any, resumed_from: int | None) -> TrainResult:
     state, rethink_state, history, r_history = main.initial, None, [], []
     r_extra: dict[str, Any] = {}
     if resumed is not None and resumed[1]["phase"] == "rethink":
@@ -372,11 +418,11 @@ class Run:
       phase = self.rethink_phase(jaxprune.masks_of(state.opt_state))
       r_state = phase.initial if rethink_state is None else rethink_state
       r_state = self.run_phase(phase, r_state, r_history, r_extra)
-      rethink = loop.PhaseResult(
+      rethink = PhaseResult(
         "rethink", _last_accuracy(r_history), self.summary(r_state.params), r_state,
         tuple(r_history),
       )  # fmt: skip
-    return loop.TrainResult(
+    return TrainResult(
       dense_accuracy=extra.get("dense_accuracy"),
       dense_step=extra["dense_step"],
       final_accuracy=_last_accuracy(history),
@@ -390,7 +436,7 @@ class Run:
       regularized=self.config.regularize.method != "none",
     )
 
-  def _write_outputs(self, result: loop.TrainResult) -> None:
+  def _write_outputs(self, result: TrainResult) -> None:
     """``params.npz`` (and ``params_rethink.npz``), ``summary.json``, ``report.md``.
 
     Every process gathers the arrays (a collective); process 0 writes.
@@ -399,7 +445,7 @@ class Run:
     if result.rethink is not None:
       phases.append(("params_rethink.npz", result.rethink.state))
     for name, state in phases:
-      arrays = flat_arrays({"params": state.params, "rest": state.rest})
+      arrays = sharding_lib.flat_arrays({"params": state.params, "rest": state.rest})
       if self.primary:
         np.savez(self.workdir / name, **arrays)
     if self.primary:

@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxprune import tree as tree_lib
+
 AXIS = "data"
 
 
@@ -119,10 +121,13 @@ def to_host(tree: Any) -> Any:
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def flat_arrays(tree: Any) -> dict[str, np.ndarray]:
+  """``{path: numpy array}`` of a tree's array leaves, gathered (what ``params.npz`` holds)."""
+  return {p: np.asarray(x) for p, x in tree_lib.leaves_with_paths(to_host(tree))}
+
+
 def describe(tree: Any) -> dict[str, str]:
   """``{path: partition spec}`` of the sharded leaves: how a state is laid out."""
-  from jaxprune import tree as tree_lib
-
   out = {}
   for path, leaf in tree_lib.leaves_with_paths(tree):
     spec = getattr(getattr(leaf, "sharding", None), "spec", None)

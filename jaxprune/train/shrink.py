@@ -43,9 +43,11 @@ import jaxprune
 from jaxprune import surgery
 from jaxprune import tree as tree_lib
 from jaxprune.surgery import rebuild
-from jaxprune.train import data, evaluate, models
+from jaxprune.train import config as config_lib
+from jaxprune.train import data, models
 from jaxprune.train import sharding as sharding_lib
-from jaxprune.train.run import config_json, flat_arrays
+from jaxprune.train import state as state_lib
+from jaxprune.train.config import config_json
 
 SHRUNK_NPZ, SHRUNK_JSON, REPORT_NAME = "shrunk.npz", "shrunk.json", "shrink.md"
 
@@ -172,7 +174,7 @@ def _variables(model: nnx.Module) -> tuple[Any, Any]:
 def _npz(model: nnx.Module) -> bytes:
   params, rest = _variables(model)
   buffer = io.BytesIO()
-  np.savez(buffer, **flat_arrays({"params": params, "rest": rest}))
+  np.savez(buffer, **sharding_lib.flat_arrays({"params": params, "rest": rest}))
   return buffer.getvalue()
 
 
@@ -229,7 +231,11 @@ def shrink_checkpoint(
     ConfigError: when the config names no checkpoint directory.
     FileNotFoundError: when the directory holds no (such) checkpoint.
   """
-  run, graphdef, state, meta = evaluate.restore_checkpoint(config, step, dataset, "shrink")
+  config_lib.validate_config(config)
+  state_lib.require_checkpoints(config, "shrink")
+  ds = dataset or data.from_config(config.data)
+  restored = state_lib.restore(config, ds.image_shape, ds.num_classes, step=step, purpose="shrink")
+  graphdef, state, meta = restored.graphdef, restored.state, restored.meta
   params, rest = sharding_lib.to_host((state.params, state.rest))
   masked_states = jax.tree.leaves(
     state.opt_state, is_leaf=lambda x: isinstance(x, jaxprune.MaskedState)
@@ -241,7 +247,7 @@ def shrink_checkpoint(
     params = jaxprune.apply_mask(params, masks)
   masked = nnx.merge(graphdef, params, rest)
   masked.eval()
-  example = jnp.zeros((1, *run.ds.image_shape), jnp.float32)
+  example = jnp.zeros((1, *ds.image_shape), jnp.float32)
   shrunk = surgery.shrink(
     masked, masks=masks, example_input=example, keep=keep, multiple_of=multiple_of
   )
@@ -249,9 +255,9 @@ def shrink_checkpoint(
   small.eval()
 
   batch = config.data.eval_batch_size
-  labels = np.concatenate([y[v] for _, y, v in data.eval_batches(run.ds.test, batch)])
-  flops_masked, preds_masked = _evaluate(masked, run.ds.test, batch)
-  flops_small, preds_small = _evaluate(small, run.ds.test, batch)
+  labels = np.concatenate([y[v] for _, y, v in data.eval_batches(ds.test, batch)])
+  flops_masked, preds_masked = _evaluate(masked, ds.test, batch)
+  flops_small, preds_small = _evaluate(small, ds.test, batch)
   npz_masked, npz_small = _npz(masked), _npz(small)
   result = ShrinkResult(
     phase=meta["phase"],
@@ -264,7 +270,7 @@ def shrink_checkpoint(
     out_dir=pathlib.Path(out or config.train.workdir) if (out or config.train.workdir) else None,
   )
   if result.out_dir is not None and jax.process_index() == 0:
-    _write(result, config, run.ds, npz_small)
+    _write(result, config, ds, npz_small)
   return result
 
 

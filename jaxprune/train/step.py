@@ -1,28 +1,20 @@
-"""The training loop: a config in, a trained (and pruned) model and its numbers out.
-
-:func:`train` runs a recipe: train the model dense, prune it with the pruner that
-:func:`jaxprune.train.optim.make_pruner` builds from ``config.prune`` (inside the
-optimizer, through :func:`jaxprune.masked`), fine-tune, and report the dense and final
-test accuracy with the per-layer sparsity. With ``rethink.enabled`` a second phase
-trains the pruned network from scratch (Liu et al. 2019): the final masks, fixed,
-on re-initialised weights.
+"""One training step and one evaluation pass: the jitted pure functions of a run.
 
 The model is split once into a graph definition and pytrees (``nnx.split``); the
 jitted step is a pure function of a :class:`TrainState`, run SPMD over a device mesh
 (:mod:`jaxprune.train.sharding`), saved and restored by
-:mod:`jaxprune.train.checkpoint`, logged by :mod:`jaxprune.train.metrics`.
+:mod:`jaxprune.train.checkpoint`. :mod:`jaxprune.train.run` drives them over the
+phases of a recipe.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 
@@ -78,8 +70,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from jaxprune.train import loop
-    >>> round(float(loop.cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3]))), 4)
+    >>> from jaxprune.train import step
+    >>> round(float(step.cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3]))), 4)
     1.3863
   """
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -91,8 +83,8 @@ def zero_fraction(params: Any, paths: tuple[str, ...]) -> jax.Array:
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from jaxprune.train import loop
-    >>> float(loop.zero_fraction({"w": jnp.array([0., 1., 0., 2.])}, paths=("w",)))
+    >>> from jaxprune.train import step
+    >>> float(step.zero_fraction({"w": jnp.array([0., 1., 0., 2.])}, paths=("w",)))
     0.5
   """
   leaves = dict(tree_lib.leaves_with_paths(params))
@@ -166,121 +158,45 @@ def evaluate(
   With a ``mesh``, each batch is split over its devices (and this process reads only
   its rows of each batch).
   """
+  return accuracy(eval_step, state.params, state.rest, split, batch_size, mesh)
+
+
+def accuracy(
+  eval_step: Callable,
+  params: nnx.State,
+  rest: nnx.State,
+  split: data.Source,
+  batch_size: int,
+  mesh: jax.sharding.Mesh | None = None,
+) -> float:
+  """:func:`evaluate` of a model's ``params`` and ``rest`` (``nnx.split(model, nnx.Param, ...)``).
+
+  Examples:
+    >>> from flax import nnx
+    >>> from jaxprune.train import data, models, step
+    >>> model = models.create("lenet300", (8, 8, 1), 10, seed=0)
+    >>> graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    >>> test = data.load("digits").test
+    >>> 0 <= step.accuracy(step.make_eval_step(graphdef), params, rest, test, 128) <= 1
+    True
+  """
   correct = 0
   process = sharding_lib.process() if mesh is not None else (0, 1)
   for batch in data.eval_batches(split, batch_size, process=process):
     if mesh is not None:
       batch = sharding_lib.global_batch(batch, sharding_lib.batch_sharding(mesh))
-    correct += int(eval_step(state.params, state.rest, *batch))
+    correct += int(eval_step(params, rest, *batch))
   return correct / len(split)
 
 
-@dataclasses.dataclass(frozen=True)
-class PhaseResult:
-  """The outcome of one phase of a run (``"train"`` or ``"rethink"``).
-
-  Attributes:
-    name: the phase.
-    final_accuracy: test accuracy after its last step.
-    summary: :func:`jaxprune.summary` of its final params over the pruned params.
-    state: its final :class:`TrainState`.
-    history: its metric records (see :mod:`jaxprune.train.metrics`), in order.
-  """
-
-  name: str
-  final_accuracy: float
-  summary: jaxprune.Summary
-  state: TrainState
-  history: tuple[dict[str, Any], ...]
+def measured_paths(pruner: jaxprune.Pruner | None, params: Any) -> tuple[str, ...]:
+  """The params whose sparsity a run reports: the pruned ones (all kernels when dense)."""
+  if pruner is None:
+    return tuple(tree_lib.selected_paths(params))
+  return tuple(pruner.paths(params))
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainResult:
-  """What a run produced.
-
-  Attributes:
-    dense_accuracy: test accuracy just before the first pruning step (``None`` when
-      pruning starts at step 0); the final accuracy when nothing is pruned.
-    dense_step: the step at which ``dense_accuracy`` was measured.
-    final_accuracy: test accuracy after the last step (the fine-tuned model).
-    summary: :func:`jaxprune.summary` of the pruned params (all kernels when unpruned).
-    state: the final :class:`TrainState`.
-    graphdef: rebuilds the model with ``state`` (see :meth:`model`).
-    history: metric records of the main phase: ``{"phase", "step", "global_step",
-      "epoch", ...}`` with ``loss`` / ``train_accuracy`` / ``learning_rate`` every
-      ``log_every`` steps and ``test_accuracy`` at evaluations (see
-      :mod:`jaxprune.train.metrics`).
-    seconds: wall time of this invocation, compilation included.
-    rethink: the from-scratch run of the pruned architecture (``rethink.enabled``).
-    resumed_from: the global step of the checkpoint this invocation resumed from.
-    regularized: whether a sparsity regularizer (``config.regularize``) trained the
-      model before pruning, so the "dense" accuracy is that of the regularized model.
-  """
-
-  dense_accuracy: float | None
-  dense_step: int
-  final_accuracy: float
-  summary: jaxprune.Summary
-  state: TrainState
-  graphdef: nnx.GraphDef
-  history: tuple[dict[str, Any], ...]
-  seconds: float
-  rethink: PhaseResult | None = None
-  resumed_from: int | None = None
-  regularized: bool = False
-
-  def model(self) -> nnx.Module:
-    """The trained model as an ``nnx.Module`` (in eval mode)."""
-    model = nnx.merge(self.graphdef, jax.device_get(self.state.params), self.state.rest)
-    model.eval()
-    return model
-
-  def report(self) -> str:
-    """Dense and final accuracy, the sparsity table and the time, as the CLI prints them."""
-    dense = (
-      "n/a (pruned from step 0)"
-      if self.dense_accuracy is None
-      else f"{self.dense_accuracy:.2%} (step {self.dense_step})"
-    )
-    if self.regularized and self.dense_accuracy is not None:
-      dense += ", trained with the sparsity regularizer"
-    lines = [f"dense accuracy: {dense}", f"final accuracy: {self.final_accuracy:.2%}"]
-    if self.rethink is not None:
-      lines.append(
-        f"from scratch (rethinking, same masks, re-initialised): {self.rethink.final_accuracy:.2%}"
-      )
-    if self.resumed_from is not None:
-      lines.append(f"resumed from checkpoint step {self.resumed_from}")
-    return "\n".join([*lines, str(self.summary), f"time: {self.seconds:.1f} s"])
-
-
-def train(config: ml_collections.ConfigDict, *, dataset: data.Dataset | None = None) -> TrainResult:
-  """Runs a recipe: validates the config, trains, prunes, fine-tunes, evaluates.
-
-  A tqdm bar (``config.train.progress``) shows the mean loss and accuracy of the last
-  ``train.log_every`` steps, the latest test accuracy (every ``train.eval_every``
-  steps) and the sparsity. With a ``train.workdir`` the run writes metrics (CSV and
-  TensorBoard), checkpoints (``checkpoint.every`` steps; resumed automatically by the
-  same command), the final ``params.npz``, ``summary.json`` and ``report.md``.
-
-  Args:
-    config: a config with the fields of :func:`jaxprune.train.config.default_config`.
-    dataset: use this dataset instead of loading ``config.data``.
-
-  Returns:
-    A :class:`TrainResult`; ``print(result.report())`` shows the numbers.
-
-  Raises:
-    ConfigError: before any work, naming a bad field.
-
-  Examples:
-    >>> from jaxprune.train import config as config_lib, loop
-    >>> config = config_lib.default_config()
-    >>> config.data.name, config.train.steps, config.train.progress = "digits", 30, False
-    >>> result = loop.train(config)
-    >>> result.summary["fc1/kernel"].zeros, round(result.summary.sparsity, 3)
-    (17280, 0.9)
-  """
-  from jaxprune.train import run
-
-  return run.Run(config, dataset=dataset).execute()
+def sparsity_summary(pruner: jaxprune.Pruner | None, params: Any) -> jaxprune.Summary:
+  """:func:`jaxprune.summary` of the :func:`measured_paths` of ``params``."""
+  paths = set(measured_paths(pruner, params))
+  return jaxprune.summary(sharding_lib.to_host(params), where=lambda path, _: path in paths)

@@ -37,8 +37,11 @@ from jaxprune.analysis.sensitivity import (
   sensitivity,
 )
 from jaxprune.train import config as config_lib
-from jaxprune.train import loop, structured
+from jaxprune.train import data, structured
+from jaxprune.train import state as state_lib
+from jaxprune.train import step as step_lib
 from jaxprune.train.run import Run
+from jaxprune.train.step import TrainState
 
 SWEEP_METHODS = ("magnitude", "random")
 
@@ -77,26 +80,33 @@ def _channel_sweep(config: ml_collections.ConfigDict) -> bool:
   return structured.is_channel_method(config) or config.prune.structure in ("filters", "channels")
 
 
-def _trained_state(run: Run, step: int | None) -> tuple[loop.TrainState, Any, str]:
+def _trained_state(
+  config: ml_collections.ConfigDict, ds: data.Dataset, step: int | None
+) -> tuple[TrainState, Any, str]:
   """The run's checkpoint, or a model trained here for ``prune.begin`` steps."""
-  if run.ckpt is not None and run.ckpt.latest() is not None:
-    main = run.train_phase()
-    state, meta = run.ckpt.restore(main.initial, step)
+  ckpt, latest = state_lib.checkpointer(config), None
+  if ckpt is not None:
+    try:
+      latest = ckpt.latest()
+    finally:
+      ckpt.close()
+  if latest is not None:
+    restored = state_lib.restore(config, ds.image_shape, ds.num_classes, step=step, purpose="sweep")
+    meta = restored.meta
     return (
-      state,
-      main.graphdef,
-      f"checkpoint {run.ckpt.directory}, {meta['phase']} step {meta['step']}",
+      restored.state,
+      restored.graphdef,
+      f"checkpoint {restored.directory}, {meta['phase']} step {meta['step']}",
     )
   if step is not None:
     raise FileNotFoundError(f"--step {step}: the config names no run with checkpoints.")
-  config = copy.deepcopy(run.config)
+  config = copy.deepcopy(config)
   steps = max(1, config.prune.begin)
   config.prune.method = "none"
   config.train.steps = steps
   config.train.workdir = ""
   config.checkpoint.dir = ""
-  dense = Run(config, dataset=run.ds)
-  result = dense.execute()
+  result = Run(config, dataset=ds).execute()
   return result.state, result.graphdef, f"trained here, dense, for {steps} steps"
 
 
@@ -130,17 +140,14 @@ def run_sweep(
       f"(or whole channel groups); got {p.method!r}. Override it, e.g. "
       "--config.prune.method=magnitude."
     )
-  run = Run(config, dataset=dataset)
-  try:
-    state, graphdef, source = _trained_state(run, step)
-  finally:
-    if run.ckpt is not None:
-      run.ckpt.close()
-  validation = structured.validation_split(config, run.ds.train)
-  eval_fn = loop.make_eval_step(graphdef)
+  config_lib.validate_config(config)
+  ds = dataset or data.from_config(config.data)
+  state, graphdef, source = _trained_state(config, ds, step)
+  validation = structured.validation_split(config, ds.train)
+  eval_fn = step_lib.make_eval_step(graphdef)
 
   def evaluate(params):
-    return loop.evaluate(
+    return step_lib.evaluate(
       eval_fn, state._replace(params=params), validation, config.data.eval_batch_size
     )
 
@@ -148,7 +155,7 @@ def run_sweep(
   if channel:
     model = nnx.merge(graphdef, state.params, state.rest)
     model.eval()
-    plan = surgery.plan(model, example_input=run.ds.test.take(np.arange(1))[0])
+    plan = surgery.plan(model, example_input=ds.test.take(np.arange(1))[0])
     result = channel_sensitivity(plan, state.params, evaluate, grid, progress=progress)
   else:
     result = sensitivity(

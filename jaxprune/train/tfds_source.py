@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxprune.train.data import Dataset
+from jaxprune.train.sources import Dataset
 
 IMAGE_KEY, LABEL_KEY = "image", "label"
 
@@ -61,7 +61,7 @@ def how_to_prepare(name: str, data_dir: str | None, dataset_dir: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TfdsSplit:
-  """A TFDS split as a :class:`jaxprune.train.data.Source`: images in ``[0, 1]``.
+  """A TFDS split as a :class:`jaxprune.train.sources.Source`: images in ``[0, 1]``.
 
   Attributes:
     source: the ``tfds.data_source`` of one split (``len`` and ``[i]`` give dicts).
@@ -91,7 +91,7 @@ def load(
   train_split: str = "train",
   test_split: str = "test",
 ) -> Dataset:
-  """A prepared TFDS image-classification dataset as a :class:`~jaxprune.train.data.Dataset`.
+  """A prepared TFDS image-classification dataset as a :class:`~jaxprune.train.sources.Dataset`.
 
   Args:
     name: a TFDS name, optionally with config and version (``"cifar10:3.0.2"``).
@@ -112,12 +112,7 @@ def load(
   import tensorflow_datasets as tfds
 
   if not is_tfds_name(name):
-    from jaxprune.train import data
-
-    raise ValueError(
-      f"Unknown dataset {name!r}: neither embedded ({', '.join(data.names())}) nor a "
-      "TFDS dataset (see tfds.list_builders())."
-    )
+    raise ValueError(f"Unknown TFDS dataset {name!r} (see tfds.list_builders()).")
   builder = tfds.builder(name, data_dir=data_dir)
   features = builder.info.features
   for key in (IMAGE_KEY, LABEL_KEY):
