@@ -47,7 +47,10 @@ def test_ssl_zeroes_half_the_filter_groups_within_two_points_of_dense(tmp_path):
   dense = train_cli(
     tmp_path / "dense", "--config.prune.method=none", "--config.regularize.method=none"
   )
-  ssl = train_cli(tmp_path / "ssl", "--config.regularize.strength=0.6")
+  # lambda 0.8: at 0.6 the zeroed fraction sat near the bound and moved with the CPU's
+  # numerics (61.6% of filters on one machine, 47% on another); at 0.8 it measured 60% and
+  # 71% (seeds 0, 1) at 98.99% / 99.66% accuracy (dense 99.33%).
+  ssl = train_cli(tmp_path / "ssl", "--config.regularize.strength=0.8")
   # the trained params and BatchNorm statistics, into the recipe's model
   model = models.create("vgg_small", (8, 8, 1), 10)
   arrays = np.load(tmp_path / "ssl" / "params.npz")
