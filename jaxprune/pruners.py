@@ -8,6 +8,7 @@ optax optimizer, and it can be called directly for one-shot pruning.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from jaxprune import scores as scores_lib
 from jaxprune import select as select_lib
 from jaxprune import structures as structures_lib
 from jaxprune import tree as tree_lib
+from jaxprune.distributions import Distribution
 from jaxprune.schedules import Schedule, as_schedule
 from jaxprune.select import check_sparsity, topk_by_count
 
@@ -52,6 +54,10 @@ class Pruner:
       group by the norm of its weights' scores and count sparsity in groups.
     needs_grads: the score uses gradients.
     seed: seeds the PRNG keys of random scores (folded with the step and the leaf).
+    distribution: a :class:`jaxprune.sparse.Distribution` (``uniform``, ``erk``) that
+      spreads the schedule's sparsity over the pruned layers: each layer follows the
+      schedule scaled to its own final value (as a float override would), resolved from
+      the params' shapes when masks are computed (:meth:`resolve`). Layer scope only.
   """
 
   score: ScoreFn
@@ -64,6 +70,7 @@ class Pruner:
   structure: str | structures_lib.Structure | None = None
   needs_grads: bool = False
   seed: int = 0
+  distribution: Distribution | None = None
 
   def __post_init__(self):
     if self.scope not in ("layer", "global"):
@@ -88,6 +95,14 @@ class Pruner:
         "scope='layer' and no overrides."
       )
     structure.check_target(self.schedule.final)
+    if self.distribution is not None:
+      if not isinstance(self.distribution, Distribution):
+        raise TypeError(f"distribution must be a Distribution, got {self.distribution!r}.")
+      if self.scope != "layer" or not structure.poolable:
+        raise ValueError(
+          f"A {self.distribution.kind} distribution sets a sparsity per layer: use "
+          "scope='layer' and an unstructured or group structure (not N:M)."
+        )
     main_final = self.schedule.final
     for pattern, value in self.overrides.items():
       if not isinstance(pattern, str):
@@ -117,6 +132,33 @@ class Pruner:
           "Check the path (see jaxprune.summary(params)) or widen `where=`."
         )
     return paths
+
+  def resolve(self, params: Any) -> Pruner:
+    """This pruner with its distribution turned into per-layer float overrides.
+
+    The overrides given by the user come first (the first matching regex wins); every
+    other pruned layer gets its exact path with the distribution's sparsity for it. A
+    pruner without a distribution is returned as it is.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxprune
+      >>> from jaxprune.sparse import erk
+      >>> params = {"a": jnp.ones((2, 2)), "b": jnp.ones((100, 100))}
+      >>> dict(jaxprune.magnitude(erk(0.5)).resolve(params).overrides)["^a$"]
+      0.0
+    """
+    if self.distribution is None:
+      return self
+    paths = self.paths(params)
+    by_path = dict(tree_lib.leaves_with_paths(params))
+    own = [p for p in paths if not any(tree_lib.matches(o, p) for o in self.overrides)]
+    if not own:
+      return dataclasses.replace(self, distribution=None)
+    shapes = {p: tuple(jnp.shape(by_path[p])) for p in own}
+    per_layer = self.distribution.sparsities(shapes)
+    overrides = dict(self.overrides)
+    overrides.update({f"^{re.escape(p)}$": per_layer[p] for p in own})
+    return dataclasses.replace(self, distribution=None, overrides=overrides)
 
   def init_masks(self, params: Any) -> Any:
     """All-kept masks for the pruned params, ``None`` for the others."""
@@ -148,7 +190,15 @@ class Pruner:
 
   def sparsity_of(self, path: str, step: Any) -> jax.Array:
     """The target sparsity of the param at ``path`` at ``step`` (``None``: the end)."""
+    self._check_resolved("sparsity_of")
     return _at(self.schedule_of(path), step)
+
+  def _check_resolved(self, name: str) -> None:
+    if self.distribution is not None:
+      raise ValueError(
+        f"{name}: this pruner's per-layer sparsities come from a {self.distribution.kind} "
+        f"distribution and depend on the params' shapes: call pruner.resolve(params).{name}(...)."
+      )
 
   def masks(self, params: Any, grads: Any = None, *, step: Any = None, previous: Any = None) -> Any:
     """Masks for ``params`` at ``step`` (``None``: the schedule's final sparsity).
@@ -182,6 +232,8 @@ class Pruner:
       jnp.ndim(step) != 0 or not jnp.issubdtype(jnp.result_type(step), jnp.integer)
     ):
       raise TypeError(f"step must be a scalar integer, got {step!r} (shape {jnp.shape(step)}).")
+    if self.distribution is not None:
+      return self.resolve(params).masks(params, grads, step=step, previous=previous)
     paths = self.paths(params)
     by_path = dict(tree_lib.leaves_with_paths(params))
     if self.needs_grads and grads is None:
@@ -293,13 +345,17 @@ def _pruner(score: ScoreFn, sparsity: Any, overrides: Mapping[str, Any] | None, 
   overrides = {} if overrides is None else overrides
   if isinstance(overrides, Mapping):
     overrides = dict(overrides)
+  if isinstance(sparsity, Distribution):
+    schedule = as_schedule(sparsity.sparsity)
+    return Pruner(score=score, schedule=schedule, overrides=overrides, distribution=sparsity, **kw)
   return Pruner(score=score, schedule=as_schedule(sparsity), overrides=overrides, **kw)
 
 
 _COMMON_ARGS = """
     sparsity: a float in ``[0, 1)`` (pruned at the first step and kept), a
-      :class:`Schedule` (``jaxprune.agp``, ``jaxprune.iterative``, ...) or a
-      ``step -> sparsity`` function.
+      :class:`Schedule` (``jaxprune.agp``, ``jaxprune.iterative``, ...), a
+      ``step -> sparsity`` function, or a distribution of either over the layers
+      (``jaxprune.sparse.erk(0.9)``, ``jaxprune.sparse.uniform(...)``).
     scope: ``"layer"`` or ``"global"``.
     where: which params are pruned (default: weight matrices and conv kernels).
     overrides: per-layer sparsities ``{regex: value}``.
@@ -310,7 +366,7 @@ _COMMON_ARGS = """
 
 
 def magnitude(
-  sparsity: float | Schedule | Callable,
+  sparsity: float | Schedule | Callable | Distribution,
   *,
   scope: Scope = "layer",
   where: tree_lib.Where = None,
@@ -349,7 +405,7 @@ def magnitude(
 
 
 def random(
-  sparsity: float | Schedule | Callable,
+  sparsity: float | Schedule | Callable | Distribution,
   *,
   seed: int = 0,
   scope: Scope = "layer",
@@ -390,7 +446,7 @@ def random(
 
 
 def saliency(
-  sparsity: float | Schedule | Callable,
+  sparsity: float | Schedule | Callable | Distribution,
   *,
   scope: Scope = "layer",
   where: tree_lib.Where = None,

@@ -1,0 +1,28 @@
+"""Sparse training: masks that move while each layer's sparsity stays fixed.
+
+* :func:`static_sparse`, :func:`set_sparse`, :func:`rigl`: optax transforms of the
+  shape of :func:`jaxprune.masked` (state :class:`jaxprune.MaskedState`);
+* :func:`ste`, :func:`sr_ste` with :func:`ste_params` for the forward pass;
+* :func:`uniform`, :func:`erk`: sparsity distributions over layers, accepted by every
+  pruner and sparse trainer where a sparsity is.
+"""
+
+from jaxprune.distributions import Distribution, erk, layer_sparsities, uniform
+from jaxprune.sparse.dynamic import cosine_drop, rigl, set_sparse, static_sparse
+from jaxprune.sparse.ste import STEState, sr_ste, ste, ste_masks, ste_params
+
+__all__ = [
+  "cosine_drop",
+  "Distribution",
+  "erk",
+  "layer_sparsities",
+  "rigl",
+  "set_sparse",
+  "sr_ste",
+  "ste",
+  "ste_masks",
+  "ste_params",
+  "STEState",
+  "static_sparse",
+  "uniform",
+]

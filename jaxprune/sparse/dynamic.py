@@ -1,0 +1,402 @@
+"""Sparse training from the start: static random masks, SET and RigL.
+
+Each trainer is an optax transform of the shape of :func:`jaxprune.masked`: its state is
+a :class:`jaxprune.MaskedState` (inner state, masks, step), so ``jaxprune.masks_of`` and
+``jaxprune.set_masks`` work on it, and ``optax.apply_updates`` alone leaves the sparse
+weights. Every layer keeps exactly ``n - round(s_l * n)`` weights for the whole run.
+
+On a mask update step ``t`` (``0 < t < end``, ``t % every == 0``), per layer, with
+``a`` active weights and drop fraction ``f_t``:
+
+1. drop: the ``d = round(f_t * a)`` active weights with the smallest ``|w|`` leave
+   (ties: the higher flat index leaves first);
+2. grow: ``d`` weights join among those not kept in step 1 (so a just-dropped weight can
+   come back): at random (SET, Mocanu et al. 2018) or where the dense gradient ``|g|``
+   of the current batch is largest (RigL, Evci et al. 2020; ties: the lower flat index).
+
+The weights that joined (new mask and not old mask) are exactly 0 after the step and
+their optimizer moments are zeroed (every params-shaped leaf of the inner state); the
+weights that left go to exactly 0. Only the masks pass through ``lax.cond``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from jaxprune import masks as masks_lib
+from jaxprune import tree as tree_lib
+from jaxprune.distributions import Distribution, as_distribution
+from jaxprune.schedules import Schedule
+from jaxprune.select import n_pruned, topk_by_count
+from jaxprune.transforms import MaskedState, _check_inner, _zero_pruned
+
+
+def cosine_drop(initial: float = 0.3, end: int = 1) -> Callable[[Any], jax.Array]:
+  """RigL's drop-fraction schedule: ``f_t = initial / 2 * (1 + cos(pi * t / end))``.
+
+  Examples:
+    >>> from jaxprune.sparse import cosine_drop
+    >>> f = cosine_drop(0.3, end=1000)
+    >>> [round(float(f(t)), 4) for t in (0, 500, 1000)]
+    [0.3, 0.15, 0.0]
+  """
+  _check_fraction(initial)
+  if isinstance(end, bool) or not isinstance(end, int | np.integer) or end <= 0:
+    raise ValueError(f"end must be a positive integer step, got {end!r}.")
+
+  def fraction(step):
+    t = jnp.clip(jnp.asarray(step, jnp.float32), 0.0, float(end))
+    return (initial / 2.0 * (1.0 + jnp.cos(jnp.pi * t / end))).astype(jnp.float32)
+
+  return fraction
+
+
+def _check_fraction(value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
+    raise TypeError(
+      f"drop_fraction must be a number in [0, 1] or a step -> fraction function, got {value!r}."
+    )
+  if not 0.0 <= float(value) <= 1.0:
+    raise ValueError(f"drop_fraction must be in [0, 1], got {value}.")
+
+
+def _is_mask_tree(sparsity: Any) -> bool:
+  leaves = jax.tree.leaves(sparsity)
+  return bool(leaves) and all(getattr(x, "dtype", None) == jnp.bool_ for x in leaves)
+
+
+class _Layout:
+  """Which params are sparse and how many weights each keeps (known from shapes alone)."""
+
+  def __init__(self, sparsity: Any, where, dense_first: bool, dense_last: bool, name: str):
+    self.name, self.where = name, where
+    self.dense_first, self.dense_last = dense_first, dense_last
+    self.fixed = sparsity if _is_mask_tree(sparsity) else None
+    if self.fixed is None:
+      if isinstance(sparsity, Schedule) or (
+        isinstance(sparsity, Distribution) and isinstance(sparsity.sparsity, Schedule)
+      ):
+        raise TypeError(
+          f"{name}: the sparsity of a sparse trainer is fixed for the whole run; pass a float "
+          "or a distribution of a float (jaxprune.sparse.erk(0.9)), not a schedule."
+        )
+      self.distribution = as_distribution(sparsity)
+
+  def initial_masks(self, params: Any, seed: int) -> Any:
+    """Random masks with exactly the layer counts (or the given masks, checked)."""
+    if self.fixed is not None:
+      tree_lib.check_same_structure(params, self.fixed)
+      return self.fixed
+    paths = tree_lib.selected_paths(
+      params, self.where, dense_first=self.dense_first, dense_last=self.dense_last, what=self.name
+    )
+    by_path = dict(tree_lib.leaves_with_paths(params))
+    shapes = {p: tuple(jnp.shape(by_path[p])) for p in paths}
+    sparsities = self.distribution.sparsities(shapes)
+    key = jax.random.key(seed)
+    scores = [
+      jax.random.uniform(jax.random.fold_in(key, i), shapes[p]) for i, p in enumerate(paths)
+    ]
+    removed = [n_pruned(math.prod(shapes[p]), sparsities[p]) for p in paths]
+    chosen = dict(zip(paths, topk_by_count(scores, removed, "layer")))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    return jax.tree.unflatten(treedef, [chosen.get(tree_lib.path_str(k)) for k, _ in flat])
+
+
+def _kept_counts(masks: list[jax.Array], layout: _Layout) -> list[int]:
+  """Active weights per sparse leaf, from the shapes (and the given masks' counts)."""
+  if layout.fixed is not None:
+    return [int(np.sum(np.asarray(m))) for m in jax.tree.leaves(layout.fixed)]
+  paths = [str(i) for i in range(len(masks))]
+  sparsities = layout.distribution.sparsities(dict(zip(paths, (m.shape for m in masks))))
+  return [m.size - n_pruned(m.size, sparsities[p]) for m, p in zip(masks, paths)]
+
+
+def _regrow(
+  masks: list[jax.Array],
+  params: list[jax.Array],
+  grow_scores: list[jax.Array],
+  active: list[int],
+  fraction: jax.Array,
+) -> list[jax.Array]:
+  """New masks: drop the smallest ``|w|`` of each layer, grow the largest ``grow_scores``."""
+  f = jnp.clip(jnp.asarray(fraction, jnp.float32), 0.0, 1.0)
+  f = jnp.where(jnp.isnan(f), 0.0, f)
+  drops = [jnp.round(f * a).astype(jnp.int32) for a in active]
+  keep_scores = [
+    jnp.where(m, jnp.abs(p).astype(jnp.float32), -jnp.inf) for m, p in zip(masks, params)
+  ]
+  survivors = topk_by_count(
+    keep_scores, [m.size - (a - d) for m, a, d in zip(masks, active, drops)], "layer"
+  )
+  scores = [
+    jnp.where(s, jnp.inf, jnp.nan_to_num(g.astype(jnp.float32), nan=0.0, posinf=0.0))
+    for s, g in zip(survivors, grow_scores)
+  ]
+  return topk_by_count(scores, [m.size - a for m, a in zip(masks, active)], "layer")
+
+
+def _sparse_trainer(
+  inner: optax.GradientTransformation,
+  sparsity: Any,
+  grow: str | None,
+  *,
+  end: int | None,
+  drop_fraction: float | Callable,
+  every: int,
+  seed: int,
+  where: tree_lib.Where,
+  dense_first: bool,
+  dense_last: bool,
+  name: str,
+) -> optax.GradientTransformationExtraArgs:
+  _check_inner(inner)
+  if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+    raise TypeError(f"{name}: seed must be an int, got {seed!r}.")
+  layout = _Layout(sparsity, where, dense_first, dense_last, name)
+  inner_extra = optax.with_extra_args_support(inner)
+  if grow is not None:
+    if isinstance(every, bool) or not isinstance(every, int | np.integer) or every <= 0:
+      raise ValueError(
+        f"{name}: every must be a positive integer (steps between updates), got {every!r}."
+      )
+    if isinstance(end, bool) or not isinstance(end, int | np.integer) or end <= 0:
+      raise ValueError(
+        f"{name}: end must be the positive step after which masks stop changing (RigL uses 75% "
+        f"of training), got {end!r}."
+      )
+    if callable(drop_fraction):
+      fraction_at = drop_fraction
+    else:
+      _check_fraction(drop_fraction)
+      fraction_at = cosine_drop(float(drop_fraction), int(end))
+
+  def init(params):
+    return MaskedState(
+      inner.init(params), layout.initial_masks(params, seed), jnp.zeros([], jnp.int32)
+    )
+
+  def update(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(
+        f"jaxprune.sparse.{name} needs the params: call tx.update(grads, state, params)."
+      )
+    step, masks = state.count, state.masks
+    inner_state, keep = state.inner_state, masks
+    if grow is not None:
+      flat_masks, treedef = jax.tree.flatten(masks, is_leaf=tree_lib.is_none)
+      live = [i for i, m in enumerate(flat_masks) if m is not None]
+      flat_params = treedef.flatten_up_to(params)
+      flat_grads = treedef.flatten_up_to(updates)
+      ms = [flat_masks[i] for i in live]
+      ps, gs = [flat_params[i] for i in live], [flat_grads[i] for i in live]
+      active = _kept_counts(ms, layout)
+
+      def refresh(ms, step):
+        if grow == "random":
+          key = jax.random.fold_in(jax.random.key(seed), step)
+          scores = [
+            jax.random.uniform(jax.random.fold_in(key, i), m.shape) for i, m in enumerate(ms)
+          ]
+        else:
+          scores = [jnp.abs(g) for g in gs]
+        return _regrow(ms, ps, scores, active, fraction_at(step))
+
+      is_update = (step > 0) & (step < end) & (step % every == 0)
+      new = lax.cond(is_update, refresh, lambda ms, _: list(ms), ms, step)
+      out, kept = list(flat_masks), list(flat_masks)
+      for i, m_old, m_new in zip(live, ms, new):
+        out[i], kept[i] = m_new, m_old & m_new
+      masks, keep = jax.tree.unflatten(treedef, out), jax.tree.unflatten(treedef, kept)
+      inner_state = _zero_pruned(inner, inner_state, keep)
+    grads = masks_lib.apply_mask(updates, keep)
+    inner_updates, inner_state = inner_extra.update(
+      grads, inner_state, masks_lib.apply_mask(params, keep), **extra_args
+    )
+    new_updates = jax.tree.map(
+      lambda m, u, p: u if m is None else jnp.where(m, u, -p.astype(u.dtype)),
+      keep,
+      inner_updates,
+      params,
+      is_leaf=tree_lib.is_none,
+    )
+    return new_updates, MaskedState(inner_state, masks, step + 1)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+_COMMON = """
+    inner: any optax ``GradientTransformation`` (``optax.adam(1e-3)``, a chain, ...).
+    sparsity: the fraction of each pruned layer that is zero, fixed for the run: a
+      float in ``[0, 1)``, a distribution (``jaxprune.sparse.erk(0.9)``,
+      ``uniform(0.9)``), or a mask pytree (bool arrays, ``None`` for dense params): the
+      initial masks, whose per-layer counts are kept.
+    seed: seeds the random initial masks{seed_extra}.
+    where: which params are sparse (default: weight matrices and conv kernels).
+    dense_first: keep the first sparse layer (in natural path order) dense.
+    dense_last: keep the last one (e.g. the classifier head) dense."""
+
+_DYNAMIC = """
+    end: the step from which masks stop changing (RigL: 75% of training).
+    drop_fraction: ``f0`` of the cosine schedule ``f0 / 2 * (1 + cos(pi t / end))``
+      (:func:`cosine_drop`), or any traceable ``step -> fraction`` function.
+    every: steps between mask updates (``dT``)."""
+
+
+def static_sparse(
+  inner: optax.GradientTransformation,
+  sparsity: float | Distribution | Any,
+  *,
+  seed: int = 0,
+  where: tree_lib.Where = None,
+  dense_first: bool = False,
+  dense_last: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """Static sparse training: a random mask at init, never changed (the baseline of SET/RigL).
+
+  Args:{common}
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`jaxprune.MaskedState` (read the masks with ``jaxprune.masks_of``).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, jaxprune
+    >>> from jaxprune.sparse import static_sparse
+    >>> params = {{"w": jnp.ones((10, 10)), "b": jnp.ones(10)}}
+    >>> tx = static_sparse(optax.sgd(0.1), 0.9)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    >>> int((optax.apply_updates(params, updates)["w"] != 0).sum())
+    10
+  """
+  return _sparse_trainer(
+    inner,
+    sparsity,
+    None,
+    end=None,
+    drop_fraction=0.0,
+    every=1,
+    seed=seed,
+    where=where,
+    dense_first=dense_first,
+    dense_last=dense_last,
+    name="static_sparse",
+  )
+
+
+def set_sparse(
+  inner: optax.GradientTransformation,
+  sparsity: float | Distribution | Any,
+  *,
+  end: int,
+  drop_fraction: float | Callable = 0.3,
+  every: int = 100,
+  seed: int = 0,
+  where: tree_lib.Where = None,
+  dense_first: bool = False,
+  dense_last: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """SET (Mocanu et al. 2018): drop the smallest ``|w|``, regrow as many at random.
+
+  Growth at step ``t`` in layer ``i`` (the ``i``-th sparse leaf in flattening order)
+  ranks ``jax.random.uniform(fold_in(fold_in(key(seed), t), i), shape)``, so it is
+  reproducible from ``seed``.
+
+  Args:{common}{dynamic}
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`jaxprune.MaskedState`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, jaxprune
+    >>> from jaxprune.sparse import set_sparse
+    >>> params = {{"w": jnp.ones((10, 10))}}
+    >>> tx = set_sparse(optax.sgd(0.1), 0.8, end=100, every=2)
+    >>> state = tx.init(params)
+    >>> for _ in range(5):
+    ...   updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> int(jaxprune.masks_of(state)["w"].sum()), int((params["w"] != 0).sum()) <= 20
+    (20, True)
+  """
+  return _sparse_trainer(
+    inner,
+    sparsity,
+    "random",
+    end=end,
+    drop_fraction=drop_fraction,
+    every=every,
+    seed=seed,
+    where=where,
+    dense_first=dense_first,
+    dense_last=dense_last,
+    name="set_sparse",
+  )
+
+
+def rigl(
+  inner: optax.GradientTransformation,
+  sparsity: float | Distribution | Any,
+  *,
+  end: int,
+  drop_fraction: float | Callable = 0.3,
+  every: int = 100,
+  seed: int = 0,
+  where: tree_lib.Where = None,
+  dense_first: bool = False,
+  dense_last: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """RigL (Evci et al. 2020): drop the smallest ``|w|``, regrow the largest dense ``|g|``.
+
+  The gradient passed to ``update`` is the dense gradient of the current batch (the
+  gradient of the loss with respect to every weight, zero or not), so RigL costs no
+  extra pass. Grown weights start at exactly 0 with zeroed optimizer moments.
+
+  Args:{common}{dynamic}
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`jaxprune.MaskedState`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, jaxprune
+    >>> from jaxprune.sparse import rigl, erk
+    >>> params = {{"a": jnp.ones((20, 20)), "b": jnp.ones((20, 2))}}
+    >>> tx = rigl(optax.adam(1e-2), erk(0.8), end=30, every=10)
+    >>> state = tx.init(params)
+    >>> for _ in range(21):
+    ...   grads = jax.tree.map(jnp.ones_like, params)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> {{k: int(m.sum()) for k, m in jaxprune.masks_of(state).items()}}
+    {{'a': 57, 'b': 31}}
+  """
+  return _sparse_trainer(
+    inner,
+    sparsity,
+    "gradient",
+    end=end,
+    drop_fraction=drop_fraction,
+    every=every,
+    seed=seed,
+    where=where,
+    dense_first=dense_first,
+    dense_last=dense_last,
+    name="rigl",
+  )
+
+
+static_sparse.__doc__ = static_sparse.__doc__.format(common=_COMMON.format(seed_extra=""))
+for _f in (set_sparse, rigl):
+  _extra = " and SET's growth" if _f is set_sparse else ""
+  _f.__doc__ = _f.__doc__.format(common=_COMMON.format(seed_extra=_extra), dynamic=_DYNAMIC)

@@ -1,0 +1,250 @@
+"""Sparse trainers (static, SET, RigL): exact counts, growth rules, moments, schedule, resume.
+
+References are NumPy (stable argsort) computations independent of jaxprune.select.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxprune
+from jaxprune.sparse import cosine_drop, erk, rigl, set_sparse, static_sparse
+
+SHAPES = {"fc1": (20, 16), "fc2": (16, 8), "fc3": (8, 3)}
+KERNELS = [f"{k}/kernel" for k in SHAPES]
+
+
+def make_params(seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  return {
+    k: {
+      "kernel": jnp.asarray(rng.normal(size=s) / math.sqrt(s[0]), jnp.float32),
+      "bias": jnp.zeros(s[1]),
+    }
+    for k, s in SHAPES.items()
+  }
+
+
+def loss_fn(params, x, y):
+  h = x
+  for i, k in enumerate(SHAPES):
+    h = h @ params[k]["kernel"] + params[k]["bias"]
+    if i < len(SHAPES) - 1:
+      h = jnp.tanh(h)
+  return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
+
+
+def batch(step: int):
+  rng = np.random.default_rng(1000 + step)
+  return jnp.asarray(rng.normal(size=(8, 20)), jnp.float32), jnp.asarray(rng.integers(0, 3, 8))
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  return {p: np.asarray(x) for p, x in jaxprune.tree.leaves_with_paths(tree) if x is not None}
+
+
+@functools.cache
+def trainer(name: str, sparsity=0.8, every=2, end=40, drop=0.3):
+  sparsity = erk(0.8) if sparsity == "erk" else sparsity
+  inner = optax.adam(1e-2)
+  if name == "static":
+    tx = static_sparse(inner, sparsity, seed=3)
+  elif name == "set":
+    tx = set_sparse(inner, sparsity, end=end, every=every, drop_fraction=drop, seed=3)
+  else:
+    tx = rigl(inner, sparsity, end=end, every=every, drop_fraction=drop, seed=3)
+
+  @jax.jit
+  def step(params, state, x, y):
+    grads = jax.grad(loss_fn)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, grads
+
+  return tx, step
+
+
+def expected_kept(sparsity) -> dict[str, int]:
+  if sparsity == "erk":
+    per = erk(0.8).sparsities({f"{k}/kernel": s for k, s in SHAPES.items()})
+  else:
+    per = {f"{k}/kernel": sparsity for k in SHAPES}
+  return {
+    p: math.prod(SHAPES[p.split("/")[0]]) - round(per[p] * math.prod(SHAPES[p.split("/")[0]]))
+    for p in per
+  }
+
+
+@pytest.mark.parametrize("sparsity", [0.8, "erk"])
+@pytest.mark.parametrize("name", ["static", "set", "rigl"])
+def test_exact_sparsity_per_layer_after_every_step(name, sparsity):
+  tx, step = trainer(name, sparsity)
+  params = make_params()
+  state = tx.init(params)
+  want = expected_kept(sparsity)
+  first = flat(jaxprune.masks_of(state))
+  changed = 0
+  for t in range(12):
+    params, state, _ = step(params, state, *batch(t))
+    masks, p = flat(jaxprune.masks_of(state)), flat(params)
+    for k in KERNELS:
+      assert masks[k].sum() == want[k], (t, k)
+      assert (p[k][~masks[k]] == 0).all()  # apply_updates alone leaves the sparse weights
+    assert all(np.any(p[f"{k}/bias"] != 0) for k in SHAPES)  # biases are dense
+    changed += sum(int((masks[k] != first[k]).sum()) for k in KERNELS)
+  assert (changed == 0) == (name == "static")
+
+
+def test_grown_weights_and_adam_moments_are_zero_right_after_growth():
+  tx, step = trainer("rigl", 0.8)
+  params = make_params()
+  state = tx.init(params)
+  params, state, _ = step(params, state, *batch(0))  # step 0: no update
+  params, state, _ = step(params, state, *batch(1))  # step 1: no update (every=2)
+  before = flat(jaxprune.masks_of(state))
+  params, state, _ = step(params, state, *batch(2))  # step 2: drop and grow
+  after, p = flat(jaxprune.masks_of(state)), flat(params)
+  adam = state.inner_state[0]
+  mu, nu = flat(adam.mu), flat(adam.nu)
+  grown_total = 0
+  for k in KERNELS:
+    grown = after[k] & ~before[k]
+    grown_total += grown.sum()
+    assert (p[k][grown] == 0).all()
+    assert (mu[k][grown] == 0).all() and (nu[k][grown] == 0).all()
+    assert (mu[k][~after[k]] == 0).all() and (nu[k][~after[k]] == 0).all()
+    survived = after[k] & before[k]
+    assert (p[k][survived] != 0).all() and (nu[k][survived] != 0).all()
+  assert grown_total > 0
+  params, state, _ = step(params, state, *batch(3))  # the grown weights train from there
+  p = flat(params)
+  assert sum(int((p[k][after[k] & ~before[k]] != 0).sum()) for k in KERNELS) > 0
+
+
+def numpy_keep_top(scores: np.ndarray, keep: int) -> np.ndarray:
+  """The ``keep`` largest, ties to the lower flat index (a stable descending argsort)."""
+  order = np.argsort(-scores.ravel(), kind="stable")
+  out = np.zeros(scores.size, bool)
+  out[order[:keep]] = True
+  return out.reshape(scores.shape)
+
+
+def regrow_reference(mask, w, grow_scores, fraction):
+  """Drop the smallest |w| among active, grow the largest scores among the not kept."""
+  active = int(mask.sum())
+  d = round(float(np.float32(fraction) * np.float32(active)))
+  survivors = numpy_keep_top(np.where(mask, np.abs(w), -np.inf), active - d)
+  return survivors | numpy_keep_top(np.where(survivors, -np.inf, grow_scores), d)
+
+
+def test_rigl_grows_the_largest_gradients_among_inactive_with_deterministic_ties():
+  """One update step, against the NumPy rule; the gradients have many exact ties."""
+  params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(6, 10)), jnp.float32)}
+  mask0 = np.random.default_rng(1).random((6, 10)) < 0.5
+  params = {"w": jnp.where(mask0, params["w"], 0.0)}
+  grads = {"w": jnp.asarray(np.random.default_rng(2).integers(0, 3, size=(6, 10)), jnp.float32)}
+  tx = rigl(optax.sgd(0.0), {"w": jnp.asarray(mask0)}, end=10, every=1, drop_fraction=lambda t: 0.5)
+  state = tx.init(params)
+  state = state._replace(count=jnp.int32(1))  # an update step
+  _, state = jax.jit(tx.update)(grads, state, params)
+  want = regrow_reference(mask0, np.asarray(params["w"]), np.abs(np.asarray(grads["w"])), 0.5)
+  np.testing.assert_array_equal(np.asarray(state.masks["w"]), want)
+  assert want.sum() == mask0.sum()
+
+
+def test_set_growth_is_reproducible_from_its_key():
+  """SET grows by ``uniform(fold_in(fold_in(key(seed), t), i))``: the documented draw."""
+  rng = np.random.default_rng(0)
+  mask0 = {"a": rng.random((6, 10)) < 0.4, "b": rng.random((5, 4)) < 0.4}
+  params = {
+    k: jnp.where(m, jnp.asarray(rng.normal(size=m.shape), jnp.float32), 0.0)
+    for k, m in mask0.items()
+  }
+  grads = jax.tree.map(jnp.ones_like, params)
+
+  def run(seed):
+    tx = set_sparse(
+      optax.sgd(0.0),
+      jax.tree.map(jnp.asarray, mask0),
+      end=10,
+      every=1,
+      drop_fraction=0.5,
+      seed=seed,
+    )
+    state = tx.init(params)._replace(count=jnp.int32(2))
+    return flat(jax.jit(tx.update)(grads, state, params)[1].masks)
+
+  first, again, other = run(7), run(7), run(8)
+  fraction = float(cosine_drop(0.5, 10)(2))
+  key = jax.random.fold_in(jax.random.key(7), 2)
+  for i, k in enumerate(["a", "b"]):
+    scores = np.asarray(jax.random.uniform(jax.random.fold_in(key, i), mask0[k].shape))
+    want = regrow_reference(mask0[k], np.asarray(params[k]), scores, fraction)
+    np.testing.assert_array_equal(first[k], want)
+    np.testing.assert_array_equal(again[k], first[k])
+  assert any((other[k] != first[k]).any() for k in first)
+
+
+def test_drop_fraction_follows_the_cosine_schedule():
+  """Gradients only on inactive weights: exactly round(f_t * active) weights move at t."""
+  end, every, f0 = 12, 3, 0.5
+  tx = rigl(optax.sgd(1e-3), 0.75, end=end, every=every, drop_fraction=f0, seed=1)
+  params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(8, 8)), jnp.float32)}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  active = 64 - 48
+  for t in range(end + 4):
+    old = np.asarray(state.masks["w"])
+    g = np.where(old, 0.0, 1.0 + np.random.default_rng(t).random((8, 8)))
+    updates, state = update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+    params = optax.apply_updates(params, updates)
+    moved = int((old & ~np.asarray(state.masks["w"])).sum())
+    on = 0 < t < end and t % every == 0
+    f = f0 / 2 * (1 + math.cos(math.pi * t / end))
+    assert moved == (round(f * active) if on else 0), t
+  assert [round(float(cosine_drop(f0, end)(t)), 6) for t in (0, 6, 12, 20)] == [0.5, 0.25, 0.0, 0.0]
+
+
+def test_dense_first_and_last_and_initial_counts():
+  params = make_params()
+  tx = rigl(optax.sgd(0.1), erk(0.9), end=10, dense_first=True, dense_last=True)
+  masks = tx.init(params).masks
+  assert masks["fc1"]["kernel"] is None and masks["fc3"]["kernel"] is None
+  assert int(masks["fc2"]["kernel"].sum()) == 128 - round(0.9 * 128)  # one layer: ERK = uniform
+
+
+def test_checkpoint_resume_mid_run_is_bitwise_equal(tmp_path):
+  tx, step = trainer("rigl", "erk")
+  params = make_params()
+  state = tx.init(params)
+  straight = (params, state)
+  for t in range(10):
+    straight = step(*straight, *batch(t))[:2]
+  resumed = (params, state)
+  for t in range(5):
+    resumed = step(*resumed, *batch(t))[:2]
+  leaves, treedef = jax.tree.flatten(resumed)
+  np.savez(tmp_path / "ckpt.npz", *[np.asarray(x) for x in leaves])
+  with np.load(tmp_path / "ckpt.npz") as f:
+    restored = jax.tree.unflatten(treedef, [jnp.asarray(f[f"arr_{i}"]) for i in range(len(leaves))])
+  for t in range(5, 10):
+    restored = step(*restored, *batch(t))[:2]
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_errors_name_the_problem():
+  with pytest.raises(TypeError, match="fixed for the whole run"):
+    rigl(optax.sgd(0.1), jaxprune.agp(0.9, 0, 10, 1), end=10)
+  with pytest.raises(ValueError, match="end must be"):
+    set_sparse(optax.sgd(0.1), 0.9, end=0)
+  with pytest.raises(TypeError, match="optax GradientTransformation"):
+    rigl(0.9, 0.9, end=10)
+  with pytest.raises(ValueError, match="drop_fraction"):
+    rigl(optax.sgd(0.1), 0.9, end=10, drop_fraction=1.5)
