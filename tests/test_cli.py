@@ -40,7 +40,7 @@ def test_a_command_is_required(capsys):
   assert e.value.code == 2
 
 
-RECIPES = sorted(p for p in (ROOT / "configs").glob("*.py") if p.stem != "autopruner")  # own runner
+RECIPES = sorted((ROOT / "configs").glob("*.py"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -233,3 +233,47 @@ def test_bad_command_arguments(capsys, argv, message):
   with pytest.raises(SystemExit) as e:
     cli.main(argv)
   assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+AUTOPRUNER = str(ROOT / "configs" / "autopruner.py")
+
+
+@pytest.mark.parametrize("override, field, message", [
+  ("autopruner.keep_ratio=0", "autopruner.keep_ratio", "must be in (0, 1]"),
+  ("autopruner.widths=(16, 0)", "autopruner.widths", "must be a tuple of channel counts"),
+  ("autopruner.alpha_mode=cubic", "autopruner.alpha_mode", "must be one of 'linear'"),
+  ("autopruner.alpha_start=0", "autopruner.alpha_start", "geometric alpha needs a start > 0"),
+  ("regularize.method=l1", "regularize.method", "autopruner's gates are its regularizer"),
+  ("data.batch_size=2000", "data.batch_size", "larger than the training split of digits"),
+])  # fmt: skip
+def test_autopruner_config_errors_come_before_any_data(
+  monkeypatch, capsys, override, field, message
+):
+  from jaxprune.train import data
+
+  monkeypatch.setattr(data, "load", lambda *a, **k: pytest.fail("data loaded"))
+  with pytest.raises(SystemExit) as e:
+    cli.main(["train", "--config", AUTOPRUNER, f"--config.{override}"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.startswith(f"jaxprune train: error: {field}: ")
+  assert message in err
+
+
+def test_autopruner_has_its_own_runner(capsys):
+  assert cli.main(["train", "--config", AUTOPRUNER, "--dry-run"]) == 0
+  assert "method: autopruner" in capsys.readouterr().out
+  from jaxprune.train import run
+
+  with pytest.raises(config_lib.ConfigError, match=r"^prune\.method: 'autopruner' trains its own"):
+    run.Run(config_lib.load_config(AUTOPRUNER))
+
+
+def test_every_field_has_one_schema_entry():
+  from jaxprune.train import schema
+
+  config = config_lib.default_config()
+  assert sorted(config) == sorted(schema.FIELDS)
+  for group, fields in schema.FIELDS.items():
+    assert sorted(config[group]) == sorted(fields)
+    for name, field in fields.items():
+      assert field.help and field.check(config[group][name]) is None, f"{group}.{name}"

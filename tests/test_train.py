@@ -12,7 +12,7 @@ from jaxprune.train import config as config_lib
 from jaxprune.train import data, loop, metrics, models, optim, report, structured
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in (ROOT / "configs").glob("*.py") if p.stem != "autopruner")
+RECIPES = sorted(p for p in (ROOT / "configs").glob("*.py") if p.stem != "autopruner")  # own runner
 
 # --- pruner from config ---------------------------------------------------------------
 

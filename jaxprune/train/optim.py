@@ -21,11 +21,6 @@ PRUNERS = {
   "random": jaxprune.random,
   "saliency": jaxprune.saliency,
 }
-SCHEDULES = ("agp", "one_shot", "iterative", "constant")
-STRUCTURES = ("unstructured", "neurons", "filters", "channels")
-REGULARIZERS = ("none", "group_lasso", "l1")
-OPTIMIZERS = ("adam", "sgd")
-LR_SCHEDULES = ("constant", "cosine")
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> jaxprune.Schedule:
@@ -59,8 +54,9 @@ def make_schedule(config: ml_collections.ConfigDict) -> jaxprune.Schedule:
 def make_pruner(config: ml_collections.ConfigDict) -> jaxprune.Pruner | None:
   """The pruner that ``config.prune`` describes.
 
-  ``None`` for ``method="none"`` and for the channel methods of
-  :mod:`jaxprune.train.structured`, which set fixed masks at ``prune.begin`` instead.
+  ``None`` for ``method="none"``, for the channel methods of
+  :mod:`jaxprune.train.structured`, which set fixed masks at ``prune.begin`` instead,
+  and for ``autopruner`` (:mod:`jaxprune.train.autopruner`, its own runner).
 
   Examples:
     >>> from jaxprune.train import config as config_lib, optim
@@ -71,7 +67,7 @@ def make_pruner(config: ml_collections.ConfigDict) -> jaxprune.Pruner | None:
     ('layer', {'fc3': 0.5}, 0.9)
   """
   p = config.prune
-  if p.method == "none" or structured.is_channel_method(config):
+  if p.method not in PRUNERS:  # none, a channel method, autopruner: no pruner in the optimizer
     return None
   return PRUNERS[p.method](
     make_schedule(config),

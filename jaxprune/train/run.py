@@ -166,6 +166,11 @@ class Run:
 
   def __init__(self, config: ml_collections.ConfigDict, *, dataset: data.Dataset | None = None):
     config_lib.validate_config(config)
+    if config.prune.method == "autopruner":
+      raise config_lib.ConfigError(
+        "prune.method: 'autopruner' trains its own gated net: run it with "
+        "jaxprune.train.autopruner.train_recipe (or `jaxprune train`)."
+      )
     self.started = time.perf_counter()
     self.config = config
     t = config.train

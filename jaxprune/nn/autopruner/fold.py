@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxprune import tree as tree_lib
-from jaxprune.nn.autopruner import Gate, Gated
+from jaxprune.nn.autopruner.gate import Gate, Gated
 
 
 def _channel_mask(keep: Any, shape: tuple[int, ...], where: str) -> jax.Array:

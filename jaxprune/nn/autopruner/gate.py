@@ -1,45 +1,19 @@
-"""AutoPruner (Luo & Wu 2018): learned channel gates, trained end to end, folded into masks.
+"""The AutoPruner gate (NNX): a scaled sigmoid over batch-pooled features, per channel.
 
-A :class:`Gate` computes one channel vector ``v in [0, 1]^C`` per batch from the feature
-map it multiplies: batch-wise pooling (the mean over the batch and every spatial
-position, so ``(N, H, W, C) -> (C,)`` and ``(N, C) -> (C,)``), a fully connected layer
-``C -> C`` and a scaled sigmoid ``sigmoid(alpha * z)``. The user adds
-:func:`~jaxprune.nn.gate_penalty` (``lambda * (||v||_1 / C - r)^2`` per gate, with the
-adaptive ``lambda = 100 * |r_b - r|``) to the loss and lets ``alpha`` grow
-(:func:`alpha_schedule`, :func:`set_alpha`) so the gates end binary.
-:func:`~jaxprune.nn.hard_masks` thresholds them at 0.5 and :func:`~jaxprune.nn.ungate`
-folds them into the producer layers: a plain model whose removed channels have zero
-filters, plus jaxprune masks for surgery.
-
-Hard gates are still computed from each batch: with ``alpha = inf`` a gate is
-``1[pool(x) @ W + b > 0]`` of *this* batch, so in eval mode (BatchNorm running
-statistics instead of the batch's) or on a batch of one image a few gates can flip
-away from the :func:`~jaxprune.nn.hard_masks` of the calibration pass, and evaluating
-the gated model is then not evaluating the pruned one. :func:`freeze_gates` fixes every
-gate to its hard mask (Linen: :func:`jaxprune.nn.linen.freeze_gates`), after which the
-gated model computes exactly what :func:`~jaxprune.nn.ungate` returns.
-
-Where the gate goes: :class:`Gated` wraps the producer (a conv or Dense layer), an
-optional ``nnx.BatchNorm`` and an optional activation, and gates their output. With a
-BatchNorm after the producer, gate after the norm (as the authors do: conv-BN-ReLU-gate),
-not between conv and norm: in training mode BatchNorm divides the channel scale ``v``
-out again (``BN(v * y) = BN(y)`` up to ``eps``), so a gate before it gets no gradient
-from the task loss. Folding is exact either way for hard 0/1 gates: ``m * f(BN(y))`` is
-``f(BN'(y))`` with the norm's scale and bias multiplied by ``m`` whenever ``f(0) = 0``
-(ReLU, GELU, tanh, ...), and the producer's kernel columns and bias are zeroed too.
+:class:`Gate` computes one channel vector ``v in [0, 1]^C`` per batch and multiplies its
+input by it; :class:`Gated` wraps a producer (conv or Dense), an optional BatchNorm and
+activation, and gates their output. See :mod:`jaxprune.nn.autopruner` for the method.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from jaxprune import tree as tree_lib
 
 GATE_SCALE = 10.0  # the paper's factor over He init: std = 10 * sqrt(2 / n)
 
@@ -227,177 +201,3 @@ class Gated(nnx.Module):
     if self.activation is not None:
       y = self.activation(y)
     return self.gate(y)
-
-
-def _path(path: tuple) -> str:
-  return "/".join(str(k) for k in path)
-
-
-def gates(model: nnx.Module) -> dict[str, Gate]:
-  """``{path: Gate}`` for every :class:`Gate` in ``model``, in graph traversal order.
-
-  Examples:
-    >>> from flax import nnx
-    >>> from jaxprune.nn import Gated, gates
-    >>> rngs = nnx.Rngs(0)
-    >>> model = nnx.Sequential(Gated(nnx.Linear(2, 3, rngs=rngs), rngs=rngs), nnx.relu)
-    >>> list(gates(model))
-    ['layers/0/gate']
-  """
-  return {_path(p): m for p, m in nnx.iter_graph(model) if isinstance(m, Gate)}
-
-
-def set_alpha(model: nnx.Module, alpha: Any) -> None:
-  """Sets every gate's ``alpha`` (a float or a traced array: no recompilation under jit).
-
-  ``alpha = inf`` makes every gate a hard 0/1 vector, but still one computed from the
-  batch: in eval mode (BatchNorm running statistics) or on small batches it can differ
-  from the :func:`~jaxprune.nn.hard_masks` the model will be folded with. To evaluate
-  the pruned model through the gated one, :func:`freeze_gates` it instead.
-
-  Examples:
-    >>> from flax import nnx
-    >>> from jaxprune.nn import Gate, set_alpha
-    >>> gate = Gate(3, rngs=nnx.Rngs(0))
-    >>> set_alpha(gate, 50.0)
-    >>> float(gate.alpha[...])
-    50.0
-  """
-  found = gates(model)
-  if not found:
-    raise ValueError(f"{type(model).__name__} has no jaxprune.nn.Gate to set alpha on.")
-  value = jnp.asarray(alpha, jnp.float32)
-  for gate in found.values():
-    gate.alpha.set_value(value)
-
-
-def freeze_gates(model: nnx.Module, masks: Mapping[str, Any] | None) -> None:
-  """Fixes every gate to its hard mask, so the gated model computes the pruned one.
-
-  After ``freeze_gates(model, masks)`` each :class:`Gate` multiplies its input by
-  ``masks[path]`` (as 0/1) whatever the batch, BatchNorm mode or ``alpha``, so
-  ``model(x)`` equals ``ungate(model, masks)[0](x)`` on any input, one image or many.
-  :func:`gate_vectors` then returns the masks. ``freeze_gates(model, None)`` makes the
-  gates live again. Values only change, so jitted steps do not recompile.
-
-  Args:
-    model: an NNX model with :class:`Gate` layers.
-    masks: ``{gate path: (C,) bool}`` for every gate, e.g. from :func:`hard_masks`,
-      or ``None`` to unfreeze.
-
-  Raises:
-    ValueError: for a missing or extra gate path, or a mask of the wrong length.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> from jaxprune.nn import Gated, freeze_gates
-    >>> block = Gated(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
-    >>> freeze_gates(block, {"gate": jnp.array([True, False, True])})
-    >>> bool((block(jnp.ones((1, 2)))[:, 1] == 0).all())
-    True
-  """
-  found = gates(model)
-  if not found:
-    raise ValueError(f"{type(model).__name__} has no jaxprune.nn.Gate to freeze.")
-  if masks is None:
-    for gate in found.values():
-      gate.frozen.set_value(jnp.full_like(gate.frozen.get_value(), jnp.nan))
-    return
-  missing, extra = sorted(set(found) - set(masks)), sorted(set(masks) - set(found))
-  if missing or extra:
-    raise ValueError(f"Masks do not match the gates: missing {missing}, unknown {extra}.")
-  for path, gate in found.items():
-    keep = jnp.asarray(masks[path])
-    if keep.shape != gate.frozen.shape:
-      raise ValueError(
-        f"The mask for {path!r} has shape {keep.shape}; the gate has {gate.frozen.shape}."
-      )
-    gate.frozen.set_value(keep.astype(bool).astype(jnp.float32))
-
-
-def alpha_schedule(
-  start: float = 1.0,
-  end: float = 100.0,
-  steps: int = 10_000,
-  *,
-  every: int = 1,
-  mode: str = "linear",
-) -> Callable[[Any], jax.Array]:
-  """``step -> alpha``, growing from ``start`` to ``end`` in stages of ``every`` steps.
-
-  With progress ``p = min(every * floor(t / every) / steps, 1)``: ``"linear"`` gives
-  ``alpha_t = start + (end - start) * p`` (the authors' code: ``linspace(1, 100)``
-  stepped every 100 iterations over the training), ``"geometric"`` gives
-  ``alpha_t = start * (end / start) ** p``. ``end`` holds from step ``steps`` on.
-  Traceable, so the step can be a jit argument. ``start = 0`` (linear only) begins
-  with every gate at 0.5 and untrained, e.g. to pretrain the network with the gates
-  in place.
-
-  Examples:
-    >>> from jaxprune.nn import alpha_schedule
-    >>> a = alpha_schedule(1.0, 100.0, steps=100, every=10)
-    >>> [round(float(a(t)), 1) for t in (0, 9, 10, 55, 100, 500)]
-    [1.0, 1.0, 10.9, 50.5, 100.0, 100.0]
-    >>> round(float(alpha_schedule(1.0, 100.0, steps=100, mode="geometric")(50)), 1)
-    10.0
-    >>> float(alpha_schedule(0.0, 100.0, steps=100)(0))
-    0.0
-  """
-  if mode not in ("linear", "geometric"):
-    raise ValueError(f"mode must be 'linear' or 'geometric', got {mode!r}.")
-  if not 0 <= start <= end or end <= 0:
-    raise ValueError(f"Need 0 <= start <= end and end > 0, got start={start}, end={end}.")
-  if mode == "geometric" and start == 0:
-    raise ValueError("A geometric alpha_schedule needs start > 0 (0 * ratio is 0); got 0.")
-  if steps < 1 or every < 1:
-    raise ValueError(f"steps and every must be >= 1, got steps={steps}, every={every}.")
-  start, end = float(start), float(end)
-
-  def alpha(step):
-    stage = jnp.asarray(step, jnp.int32) // every * every
-    p = jnp.minimum(stage.astype(jnp.float32) / steps, 1.0)
-    if mode == "linear":
-      return start + (end - start) * p
-    return start * (end / start) ** p
-
-  return alpha
-
-
-def gate_vectors(source: Any) -> dict[str, jax.Array]:
-  """The gate vectors of the last forward pass, ``{gate path: v}``.
-
-  Args:
-    source: an NNX model (its :class:`Gate` modules are read), or the Linen
-      ``"intermediates"`` collection (or the whole mutated-variables dict) of an
-      ``apply(..., mutable=["intermediates"])`` call with Linen gates.
-
-  Returns:
-    ``{path: (C,) array}``, e.g. ``{"conv1/gate": v}`` for NNX or ``{"gate1": v}`` for
-    a Linen gate named ``gate1``. Differentiable when read inside the loss function.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> from jaxprune.nn import Gated, gate_vectors
-    >>> block = Gated(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
-    >>> _ = block(jnp.ones((5, 3)))
-    >>> {p: v.shape for p, v in gate_vectors(block).items()}
-    {'gate': (4,)}
-  """
-  if isinstance(source, nnx.Module):
-    found = {p: g.vector[...] for p, g in gates(source).items()}
-  else:
-    found = {}
-    for path, leaf in tree_lib.leaves_with_paths(source):
-      parts = path.split("/")
-      if parts[0] == "intermediates":
-        parts = parts[1:]
-      if parts[-1] == "gate_vector":  # the root module's own gate has the path ""
-        found["/".join(parts[:-1])] = leaf
-  if not found:
-    raise ValueError(
-      "No gate vectors found: pass an NNX model with jaxprune.nn.Gate layers, or the "
-      "'intermediates' of a Linen apply(..., mutable=['intermediates'])."
-    )
-  return found

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxprune.nn.autopruner import fc_std, gate_vector
+from jaxprune.nn.autopruner.gate import fc_std, gate_vector
 
 FROZEN = "gate_masks"  # the variable collection of frozen gates: <scope>/mask
 
