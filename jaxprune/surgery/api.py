@@ -9,33 +9,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 from flax import nnx
 
 from jaxprune import tree as tree_lib
 from jaxprune.surgery import candidates as candidates_lib
+from jaxprune.surgery import capture, rebuild
 from jaxprune.surgery import check as check_lib
-from jaxprune.surgery import rebuild
-from jaxprune.surgery.graph import exception_line
 from jaxprune.surgery.plan import Plan, trace
-from jaxprune.surgery.shrink import kept_indices, plan_removal, slice_tree, take
-
-
-def _forward(model: Any, variables: Any, apply_kwargs: Mapping[str, Any]) -> tuple[Callable, Any]:
-  if isinstance(model, nnx.Module):
-    graphdef, state = nnx.split(model)
-
-    def fn(state, *inputs):
-      m = nnx.merge(graphdef, state)
-      m.eval()
-      return m(*inputs, **apply_kwargs)
-
-    return fn, state
-  if isinstance(model, nn.Module):
-    if variables is None:
-      raise ValueError("A Linen module needs its variables: shrink(module, variables, ...).")
-    return (lambda v, *inputs: model.apply(v, *inputs, **apply_kwargs)), variables
-  raise TypeError(f"Surgery takes a flax nnx.Module or linen.Module, got {type(model).__name__}.")
+from jaxprune.surgery.removal import kept_indices, plan_removal, slice_tree, take
+from jaxprune.surgery.source import exception_line
 
 
 def _inputs(example_input: Any) -> tuple:
@@ -74,7 +56,7 @@ def plan(
   """
   if example_input is None:
     raise ValueError("plan() needs an example_input (an array or jax.ShapeDtypeStruct).")
-  fn, variables = _forward(model, variables, dict(apply_kwargs or {}))
+  fn, variables = capture.forward(model, variables, dict(apply_kwargs or {}))
   return _trace(fn, variables, _inputs(example_input), "plan")
 
 
@@ -231,7 +213,7 @@ def shrink(
     raise ValueError(f"multiple_of must be a positive int, got {multiple_of!r}.")
   inputs = _inputs(example_input)
   kwargs = dict(apply_kwargs or {})
-  fn, state = _forward(model, variables, kwargs)
+  fn, state = capture.forward(model, variables, kwargs)
   the_plan = _trace(fn, state, inputs, "shrink")
   remove = dict(remove or {})
   candidates_lib.check_remove(the_plan, remove)
@@ -324,10 +306,10 @@ def _build(model, kwargs, the_plan, leaves, treedef, bias_delta, removed) -> tup
   if isinstance(model, nnx.Module):
     small = nnx.merge(nnx.graphdef(model), new_state)
     widths = rebuild.fix_nnx_attributes(small)
-    small_fn, small_vars = _forward(small, None, kwargs)
+    small_fn, small_vars = capture.forward(small, None, kwargs)
   else:
     small, widths = rebuild.linen_module(model, the_plan, kept)
-    small_fn, small_vars = _forward(small, new_state, kwargs)
+    small_fn, small_vars = capture.forward(small, new_state, kwargs)
   return small, small_vars, small_fn, kept, widths
 
 

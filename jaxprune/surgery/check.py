@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import tree as tree_lib
-from jaxprune.surgery.graph import exception_line
+from jaxprune.surgery.source import exception_line
 
 # The batch of the random inputs that check constancy and equality: one batch size, so
 # later eager runs reuse the ops compiled by the first.

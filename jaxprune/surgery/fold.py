@@ -8,32 +8,27 @@ BatchNorm then becomes the identity, and a network of conv-BN-ReLU layers runs a
 conv-ReLU: one pass over each feature map fewer, which matters most for small models
 whose time is spent as much in elementwise ops as in convolutions.
 
-The pairs are found by tracing the model once (shapes only): a BatchNorm is folded
-when the array it normalises is produced by a :class:`flax.nnx.Conv` or
-:class:`flax.nnx.Linear` call and used by nothing else. Other BatchNorms stay as they
-are. (During that trace the ``__call__`` of those three classes is wrapped, to mark
-their inputs and outputs in the jaxpr: do not trace other models in other threads at
-the same moment.)
+The pairs are found in the model's program, traced once from shapes
+(:mod:`jaxprune.surgery.capture`): a BatchNorm is folded when the array it normalises
+(the one its running mean is subtracted from) is the output of a
+:class:`flax.nnx.Conv` or :class:`flax.nnx.Linear` (its kernel's dot or conv, plus its
+bias) and used by nothing else. Other BatchNorms stay as they are. Nothing is patched:
+the modules are matched to the program by the exact paths of their params.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
+from jaxprune.surgery import capture
 from jaxprune.surgery import check as check_lib
-from jaxprune.surgery.graph import CALLS
 
 _PRODUCERS = (nnx.Conv, nnx.Linear)
-_MARK = "jaxprune_fold"
 
 
 class FoldedBatchNorm(nnx.Module):
@@ -54,85 +49,49 @@ class FoldedBatchNorm(nnx.Module):
     return x
 
 
-@dataclasses.dataclass(frozen=True)
-class _Call:
-  path: str
-  kind: str  # "producer" or "norm"
-  mark: str
-  ndim: int
-  args: tuple
-  kwargs: dict
-
-
 def _plain(mod: Any, base: type) -> bool:
   """``mod`` is a ``base`` whose ``__call__`` is ``base``'s own (not overridden)."""
   return isinstance(mod, base) and type(mod).__call__ is base.__call__
 
 
-@contextlib.contextmanager
-def _recording(paths: dict[int, str], calls: list[_Call]) -> Iterator[None]:
-  """Marks the outputs of conv/Dense calls and the inputs of BatchNorm calls in the jaxpr.
+def _layer(path: str) -> tuple[str, str]:
+  """``("conv1", "kernel")`` for ``"conv1/kernel"``."""
+  layer, _, leaf = path.rpartition("/")
+  return layer, leaf
 
-  The classes' ``__call__`` is swapped for the duration of one trace (shapes only), so
-  tracing another model in another thread at the same time would be marked too.
+
+def _pairs(traced: capture.Traced) -> list[tuple[str, str, int]]:
+  """``(layer, BatchNorm, ndim)`` where the norm's input is the layer's output, read once.
+
+  A layer's output is its kernel's dot/conv (the kernel its rhs), plus its own bias
+  when that sum is the dot's only reader; a norm's input is what its running mean is
+  subtracted from. Each kernel and mean must be read by one equation only (the layer
+  and the norm are called once).
   """
-  originals = {cls: cls.__call__ for cls in (*_PRODUCERS, nnx.BatchNorm)}
-
-  def producer(original):
-    def call(self, x, *args, **kwargs):
-      y = original(self, x, *args, **kwargs)
-      if id(self) not in paths:
-        return y
-      mark = f"{_MARK}_{len(calls)}"
-      calls.append(_Call(paths[id(self)], "producer", mark, jnp.ndim(y), args, kwargs))
-      return checkpoint_name(y, mark)
-
-    return call
-
-  def norm(original):
-    def call(self, x, *args, **kwargs):
-      if id(self) in paths:
-        mark = f"{_MARK}_{len(calls)}"
-        calls.append(_Call(paths[id(self)], "norm", mark, jnp.ndim(x), args, kwargs))
-        x = checkpoint_name(x, mark)
-      return original(self, x, *args, **kwargs)
-
-    return call
-
-  try:
-    for cls, original in originals.items():
-      cls.__call__ = norm(original) if cls is nnx.BatchNorm else producer(original)
-    yield
-  finally:
-    for cls, original in originals.items():
-      cls.__call__ = original
-
-
-def _uses(jaxpr: Any) -> tuple[dict[Any, int], dict[str, Any], dict[str, Any]]:
-  """Use counts of every variable, and the variables the marks name (outputs, inputs)."""
-  uses: dict[Any, int] = {}
-  marked_out: dict[str, Any] = {}
-  marked_in: dict[str, Any] = {}
-
-  def walk(jx):
-    for eqn in jx.eqns:
-      for v in eqn.invars:
-        if hasattr(v, "count") or not hasattr(v, "val"):
-          uses[v] = uses.get(v, 0) + 1
-      if eqn.primitive.name == "name" and str(eqn.params.get("name", "")).startswith(_MARK):
-        marked_out[eqn.params["name"]] = eqn.outvars[0]
-        marked_in[eqn.params["name"]] = eqn.invars[0]
-      if eqn.primitive.name in CALLS:
-        p = eqn.params
-        inner = p.get("jaxpr") or p.get("call_jaxpr") or p.get("fun_jaxpr")
-        if inner is not None:
-          walk(getattr(inner, "jaxpr", inner))
-    for v in jx.outvars:
-      if hasattr(v, "count") or not hasattr(v, "val"):
-        uses[v] = uses.get(v, 0) + 1
-
-  walk(jaxpr)
-  return uses, marked_out, marked_in
+  flow = capture.flow(traced)
+  path_of = {v: traced.paths[p.leaf] for v, p in flow.params.items()}
+  reads = {traced.paths[leaf]: n for leaf, n in flow.param_reads.items()}
+  output_of: dict[int, str] = {}  # value -> the layer whose output it is
+  found = []
+  for node in flow.nodes:
+    name, ins = node.primitive, node.ins
+    if name in capture.LINEAR and ins[1] in flow.params and flow.params[ins[1]].same_axes:
+      layer, leaf = _layer(path_of[ins[1]])
+      if leaf == "kernel" and ins[0] not in flow.params:
+        output_of[node.outs[0]] = layer
+    elif name == "add" and len(ins) == 2:
+      for a, b in (ins, ins[::-1]):
+        layer = output_of.get(a)
+        if layer is not None and path_of.get(b) == f"{layer}/bias" and flow.uses[a] == 1:
+          output_of[node.outs[0]] = layer
+    elif name == "sub" and len(ins) == 2 and ins[1] in path_of:
+      norm, leaf = _layer(path_of[ins[1]])
+      layer = output_of.get(ins[0])
+      if leaf != "mean" or layer is None or flow.uses[ins[0]] != 1:
+        continue
+      if reads.get(f"{layer}/kernel") == 1 and reads.get(f"{norm}/mean") == 1:
+        found.append((layer, norm, len(node.eqn.invars[0].aval.shape)))
+  return found
 
 
 def batchnorm_pairs(model: nnx.Module, example_input: Any) -> list[tuple[str, str]]:
@@ -164,48 +123,23 @@ def batchnorm_pairs(model: nnx.Module, example_input: Any) -> list[tuple[str, st
     raise ValueError("batchnorm_pairs() needs an example_input (an array or ShapeDtypeStruct).")
   inputs = tuple(example_input) if isinstance(example_input, list | tuple) else (example_input,)
   specs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in inputs]
-  graphdef, state = nnx.split(model)
-  calls: list[_Call] = []
-
-  def foldable(mod):
-    return _plain(mod, nnx.BatchNorm) or any(_plain(mod, c) for c in _PRODUCERS)
-
-  modules = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model) if foldable(m)}
-
-  def fn(state, *xs):
-    m = nnx.merge(graphdef, state)
-    m.eval()
-    paths = {id(mod): "/".join(map(str, p)) for p, mod in nnx.iter_modules(m) if foldable(mod)}
-    with _recording(paths, calls):
-      return m(*xs)
-
+  fn, state = capture.forward(model, None, {})
   try:
-    closed = jax.make_jaxpr(fn)(state, *specs)
+    traced = capture.trace(fn, state, *specs)
   except (TypeError, ValueError) as e:
     raise check_lib.example_input_error("batchnorm_pairs", inputs, e) from e
-  uses, marked_out, marked_in = _uses(closed.jaxpr)
-  producer_of = {marked_out[c.mark]: c for c in calls if c.kind == "producer"}
-  count: dict[str, int] = {}
-  for c in calls:
-    count[c.path] = count.get(c.path, 0) + 1
+  modules = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model)}
   pairs = []
-  for c in calls:
-    if c.kind != "norm" or count[c.path] != 1:
+  for layer_path, bn_path, ndim in _pairs(traced):
+    layer, bn = modules.get(layer_path), modules.get(bn_path)
+    if not _plain(bn, nnx.BatchNorm) or not any(_plain(layer, c) for c in _PRODUCERS):
       continue
-    source = producer_of.get(marked_in[c.mark])
-    if source is None or count[source.path] != 1 or uses.get(marked_in[c.mark], 0) != 1:
+    if bn.axis not in (-1, ndim - 1):
       continue
-    bn = modules[c.path]
-    explicit = c.kwargs.get("use_running_average", c.args[0] if c.args else None)
-    if explicit is False or c.kwargs.get("mask") is not None:
-      continue
-    if bn.axis not in (-1, c.ndim - 1):
-      continue
-    layer = modules[source.path]
     out = layer.kernel.get_value().shape[-1]
     if bn.mean.get_value().shape != (out,):
       continue
-    pairs.append((source.path, c.path))
+    pairs.append((layer_path, bn_path))
   return pairs
 
 

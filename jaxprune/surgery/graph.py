@@ -11,19 +11,23 @@ a residual add ties both branches, a concatenation offsets the channels of its p
 Ops that mix entries of a channel axis in a way slicing cannot follow (gather, cumsum,
 a grouped conv, ...) *block* the atoms they touch, recording the op and where it is,
 so surgery refuses those channels with an error naming them.
+
+Each primitive's effect on labels is a small function in :data:`RULES`, keyed by the
+primitive's name; a primitive without a rule blocks the channels it reads. The walk
+itself, into ``pjit``/``remat``/custom-derivative sub-jaxprs, is
+:func:`jaxprune.surgery.capture.interpret`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+from collections.abc import Callable
 from typing import Any
 
-import flax
-import jax
 import numpy as np
-import optax
-from jax.extend import core as jex_core
+
+from jaxprune.surgery import capture
+from jaxprune.surgery.source import where
 
 ELEMENTWISE = {
     "abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh", "cbrt",
@@ -39,8 +43,6 @@ REDUCTIONS = {
     "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
     "argmax", "argmin",
 }  # fmt: skip
-CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
-         "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"}  # fmt: skip
 
 # Why a reduction over channels blocks them: LayerNorm, RMSNorm, GroupNorm, a mean over
 # features all divide by (or compare against) every channel, so removing any channel,
@@ -51,6 +53,8 @@ STATISTIC = (
 )
 
 Label = np.ndarray | None  # atom id per index along one axis (-1: none), or None
+Labels = list[list[Label]]  # per operand, per axis
+Shape = tuple[int, ...]
 
 
 @dataclasses.dataclass
@@ -105,58 +109,7 @@ def _merge(atoms: Atoms, labels: list[Label]) -> Label:
   return out
 
 
-# Frames in these directories are library code: a message points at the first frame
-# outside them, the line of the user's model that called the layer.
-_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, flax, optax)) + (
-  os.path.dirname(__file__) + os.sep,
-)
-
-
-def is_library(file_name: str) -> bool:
-  """Whether a frame's file is jax, flax, optax, surgery itself or Python's own."""
-  from jax._src import source_info_util
-
-  return file_name.startswith(_LIBRARY_DIRS) or not source_info_util.is_user_filename(file_name)
-
-
-def user_line(traceback: Any) -> str:
-  """``file.py:LINE`` of the innermost frame of a jax ``Traceback`` outside the libraries."""
-  try:
-    from jax._src import source_info_util
-
-    code, lasti = traceback.raw_frames() if traceback is not None else ([], [])
-    for c, i in zip(code, lasti):
-      if not is_library(c.co_filename):
-        frame = source_info_util.raw_frame_to_frame(c, i)
-        return f"{os.path.basename(frame.file_name)}:{frame.start_line}"
-  except Exception:  # source info is a nicety; never fail the trace over it
-    return ""
-  return ""
-
-
-def exception_line(e: BaseException) -> str:
-  """``file.py:LINE`` of the innermost frame of ``e``'s traceback outside the libraries."""
-  tb, line = e.__traceback__, ""
-  while tb is not None:
-    if not is_library(tb.tb_frame.f_code.co_filename):
-      line = f"{os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
-    tb = tb.tb_next
-  return line
-
-
-def _where(eqn: Any, what: str = "") -> str:
-  """```op` [of PARAM] [in NAME STACK] [at FILE:LINE]`` for a message about ``eqn``."""
-  stack = str(eqn.source_info.name_stack)
-  line = user_line(eqn.source_info.traceback)
-  return (
-    f"`{eqn.primitive.name}`"
-    + (f" of {what}" if what else "")
-    + (f" in {stack}" if stack else "")
-    + (f" at {line}" if line else "")
-  )
-
-
-def _shape(v: Any) -> tuple[int, ...]:
+def _shape(v: Any) -> Shape:
   return tuple(getattr(v.aval, "shape", ()))
 
 
@@ -174,253 +127,284 @@ class Tracer:
     ids = [x for x in label.tolist() if x >= 0]
     return self.paths[self.atoms.origin[ids[0]][0]] if ids else ""
 
-  def run(self, jaxpr: Any, in_labels: list[list[Label]]) -> list[list[Label]]:
-    env: dict[Any, list[Label]] = {}
+  def run(self, jaxpr: Any, in_labels: Labels) -> Labels:
+    return capture.interpret(jaxpr, in_labels, self.rule, default=lambda v: [None] * len(_shape(v)))
 
-    def read(v):
-      if isinstance(v, jex_core.Literal) or not hasattr(v, "aval"):
-        return [None] * len(getattr(getattr(v, "aval", None), "shape", ()))
-      return env.get(v, [None] * len(_shape(v)))
+  def rule(self, site: capture.Site, eqn: Any, ins: Labels) -> Labels:
+    """The output labels of one equation, by its primitive's rule in :data:`RULES`."""
+    del site
+    out_shapes = [_shape(v) for v in eqn.outvars]
+    rule = RULES.get(eqn.primitive.name)
+    if rule is not None:
+      return rule(self, eqn, ins, [_shape(v) for v in eqn.invars], out_shapes)
+    if not any(lab is not None for labels in ins for lab in labels):
+      return [[None] * len(s) for s in out_shapes]
+    return self.block_all(eqn, ins)
 
-    for v, lab in zip(jaxpr.invars, in_labels):
-      env[v] = lab
-    for eqn in jaxpr.eqns:
-      ins = [read(v) for v in eqn.invars]
-      outs = self.rule(eqn, ins)
-      for v, lab in zip(eqn.outvars, outs):
-        if not isinstance(v, jex_core.DropVar):
-          env[v] = lab
-    return [read(v) for v in jaxpr.outvars]
-
-  def block_all(self, eqn: Any, ins: list[list[Label]]) -> list[list[Label]]:
-    reason = _where(eqn)
+  def block_all(self, eqn: Any, ins: Labels) -> Labels:
+    reason = where(eqn)
     for labels in ins:
       for lab in labels:
         self.atoms.block(lab, reason)
     return [[None] * len(_shape(v)) for v in eqn.outvars]
 
-  def rule(self, eqn: Any, ins: list[list[Label]]) -> list[list[Label]]:
-    name = eqn.primitive.name
-    p = eqn.params
-    out_shapes = [_shape(v) for v in eqn.outvars]
-    in_shapes = [_shape(v) for v in eqn.invars]
-    if name in CALLS:
-      inner = p.get("jaxpr") or p.get("call_jaxpr") or p.get("fun_jaxpr")
-      if inner is None:
-        return self.block_all(eqn, ins)
-      inner = getattr(inner, "jaxpr", inner)
-      n_in = len(inner.invars)
-      return self.run(inner, ins[len(ins) - n_in :])
-    if name in ELEMENTWISE:
-      out = out_shapes[0]
-      labels = []
-      for a, size in enumerate(out):
-        cands = [lab[a] for lab, s in zip(ins, in_shapes) if len(s) == len(out) and s[a] == size]
-        labels.append(_merge(self.atoms, cands))
-      return [labels for _ in out_shapes]
-    if name == "broadcast_in_dim":
-      labels = [None] * len(out_shapes[0])
-      for i, d in enumerate(p["broadcast_dimensions"]):
-        if in_shapes[0][i] == out_shapes[0][d]:
-          labels[d] = ins[0][i]
-      return [labels]
-    if name in REDUCTIONS:
-      axes = set(p["axes"])
-      for a in axes:
-        if ins[0][a] is not None and in_shapes[0][a] > 1:
-          self.atoms.block(ins[0][a], _where(eqn) + STATISTIC)
-      return [[lab for a, lab in enumerate(ins[0]) if a not in axes]]
-    if name == "transpose":
-      return [[ins[0][a] for a in p["permutation"]]]
-    if name == "squeeze":
-      dims = {d % len(in_shapes[0]) for d in p["dimensions"]}
-      return [[lab for a, lab in enumerate(ins[0]) if a not in dims]]
-    if name == "expand_dims":
-      return self.reshape(eqn, ins[0], in_shapes[0], out_shapes[0])
-    if name == "reshape":
-      if p.get("dimensions") not in (None, ()):
-        return self.block_all(eqn, ins)
-      return self.reshape(eqn, ins[0], in_shapes[0], out_shapes[0])
-    if name == "dot_general":
-      return [self.dot_general(eqn, ins, in_shapes)]
-    if name == "conv_general_dilated":
-      return [self.conv(eqn, ins, in_shapes, out_shapes[0])]
-    if name == "concatenate":
-      d = p["dimension"]
-      labels = []
-      for a in range(len(out_shapes[0])):
-        if a == d:
-          parts = [
-            lab[a] if lab[a] is not None else np.full(s[a], -1) for lab, s in zip(ins, in_shapes)
-          ]
-          cat = np.concatenate(parts)
-          labels.append(cat if (cat >= 0).any() else None)
-        else:
-          labels.append(_merge(self.atoms, [lab[a] for lab in ins]))
-      return [labels]
-    if name == "split":
-      axis, sizes = p["axis"], p["sizes"]
-      outs, start = [], 0
-      for size in sizes:
-        lab = ins[0][axis]
-        labels = list(ins[0])
-        labels[axis] = None if lab is None else lab[start : start + size]
-        outs.append(labels)
-        start += size
-      return outs
-    if name in ("reduce_window_max", "reduce_window_min", "reduce_window_sum", "reduce_window"):
-      labels = []
-      dims, strides = p["window_dimensions"], p["window_strides"]
-      for a, lab in enumerate(ins[0]):
-        plain = dims[a] == 1 and strides[a] == 1 and tuple(p["padding"][a]) == (0, 0)
-        if not plain:
-          self.atoms.block(lab, _where(eqn))
-        labels.append(lab if plain else None)
-      return [labels]
-    if name in ("slice", "pad", "rev", "dynamic_slice", "dynamic_update_slice", "cumsum",
-                "cumprod", "cummax", "cummin", "cumlogsumexp", "sort", "top_k", "gather",
-                "scatter", "scatter-add", "scatter_add"):  # fmt: skip
-      return self.axiswise(eqn, ins, in_shapes, out_shapes)
-    if not any(lab is not None for labels in ins for lab in labels):
-      return [[None] * len(s) for s in out_shapes]
-    return self.block_all(eqn, ins)
-
-  def axiswise(self, eqn, ins, in_shapes, out_shapes):
-    """Ops that keep untouched axes: pass those, block channel axes they change."""
-    name, p = eqn.primitive.name, eqn.params
-    touched: set[int] = set()
-    if name == "slice":
-      for a, (lo, hi) in enumerate(zip(p["start_indices"], p["limit_indices"])):
-        stride = (p["strides"] or [1] * len(lo if False else in_shapes[0]))[a]
-        if lo != 0 or hi != in_shapes[0][a] or stride != 1:
-          touched.add(a)
-    elif name == "pad":
-      touched = {a for a, cfg in enumerate(p["padding_config"]) if tuple(cfg) != (0, 0, 0)}
-    elif name in ("rev",):
-      touched = set(p["dimensions"])
-    elif name in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"):
-      touched = {p["axis"]}
-    elif name == "sort":
-      touched = {p["dimension"]}
-    elif name == "top_k":
-      touched = {len(in_shapes[0]) - 1}
-    else:
-      touched = set(range(len(in_shapes[0])))
-    if len(out_shapes[0]) != len(in_shapes[0]):
-      return self.block_all(eqn, ins)
-    labels = []
-    for a, lab in enumerate(ins[0]):
-      if a in touched or out_shapes[0][a] != in_shapes[0][a]:
-        self.atoms.block(lab, _where(eqn))
-        labels.append(None)
-      else:
-        labels.append(lab)
-    for extra in ins[1:]:
-      for lab in extra:
-        self.atoms.block(lab, _where(eqn))
-    return [labels for _ in out_shapes]
-
-  def reshape(self, eqn, lab_in, shape_in, shape_out):
-    """Maps labels through a reshape, group by group of axes with equal products."""
-    out: list[Label] = [None] * len(shape_out)
-    i = o = 0
-    while i < len(shape_in) or o < len(shape_out):
-      i0, o0 = i, o
-      pi = po = 1
-      if i < len(shape_in):
-        pi *= shape_in[i]
-        i += 1
-      if o < len(shape_out):
-        po *= shape_out[o]
-        o += 1
-      while pi != po:
-        if pi < po:
-          pi *= shape_in[i]
-          i += 1
-        else:
-          po *= shape_out[o]
-          o += 1
-      # absorb trailing size-1 axes into this group
-      while i < len(shape_in) and shape_in[i] == 1 and (o >= len(shape_out) or shape_out[o] != 1):
-        i += 1
-      while o < len(shape_out) and shape_out[o] == 1 and (i >= len(shape_in) or shape_in[i] != 1):
-        o += 1
-      group_in, group_out = list(range(i0, i)), list(range(o0, o))
-      if all(lab_in[a] is None for a in group_in):
-        continue
-      sizes_in = [shape_in[a] for a in group_in]
-      block = np.full(sizes_in, -1, dtype=np.int64)
-      for k, a in enumerate(group_in):
-        lab = lab_in[a]
-        if lab is None:
-          continue
-        view = [1] * len(sizes_in)
-        view[k] = sizes_in[k]
-        here = np.broadcast_to(lab.reshape(view), sizes_in)
-        if ((block >= 0) & (here >= 0)).any():
-          self.atoms.block(lab, _where(eqn) + " (merges two channel axes)")
-        block = np.where(block >= 0, block, here)
-      block = block.reshape([shape_out[a] for a in group_out])
-      represented = np.zeros(block.shape, bool)
-      for k, a in enumerate(group_out):
-        moved = np.moveaxis(block, k, -1).reshape(-1, block.shape[k])
-        if (moved >= 0).any() and (moved == moved[:1]).all():
-          out[a] = moved[0]
-          represented |= np.broadcast_to(
-            np.expand_dims(moved[0] >= 0, tuple(j for j in range(block.ndim) if j != k)),
-            block.shape,
-          )
-      lost = block[(block >= 0) & ~represented]
-      if lost.size:
-        self.atoms.block(np.unique(lost), _where(eqn) + " (splits a channel axis)")
-    return [out]
-
-  def dot_general(self, eqn, ins, in_shapes):
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    lhs, rhs = ins[0], ins[1]
-    for a, b in zip(lc, rc):
-      self.atoms.union(lhs[a], rhs[b])
-    for a, b in zip(lb, rb):
-      self.atoms.union(lhs[a], rhs[b])
-    lfree = [a for a in range(len(in_shapes[0])) if a not in lc and a not in lb]
-    rfree = [b for b in range(len(in_shapes[1])) if b not in rc and b not in rb]
-    for b in rfree:
-      self._mark_producer(rhs[b])
-    for a in lfree:
-      self._mark_producer(lhs[a])
-    return [lhs[a] for a in lb] + [lhs[a] for a in lfree] + [rhs[b] for b in rfree]
-
-  def conv(self, eqn, ins, in_shapes, out_shape):
-    p = eqn.params
-    dn = p["dimension_numbers"]
-    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
-    lhs, rhs = ins[0], ins[1]
-    groups = p["feature_group_count"]
-    c_in = in_shapes[0][lhs_spec[1]]
-    out = [None] * len(out_shape)
-    out[out_spec[0]] = lhs[lhs_spec[0]]
-    if p.get("batch_group_count", 1) != 1:
-      return self.block_all(eqn, ins)[0]
-    if groups == 1:
-      self.atoms.union(lhs[lhs_spec[1]], rhs[rhs_spec[1]])
-      out[out_spec[1]] = rhs[rhs_spec[0]]
-      self._mark_producer(rhs[rhs_spec[0]])
-    elif groups == c_in and in_shapes[1][rhs_spec[0]] == c_in:
-      # depthwise, multiplier 1: input channel j -> filter j -> output channel j
-      self.atoms.union(lhs[lhs_spec[1]], rhs[rhs_spec[0]])
-      out[out_spec[1]] = _merge(self.atoms, [lhs[lhs_spec[1]], rhs[rhs_spec[0]]])
-    else:
-      reason = _where(eqn, self.param(rhs[rhs_spec[0]])) + (
-        f" (grouped conv, feature_group_count={groups}: only depthwise convs with one "
-        "filter per input channel can be sliced)"
-      )
-      self.atoms.block(lhs[lhs_spec[1]], reason)
-      self.atoms.block(rhs[rhs_spec[0]], reason)
-      self.atoms.block(rhs[rhs_spec[1]], reason)
-    for a in lhs_spec[2:]:
-      self.atoms.block(lhs[a], _where(eqn, self.param(rhs[rhs_spec[0]])))
-    return out
-
-  def _mark_producer(self, lab: Label) -> None:
+  def mark_producer(self, lab: Label) -> None:
     if lab is not None:
       self.atoms.producer.update(int(x) for x in lab.tolist() if x >= 0)
+
+
+# A rule maps (tracer, eqn, input labels, input shapes, output shapes) to output labels.
+# A primitive without one blocks the channels it reads.
+Rule = Callable[[Tracer, Any, Labels, list[Shape], list[Shape]], Labels]
+RULES: dict[str, Rule] = {}
+
+
+def _rule(*names: str) -> Callable[[Rule], Rule]:
+  def register(rule: Rule) -> Rule:
+    for name in names:
+      RULES[name] = rule
+    return rule
+
+  return register
+
+
+@_rule(*ELEMENTWISE)
+def _elementwise(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
+  out = out_shapes[0]
+  labels = []
+  for a, size in enumerate(out):
+    cands = [lab[a] for lab, s in zip(ins, in_shapes) if len(s) == len(out) and s[a] == size]
+    labels.append(_merge(t.atoms, cands))
+  return [labels for _ in out_shapes]
+
+
+@_rule("broadcast_in_dim")
+def _broadcast(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
+  labels: list[Label] = [None] * len(out_shapes[0])
+  for i, d in enumerate(eqn.params["broadcast_dimensions"]):
+    if in_shapes[0][i] == out_shapes[0][d]:
+      labels[d] = ins[0][i]
+  return [labels]
+
+
+@_rule(*REDUCTIONS)
+def _reduction(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
+  axes = set(eqn.params["axes"])
+  for a in axes:
+    if ins[0][a] is not None and in_shapes[0][a] > 1:
+      t.atoms.block(ins[0][a], where(eqn) + STATISTIC)
+  return [[lab for a, lab in enumerate(ins[0]) if a not in axes]]
+
+
+@_rule("transpose")
+def _transpose(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
+  return [[ins[0][a] for a in eqn.params["permutation"]]]
+
+
+@_rule("squeeze")
+def _squeeze(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
+  dims = {d % len(in_shapes[0]) for d in eqn.params["dimensions"]}
+  return [[lab for a, lab in enumerate(ins[0]) if a not in dims]]
+
+
+@_rule("reshape")
+def _reshape(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
+  if eqn.params.get("dimensions") not in (None, ()):
+    return t.block_all(eqn, ins)
+  return [_regroup(t, eqn, ins[0], in_shapes[0], out_shapes[0])]
+
+
+@_rule("expand_dims")
+def _expand_dims(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
+  return [_regroup(t, eqn, ins[0], in_shapes[0], out_shapes[0])]
+
+
+def _regroup(t: Tracer, eqn: Any, lab_in: list[Label], shape_in: Shape, shape_out: Shape):
+  """Maps labels through a reshape, group by group of axes with equal products."""
+  out: list[Label] = [None] * len(shape_out)
+  i = o = 0
+  while i < len(shape_in) or o < len(shape_out):
+    i0, o0 = i, o
+    pi = po = 1
+    if i < len(shape_in):
+      pi *= shape_in[i]
+      i += 1
+    if o < len(shape_out):
+      po *= shape_out[o]
+      o += 1
+    while pi != po:
+      if pi < po:
+        pi *= shape_in[i]
+        i += 1
+      else:
+        po *= shape_out[o]
+        o += 1
+    # absorb trailing size-1 axes into this group
+    while i < len(shape_in) and shape_in[i] == 1 and (o >= len(shape_out) or shape_out[o] != 1):
+      i += 1
+    while o < len(shape_out) and shape_out[o] == 1 and (i >= len(shape_in) or shape_in[i] != 1):
+      o += 1
+    group_in, group_out = list(range(i0, i)), list(range(o0, o))
+    if all(lab_in[a] is None for a in group_in):
+      continue
+    sizes_in = [shape_in[a] for a in group_in]
+    block = np.full(sizes_in, -1, dtype=np.int64)
+    for k, a in enumerate(group_in):
+      lab = lab_in[a]
+      if lab is None:
+        continue
+      view = [1] * len(sizes_in)
+      view[k] = sizes_in[k]
+      here = np.broadcast_to(lab.reshape(view), sizes_in)
+      if ((block >= 0) & (here >= 0)).any():
+        t.atoms.block(lab, where(eqn) + " (merges two channel axes)")
+      block = np.where(block >= 0, block, here)
+    block = block.reshape([shape_out[a] for a in group_out])
+    represented = np.zeros(block.shape, bool)
+    for k, a in enumerate(group_out):
+      moved = np.moveaxis(block, k, -1).reshape(-1, block.shape[k])
+      if (moved >= 0).any() and (moved == moved[:1]).all():
+        out[a] = moved[0]
+        represented |= np.broadcast_to(
+          np.expand_dims(moved[0] >= 0, tuple(j for j in range(block.ndim) if j != k)),
+          block.shape,
+        )
+    lost = block[(block >= 0) & ~represented]
+    if lost.size:
+      t.atoms.block(np.unique(lost), where(eqn) + " (splits a channel axis)")
+  return out
+
+
+@_rule("dot_general")
+def _dot_general(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  lhs, rhs = ins[0], ins[1]
+  for a, b in zip(lc, rc):
+    t.atoms.union(lhs[a], rhs[b])
+  for a, b in zip(lb, rb):
+    t.atoms.union(lhs[a], rhs[b])
+  lfree = [a for a in range(len(in_shapes[0])) if a not in lc and a not in lb]
+  rfree = [b for b in range(len(in_shapes[1])) if b not in rc and b not in rb]
+  for b in rfree:
+    t.mark_producer(rhs[b])
+  for a in lfree:
+    t.mark_producer(lhs[a])
+  return [[lhs[a] for a in lb] + [lhs[a] for a in lfree] + [rhs[b] for b in rfree]]
+
+
+@_rule("conv_general_dilated")
+def _conv(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+  lhs, rhs = ins[0], ins[1]
+  groups = p["feature_group_count"]
+  c_in = in_shapes[0][lhs_spec[1]]
+  out: list[Label] = [None] * len(out_shapes[0])
+  out[out_spec[0]] = lhs[lhs_spec[0]]
+  if p.get("batch_group_count", 1) != 1:
+    return t.block_all(eqn, ins)
+  if groups == 1:
+    t.atoms.union(lhs[lhs_spec[1]], rhs[rhs_spec[1]])
+    out[out_spec[1]] = rhs[rhs_spec[0]]
+    t.mark_producer(rhs[rhs_spec[0]])
+  elif groups == c_in and in_shapes[1][rhs_spec[0]] == c_in:
+    # depthwise, multiplier 1: input channel j -> filter j -> output channel j
+    t.atoms.union(lhs[lhs_spec[1]], rhs[rhs_spec[0]])
+    out[out_spec[1]] = _merge(t.atoms, [lhs[lhs_spec[1]], rhs[rhs_spec[0]]])
+  else:
+    reason = where(eqn, t.param(rhs[rhs_spec[0]])) + (
+      f" (grouped conv, feature_group_count={groups}: only depthwise convs with one "
+      "filter per input channel can be sliced)"
+    )
+    t.atoms.block(lhs[lhs_spec[1]], reason)
+    t.atoms.block(rhs[rhs_spec[0]], reason)
+    t.atoms.block(rhs[rhs_spec[1]], reason)
+  for a in lhs_spec[2:]:
+    t.atoms.block(lhs[a], where(eqn, t.param(rhs[rhs_spec[0]])))
+  return [out]
+
+
+@_rule("concatenate")
+def _concatenate(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
+  d = eqn.params["dimension"]
+  labels = []
+  for a in range(len(out_shapes[0])):
+    if a == d:
+      parts = [
+        lab[a] if lab[a] is not None else np.full(s[a], -1) for lab, s in zip(ins, in_shapes)
+      ]
+      cat = np.concatenate(parts)
+      labels.append(cat if (cat >= 0).any() else None)
+    else:
+      labels.append(_merge(t.atoms, [lab[a] for lab in ins]))
+  return [labels]
+
+
+@_rule("split")
+def _split(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
+  axis, sizes = eqn.params["axis"], eqn.params["sizes"]
+  outs, start = [], 0
+  for size in sizes:
+    lab = ins[0][axis]
+    labels = list(ins[0])
+    labels[axis] = None if lab is None else lab[start : start + size]
+    outs.append(labels)
+    start += size
+  return outs
+
+
+@_rule("reduce_window_max", "reduce_window_min", "reduce_window_sum", "reduce_window")
+def _reduce_window(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
+  p = eqn.params
+  labels = []
+  dims, strides = p["window_dimensions"], p["window_strides"]
+  for a, lab in enumerate(ins[0]):
+    plain = dims[a] == 1 and strides[a] == 1 and tuple(p["padding"][a]) == (0, 0)
+    if not plain:
+      t.atoms.block(lab, where(eqn))
+    labels.append(lab if plain else None)
+  return [labels]
+
+
+def _touched(eqn: Any, in_shape: Shape) -> set[int]:
+  """The axes an axiswise op changes (the others pass through untouched)."""
+  name, p = eqn.primitive.name, eqn.params
+  if name == "slice":
+    strides = p["strides"] or [1] * len(in_shape)
+    bounds = zip(p["start_indices"], p["limit_indices"], strides)
+    return {a for a, (lo, hi, s) in enumerate(bounds) if lo != 0 or hi != in_shape[a] or s != 1}
+  if name == "pad":
+    return {a for a, cfg in enumerate(p["padding_config"]) if tuple(cfg) != (0, 0, 0)}
+  if name == "rev":
+    return set(p["dimensions"])
+  if name in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"):
+    return {p["axis"]}
+  if name == "sort":
+    return {p["dimension"]}
+  if name == "top_k":
+    return {len(in_shape) - 1}
+  return set(range(len(in_shape)))
+
+
+@_rule(
+  "slice", "pad", "rev", "dynamic_slice", "dynamic_update_slice", "cumsum", "cumprod",
+  "cummax", "cummin", "cumlogsumexp", "sort", "top_k", "gather", "scatter", "scatter-add",
+  "scatter_add",
+)  # fmt: skip
+def _axiswise(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
+  """Ops that keep untouched axes: pass those, block channel axes they change."""
+  touched = _touched(eqn, in_shapes[0])
+  if len(out_shapes[0]) != len(in_shapes[0]):
+    return t.block_all(eqn, ins)
+  labels = []
+  for a, lab in enumerate(ins[0]):
+    if a in touched or out_shapes[0][a] != in_shapes[0][a]:
+      t.atoms.block(lab, where(eqn))
+      labels.append(None)
+    else:
+      labels.append(lab)
+  for extra in ins[1:]:
+    for lab in extra:
+      t.atoms.block(lab, where(eqn))
+  return [labels for _ in out_shapes]

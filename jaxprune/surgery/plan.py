@@ -7,11 +7,11 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import tree as tree_lib
+from jaxprune.surgery import capture
 from jaxprune.surgery.graph import Atoms, Tracer
 
 
@@ -79,30 +79,21 @@ def trace(fn: Callable[..., Any], variables: Any, *example_inputs: Any) -> Plan:
   Returns:
     A :class:`Plan`.
   """
-  flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
-  paths = tuple(tree_lib.path_str(p) for p, _ in flat)
-  leaves = [x for _, x in flat]
-  specs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves]
-  input_specs = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), example_inputs
-  )
-
-  def flat_fn(leaves, *inputs):
-    return fn(jax.tree.unflatten(treedef, leaves), *inputs)
-
-  closed = jax.make_jaxpr(flat_fn)(specs, *input_specs)
+  traced = capture.trace(fn, variables, *example_inputs)
+  closed, paths = traced.jaxpr, traced.paths
+  avals = [v.aval for v in closed.jaxpr.invars]
   atoms = Atoms()
   in_labels = []
-  for i, x in enumerate(specs):
+  for i, x in enumerate(avals[: len(paths)]):
     floating = jnp.issubdtype(x.dtype, jnp.floating)
     in_labels.append([atoms.new(i, a, n) if floating else None for a, n in enumerate(x.shape)])
-  in_labels += [[None] * len(v.aval.shape) for v in closed.jaxpr.invars[len(specs) :]]
+  in_labels += [[None] * len(x.shape) for x in avals[len(paths) :]]
   outs = Tracer(atoms, paths).run(closed.jaxpr, in_labels)
   for labels in outs:
     for lab in labels:
       atoms.block(lab, "the model output")
-  shapes = {p: tuple(x.shape) for p, x in zip(paths, specs)}
-  return Plan(_groups(atoms, paths), paths, shapes, closed, flat_fn)
+  shapes = {p: tuple(x.shape) for p, x in zip(paths, avals)}
+  return Plan(_groups(atoms, paths), paths, shapes, closed, traced.fn)
 
 
 def _groups(atoms: Atoms, paths: tuple[str, ...]) -> tuple[Group, ...]:

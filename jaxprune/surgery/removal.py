@@ -13,47 +13,24 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import tree as tree_lib
-from jaxprune.surgery.graph import CALLS
+from jaxprune.surgery import capture
 from jaxprune.surgery.plan import Group, Plan
 
 
-def _eval_capture(jaxpr: Any, consts: list, args: list, capture: list) -> list:
-  """Evaluates a jaxpr, recording ``(eqn, inputs, output)`` of every dot/conv."""
-  env: dict[Any, Any] = {}
+class _Call(NamedTuple):
+  """One dot/conv of one evaluation: its inputs, output, and the kernel it reads."""
 
-  def read(v):
-    return v.val if hasattr(v, "val") and not hasattr(v, "count") else env[v]
-
-  for v, x in zip(jaxpr.constvars, consts):
-    env[v] = x
-  for v, x in zip(jaxpr.invars, args):
-    env[v] = x
-  for eqn in jaxpr.eqns:
-    ins = [read(v) for v in eqn.invars]
-    name = eqn.primitive.name
-    inner = None
-    if name in CALLS:
-      inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
-    if inner is not None:
-      consts_in = getattr(inner, "consts", [])
-      inner = getattr(inner, "jaxpr", inner)
-      outs = _eval_capture(inner, consts_in, ins[len(ins) - len(inner.invars) :], capture)
-    else:
-      outs = eqn.primitive.bind(*ins, **eqn.params)
-      if not eqn.primitive.multiple_results:
-        outs = [outs]
-      if name in ("dot_general", "conv_general_dilated"):
-        capture.append((eqn, ins, outs[0]))
-    for v, x in zip(eqn.outvars, outs):
-      env[v] = x
-  return [read(v) for v in jaxpr.outvars]
+  eqn: Any
+  ins: list[Any]
+  out: Any
+  rhs: str | None  # the exact path of the param it reads as its rhs (same axes), if any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,14 +106,20 @@ class Removal:
   why_kept: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def _captures(plan: Plan, leaves: list[Any], batches: list[list[Any]]) -> list[list]:
+def _captures(plan: Plan, leaves: list[Any], batches: list[list[Any]]) -> list[list[_Call]]:
   """Per input batch, every dot/conv of the model with its inputs and output."""
   out = []
   for inputs in batches:
-    capture: list = []
-    closed = jax.make_jaxpr(plan.fn)(list(leaves), *inputs)
-    _eval_capture(closed.jaxpr, closed.consts, list(leaves) + list(inputs), capture)
-    out.append(capture)
+    traced = capture.trace(plan.fn, list(leaves), *inputs)
+    rhs = {
+      c.node.site: plan.paths[c.leaf]
+      for c in capture.param_consumers(traced)
+      if c.operand == 1 and c.same_axes
+    }
+    _, records = capture.evaluate(
+      traced, leaves, inputs, lambda site, eqn: eqn.primitive.name in capture.LINEAR
+    )
+    out.append([_Call(r.eqn, r.ins, r.outs[0], rhs.get(r.site)) for r in records])
   return out
 
 
@@ -171,14 +154,13 @@ def plan_removal(
   removed = {name: list(chans) for name, chans in candidates.items()}
   kept: dict[str, set[int]] = collections.defaultdict(set)
   why: dict[str, str] = {}
-  leaf_ids = {id(x): p for p, x in zip(plan.paths, leaves)}
   while True:
     bias_delta: dict[str, np.ndarray] = {}
     folded: dict[tuple[str, str], np.ndarray] = {}
     changed = False
-    for i, (eqn, ins, _) in enumerate(captures[0]):
-      rhs_path = leaf_ids.get(id(ins[1]))
-      consumer = _consumer(eqn)
+    for i, call in enumerate(captures[0]):
+      rhs_path = call.rhs
+      consumer = _consumer(call.eqn)
       if rhs_path is None or consumer is None:
         continue
       runs = [captures[0][i]] + [c[i] for c in aligned]
@@ -194,7 +176,7 @@ def plan_removal(
           silent = []
           for j in chans:
             idx = group.channels[j][(rhs_path, rhs_axis)]
-            live = any(np.take(np.asarray(r[1][0]), idx, axis=lhs_axis).any() for r in runs)
+            live = any(np.take(np.asarray(r.ins[0]), idx, axis=lhs_axis).any() for r in runs)
             (kept[group.name].add(j) if live else silent.append(j))
           if silent != chans:
             removed[group.name] = silent
@@ -213,10 +195,11 @@ def _fold(group, chans, rhs_path, axes, runs, values, bias_delta, folded) -> str
   Returns ``None`` when it was folded (or is zero), else why it cannot be.
   """
   lhs_axis, rhs_axis, out_axis = axes
-  eqn = runs[0][0]
+  eqn = runs[0].eqn
   index = np.concatenate([group.channels[j][(rhs_path, rhs_axis)] for j in chans])
   deltas, constant_inputs = [], True
-  for run_eqn, ins, _ in runs:
+  for run in runs:
+    ins = run.ins
     lhs = np.asarray(ins[0])
     only = np.zeros_like(lhs)
     sl = [slice(None)] * lhs.ndim
@@ -230,7 +213,7 @@ def _fold(group, chans, rhs_path, axes, runs, values, bias_delta, folded) -> str
     if out_axis < 0:
       deltas.append(np.zeros((1, 1)))
       continue
-    delta = np.asarray(run_eqn.primitive.bind(jnp.asarray(only), ins[1], **run_eqn.params))
+    delta = np.asarray(run.eqn.primitive.bind(jnp.asarray(only), ins[1], **run.eqn.params))
     deltas.append(np.moveaxis(delta, out_axis, -1).reshape(-1, delta.shape[out_axis]))
   if all(d is None for d in deltas):
     return None  # silent: these channels are zero here
