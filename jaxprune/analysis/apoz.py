@@ -10,7 +10,10 @@ or ``"Block_0/Conv_1"`` for Linen). :func:`apoz` intercepts the ``__call__`` of 
 layer whose path matches ``layers`` (regular expressions searched in the path, as in
 ``where=``: ``"Block_0"`` also matches ``"Block_0/Dense_0"``, ``"^Block_0$"`` does not),
 applies ``activation`` (ReLU) to the layer's output and counts exact zeros per unit of
-the last axis. Nothing in the model is rewritten and no ``sow`` call is needed.
+the last axis. Nothing in the model is rewritten and no ``sow`` call is needed: an NNX
+model is traced through :mod:`jaxprune.surgery.capture`, which marks the outputs of
+the chosen module instances of a private copy (no class is patched, so other threads
+and models are untouched); a Linen model through Flax's ``capture_intermediates``.
 Naming a layer whose output already went through a ReLU works too (ReLU is idempotent).
 For ``conv -> BatchNorm -> relu`` name the norm layer and tell :func:`apoz_masks` what
 produces its channels: ``producers={"bn1": ("conv1", "bn1")}``.
@@ -18,9 +21,8 @@ produces its channels: ``producers={"bn1": ("conv1", "bn1")}``.
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -31,6 +33,7 @@ from flax import nnx
 
 from jaxprune import tree as tree_lib
 from jaxprune.select import check_sparsity
+from jaxprune.surgery import capture
 
 Outputs = dict[str, list[Any]]
 
@@ -104,12 +107,10 @@ def apoz(
         "A Linen module needs its variables: apoz(module, batches, layers, variables=...)."
       )
     run, state, available = _linen_runner(model, variables, selected, call_kwargs)
-    intercepting = contextlib.nullcontext()
   elif isinstance(model, nnx.Module):
     if variables is not None:
       raise TypeError("`variables=` is for Linen modules; an NNX module carries its own state.")
-    run, state, available, classes = _nnx_runner(model, selected, call_kwargs)
-    intercepting = _intercept_calls(classes)
+    run, state, available = _nnx_runner(model, selected, call_kwargs)
   else:
     raise TypeError(f"apoz() takes an NNX or a Linen module, got {type(model).__name__}.")
   no_match = ValueError(
@@ -125,12 +126,11 @@ def apoz(
   zeros: dict[str, np.ndarray] = {}
   positions: dict[str, int] = {}
   n_batches = 0
-  with intercepting:
-    for x in batches:
-      n_batches += 1
-      for path, (z, n) in jax.device_get(count(state, x)).items():
-        zeros[path] = zeros.get(path, 0) + np.asarray(z, np.int64)
-        positions[path] = positions.get(path, 0) + int(n)
+  for x in batches:
+    n_batches += 1
+    for path, (z, n) in jax.device_get(count(state, x)).items():
+      zeros[path] = zeros.get(path, 0) + np.asarray(z, np.int64)
+      positions[path] = positions.get(path, 0) + int(n)
   if not zeros and n_batches:
     raise no_match
   if not zeros:
@@ -148,10 +148,7 @@ def _zero_counts(
   zeros, positions = 0, 0
   for y in outputs:
     if not isinstance(y, jax.Array) or y.ndim < 1:
-      raise ValueError(
-        f"Layer {path!r} returned {type(y).__name__}, not one array of shape (..., units); "
-        "name the layer whose output feeds the ReLU."
-      )
+      raise ValueError(_not_one_array(path, type(y).__name__))
     a = activation(y)
     zeros = zeros + jnp.sum(a == 0, axis=tuple(range(a.ndim - 1)), dtype=jnp.int32)
     positions = positions + a.size // a.shape[-1]
@@ -185,85 +182,39 @@ def _linen_runner(
 
 def _nnx_runner(
   model: nnx.Module, selected: Callable[[str], bool], call_kwargs: dict
-) -> tuple[Callable[[Any, Any], Outputs], Any, list[str], list[type]]:
-  """Outputs of the selected submodules' ``__call__`` via :func:`_intercept_calls`."""
+) -> tuple[Callable[[Any, Any], Outputs], Any, list[str]]:
+  """Outputs of the selected submodules' ``__call__``, marked in the traced program."""
   graphdef, state = nnx.split(model)
   modules = _submodules(model)
-  classes = list(dict.fromkeys(type(m) for p, m in modules if selected(p)))
+
+  def forward(state, x):
+    merged = nnx.merge(graphdef, state)
+    capture.mark_outputs({p: m for p, m in _submodules(merged) if selected(p)})
+    return merged(x, **call_kwargs)
 
   def run(state, x):
-    merged = nnx.merge(graphdef, state)
-    with _recording({id(m): p for p, m in _submodules(merged) if selected(p)}) as outputs:
-      merged(x, **call_kwargs)
-    return outputs
+    traced = capture.trace(forward, state, x)
+    for mark in traced.marks:
+      if mark.returned is not None:
+        raise ValueError(_not_one_array(mark.path, mark.returned))
+    return capture.marked_outputs(traced, jax.tree.leaves(state), [x])
 
-  return run, state, [p for p, _ in modules if p], classes
+  return run, state, [p for p, _ in modules if p]
+
+
+def _not_one_array(path: str, returned: str) -> str:
+  return (
+    f"Layer {path!r} returned {returned}, not one array of shape (..., units); "
+    "name the layer whose output feeds the ReLU."
+  )
 
 
 def _submodules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
   return [
     ("/".join(map(str, path)), m)
     for path, m in nnx.iter_graph(model)
-    if isinstance(m, nnx.Module) and _call_of(type(m)) is not None
+    if isinstance(m, nnx.Module) and callable(m)
   ]
-
-
-def _call_of(cls: type) -> Callable | None:
-  """The ``__call__`` a class defines or inherits (``None`` for non-callable modules)."""
-  for c in cls.__mro__[:-1]:
-    if "__call__" in c.__dict__:
-      return c.__dict__["__call__"]
-  return None
-
-
-_RECORDERS: list[tuple[dict[int, str], Outputs, set[int]]] = []
-
-
-@contextlib.contextmanager
-def _recording(paths: dict[int, str]) -> Iterator[Outputs]:
-  """Records the outputs of modules (by ``id``) called through intercepted classes."""
-  outputs: Outputs = {}
-  _RECORDERS.append((paths, outputs, set()))
-  try:
-    yield outputs
-  finally:
-    _RECORDERS.pop()
-
-
-@contextlib.contextmanager
-def _intercept_calls(classes: list[type]) -> Iterator[None]:
-  """Wraps ``cls.__call__`` of each class so active recorders see the outputs."""
-  originals = [(cls, _call_of(cls), cls.__dict__.get("__call__")) for cls in classes]
-  for cls, call, _ in originals:
-    cls.__call__ = _recording_call(call)
-  try:
-    yield
-  finally:
-    for cls, _, own in reversed(originals):
-      if own is None:
-        del cls.__call__
-      else:
-        cls.__call__ = own
-
-
-def _recording_call(call: Callable) -> Callable:
-  def wrapper(self, *args, **kwargs):
-    if not _RECORDERS:
-      return call(self, *args, **kwargs)
-    paths, outputs, active = _RECORDERS[-1]
-    key = id(self)
-    if key not in paths or key in active:  # not selected, or a super().__call__
-      return call(self, *args, **kwargs)
-    active.add(key)
-    try:
-      y = call(self, *args, **kwargs)
-    finally:
-      active.discard(key)
-    outputs.setdefault(paths[key], []).append(y)
-    return y
-
-  wrapper.__wrapped__ = call
-  return wrapper
 
 
 def apoz_masks(
