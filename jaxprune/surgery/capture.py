@@ -19,20 +19,16 @@ of every linear layer.
   projections).
 * :func:`evaluate` runs the jaxpr on values (eagerly or under ``jax.jit``) and records
   the inputs and outputs of chosen equations (a layer's input, its output).
-* :func:`mark_outputs` marks the outputs of chosen NNX module instances in the trace,
-  for statistics of a whole module's output (a conv-BN-ReLU block): it changes the
-  class of those *instances* of a private copy merged inside the traced function (to a
-  subclass whose ``__call__`` names its output), never a library or user class, so
-  other threads and models are untouched.
+* :func:`mark_outputs` (:mod:`jaxprune.surgery.marks`) marks the outputs of chosen NNX
+  module instances in the trace, for statistics of a whole module's output (a
+  conv-BN-ReLU block), without touching any class; :func:`marked_outputs` reads them.
 """
 
 from __future__ import annotations
 
 import collections
-import contextvars
 import dataclasses
 import itertools
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -40,10 +36,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 from jax.extend import core as jex_core
 
 from jaxprune import tree as tree_lib
+from jaxprune.surgery import marks as marks_lib
+from jaxprune.surgery.marks import Mark
+from jaxprune.surgery.marks import mark_outputs as mark_outputs  # one place to look
 
 # Call-like primitives whose sub-jaxpr computes exactly their outputs from their last
 # inputs: walked through, as if inlined.
@@ -55,7 +53,6 @@ LINEAR = ("dot_general", "conv_general_dilated")
 # Ops through which a value is still "the param" (exact path): same axes, or not.
 _SAME_AXES = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
 _RESHAPED = {"reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims"}
-MARK = "jaxprune_capture:"
 
 Site = tuple[int, ...]  # an equation's index, then its index inside each call it is in
 
@@ -130,19 +127,6 @@ def interpret(
 
 
 @dataclasses.dataclass(frozen=True)
-class Mark:
-  """A marked module call: its output is the value of the ``name`` equation ``name``.
-
-  ``returned`` is the type name of what the call returned when it was not one array
-  (then nothing is marked and ``name`` is ``None``).
-  """
-
-  path: str
-  name: str | None
-  returned: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
 class Traced:
   """A forward pass traced once.
 
@@ -157,19 +141,6 @@ class Traced:
   paths: tuple[str, ...]
   fn: Callable[..., Any]
   marks: tuple[Mark, ...] = ()
-
-
-class _Sink:
-  """What :func:`mark_outputs` marks in one :func:`trace` (the context's current one)."""
-
-  def __init__(self) -> None:
-    self.paths: dict[int, str] | None = None
-    self.marks: list[Mark] = []
-
-
-_SINK: contextvars.ContextVar[_Sink | None] = contextvars.ContextVar(
-  "jaxprune_capture", default=None
-)
 
 
 def trace(fn: Callable[..., Any], variables: Any, *inputs: Any) -> Traced:
@@ -188,13 +159,9 @@ def trace(fn: Callable[..., Any], variables: Any, *inputs: Any) -> Traced:
   def flat_fn(leaves, *inputs):
     return fn(jax.tree.unflatten(treedef, leaves), *inputs)
 
-  sink = _Sink()
-  token = _SINK.set(sink)
-  try:
+  with marks_lib.collecting() as marks:
     closed = jax.make_jaxpr(flat_fn)(specs, *input_specs)
-  finally:
-    _SINK.reset(token)
-  return Traced(closed, paths, flat_fn, tuple(sink.marks))
+  return Traced(closed, paths, flat_fn, tuple(marks))
 
 
 def forward(model: Any, variables: Any, apply_kwargs: Mapping[str, Any]) -> tuple[Callable, Any]:
@@ -217,57 +184,6 @@ def forward(model: Any, variables: Any, apply_kwargs: Mapping[str, Any]) -> tupl
       raise ValueError("A Linen module needs its variables: shrink(module, variables, ...).")
     return (lambda v, *inputs: model.apply(v, *inputs, **apply_kwargs)), variables
   raise TypeError(f"Surgery takes a flax nnx.Module or linen.Module, got {type(model).__name__}.")
-
-
-_MARKING: dict[type, type] = {}
-_MARKING_LOCK = threading.Lock()
-
-
-def _marking_class(cls: type) -> type:
-  """A subclass of ``cls`` whose ``__call__`` marks its output when its instance is marked."""
-  with _MARKING_LOCK:
-    sub = _MARKING.get(cls)
-    if sub is None:
-
-      def __call__(self, *args, **kwargs):
-        y = super(sub, self).__call__(*args, **kwargs)
-        sink = _SINK.get()
-        path = None if sink is None or sink.paths is None else sink.paths.get(id(self))
-        if path is None:
-          return y
-        if not isinstance(y, jax.Array):
-          sink.marks.append(Mark(path, None, type(y).__name__))
-          return y
-        name = f"{MARK}{len(sink.marks)}"
-        sink.marks.append(Mark(path, name))
-        return checkpoint_name(y, name)
-
-      sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
-      sub.__qualname__ = cls.__qualname__
-      _MARKING[cls] = sub
-    return sub
-
-
-def mark_outputs(modules: Mapping[str, nnx.Module]) -> None:
-  """Marks the output of every call of these module instances in the running :func:`trace`.
-
-  Call it inside the traced function, on modules of a copy merged there
-  (``nnx.merge(graphdef, state)``): each instance's class becomes a subclass of its own
-  whose ``__call__`` names its output (``Traced.marks``). The classes themselves, and
-  every other instance, are not changed. A ``super().__call__`` inside the module is
-  not marked again; a module called several times is marked at every call.
-
-  Raises:
-    RuntimeError: outside :func:`trace`.
-  """
-  sink = _SINK.get()
-  if sink is None:
-    raise RuntimeError("mark_outputs() marks modules of a model traced by capture.trace().")
-  if sink.paths is None:
-    sink.paths = {}
-  for path, m in modules.items():
-    object.__setattr__(m, "__class__", _marking_class(type(m)))
-    sink.paths[id(m)] = path
 
 
 @dataclasses.dataclass(frozen=True)
