@@ -26,8 +26,10 @@ import pytest
 from flax import nnx
 
 import jaxprune
-from jaxprune import regularizers, sparsify, transforms
+from jaxprune import regularizers, sparse, sparsify, transforms
 from jaxprune import tree as tree_lib
+from jaxprune.sparse import dynamic as sparse_dynamic
+from jaxprune.sparse import ste as sparse_ste
 
 # --- the model, its params and gradients, as Linen dict and nnx.State ----------------------
 
@@ -177,6 +179,72 @@ class TopKRef:
     return sent, new_residual
 
 
+class RegrowSgdRef:
+  """SET / RigL over SGD from checkerboard masks, a mask update at every step t > 0.
+
+  At an update: per kernel, drop ``round(0.5 * a)`` of the ``a`` active weights with the
+  smallest ``|w|`` (ties: the lower index stays), grow as many among the not kept by the
+  largest ``|g|`` (RigL) or the documented uniform draw (SET); the step moves the weights
+  kept before and after, the others go to (or stay at) zero.
+  """
+
+  def __init__(self, learning_rate: float, grow: str):
+    self.lr, self.grow = learning_rate, grow
+
+  def init(self, params):
+    return {k: checkerboard(params[k].shape) for k in KERNELS}, 0
+
+  def update(self, grads, state, params):
+    masks, t = state
+    new = dict(masks)
+    if t > 0:
+      key = jax.random.fold_in(jax.random.key(SEED), t)
+      for i, k in enumerate(KERNELS):
+        if self.grow == "random":
+          scores = np.asarray(jax.random.uniform(jax.random.fold_in(key, i), masks[k].shape))
+        else:
+          scores = np.abs(grads[k])
+        new[k] = regrow(masks[k], params[k], scores, 0.5)
+    out = {}
+    for k, g in grads.items():
+      out[k] = np.where(masks[k] & new[k], -self.lr * g, -params[k]) if k in masks else -self.lr * g
+    return out, (new, t + 1)
+
+
+def keep_top(scores: np.ndarray, keep: int) -> np.ndarray:
+  order = np.argsort(-scores.ravel(), kind="stable")
+  out = np.zeros(scores.size, bool)
+  out[order[:keep]] = True
+  return out.reshape(scores.shape)
+
+
+def regrow(mask, w, scores, fraction):
+  active = int(mask.sum())
+  d = round(fraction * active)
+  survivors = keep_top(np.where(mask, np.abs(w), -np.inf), active - d)
+  return survivors | keep_top(np.where(survivors, -np.inf, scores), d)
+
+
+class SteSgdRef:
+  """STE over SGD: dense steps ``-lr (g + decay (1 - m) w)``; m = top half of |w| each step."""
+
+  def __init__(self, learning_rate: float, decay: float):
+    self.lr, self.decay = learning_rate, decay
+
+  def init(self, params):
+    return _magnitude_masks(params)
+
+  def update(self, grads, masks, params):
+    out = {}
+    for k, g in grads.items():
+      out[k] = (
+        -self.lr * (g + self.decay * np.where(masks[k], 0, params[k]))
+        if k in masks
+        else -self.lr * g
+      )
+    return out, _magnitude_masks({k: params[k] + out[k] for k in KERNELS})
+
+
 # --- the cases ------------------------------------------------------------------------------
 
 
@@ -218,6 +286,26 @@ def _masked_fixed(params, learning_rate, inner=None):
   return jaxprune.masked(inner, fixed_masks(params))
 
 
+SEED = 5
+
+
+def _static(params, learning_rate, inner=None):
+  inner = optax.sgd(learning_rate) if inner is None else inner
+  return sparse.static_sparse(inner, fixed_masks(params))
+
+
+def _set(params, learning_rate, inner=None):
+  inner = optax.sgd(learning_rate) if inner is None else inner
+  return sparse.set_sparse(
+    inner, fixed_masks(params), end=10, every=1, drop_fraction=lambda t: 0.5, seed=SEED
+  )
+
+
+def _rigl(params, learning_rate, inner=None):
+  inner = optax.sgd(learning_rate) if inner is None else inner
+  return sparse.rigl(inner, fixed_masks(params), end=10, every=1, drop_fraction=lambda t: 0.5)
+
+
 def _magnitude_masks(params):
   return {k: magnitude_mask(params[k], 0.5) for k in KERNELS}
 
@@ -244,6 +332,53 @@ CASES = [
     {"learning_rate": 0.05},
     jaxprune.masked,
     wraps=True,
+  ),
+  Case(
+    "static_sparse",
+    _static,
+    lambda learning_rate: MaskedSgdRef(_checkerboard_masks, learning_rate),
+    {"learning_rate": 0.1},
+    {"learning_rate": 0.05},
+    sparse.static_sparse,
+    wraps=True,
+  ),
+  Case(
+    "set_sparse",
+    _set,
+    lambda learning_rate: RegrowSgdRef(learning_rate, "random"),
+    {"learning_rate": 0.1},
+    {"learning_rate": 0.05},
+    sparse.set_sparse,
+    wraps=True,
+  ),
+  Case(
+    "rigl",
+    _rigl,
+    lambda learning_rate: RegrowSgdRef(learning_rate, "gradient"),
+    {"learning_rate": 0.1},
+    {"learning_rate": 0.05},
+    sparse.rigl,
+    wraps=True,
+  ),
+  Case(
+    "ste",
+    lambda params, learning_rate, decay: sparse.ste(
+      optax.sgd(learning_rate), jaxprune.magnitude(0.5), decay=decay
+    ),
+    SteSgdRef,
+    {"learning_rate": 0.1, "decay": 0.3},
+    {"learning_rate": 0.05, "decay": 0.6},
+    sparse.ste,
+  ),
+  Case(
+    "sr_ste",
+    lambda params, learning_rate, decay: sparse.sr_ste(
+      optax.sgd(learning_rate), jaxprune.magnitude(0.5), decay=decay
+    ),
+    SteSgdRef,
+    {"learning_rate": 0.1, "decay": 0.3},
+    {"learning_rate": 0.05, "decay": 0.6},
+    sparse.sr_ste,
   ),
   Case(
     "group_lasso",
@@ -279,7 +414,7 @@ STRUCTURES = ("linen", "nnx_state")
 def test_every_shipped_transform_is_in_the_contract():
   """Every public factory returning an optax transform has a case in CASES."""
   shipped = set()
-  for module in (jaxprune, transforms, regularizers, sparsify):
+  for module in (jaxprune, transforms, regularizers, sparsify, sparse, sparse_dynamic, sparse_ste):
     for name in dir(module):
       obj = getattr(module, name)
       if name.startswith("_") or not inspect.isfunction(obj):
@@ -410,6 +545,7 @@ MAX_LR = 1e3
 
 def polyak_reference(case: Case, scale: float = 1.0) -> dict[str, np.ndarray]:
   """One step of ``masked(polyak_sgd(max_learning_rate=MAX_LR))``: step ``value / ||masked g||^2``."""
+  # the sparse trainers start from checkerboard masks and do not update them at step 0
   masks = (_magnitude_masks if case.name == "masked_pruner" else _checkerboard_masks)(PARAMS)
   grads = {k: scale * g for k, g in GRADS[0].items()}
   masked_grads = {k: np.where(masks[k], g, 0) if k in masks else g for k, g in grads.items()}

@@ -111,10 +111,15 @@ class _Layout:
     return jax.tree.unflatten(treedef, [chosen.get(tree_lib.path_str(k)) for k, _ in flat])
 
 
-def _kept_counts(masks: list[jax.Array], layout: _Layout) -> list[int]:
-  """Active weights per sparse leaf, from the shapes (and the given masks' counts)."""
+def _kept_counts(masks: list[jax.Array], layout: _Layout) -> list[Any]:
+  """Active weights per sparse leaf: from the shapes, or counted when masks were given.
+
+  Every update keeps each layer's count, so counting the current masks gives the count
+  of the given initial masks (on the device: they may be traced, e.g. when
+  ``inject_hyperparams`` builds the transform inside ``jit``).
+  """
   if layout.fixed is not None:
-    return [int(np.sum(np.asarray(m))) for m in jax.tree.leaves(layout.fixed)]
+    return [jnp.sum(m, dtype=jnp.int32) for m in masks]
   paths = [str(i) for i in range(len(masks))]
   sparsities = layout.distribution.sparsities(dict(zip(paths, (m.shape for m in masks))))
   return [m.size - n_pruned(m.size, sparsities[p]) for m, p in zip(masks, paths)]
