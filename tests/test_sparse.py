@@ -248,3 +248,22 @@ def test_errors_name_the_problem():
     rigl(0.9, 0.9, end=10)
   with pytest.raises(ValueError, match="drop_fraction"):
     rigl(optax.sgd(0.1), 0.9, end=10, drop_fraction=1.5)
+
+
+def test_acdc_alternates_sparse_and_dense_phases_inside_masked():
+  """Dense warm-up, sparse (fresh magnitude masks), dense (all weights train), final sparse."""
+  schedule = jaxprune.sparse.acdc(0.75, warmup=2, phase=2, end=8)
+  tx = jaxprune.masked(optax.sgd(0.1), jaxprune.magnitude(schedule))
+  params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)), jnp.float32)}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  zeros = []
+  for t in range(11):
+    g = jnp.asarray(np.random.default_rng(t).normal(size=(4, 4)), jnp.float32)
+    before = np.asarray(params["w"])
+    updates, state = update({"w": g}, state, params)
+    params = optax.apply_updates(params, updates)
+    zeros.append(int((np.asarray(params["w"]) == 0).sum()))
+    if t in (2, 8):  # a sparse phase starts: the 12 smallest |w| before the step go
+      np.testing.assert_array_equal(np.asarray(state.masks["w"]), numpy_keep_top(np.abs(before), 4))
+  assert zeros == [0, 0, 12, 12, 0, 0, 12, 12, 12, 12, 12]
