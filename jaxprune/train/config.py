@@ -29,6 +29,7 @@ from flax import nnx
 import jaxprune
 from jaxprune import tree as tree_lib
 from jaxprune.train import data, models, schema, structured, tfds_source
+from jaxprune.train import optim as optim_lib
 from jaxprune.train.optim import (
   make_learning_rate,
   make_optimizer,
@@ -292,13 +293,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       fail(f"prune.overrides[{pattern!r}]", message)
   if r.enabled and p.method == "none":
     fail("rethink.enabled", "needs a pruned run to copy the masks from; prune.method is 'none'.")
-  if p.method != "none" and p.schedule != "constant":
-    if p.schedule == "agp" and p.end < p.begin:
+  sparse_trainer = p.method in optim_lib.SPARSE_TRAINERS
+  if sparse_trainer and p.method != "static" and p.end >= t.steps:
+    fail("prune.end", f"set / rigl stop moving masks there: below train.steps ({t.steps}).")
+  if p.method != "none" and p.schedule != "constant" and not sparse_trainer:
+    if p.schedule in ("agp", "acdc") and p.end < p.begin:
       fail("prune.end", f"must not come before prune.begin ({p.begin}), got {p.end}.")
     field, last = {
       "agp": ("prune.end", p.end),
       "one_shot": ("prune.begin", p.begin),
       "iterative": ("prune.rounds", p.begin + (p.rounds - 1) * p.every),
+      "acdc": ("prune.end", p.end),
     }[p.schedule]
     if last >= t.steps:
       fail(

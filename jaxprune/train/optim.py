@@ -14,6 +14,7 @@ import ml_collections
 import optax
 
 import jaxprune
+from jaxprune import sparse
 from jaxprune.train import structured
 
 PRUNERS = {
@@ -21,6 +22,9 @@ PRUNERS = {
   "random": jaxprune.random,
   "saliency": jaxprune.saliency,
 }
+
+
+SPARSE_TRAINERS = ("static", "set", "rigl")  # masks from step 0, fixed sparsity (jaxprune.sparse)
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> jaxprune.Schedule:
@@ -38,6 +42,10 @@ def make_schedule(config: ml_collections.ConfigDict) -> jaxprune.Schedule:
     [0.0, 0.5, 0.75]
   """
   p = config.prune
+  if p.method in SPARSE_TRAINERS:
+    return jaxprune.constant(p.sparsity)
+  if p.schedule == "acdc":
+    return sparse.acdc(p.sparsity, warmup=p.begin, phase=p.every, end=p.end)
   if p.schedule == "agp":
     return jaxprune.agp(p.sparsity, p.begin, p.end, p.every)
   if p.schedule == "one_shot":
@@ -67,10 +75,13 @@ def make_pruner(config: ml_collections.ConfigDict) -> jaxprune.Pruner | None:
     ('layer', {'fc3': 0.5}, 0.9)
   """
   p = config.prune
+  if p.method in SPARSE_TRAINERS:  # the trainer's target, paths and initial random masks
+    return _sparse_pruner(config)
   if p.method not in PRUNERS:  # none, a channel method, autopruner: no pruner in the optimizer
     return None
+  schedule = make_schedule(config)
   return PRUNERS[p.method](
-    make_schedule(config),
+    schedule if p.distribution == "uniform" else sparse.erk(schedule),
     scope=p.scope,
     overrides=dict(p.overrides),
     dense_first=p.dense_first,
@@ -78,6 +89,58 @@ def make_pruner(config: ml_collections.ConfigDict) -> jaxprune.Pruner | None:
     structure=p.structure,
     **({"seed": config.train.seed} if p.method == "random" else {}),
   )
+
+
+def _sparse_pruner(config: ml_collections.ConfigDict) -> jaxprune.Pruner:
+  """A random pruner at the constant target: what a sparse trainer prunes, for reports."""
+  p = config.prune
+  return jaxprune.random(
+    _distribution(config),
+    seed=config.train.seed,
+    dense_first=p.dense_first,
+    dense_last=p.dense_last,
+  )
+
+
+def _distribution(config: ml_collections.ConfigDict) -> sparse.Distribution:
+  p = config.prune
+  return sparse.erk(p.sparsity) if p.distribution == "erk" else sparse.uniform(p.sparsity)
+
+
+def make_sparse_trainer(
+  config: ml_collections.ConfigDict, inner: optax.GradientTransformation
+) -> optax.GradientTransformation:
+  """``static`` | ``set`` | ``rigl`` (:mod:`jaxprune.sparse`) around ``inner``, from ``config.prune``.
+
+  The sparsity (``prune.sparsity`` spread by ``prune.distribution``) holds from step 0;
+  SET and RigL update masks every ``prune.every`` steps until ``prune.end`` with a
+  cosine drop fraction starting at ``prune.drop_fraction``; the masks are seeded by
+  ``train.seed``.
+
+  Examples:
+    >>> import optax
+    >>> from jaxprune.train import config as config_lib, optim
+    >>> config = config_lib.default_config()
+    >>> config.prune.update(method="rigl", distribution="erk", every=100, end=2250)
+    >>> tx = optim.make_sparse_trainer(config, optax.adam(1e-3))
+  """
+  p = config.prune
+  common = dict(seed=config.train.seed, dense_first=p.dense_first, dense_last=p.dense_last)
+  if p.method == "static":
+    return sparse.static_sparse(inner, _distribution(config), **common)
+  trainer = sparse.set_sparse if p.method == "set" else sparse.rigl
+  return trainer(
+    inner,
+    _distribution(config),
+    end=p.end,
+    every=p.every,
+    drop_fraction=float(p.drop_fraction),
+    **common,
+  )
+
+
+def _never(step):
+  return jnp.zeros(jnp.shape(step), bool)
 
 
 def frozen(pruner: jaxprune.Pruner) -> jaxprune.Pruner:
@@ -93,11 +156,7 @@ def frozen(pruner: jaxprune.Pruner) -> jaxprune.Pruner:
     False
   """
   final = pruner.schedule.final
-
-  def never(step):
-    return jnp.zeros(jnp.shape(step), bool)
-
-  schedule = jaxprune.Schedule(lambda step: jnp.float32(final), never, final)
+  schedule = jaxprune.Schedule(lambda step: jnp.float32(final), _never, final)
   return dataclasses.replace(pruner, schedule=schedule)
 
 
@@ -185,6 +244,12 @@ def make_optimizer(
   regularizer = make_regularizer(config, learning_rate)
   if regularizer is not None:
     inner = optax.chain(inner, regularizer)
+  if (
+    config.prune.method in SPARSE_TRAINERS
+    and pruner is not None
+    and pruner.schedule.is_update is not _never  # a frozen pruner keeps the masks it is given
+  ):
+    return make_sparse_trainer(config, inner)
   if pruner is not None:
     return jaxprune.masked(inner, pruner)
   return inner if masks is None else jaxprune.masked(inner, masks)

@@ -137,7 +137,13 @@ class Field:
   help: str
 
 
-PRUNE_METHODS = (*optim.PRUNERS, *structured.CHANNEL_METHODS, "autopruner", "none")
+PRUNE_METHODS = (
+  *optim.PRUNERS,
+  *optim.SPARSE_TRAINERS,
+  *structured.CHANNEL_METHODS,
+  "autopruner",
+  "none",
+)
 
 FIELDS: dict[str, dict[str, Field]] = {
   "data": {
@@ -176,17 +182,19 @@ FIELDS: dict[str, dict[str, Field]] = {
     "method": Field(
       "magnitude",
       choice(*PRUNE_METHODS),
-      "magnitude | random | saliency | none, or a channel method (jaxprune.train.structured, "
-      "at prune.begin): l1_filter | slimming | apoz | ssl, or autopruner (its own runner, "
-      "jaxprune.train.autopruner)",
+      "magnitude | random | saliency | none, sparse training from the start (fixed "
+      "sparsity, prune.schedule unused): static | set | rigl, or a channel method "
+      "(jaxprune.train.structured, at prune.begin): l1_filter | slimming | apoz | ssl, or "
+      "autopruner (its own runner, jaxprune.train.autopruner)",
     ),
     "scope": Field(
       "layer", choice("layer", "global"), "layer | global (slimming: one |gamma| threshold)"
     ),
     "schedule": Field(
       "agp",
-      choice("agp", "one_shot", "iterative", "constant"),
-      "agp | one_shot | iterative | constant",
+      choice("agp", "one_shot", "iterative", "constant", "acdc"),
+      "agp | one_shot | iterative | constant | acdc (dense until prune.begin, sparse and "
+      "dense phases of prune.every steps, sparse from prune.end)",
     ),  # fmt: skip
     "structure": Field(
       "unstructured",
@@ -214,6 +222,14 @@ FIELDS: dict[str, dict[str, Field]] = {
       lambda c: ml_collections.ConfigDict(),
       free_form,
       '{path regex: sparsity}, e.g. {"fc3": 0.5}',
+    ),
+    "distribution": Field(
+      "uniform",
+      choice("uniform", "erk"),
+      "uniform | erk: how prune.sparsity is spread over the layers (jaxprune.sparse.erk)",
+    ),
+    "drop_fraction": Field(
+      0.3, fraction, "set / rigl: f0 of the cosine drop fraction (to 0 at prune.end)"
     ),
     "dense_first": Field(False, flag, "never prune the first layer"),
     "dense_last": Field(False, flag, "never prune the last layer"),
