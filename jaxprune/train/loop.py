@@ -17,7 +17,8 @@ from __future__ import annotations
 import ml_collections
 
 from jaxprune.train import data
-from jaxprune.train.run import PhaseResult, Run, TrainResult
+from jaxprune.train.results import PhaseResult, TrainResult
+from jaxprune.train.run import Run
 from jaxprune.train.step import (
   TrainState,
   cross_entropy,
