@@ -22,7 +22,7 @@ from jaxprune import select as select_lib
 from jaxprune import structures as structures_lib
 from jaxprune import tree as tree_lib
 from jaxprune.distributions import Distribution
-from jaxprune.schedules import Schedule, as_schedule
+from jaxprune.schedules import Schedule, as_schedule, from_levels
 from jaxprune.select import check_sparsity, topk_by_count
 
 ScoreFn = Callable[[jax.Array, Any, Any], jax.Array]
@@ -67,7 +67,9 @@ class Pruner:
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   dense_first: bool = False
   dense_last: bool = False
-  structure: str | structures_lib.Structure | None = None
+  structure: structures_lib.Structure = dataclasses.field(
+    default_factory=structures_lib.Unstructured
+  )  # a name ("filters", ...) is accepted too and turned into its Structure
   needs_grads: bool = False
   seed: int = 0
   distribution: Distribution | None = None
@@ -296,18 +298,17 @@ class Pruner:
 
 def _scaled(main: Schedule, value: float) -> Schedule:
   """``main``'s progress scaled to end at ``value`` (the meaning of a float override)."""
-  final = float(main.final)
+  final = main.final
+  if final is None:
+    raise ValueError("A float override needs a main schedule with a final sparsity.")
+  if main.levels is None or main.level is None:  # __post_init__ ensured final != 0 here
+    ratio = jnp.float32(value / final)
+    return Schedule(lambda step: main.sparsity(step) * ratio, main.is_update, value)
   if final == 0:  # a main schedule that prunes nothing: `value` from its first update on
-    levels = (0.0,) + (value,) * (len(main.levels) - 1)
-    table = jnp.asarray(levels, jnp.float32)
-    return Schedule(lambda step: table[main.level(step)], main.is_update, value, levels, main.level)
-  ratio = value / final
-  sparsity = lambda step: main.sparsity(step) * jnp.float32(ratio)  # noqa: E731
-  if main.levels is None:
-    return Schedule(sparsity, main.is_update, value)
-  levels = tuple(value if lv == final else lv * ratio for lv in main.levels)
-  table = jnp.asarray(levels, jnp.float32)
-  return Schedule(lambda step: table[main.level(step)], main.is_update, value, levels, main.level)
+    levels = [0.0] + [value] * (len(main.levels) - 1)
+  else:
+    levels = [value if lv == final else lv * value / final for lv in main.levels]
+  return from_levels(levels, main.level, main.is_update)
 
 
 def _at(schedule: Schedule, step: Any) -> jax.Array:
@@ -329,7 +330,7 @@ def _removed(schedule: Schedule, size: int, step: Any) -> int | jax.Array:
     if schedule.final is None:
       raise ValueError("This schedule has no final sparsity: pass step=.")
     return select_lib.n_pruned(size, schedule.final)
-  if schedule.levels is not None:
+  if schedule.levels is not None and schedule.level is not None:
     level = schedule.level(step)
     if select_lib.is_concrete(level):  # (inside a jit trace even a constant step is traced)
       return select_lib.n_pruned(size, schedule.levels[int(level)])
@@ -348,6 +349,8 @@ def _pruner(score: ScoreFn, sparsity: Any, overrides: Mapping[str, Any] | None, 
   if isinstance(sparsity, Distribution):
     schedule = as_schedule(sparsity.sparsity)
     return Pruner(score=score, schedule=schedule, overrides=overrides, distribution=sparsity, **kw)
+  if "structure" in kw:
+    kw["structure"] = structures_lib.as_structure(kw["structure"])
   return Pruner(score=score, schedule=as_schedule(sparsity), overrides=overrides, **kw)
 
 
@@ -485,4 +488,4 @@ def saliency(
 
 
 for _f in (magnitude, random, saliency):
-  _f.__doc__ = _f.__doc__.format(args=_COMMON_ARGS)
+  _f.__doc__ = (_f.__doc__ or "").format(args=_COMMON_ARGS)

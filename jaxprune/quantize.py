@@ -79,5 +79,5 @@ def compressed_size(tree: Any) -> int:
   """
   arrays = {f"a{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
   buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
+  np.savez(buffer, allow_pickle=False, **arrays)
   return len(gzip.compress(buffer.getvalue(), compresslevel=9))

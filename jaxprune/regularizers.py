@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxprune import select as select_lib
 from jaxprune import table as table_lib
 from jaxprune import tree as tree_lib
 
@@ -92,7 +93,7 @@ def _check_nonnegative(name: str, value: Any, factory: str, *, hyperparam: bool 
       else ""
     )
     raise TypeError(f"{factory}() takes a number for {name}, got a function{hint}.")
-  if isinstance(value, jax.core.Tracer):
+  if not select_lib.is_concrete(value):
     return  # a traced hyperparameter (optax.inject_hyperparams under jit)
   v = np.asarray(value)
   if isinstance(value, bool) or not (

@@ -48,13 +48,14 @@ def _int(value: Any, name: str) -> int:
   return int(value)
 
 
-def _from_levels(levels: list[float], level: Callable, is_update: Callable) -> Schedule:
+def from_levels(levels: Sequence[float], level: Callable, is_update: Callable) -> Schedule:
+  """A schedule whose target at ``step`` is ``levels[level(step)]`` (Python floats)."""
   table = jnp.asarray(levels, jnp.float32)
   return Schedule(
     sparsity=lambda step: table[level(step)],
     is_update=is_update,
-    final=levels[-1],
-    levels=tuple(levels),
+    final=float(levels[-1]),
+    levels=tuple(float(v) for v in levels),
     level=level,
   )
 
@@ -72,7 +73,7 @@ def one_shot(sparsity: float, at: int = 0) -> Schedule:
   at = _int(at, "at")
   if at < 0:
     raise ValueError(f"at must be >= 0, got {at}.")
-  return _from_levels(
+  return from_levels(
     [0.0, float(sparsity)],
     level=lambda step: (jnp.asarray(step) >= at).astype(jnp.int32),
     is_update=lambda step: jnp.asarray(step) == at,
@@ -140,7 +141,7 @@ def agp(final: float, begin: int, end: int, every: int, initial: float = 0.0) ->
 
   if n_updates < _MAX_LEVELS:
     grid = [*range(begin, end, every), end] if end > begin else [end]
-    return _from_levels([0.0, *(value(t) for t in grid)], level, is_update)
+    return from_levels([0.0, *(value(t) for t in grid)], level, is_update)
 
   def sparsity(step):
     t = jnp.clip(jnp.asarray(step, jnp.int32), begin, end)
@@ -185,7 +186,7 @@ def iterative(rounds: Sequence[tuple[int, float]]) -> Schedule:
   if any(b < a for a, b in zip(values, values[1:])):
     raise ValueError(f"round sparsities must not decrease (masks only shrink), got {values}.")
   at = jnp.asarray(steps, jnp.int32)
-  return _from_levels(
+  return from_levels(
     [0.0, *values],
     level=lambda step: jnp.searchsorted(at, jnp.asarray(step, jnp.int32), side="right"),
     is_update=lambda step: jnp.any(at == jnp.asarray(step)),

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import core as jax_core
 from jax import lax
 
 from jaxprune import tree as tree_lib
@@ -27,7 +28,7 @@ def check_sparsity(sparsity: Any, name: str = "sparsity") -> None:
 
   Traced values (inside ``jit``) cannot be checked and are clipped by the selector.
   """
-  if isinstance(sparsity, jax.core.Tracer):
+  if not is_concrete(sparsity):
     return
   if isinstance(sparsity, str):
     raise TypeError(f"{name} must be a number in [0, 1), got {sparsity!r}.")
@@ -58,10 +59,17 @@ _ROW = 1024  # block size of the tie cutoff search
 _CHUNKS = 4  # independent partial histograms: XLA:CPU runs independent ops in parallel
 
 
+def _total(arrays: list[jax.Array]) -> jax.Array:
+  out = arrays[0]
+  for a in arrays[1:]:
+    out = out + a
+  return out
+
+
 def _histogram(idx: jax.Array, length: int) -> jax.Array:
   parts = _CHUNKS if idx.size >= (1 << 18) else 1
   step = -(-idx.size // parts)
-  return sum(jnp.bincount(idx[i * step : (i + 1) * step], length=length) for i in range(parts))
+  return _total([jnp.bincount(idx[i * step : (i + 1) * step], length=length) for i in range(parts)])
 
 
 def _at_or_above(counts: jax.Array) -> jax.Array:
@@ -88,13 +96,13 @@ def keep_topk(keys: list[jax.Array], k: jax.Array) -> list[jax.Array]:
   k = jnp.asarray(k, jnp.int32)
   kk = jnp.maximum(k, 1)
   hi = [(u >> 16).astype(jnp.int32) for u in keys]
-  counts = sum(_histogram(h, _BINS) for h in hi)
+  counts = _total([_histogram(h, _BINS) for h in hi])
   at_or_above = _at_or_above(counts)
   b = jnp.maximum(jnp.sum(at_or_above >= kk, dtype=jnp.int32) - 1, 0)
   above_bin = at_or_above[b] - counts[b]
   lo = [jnp.where(h == b, (u & 0xFFFF).astype(jnp.int32), _BINS) for u, h in zip(keys, hi)]
   per_leaf = [_histogram(low, _BINS + 1)[:_BINS] for low in lo]
-  counts = sum(per_leaf)
+  counts = _total(per_leaf)
   at_or_above = _at_or_above(counts)
   b2 = jnp.maximum(jnp.sum(at_or_above >= kk - above_bin, dtype=jnp.int32) - 1, 0)
   t = (b.astype(jnp.uint32) << 16) | b2.astype(jnp.uint32)
@@ -120,7 +128,7 @@ def keep_topk(keys: list[jax.Array], k: jax.Array) -> list[jax.Array]:
 
 def is_concrete(x: Any) -> bool:
   """Whether ``x`` has a value on the host (not a tracer inside ``jit``/``cond``)."""
-  return not isinstance(x, jax.core.Tracer)
+  return not isinstance(x, jax_core.Tracer)
 
 
 def n_pruned(size: int, sparsity: Any) -> int | jax.Array:

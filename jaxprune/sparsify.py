@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxprune import select as select_lib
 from jaxprune import tree as tree_lib
 from jaxprune.select import topk_leaves
 
@@ -27,7 +28,7 @@ class TopKGradientsState(NamedTuple):
 
 def _check_density(density: Any) -> None:
   """Raises unless ``density`` is a number in ``(0, 1]`` (a traced one is not checked)."""
-  if isinstance(density, jax.core.Tracer):
+  if not select_lib.is_concrete(density):
     return  # a traced hyperparameter (optax.inject_hyperparams under jit)
   v = np.asarray(density)
   if isinstance(density, bool) or not (

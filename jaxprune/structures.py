@@ -38,8 +38,15 @@ class Structure(Protocol):
   to the kernel's shape. Pruners use nothing else.
   """
 
-  name: str
-  poolable: bool  # can one threshold pool its groups over layers (scope="global")
+  @property
+  def name(self) -> str:
+    """How errors and reports call the structure (``"filters"``, ``"n:m"``, ...)."""
+    ...
+
+  @property
+  def poolable(self) -> bool:
+    """Whether one threshold can pool its groups over layers (``scope="global"``)."""
+    ...
 
   def check(self, path: str, shape: tuple[int, ...]) -> None:
     """Raises ``ValueError`` naming ``path`` when the kernel's shape does not fit."""
@@ -284,7 +291,9 @@ def blocks(shape: tuple[int, int], norm: str = "l2") -> Blocks:
     >>> m.astype(int).tolist()
     [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
   """
-  return Blocks(tuple(shape), norm)
+  if isinstance(shape, str) or len(shape) != 2:
+    raise ValueError(f"blocks need a (rows, cols) shape of positive ints, got {shape!r}.")
+  return Blocks((shape[0], shape[1]), norm)
 
 
 def n_m(n: int, m: int) -> NM:
