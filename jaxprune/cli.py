@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import ml_collections
+from jaxprune.train import config as config_lib  # says which extra is missing, if one is
 
-from jaxprune.train import config as config_lib
+if TYPE_CHECKING:
+  import ml_collections
 
 OVERRIDE_HELP = """\
 config overrides:
