@@ -20,10 +20,6 @@ from jaxprune.surgery.removal import kept_indices, plan_removal, slice_tree, tak
 from jaxprune.surgery.source import exception_line
 
 
-def _inputs(example_input: Any) -> tuple:
-  return tuple(example_input) if isinstance(example_input, list | tuple) else (example_input,)
-
-
 def plan(
   model: Any,
   variables: Any = None,
@@ -57,7 +53,7 @@ def plan(
   if example_input is None:
     raise ValueError("plan() needs an example_input (an array or jax.ShapeDtypeStruct).")
   fn, variables = capture.forward(model, variables, dict(apply_kwargs or {}))
-  return _trace(fn, variables, _inputs(example_input), "plan")
+  return _trace(fn, variables, capture.as_inputs(example_input), "plan")
 
 
 def _trace(fn: Callable, variables: Any, inputs: tuple, caller: str) -> Plan:
@@ -211,7 +207,7 @@ def shrink(
   """
   if not isinstance(multiple_of, int) or multiple_of < 1:
     raise ValueError(f"multiple_of must be a positive int, got {multiple_of!r}.")
-  inputs = _inputs(example_input)
+  inputs = capture.as_inputs(example_input)
   kwargs = dict(apply_kwargs or {})
   fn, state = capture.forward(model, variables, kwargs)
   the_plan = _trace(fn, state, inputs, "shrink")

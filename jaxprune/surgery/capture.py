@@ -143,6 +143,11 @@ class Traced:
   marks: tuple[Mark, ...] = ()
 
 
+def as_inputs(example_input: Any) -> tuple:
+  """A model's positional inputs: a list or tuple as it is, anything else as one input."""
+  return tuple(example_input) if isinstance(example_input, list | tuple) else (example_input,)
+
+
 def trace(fn: Callable[..., Any], variables: Any, *inputs: Any) -> Traced:
   """Traces ``fn(variables, *inputs)`` from shapes (arrays, tracers or ShapeDtypeStructs).
 

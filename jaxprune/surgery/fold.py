@@ -121,7 +121,7 @@ def batchnorm_pairs(model: nnx.Module, example_input: Any) -> list[tuple[str, st
     )
   if example_input is None:
     raise ValueError("batchnorm_pairs() needs an example_input (an array or ShapeDtypeStruct).")
-  inputs = tuple(example_input) if isinstance(example_input, list | tuple) else (example_input,)
+  inputs = capture.as_inputs(example_input)
   specs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in inputs]
   fn, state = capture.forward(model, None, {})
   try:
@@ -227,7 +227,7 @@ def fold_batchnorm(
 
 
 def _check(model, folded, example_input, rtol: float, seed: int) -> None:
-  inputs = tuple(example_input) if isinstance(example_input, list | tuple) else (example_input,)
+  inputs = capture.as_inputs(example_input)
   xs = check_lib.random_inputs(inputs, np.random.default_rng(seed + 1))
   reference = nnx.clone(model)
   reference.eval()
