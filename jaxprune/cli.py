@@ -21,9 +21,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from jaxprune.train import config as config_lib  # says which extra is missing, if one is
+from jaxprune.train.config_type import Config
 
 if TYPE_CHECKING:
-  import ml_collections
+  pass
 
 OVERRIDE_HELP = """\
 config overrides:
@@ -34,9 +35,7 @@ config overrides:
                         Python literal and must fit the field's type
 """
 
-CONFIG_HELP = (
-  "a Python file defining get_config() -> ml_collections.ConfigDict (e.g. configs/lenet300_agp.py)"
-)
+CONFIG_HELP = "a Python file defining get_config() -> Config (e.g. configs/lenet300_agp.py)"
 
 
 def _add_run_source(command: argparse.ArgumentParser) -> None:
@@ -155,7 +154,7 @@ def split_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:
   return overrides, rest
 
 
-def describe(config: ml_collections.ConfigDict) -> str:
+def describe(config: Config) -> str:
   """One line saying what a run will do."""
   p = config.prune
   if p.method == "none":

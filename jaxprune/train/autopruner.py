@@ -21,7 +21,6 @@ from typing import Any
 import flax.linen
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -33,6 +32,7 @@ from jaxprune import tree as tree_lib
 from jaxprune.train import config as config_lib
 from jaxprune.train import data
 from jaxprune.train import step as step_lib
+from jaxprune.train.config_type import Config
 
 METHOD = "autopruner"  # the prune.method this runner serves
 
@@ -103,7 +103,7 @@ def _accuracy(model: nnx.Module, split: data.Source, batch_size: int) -> float:
   return step_lib.accuracy(step_lib.make_eval_step(graphdef), params, rest, split, batch_size)
 
 
-def _gate_optimizer(params: nnx.State, config: ml_collections.ConfigDict):
+def _gate_optimizer(params: nnx.State, config: Config):
   """Adam; the gates' FCs (params under a ``gate`` scope) at their own learning rate."""
   labels = jax.tree_util.tree_map_with_path(
     lambda path, _: "gate" if "/gate/" in "/" + tree_lib.path_str(path) + "/" else "net", params
@@ -203,7 +203,7 @@ class RecipeResult:
     )
 
 
-def train_recipe(config: ml_collections.ConfigDict) -> RecipeResult:
+def train_recipe(config: Config) -> RecipeResult:
   """Runs the AutoPruner recipe of ``config`` (see ``configs/autopruner.py``).
 
   With ``a = config.autopruner``:

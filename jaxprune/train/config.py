@@ -30,6 +30,7 @@ import jaxprune
 from jaxprune import tree as tree_lib
 from jaxprune.train import data, models, schema, structured, tfds_source
 from jaxprune.train import optim as optim_lib
+from jaxprune.train.config_type import Config
 from jaxprune.train.optim import (
   make_learning_rate,
   make_optimizer,
@@ -61,7 +62,7 @@ class ConfigError(ValueError):
   """A config field is unknown or has a bad value; the message starts with the field."""
 
 
-def default_config() -> ml_collections.ConfigDict:
+def default_config() -> Config:
   """Every config field with its default: recipes in ``configs/`` start from this.
 
   The pruning steps follow ``train.steps`` (``begin = steps // 3``, ``end = 2 * steps //
@@ -78,12 +79,12 @@ def default_config() -> ml_collections.ConfigDict:
   return schema.defaults()
 
 
-def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def config_json(config: Config) -> dict[str, Any]:
   """The config as plain JSON data (references resolved): ``config.json`` of a run."""
   return json.loads(config.to_json_best_effort())
 
 
-def digits_convnet_config() -> ml_collections.ConfigDict:
+def digits_convnet_config() -> Config:
   """:func:`default_config` for ``vgg_small`` on the 8x8 digits: the channel recipes' base.
 
   conv-BN-ReLU 16/32/64 + Dense, batch 64, Adam 3e-3, 1,500 steps, one channel-pruning
@@ -110,9 +111,7 @@ def _unknown(field: str, key: str, known: Iterable[str]) -> ConfigError:
   return ConfigError(f"{field}: unknown config field{hint}; known here: {', '.join(known)}.")
 
 
-def check_fields(
-  config: ml_collections.ConfigDict, reference: Any = None, prefix: str = ""
-) -> None:
+def check_fields(config: Config, reference: Any = None, prefix: str = "") -> None:
   """Raises :class:`ConfigError` naming the first field that :func:`default_config` lacks."""
   reference = default_config() if reference is None else reference
   for key in config:
@@ -142,7 +141,7 @@ def _parse(text: str, current: Any) -> Any:
     return text
 
 
-def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
+def apply_override(config: Config, assignment: str) -> None:
   """Sets one field from ``"train.steps=200"`` text (the ``--config.`` prefix removed).
 
   The value is read as a Python literal and must fit the field's type; a dict replaces
@@ -185,13 +184,11 @@ def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
     ) from e
 
 
-def load_config(
-  path: str | os.PathLike, overrides: Sequence[str] = ()
-) -> ml_collections.ConfigDict:
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
   """Imports ``get_config()`` from a config file, applies overrides, validates.
 
   Args:
-    path: a Python file defining ``get_config() -> ml_collections.ConfigDict``.
+    path: a Python file defining ``get_config() -> Config``.
     overrides: ``"field=value"`` texts, applied in order (see :func:`apply_override`).
 
   Returns:
@@ -224,7 +221,7 @@ def load_config(
   return config
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: Config) -> None:
   """Checks every field before any work starts.
 
   Raises:
@@ -316,7 +313,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_against_model(config)
 
 
-def _check_autopruner(config: ml_collections.ConfigDict) -> None:
+def _check_autopruner(config: Config) -> None:
   """AutoPruner trains its own gated net: the fields of the other methods must stay off."""
   a = config.autopruner
   if config.regularize.method != "none":
@@ -341,7 +338,7 @@ def _check_autopruner(config: ml_collections.ConfigDict) -> None:
   _check_split_sizes(config)
 
 
-def _check_patterns(config: ml_collections.ConfigDict) -> None:
+def _check_patterns(config: Config) -> None:
   """Every regex field compiles."""
   patterns = [(f"prune.overrides[{k!r}]", k) for k in config.prune.overrides]
   patterns += [("regularize.where", config.regularize.where), ("prune.layers", config.prune.layers)]
@@ -352,7 +349,7 @@ def _check_patterns(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"{field}: {pattern!r} is not a valid regular expression ({e}).") from e
 
 
-def _check_split_sizes(config: ml_collections.ConfigDict) -> None:
+def _check_split_sizes(config: Config) -> None:
   """The batch fits the training split of an embedded dataset (known without loading it)."""
   size = data.TRAIN_SIZES.get(config.data.name)
   if size is not None and config.data.batch_size > size:
@@ -367,7 +364,7 @@ def _abstract_model(name: str, image_shape: tuple[int, ...], width: float) -> An
   return nnx.eval_shape(lambda: models.create(name, image_shape, 10, width=width))
 
 
-def _check_against_model(config: ml_collections.ConfigDict) -> None:
+def _check_against_model(config: Config) -> None:
   """The param and layer patterns match the model; the pruner and regularizer accept it.
 
   Built from shapes only (``nnx.eval_shape``), with the image shape of an embedded

@@ -19,6 +19,7 @@ from jaxprune.train import data, optim
 from jaxprune.train import sharding as sharding_lib
 from jaxprune.train import state as state_lib
 from jaxprune.train import step as step_lib
+from jaxprune.train.config_type import Config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Evaluation:
 
 
 def evaluate_checkpoint(
-  config: ml_collections.ConfigDict, *, step: int | None = None, dataset: data.Dataset | None = None
+  config: Config, *, step: int | None = None, dataset: data.Dataset | None = None
 ) -> Evaluation:
   """Evaluates checkpoint ``step`` (default: the newest) of the run that ``config`` describes.
 
@@ -61,7 +62,7 @@ def evaluate_checkpoint(
   return Evaluation(meta["phase"], meta["step"], accuracy, summary)
 
 
-def config_from_workdir(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+def config_from_workdir(workdir: str | pathlib.Path) -> Config:
   """The validated config of the run in ``workdir`` (its ``config.json``)."""
   path = pathlib.Path(workdir) / "config.json"
   if not path.is_file():

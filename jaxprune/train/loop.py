@@ -14,9 +14,8 @@ step and evaluation (:class:`TrainState`, :func:`make_train_step`, :func:`evalua
 
 from __future__ import annotations
 
-import ml_collections
-
 from jaxprune.train import data
+from jaxprune.train.config_type import Config
 from jaxprune.train.results import PhaseResult, TrainResult
 from jaxprune.train.run import Run
 from jaxprune.train.step import (
@@ -43,7 +42,7 @@ __all__ = [
 ]
 
 
-def train(config: ml_collections.ConfigDict, *, dataset: data.Dataset | None = None) -> TrainResult:
+def train(config: Config, *, dataset: data.Dataset | None = None) -> TrainResult:
   """Runs a recipe: validates the config, trains, prunes, fine-tunes, evaluates.
 
   A tqdm bar (``config.train.progress``) shows the mean loss and accuracy of the last

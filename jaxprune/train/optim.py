@@ -10,12 +10,12 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 import jaxprune
 from jaxprune import sparse
 from jaxprune.train import structured
+from jaxprune.train.config_type import Config
 
 PRUNERS = {
   "magnitude": jaxprune.magnitude,
@@ -27,7 +27,7 @@ PRUNERS = {
 SPARSE_TRAINERS = ("static", "set", "rigl")  # masks from step 0, fixed sparsity (jaxprune.sparse)
 
 
-def make_schedule(config: ml_collections.ConfigDict) -> jaxprune.Schedule:
+def make_schedule(config: Config) -> jaxprune.Schedule:
   """The sparsity schedule of ``config.prune``.
 
   ``iterative`` prunes ``rounds`` times, ``every`` steps apart from ``begin``; each
@@ -59,7 +59,7 @@ def make_schedule(config: ml_collections.ConfigDict) -> jaxprune.Schedule:
   return jaxprune.iterative([*rounds, (p.begin + (p.rounds - 1) * p.every, p.sparsity)])
 
 
-def make_pruner(config: ml_collections.ConfigDict) -> jaxprune.Pruner | None:
+def make_pruner(config: Config) -> jaxprune.Pruner | None:
   """The pruner that ``config.prune`` describes.
 
   ``None`` for ``method="none"``, for the channel methods of
@@ -91,7 +91,7 @@ def make_pruner(config: ml_collections.ConfigDict) -> jaxprune.Pruner | None:
   )
 
 
-def _sparse_pruner(config: ml_collections.ConfigDict) -> jaxprune.Pruner:
+def _sparse_pruner(config: Config) -> jaxprune.Pruner:
   """A random pruner at the constant target: what a sparse trainer prunes, for reports."""
   p = config.prune
   return jaxprune.random(
@@ -102,13 +102,13 @@ def _sparse_pruner(config: ml_collections.ConfigDict) -> jaxprune.Pruner:
   )
 
 
-def _distribution(config: ml_collections.ConfigDict) -> sparse.Distribution:
+def _distribution(config: Config) -> sparse.Distribution:
   p = config.prune
   return sparse.erk(p.sparsity) if p.distribution == "erk" else sparse.uniform(p.sparsity)
 
 
 def make_sparse_trainer(
-  config: ml_collections.ConfigDict, inner: optax.GradientTransformation
+  config: Config, inner: optax.GradientTransformation
 ) -> optax.GradientTransformation:
   """``static`` | ``set`` | ``rigl`` (:mod:`jaxprune.sparse`) around ``inner``, from ``config.prune``.
 
@@ -160,7 +160,7 @@ def frozen(pruner: jaxprune.Pruner) -> jaxprune.Pruner:
   return dataclasses.replace(pruner, schedule=schedule)
 
 
-def make_learning_rate(config: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
+def make_learning_rate(config: Config, steps: int) -> optax.Schedule:
   """``step -> learning rate``: ``train.lr_schedule`` over ``steps`` after ``warmup_steps``.
 
   Examples:
@@ -182,7 +182,7 @@ def make_learning_rate(config: ml_collections.ConfigDict, steps: int) -> optax.S
 
 
 def make_regularizer(
-  config: ml_collections.ConfigDict, learning_rate: optax.Schedule
+  config: Config, learning_rate: optax.Schedule
 ) -> optax.GradientTransformation | None:
   """The proximal step of ``config.regularize`` (``None`` for ``method="none"``).
 
@@ -218,7 +218,7 @@ def make_regularizer(
 
 
 def make_optimizer(
-  config: ml_collections.ConfigDict,
+  config: Config,
   pruner: jaxprune.Pruner | None,
   learning_rate: optax.ScalarOrSchedule | None = None,
   *,

@@ -24,7 +24,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -39,6 +38,7 @@ from jaxprune.train import sharding as sharding_lib
 from jaxprune.train import state as state_lib
 from jaxprune.train import step as step_lib
 from jaxprune.train.config import config_json
+from jaxprune.train.config_type import Config
 from jaxprune.train.results import PhaseResult, TrainResult
 from jaxprune.train.step import TrainState
 
@@ -86,7 +86,7 @@ def _field(tree: dict[str, Any], field: str) -> Any:
 class Run:
   """A configured run; :meth:`execute` trains (or resumes) and returns the result."""
 
-  def __init__(self, config: ml_collections.ConfigDict, *, dataset: data.Dataset | None = None):
+  def __init__(self, config: Config, *, dataset: data.Dataset | None = None):
     config_lib.validate_config(config)
     if config.prune.method == "autopruner":
       raise config_lib.ConfigError(

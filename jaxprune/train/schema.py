@@ -26,6 +26,7 @@ import ml_collections
 
 from jaxprune.regularizers import GROUP_KINDS
 from jaxprune.train import models, optim, structured
+from jaxprune.train.config_type import Config
 
 Check = Callable[[Any], str | None]  # a value -> the error message, or None when it is fine
 
@@ -307,7 +308,7 @@ FREE_FORM = tuple(
 )
 
 
-def defaults() -> ml_collections.ConfigDict:
+def defaults() -> Config:
   """A config holding every field's default (see :func:`jaxprune.train.config.default_config`)."""
   config = ml_collections.ConfigDict()
   for group, fields in FIELDS.items():
@@ -323,7 +324,7 @@ def check_field(field: str, value: Any) -> str | None:
   return FIELDS[group][name].check(value)
 
 
-def check(config: ml_collections.ConfigDict) -> tuple[str, str] | None:
+def check(config: Config) -> tuple[str, str] | None:
   """``(field, message)`` of the first field whose value its :class:`Field` rejects."""
   for group, fields in FIELDS.items():
     for name, field in fields.items():

@@ -35,7 +35,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -48,6 +47,7 @@ from jaxprune.train import data, models
 from jaxprune.train import sharding as sharding_lib
 from jaxprune.train import state as state_lib
 from jaxprune.train.config import config_json
+from jaxprune.train.config_type import Config
 
 SHRUNK_NPZ, SHRUNK_JSON, REPORT_NAME = "shrunk.npz", "shrunk.json", "shrink.md"
 
@@ -205,7 +205,7 @@ def _footprint(model: nnx.Module, npz: bytes, flops: float, accuracy: float) -> 
 
 
 def shrink_checkpoint(
-  config: ml_collections.ConfigDict,
+  config: Config,
   *,
   step: int | None = None,
   out: str | pathlib.Path | None = None,

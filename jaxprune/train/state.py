@@ -14,7 +14,6 @@ import pathlib
 from typing import Any
 
 import jax
-import ml_collections
 import optax
 from flax import nnx
 
@@ -23,6 +22,7 @@ from jaxprune.train import checkpoint as checkpoint_lib
 from jaxprune.train import config as config_lib
 from jaxprune.train import models, optim, structured
 from jaxprune.train import sharding as sharding_lib
+from jaxprune.train.config_type import Config
 from jaxprune.train.step import TrainState, init_state
 
 
@@ -66,7 +66,7 @@ def place(state: TrainState, mesh: jax.sharding.Mesh, *, shard_params: bool) -> 
 
 
 def initial(
-  config: ml_collections.ConfigDict,
+  config: Config,
   pruner: jaxprune.Pruner | None,
   image_shape: tuple[int, ...],
   num_classes: int,
@@ -88,14 +88,14 @@ def initial(
   return Initial(graphdef, tx, lr, place(state, mesh, shard_params=config.parallel.shard_params))
 
 
-def checkpoint_dir(config: ml_collections.ConfigDict) -> str:
+def checkpoint_dir(config: Config) -> str:
   """``checkpoint.dir``, else ``<train.workdir>/checkpoints``, else ``""`` (none)."""
   if config.checkpoint.dir:
     return config.checkpoint.dir
   return str(pathlib.Path(config.train.workdir) / "checkpoints") if config.train.workdir else ""
 
 
-def checkpointer(config: ml_collections.ConfigDict) -> checkpoint_lib.Checkpointer | None:
+def checkpointer(config: Config) -> checkpoint_lib.Checkpointer | None:
   """The run's :class:`~jaxprune.train.checkpoint.Checkpointer` (``None`` without a dir).
 
   With ``rethink.enabled`` the last checkpoint of the ``train`` phase is never deleted:
@@ -109,7 +109,7 @@ def checkpointer(config: ml_collections.ConfigDict) -> checkpoint_lib.Checkpoint
   return checkpoint_lib.Checkpointer(directory, every=c.every, keep=c.keep, preserve=preserve)
 
 
-def require_checkpoints(config: ml_collections.ConfigDict, purpose: str) -> None:
+def require_checkpoints(config: Config, purpose: str) -> None:
   """Raises :class:`~jaxprune.train.config.ConfigError` when ``config`` names no run dir."""
   if not checkpoint_dir(config):
     raise config_lib.ConfigError(
@@ -119,7 +119,7 @@ def require_checkpoints(config: ml_collections.ConfigDict, purpose: str) -> None
 
 
 def restore(
-  config: ml_collections.ConfigDict,
+  config: Config,
   image_shape: tuple[int, ...],
   num_classes: int,
   *,

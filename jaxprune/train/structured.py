@@ -34,7 +34,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -43,12 +42,13 @@ from jaxprune import tree as tree_lib
 from jaxprune.analysis.apoz import apoz
 from jaxprune.analysis.sensitivity import Sensitivity, channel_sensitivity, choose_ratios
 from jaxprune.train import data
+from jaxprune.train.config_type import Config
 
 CHANNEL_METHODS = ("l1_filter", "slimming", "apoz", "ssl")
 RATIOS = ("uniform", "sensitivity")
 
 
-def is_channel_method(config: ml_collections.ConfigDict) -> bool:
+def is_channel_method(config: Config) -> bool:
   """Whether ``config.prune.method`` removes whole channels at ``prune.begin``."""
   return config.prune.method in CHANNEL_METHODS
 
@@ -149,7 +149,7 @@ def _apoz_removal(
 
 
 def prune_channels(
-  config: ml_collections.ConfigDict,
+  config: Config,
   model: nnx.Module,
   validation: data.Source,
   evaluate: Callable[[Any], float],
@@ -198,7 +198,7 @@ def prune_channels(
   return ChannelPruning(p.method, masks, sizes, removed_channels(plan, masks), sweep)
 
 
-def validation_split(config: ml_collections.ConfigDict, train: data.Source) -> data.Source:
+def validation_split(config: Config, train: data.Source) -> data.Source:
   """The last ``sensitivity.examples`` training examples (all of them if fewer)."""
   n = min(len(train), config.sensitivity.examples)
   return data.Subset(train, np.arange(len(train) - n, len(train)))

@@ -24,7 +24,6 @@ import dataclasses
 import pathlib
 from typing import Any
 
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -40,6 +39,7 @@ from jaxprune.train import config as config_lib
 from jaxprune.train import data, structured
 from jaxprune.train import state as state_lib
 from jaxprune.train import step as step_lib
+from jaxprune.train.config_type import Config
 from jaxprune.train.run import Run
 from jaxprune.train.step import TrainState
 
@@ -76,12 +76,12 @@ class Sweep:
     ])  # fmt: skip
 
 
-def _channel_sweep(config: ml_collections.ConfigDict) -> bool:
+def _channel_sweep(config: Config) -> bool:
   return structured.is_channel_method(config) or config.prune.structure in ("filters", "channels")
 
 
 def _trained_state(
-  config: ml_collections.ConfigDict, ds: data.Dataset, step: int | None
+  config: Config, ds: data.Dataset, step: int | None
 ) -> tuple[TrainState, Any, str]:
   """The run's checkpoint, or a model trained here for ``prune.begin`` steps."""
   ckpt, latest = state_lib.checkpointer(config), None
@@ -111,7 +111,7 @@ def _trained_state(
 
 
 def run_sweep(
-  config: ml_collections.ConfigDict,
+  config: Config,
   *,
   step: int | None = None,
   out: str | pathlib.Path | None = None,
