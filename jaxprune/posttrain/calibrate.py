@@ -1,0 +1,207 @@
+"""Calibration: statistics of every linear layer's inputs, from the traced forward pass.
+
+The model is traced once per input shape (:mod:`jaxprune.surgery.capture`); its linear
+layers are the params read by ``dot_general`` equations (Dense / Linear, LinearGeneral,
+einsum projections), found by exact path; the inputs of those equations are recorded
+while the traced program runs under ``jax.jit`` and reduced there to
+:class:`~jaxprune.posttrain.stats.InputStats` (float32 sums), so no Flax class is
+patched and no activation leaves the device. With a mesh, batches are split over a data
+axis and the sums are all-reduced by the compiler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxprune import tree as tree_lib
+from jaxprune.posttrain import stats as stats_lib
+from jaxprune.posttrain.layers import Layer, linear_layers
+from jaxprune.posttrain.stats import InputStats
+from jaxprune.surgery import capture
+
+
+def as_inputs(batch: Any) -> tuple:
+  """A batch as the model's positional inputs: a tuple as it is, anything else alone."""
+  return tuple(batch) if isinstance(batch, tuple) else (batch,)
+
+
+@dataclasses.dataclass
+class Program:
+  """A model's forward pass, traced per input shape, and its linear layers.
+
+  Attributes:
+    fn: ``fn(variables, *inputs)``, the eval-mode forward pass.
+    variables: the variables traced (an NNX state or Linen variables).
+    mesh: a mesh to split batches over (``batch_axis``), or ``None``.
+  """
+
+  fn: Callable[..., Any]
+  variables: Any
+  mesh: Mesh | None = None
+  batch_axis: str | None = None
+  _traced: dict = dataclasses.field(default_factory=dict)
+  _compiled: dict = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def of(
+    cls,
+    model: Any,
+    variables: Any = None,
+    apply_kwargs: Mapping[str, Any] | None = None,
+    mesh: Mesh | None = None,
+    batch_axis: str | None = None,
+  ) -> Program:
+    fn, variables = capture.forward(model, variables, dict(apply_kwargs or {}))
+    if mesh is not None and batch_axis not in mesh.axis_names:
+      raise ValueError(f"batch_axis={batch_axis!r} is not an axis of the mesh {mesh.axis_names}.")
+    return cls(fn, variables, mesh, batch_axis)
+
+  @property
+  def paths(self) -> list[str]:
+    return [
+      tree_lib.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(self.variables)[0]
+    ]
+
+  def traced(self, inputs: tuple) -> tuple[capture.Traced, dict[str, Layer | str]]:
+    key = (
+      jax.tree.structure(inputs),
+      tuple((jax.numpy.shape(x), jax.numpy.result_type(x)) for x in jax.tree.leaves(inputs)),
+    )
+    if key not in self._traced:
+      traced = capture.trace(self.fn, self.variables, *inputs)
+      self._traced[key] = (traced, linear_layers(traced))
+    return self._traced[key]
+
+  def layers(self, example: tuple, where: tree_lib.Where = None) -> dict[str, Layer]:
+    """The linear layers ``where`` selects (default: every float kernel with ndim >= 2 read
+    by a ``dot_general``).
+
+    Raises:
+      ValueError: ``where`` selects a param that no ``dot_general`` reads on these
+        inputs, or one read in a way that is not one linear layer (naming it and why).
+    """
+    _, found = self.traced(example)
+    pred = tree_lib.as_predicate(where)
+    chosen: dict[str, Layer] = {}
+    for path, leaf in tree_lib.leaves_with_paths(self.variables):
+      if leaf is None or not pred(path, leaf):
+        continue
+      layer = found.get(path)
+      if isinstance(layer, Layer):
+        chosen[path] = layer
+      elif where is not None:
+        why = layer or (
+          "no dot_general of the forward pass reads it on the calibration inputs (the "
+          "calibration data does not reach it)"
+        )
+        raise ValueError(f"Layer {path!r} is selected for pruning, but {why}.")
+      elif isinstance(layer, str) and "convolution" not in layer:
+        raise ValueError(f"Layer {path!r} cannot be pruned after training: {layer}.")
+    if not chosen:
+      listed = [p for p, v in found.items() if isinstance(v, Layer)]
+      raise ValueError(
+        f"No linear layer selected by where={where!r}; the linear layers are {listed}."
+      )
+    order = {p: i for i, p in enumerate(found)}
+    return dict(sorted(chosen.items(), key=lambda kv: order[kv[0]]))
+
+  def _stats_fn(self, inputs: tuple, paths: tuple[str, ...], hessian: bool) -> Callable:
+    traced, found = self.traced(inputs)
+    key = (id(traced), paths, hessian)
+    if key not in self._compiled:
+      layers = [found[p] for p in paths]
+      site_of = {s: (i, k) for i, layer in enumerate(layers) for k, s in enumerate(layer.sites)}
+
+      def run(leaves, inputs):
+        _, records = capture.evaluate(traced, leaves, inputs, lambda site, eqn: site in site_of)
+        got: list[list] = [[None] * len(layer.sites) for layer in layers]
+        for r in records:
+          i, k = site_of[r.site]
+          got[i][k] = r.ins[layers[i].inputs[k][0]]
+        return {
+          layer.path: stats_lib.of_inputs(layer, xs, hessian) for layer, xs in zip(layers, got)
+        }
+
+      if self.mesh is None:
+        self._compiled[key] = jax.jit(run)
+      else:
+        self._compiled[key] = jax.jit(run, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+    return self._compiled[key]
+
+  def place(self, leaves: list, inputs: tuple) -> tuple[list, tuple]:
+    """Leaves replicated and inputs split along ``batch_axis`` over the mesh (if any)."""
+    if self.mesh is None:
+      return leaves, inputs
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    split = NamedSharding(self.mesh, PartitionSpec(self.batch_axis))
+    return jax.device_put(leaves, replicated), jax.device_put(inputs, split)
+
+  def statistics(
+    self, leaves: list, batches: Sequence[tuple], layers: Iterable[str], hessian: bool
+  ) -> dict[str, InputStats]:
+    """Input statistics of ``layers`` summed over ``batches``, with the variables ``leaves``."""
+    paths = tuple(layers)
+    total: dict[str, InputStats] | None = None
+    for inputs in batches:
+      placed_leaves, placed = self.place(leaves, inputs)
+      got = self._stats_fn(inputs, paths, hessian)(placed_leaves, placed)
+      total = got if total is None else {p: total[p] + got[p] for p in paths}
+    assert total is not None
+    return total
+
+
+def check_batches(batches: Iterable[Any], what: str) -> list[tuple]:
+  """The calibration batches as a list of input tuples (an iterator is read once)."""
+  out = [as_inputs(b) for b in batches]
+  if not out:
+    raise ValueError(f"{what}: no calibration batches given.")
+  return out
+
+
+def calibrate(
+  model: Any,
+  variables: Any = None,
+  batches: Iterable[Any] = (),
+  *,
+  where: tree_lib.Where = None,
+  hessian: bool = True,
+  apply_kwargs: Mapping[str, Any] | None = None,
+  mesh: Mesh | None = None,
+  batch_axis: str | None = None,
+) -> dict[str, InputStats]:
+  """Input statistics of every linear layer of the dense model (one pass over the batches).
+
+  Args:
+    model: an ``nnx.Module`` (``variables=None``) or a ``linen.Module`` with its
+      ``variables``; run in eval mode (NNX) / as ``model.apply(variables, *inputs,
+      **apply_kwargs)`` (Linen).
+    variables: Linen variables; ``None`` for NNX.
+    batches: calibration batches: each an array (the model's one input) or a tuple of
+      positional inputs. Batches of a new shape trace the model again.
+    where: which params' layers (regex(es) over exact paths or a ``(path, leaf)``
+      predicate); default every float kernel (ndim >= 2) that a ``dot_general`` reads.
+      Convolutions are not handled.
+    hessian: also collect ``X^T X`` (SparseGPT); ``False`` keeps only the norms (Wanda).
+    apply_kwargs: keyword arguments of the forward pass.
+    mesh: a ``jax.sharding.Mesh``; batches are split along ``batch_axis`` (their leading
+      axis) and the statistics all-reduced; variables are replicated.
+    batch_axis: the mesh axis of the data (needed with ``mesh``).
+
+  Returns:
+    ``{path: InputStats}`` per layer, paths as in the model's variables (Linen:
+    ``params/...``), in the order the forward pass reads them.
+
+  Raises:
+    ValueError: no batches; ``where`` selects nothing, or a param the calibration data
+      does not reach (naming it).
+  """
+  data = check_batches(batches, "calibrate")
+  program = Program.of(model, variables, apply_kwargs, mesh, batch_axis)
+  layers = program.layers(data[0], where)
+  leaves = jax.tree.leaves(program.variables)
+  return program.statistics(leaves, data, layers, hessian)

@@ -1,0 +1,95 @@
+"""Wanda (Sun et al. 2023): prune by |weight| x input norm, per output, no weight update."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune import select
+from jaxprune.posttrain import targets
+from jaxprune.posttrain.stats import InputStats
+from jaxprune.structures import NM
+
+
+def wanda_scores(kernel: jax.Array, norms: jax.Array) -> jax.Array:
+  """``S_ij = |W_ij| * ||X_i||_2`` for a ``[n_in, n_out]`` kernel (float32)."""
+  return jnp.abs(kernel.astype(jnp.float32)) * norms.astype(jnp.float32)[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=("n_removed",))
+def per_output_mask(scores: jax.Array, n_removed: int) -> jax.Array:
+  """Keeps the ``n_in - n_removed`` largest scores of every column (output) of ``[n_in, n_out]``.
+
+  Ties keep the lower input index (a stable descending order), as :mod:`jaxprune.select`.
+  """
+  n_in, n_out = scores.shape
+  keys = select.sortable_keys(scores).reshape(scores.shape)
+  order = jnp.argsort(~keys, axis=0, stable=True)  # ~ reverses the unsigned order
+  kept = order[: n_in - n_removed]
+  return jnp.zeros(scores.shape, bool).at[kept, jnp.arange(n_out)[None, :]].set(True)
+
+
+@functools.partial(jax.jit, static_argnames=("nm",))
+def _nm_mask(scores: jax.Array, nm: NM) -> jax.Array:
+  return nm.keep(scores, jnp.int32(nm.n))
+
+
+def wanda_mask(
+  kernel: jax.Array, norms: jax.Array, sparsity: float | None = None, *, structure: Any = None
+) -> jax.Array:
+  """The Wanda mask of one ``[n_in, n_out]`` kernel given its inputs' norms ``||X_i||_2``.
+
+  Unstructured: exactly ``round(sparsity * n_in)`` removed in every column (output), by
+  Python's float64 ``round``. N:M (``structure=jaxprune.n_m(2, 4)``): ``n`` kept of every
+  ``m`` consecutive inputs of every output. Ties keep the lower input index.
+  """
+  s, nm = targets.resolve_target(sparsity, structure, "wanda")
+  scores = wanda_scores(kernel, norms)
+  if nm is not None:
+    targets.check_nm(nm, "kernel", kernel.shape[0])
+    return _nm_mask(scores, nm)
+  return per_output_mask(scores, int(select.n_pruned(kernel.shape[0], s)))
+
+
+def wanda(
+  params: Any,
+  stats: dict[str, InputStats],
+  sparsity: float | None = None,
+  *,
+  structure: Any = None,
+) -> Any:
+  """Wanda masks for every layer with statistics; the weights are not changed.
+
+  Each kernel is seen as ``[inputs, outputs]`` (:class:`~jaxprune.posttrain.layers.Layer`:
+  a Dense kernel as it is; a LinearGeneral ``[in..., out...]`` kernel or an einsum
+  weight with its contracted axes flattened into the input features), scored by
+  ``|W_ij| * ||X_i||_2`` and pruned per output column.
+
+  Args:
+    params: the params (Linen dict or ``nnx.State``); paths are matched to ``stats``
+      exactly (a leading ``params/`` aside).
+    stats: ``{path: InputStats}`` from :func:`~jaxprune.posttrain.calibrate`.
+    sparsity: the fraction removed per output, in ``[0, 1)`` (default 0.5); for N:M,
+      ``None`` or ``1 - n/m``.
+    structure: ``None`` (unstructured) or ``jaxprune.n_m(n, m)``, groups of ``m``
+      consecutive input features.
+
+  Returns:
+    A mask tree shaped like ``params`` (bool arrays for the layers in ``stats``,
+    ``None`` elsewhere), ready for ``jaxprune.masked(inner, masks)``.
+
+  Raises:
+    ValueError: sparsity outside ``[0, 1)``; input features not divisible by ``m``; a
+      layer of ``stats`` missing from ``params`` or with no captured inputs (each named).
+  """
+  s, nm = targets.resolve_target(sparsity, structure, "wanda")
+  masks = {}
+  for path, kernel, st in targets.pairs(params, stats, "wanda"):
+    layer = st.layer
+    targets.check_nm(nm, path, layer.n_in)
+    m = wanda_mask(layer.as_matrix(kernel), st.column_norms(), s, structure=nm)
+    masks[path] = layer.from_matrix(m)
+  return targets.to_tree(params, masks)
