@@ -8,9 +8,11 @@ cross-entropy, Adam(1e-3), on the CPU. Each variant is one jitted train step (gr
 * fixed masks: ``jaxprune.masked(adam, jaxprune.magnitude(0.9))``: masks computed at
   step 0, then fixed (the timed steps all come after the first);
 * AGP every 10: ``jaxprune.masked(adam, jaxprune.magnitude(jaxprune.agp(0.9, begin=0,
-  end=10**6, every=10)))``: masks recomputed every 10th step.
+  end=10**6, every=10)))``: masks recomputed every 10th step;
+* SET / RigL every 100: ``jaxprune.sparse.set_sparse`` / ``rigl(adam, 0.9, end=10**6,
+  every=100)``: 90% sparse from the start, drop and regrow every 100th step (dT = 100).
 
-Steps are timed in windows of consecutive steps (a multiple of 10, so every AGP window
+Steps are timed in windows of consecutive steps (a multiple of 100, so every window
 holds the same number of mask updates, amortised as in training); the variants' windows
 are interleaved round by round in a rotating order. The table gives the median time
 per step and its ratio to dense.
@@ -35,10 +37,12 @@ import optax
 import timing
 
 import jaxprune
+from jaxprune.sparse import rigl, set_sparse
 
 BATCH = 128
 EVERY = 10  # AGP: steps between mask updates
-TARGETS = {"fixed masks": 1.03, "AGP every 10": 1.10}
+SPARSE_EVERY = 100  # SET / RigL: dT
+TARGETS = {"fixed masks": 1.03, "AGP every 10": 1.10, "SET every 100": 1.05, "RigL every 100": 1.05}
 
 
 class MLP(nn.Module):
@@ -58,6 +62,8 @@ def optimizers() -> dict[str, optax.GradientTransformation]:
     "dense": optax.adam(1e-3),
     "fixed masks": jaxprune.masked(optax.adam(1e-3), jaxprune.magnitude(0.9)),
     "AGP every 10": jaxprune.masked(optax.adam(1e-3), agp_pruner()),
+    "SET every 100": set_sparse(optax.adam(1e-3), 0.9, end=10**6, every=SPARSE_EVERY),
+    "RigL every 100": rigl(optax.adam(1e-3), 0.9, end=10**6, every=SPARSE_EVERY),
   }
 
 
@@ -126,6 +132,20 @@ def mask_refresh(params):
   return run
 
 
+def rigl_update_at(params, batches, step: int):
+  """``tx.update`` of RigL alone at ``step`` (100: drop and regrow; 101: a plain step), warm."""
+  tx = rigl(optax.adam(1e-3), 0.9, end=10**6, every=SPARSE_EVERY)
+  state = tx.init(params)._replace(count=jnp.int32(step))
+  grads = jax.grad(loss_fn)(params, *batches[0])
+  update = jax.jit(tx.update)
+
+  def run():
+    jax.block_until_ready(update(grads, state, params))
+
+  run()
+  return run
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="smoke run: short windows")
@@ -133,10 +153,10 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=None, help="timed windows per variant")
   parser.add_argument("--no-write", action="store_true", help="do not write results/")
   args = parser.parse_args()
-  window = args.window or (EVERY if args.quick else 2 * EVERY)
-  rounds = args.rounds or (3 if args.quick else 25)
-  if window % EVERY:
-    parser.error(f"--window must be a multiple of {EVERY} (equal mask updates per window).")
+  window = args.window or SPARSE_EVERY
+  rounds = args.rounds or (1 if args.quick else 8)
+  if window % SPARSE_EVERY:
+    parser.error(f"--window must be a multiple of {SPARSE_EVERY} (equal mask updates per window).")
 
   key = jax.random.key(0)
   params = MLP().init(key, jnp.zeros((1, 784)))["params"]
@@ -149,14 +169,26 @@ def main() -> None:
   for trainer in trainers.values():  # compile, step 0 (the fixed masks), warm up
     trainer.run(1 + window)
   runs = {n: (lambda t=t: t.run(window)) for n, t in trainers.items()}
-  times = timing.interleaved({**runs, "mask update": mask_refresh(params)}, rounds)
+  extra = {
+    "mask update": mask_refresh(params),
+    "rigl update step": rigl_update_at(params, batches, SPARSE_EVERY),
+    "rigl plain step": rigl_update_at(params, batches, SPARSE_EVERY + 1),
+  }
+  times = timing.interleaved({**runs, **extra}, rounds)
   refresh = times.pop("mask update")
+  rigl_on, rigl_off = times.pop("rigl update step"), times.pop("rigl plain step")
   per_step = {n: [s / window for s in ts] for n, ts in times.items()}
   refresh_in_steps = timing.paired_ratio(refresh, per_step["dense"])
+  regrow = [a - b for a, b in zip(rigl_on, rigl_off)]
+  regrow_in_steps = timing.median([r / d for r, d in zip(regrow, per_step["dense"])])
 
   kernels = [x for x in jax.tree.leaves(trainers["fixed masks"].params) if x.ndim == 2]
   sparsity = sum(int((x == 0).sum()) for x in kernels) / sum(x.size for x in kernels)
   assert abs(sparsity - 0.9) < 1e-3, sparsity
+  for name in ("SET every 100", "RigL every 100"):
+    kernels = [x for x in jax.tree.leaves(trainers[name].params) if x.ndim == 2]
+    zeros = sum(int((x == 0).sum()) for x in kernels) / sum(x.size for x in kernels)
+    assert zeros >= 0.9 - 1e-6, (name, zeros)
 
   dense_min = min(per_step["dense"])
   rows, verdicts = [], []
@@ -191,7 +223,8 @@ def main() -> None:
     f"A jitted train step (grad + `tx.update` + `optax.apply_updates`) of an MLP "
     f"784-3000-1000-10 (5.36M params), batch {BATCH}, Adam(1e-3), CPU. {rounds} "
     f"interleaved rounds of {window}-step windows per variant (each AGP window holds "
-    f"{window // EVERY} mask update(s)); fixed masks are 90% sparse (checked: "
+    f"{window // EVERY} AGP and {window // SPARSE_EVERY} SET/RigL mask update(s)); fixed "
+    f"masks, SET and RigL are 90% sparse (checked: "
     f"{sparsity:.4f}). 'vs dense': the median over rounds of the window's time over "
     f"the dense window's time in the same round; 'best': ratio of the fastest "
     f"windows. 'MB copied / step': bytes moved by the large `copy` ops XLA "
@@ -200,7 +233,11 @@ def main() -> None:
     + f"\n\nOne AGP mask update alone (`jit(pruner.masks)`: scores and selection on "
     f"the 5.36M params, timed in the same rounds): {timing.ms(timing.median(refresh))} ms "
     f"= {refresh_in_steps:.2f} dense steps, i.e. +{refresh_in_steps / EVERY:.1%} per step "
-    f"when amortised over {EVERY} steps.\n\nTargets: " + "; ".join(verdicts) + "."
+    f"when amortised over {EVERY} steps. One RigL mask update (drop by |w|, regrow by "
+    f"|g| on every kernel: `tx.update` at step 100 minus `tx.update` at step 101, "
+    f"median over rounds): {timing.ms(timing.median(regrow))} ms = "
+    f"{regrow_in_steps:.2f} dense steps, i.e. +{regrow_in_steps / SPARSE_EVERY:.2%} per "
+    f"step amortised over dT = {SPARSE_EVERY}.\n\nTargets: " + "; ".join(verdicts) + "."
   )
   timing.report(
     "masked_step", "Pruning inside a training step", body, write=not (args.quick or args.no_write)
