@@ -1,0 +1,263 @@
+import json
+import lzma
+import struct
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+from jaxprune import export
+
+
+def header_of(blob: bytes) -> dict:
+  payload = lzma.decompress(blob[9:])
+  (length,) = struct.unpack("<I", payload[:4])
+  return json.loads(payload[4 : 4 + length])
+
+
+def leaf_records(node):
+  if node is None:
+    return []
+  if "leaf" in node:
+    return [node["leaf"]]
+  children = node.get("dict") or node.get("list") or node.get("tuple") or []
+  return [r for c in children for r in leaf_records(c[1] if "dict" in node else c)]
+
+
+def bits_equal(a, b) -> bool:
+  a, b = np.asarray(a), np.asarray(b)
+  if a.dtype != b.dtype or a.shape != b.shape:
+    return False
+  return a.tobytes() == b.tobytes()
+
+
+def sparse_matrix(key, shape, keep, dtype=jnp.float32):
+  k1, k2 = jax.random.split(jax.random.key(key))
+  w = jax.random.normal(k1, shape, dtype)
+  return np.array(jnp.where(jax.random.uniform(k2, shape) < keep, w, 0))
+
+
+def tree_fixture():
+  w = sparse_matrix(0, (64, 48), 0.05)
+  w[0, 0], w[0, 1] = -0.0, np.nan  # both are kept (nonzero bits)
+  return {
+    "dense_layer": {"kernel": sparse_matrix(1, (16, 8), 1.0), "bias": np.arange(1.0, 9.0)},
+    "delta_layer": {"kernel": w},
+    "bitmask_layer": {"kernel": sparse_matrix(2, (40, 30), 0.3)},
+    "bf16": sparse_matrix(3, (32, 32), 0.2, jnp.bfloat16),
+    "f16": np.asarray(sparse_matrix(4, (8, 4), 0.5), np.float16),
+    "ints": np.array([[0, 3, 0], [-7, 0, 0]], np.int32),
+    "flags": np.array([True, False, True]),
+    "scalar": np.float32(2.5),
+    "nested": [np.zeros((3, 3), np.float32), (np.ones(2, np.float64), None)],
+    "none": None,
+  }
+
+
+def test_round_trip_is_bitwise_for_every_dtype_and_structure(tmp_path):
+  params = tree_fixture()
+  size = export.save(tmp_path / "m.jxp", params)
+  loaded = export.load(tmp_path / "m.jxp")
+  assert size == (tmp_path / "m.jxp").stat().st_size
+  assert jax.tree.structure(loaded) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    assert bits_equal(a, b), (a, b)
+  assert isinstance(loaded["nested"], list) and isinstance(loaded["nested"][1], tuple)
+  assert np.signbit(loaded["delta_layer"]["kernel"][0, 0])
+
+
+def test_each_layer_takes_the_smallest_coding():
+  params = tree_fixture()
+  records = {}
+  header = header_of(export.to_bytes(params))
+  for name, node in header["tree"]["dict"]:
+    records[name] = leaf_records(node)
+  assert header["format"] == "jaxprune" and header["version"] == 1
+  assert [r["coding"] for r in records["dense_layer"]] == ["dense", "dense"]
+  (delta,) = records["delta_layer"]
+  # 5% kept of 3072: gaps fit a byte (checked), so nnz bytes < 3072 / 8 bytes of bitmask.
+  w = params["delta_layer"]["kernel"]
+  index = np.flatnonzero(w.view(np.uint32) != 0)
+  assert delta["coding"] == "delta" and delta["nnz"] == index.size
+  assert delta["index_dtype"] == ("uint8" if np.diff(index).max() <= 256 else "uint16")
+  (bitmask,) = records["bitmask_layer"]
+  assert bitmask["coding"] == "bitmask"
+  assert bitmask["positions"][1] == -(-1200 // 8)
+
+
+def test_masks_give_the_positions_and_pruned_values_must_be_zero(tmp_path):
+  params = {"w": jax.random.normal(jax.random.key(0), (32, 16)), "b": jnp.ones(16)}
+  masks = jaxprune.magnitude(0.8).masks(params)
+  pruned = jaxprune.apply_mask(params, masks)
+  export.save(tmp_path / "m.jxp", pruned, masks)
+  loaded = export.load(tmp_path / "m.jxp")
+  assert bits_equal(loaded["w"], pruned["w"]) and bits_equal(loaded["b"], pruned["b"])
+  with pytest.raises(ValueError, match="'w' has nonzero values where its mask prunes"):
+    export.save(tmp_path / "bad.jxp", params, masks)
+  with pytest.raises(ValueError, match="quantize must be None or 'int8'"):
+    export.to_bytes(pruned, quantize="int4")
+
+
+def test_int8_loads_the_dequantized_values_and_zeros_stay_zero(tmp_path):
+  params = {
+    "fc": {
+      "kernel": sparse_matrix(0, (64, 32), 0.1),
+      "bias": np.linspace(-1, 1, 32, dtype=np.float32),
+    },
+    "conv": {"kernel": sparse_matrix(1, (3, 3, 4, 8), 0.5)},
+  }
+  export.save(tmp_path / "q.jxp", params, quantize="int8")
+  loaded = export.load(tmp_path / "q.jxp")
+  for layer in ("fc", "conv"):
+    w = params[layer]["kernel"]
+    scale = np.abs(w).reshape(-1, w.shape[-1]).max(0) / 127  # numpy reference
+    expected = np.clip(np.round(w / scale), -127, 127).astype(np.int8).astype(np.float32) * scale
+    np.testing.assert_allclose(loaded[layer]["kernel"], expected, rtol=1e-6, atol=0)
+    assert bits_equal(
+      loaded[layer]["kernel"], jaxprune.dequantize(jaxprune.quantize(params))[layer]["kernel"]
+    )
+    assert ((loaded[layer]["kernel"] == 0) == (w == 0)).all()
+  assert bits_equal(loaded["fc"]["bias"], params["fc"]["bias"])  # biases are not quantized
+
+
+def test_pruned_file_is_smaller_than_npz_gzip_and_int8_smaller_still():
+  w = {"kernel": sparse_matrix(0, (300, 100), 0.08), "bias": np.zeros(100, np.float32)}
+  s = export.sizes(w)
+  assert s["dense float32"] == 30100 * 4
+  assert s["jaxprune int8"] < s["jaxprune float32"] < s[".npz + gzip"] < s["dense float32"]
+
+
+def test_file_is_json_and_raw_arrays_not_pickle(tmp_path):
+  export.save(tmp_path / "m.jxp", {"w": np.ones((2, 2), np.float32)})
+  blob = (tmp_path / "m.jxp").read_bytes()
+  assert blob[:8] == b"JAXPRUNE" and blob[8] == 1
+  assert b"pickle" not in lzma.decompress(blob[9:])
+  with pytest.raises(ValueError, match="not a jaxprune file"):
+    export.from_bytes(b"PK\x03\x04" + blob[4:])
+
+
+def test_unsupported_structures_are_named():
+  class Box:
+    pass
+
+  with pytest.raises(TypeError, match=r"cannot store Box at 'a/0'.*to_pure_dict"):
+    export.to_bytes({"a": [Box()]})
+  with pytest.raises(TypeError, match="non-string keys"):
+    export.to_bytes({1: np.zeros(2)})
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.gelu(nn.Dense(32)(x))
+    x = nn.relu(nn.Dense(16)(x))
+    return nn.Dense(4)(x)
+
+
+class CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3))(x))
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_sparse_forward_equals_the_masked_dense_model(jit):
+  model = MLP()
+  x = jax.random.normal(jax.random.key(1), (5, 24))
+  params = model.init(jax.random.key(0), x)["params"]
+  masks = jaxprune.magnitude(0.9).masks(params)
+  dense = model.apply({"params": jaxprune.apply_mask(params, masks)}, x)
+  sparse_params = export.to_sparse(params, masks)
+  kernel = sparse_params["Dense_0"]["kernel"]
+  assert type(kernel).__name__ == "BCOO"
+  assert kernel.nse == int(masks["Dense_0"]["kernel"].sum())
+  apply = export.sparse_apply(lambda p, x: model.apply({"params": p}, x))
+  out = (jax.jit(apply) if jit else apply)(sparse_params, x)
+  np.testing.assert_allclose(out, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_bcsr_export_round_trips_and_the_forward_asks_for_bcoo():
+  params = {"kernel": sparse_matrix(0, (12, 8), 0.3), "bias": np.zeros(8, np.float32)}
+  sparse_params = export.to_sparse(params, format="bcsr")
+  assert type(sparse_params["kernel"]).__name__ == "BCSR"
+  assert bits_equal(sparse_params["kernel"].todense(), params["kernel"])
+  apply = export.sparse_apply(lambda p, x: x @ p["kernel"] + p["bias"])
+  with pytest.raises(TypeError, match="'kernel' is BCSR.*format='bcoo'"):
+    apply(sparse_params, jnp.ones((2, 12)))
+
+
+def test_conv_kernels_stay_dense_and_the_forward_still_matches():
+  model = CNN()
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 2))
+  params = model.init(jax.random.key(0), x)["params"]
+  masks = jaxprune.magnitude(0.5).masks(params)
+  sparse_params = export.to_sparse(params, masks)
+  assert isinstance(sparse_params["Conv_0"]["kernel"], jax.Array)
+  out = export.sparse_apply(lambda p, x: model.apply({"params": p}, x))(sparse_params, x)
+  dense = model.apply({"params": jaxprune.apply_mask(params, masks)}, x)
+  np.testing.assert_allclose(out, dense, rtol=1e-5, atol=1e-5)
+  with pytest.raises(NotImplementedError, match=r"'Conv_0/kernel' has shape \(3, 3, 2, 4\)"):
+    export.to_sparse(params, where="Conv_0/kernel")
+  with pytest.raises(ValueError, match="format must be one of"):
+    export.to_sparse(params, format="csr")
+
+
+def nm_masked(shape, key=0):
+  w = jax.random.normal(jax.random.key(key), shape)
+  mask = jaxprune.magnitude(0.5, structure=jaxprune.n_m(2, 4)).masks({"w": w})["w"]
+  return np.asarray(w * mask), np.asarray(mask)
+
+
+@pytest.mark.parametrize("shape", [(32, 6), (3, 3, 8, 5)])
+def test_nm_pack_layout_and_exact_round_trip(shape):
+  w, mask = nm_masked(shape)
+  packed = export.nm_pack(w, mask=mask)
+  k, out = int(np.prod(shape[:-1])), shape[-1]
+  assert packed.values.shape == (out, k // 2) and packed.metadata.shape == (out, k // 8)
+  a = w.reshape(k, out).T  # the hardware's sparse operand: [out, K], contraction minor
+  m_a = mask.reshape(k, out).T
+  for row in range(out):  # numpy reference: kept values of each row, in order
+    np.testing.assert_array_equal(packed.values[row], a[row][m_a[row]])
+  assert bits_equal(export.nm_unpack(packed), w)
+  assert packed.values.nbytes == w.nbytes // 2
+
+
+def test_nm_metadata_is_the_2_bit_sparse_mma_layout():
+  w, mask = nm_masked((64, 3), key=3)
+  packed = export.nm_pack(w, mask=mask)
+  # JAX's former nm_pack: one uint16 per 16 inputs, index j of group g at bits 2 * (2g + j).
+  m_a = mask.reshape(64, 3).T
+  for row in range(3):
+    positions = np.flatnonzero(m_a[row]) % 4
+    expected = [
+      sum(int(p) << (2 * i) for i, p in enumerate(positions[8 * word : 8 * word + 8]))
+      for word in range(64 // 16)
+    ]
+    assert packed.metadata.view(np.uint16)[row].tolist() == expected
+
+
+def test_nm_pack_fills_short_groups_and_refuses_dense_ones():
+  w = np.zeros((8, 2), np.float32)
+  w[1, 0], w[6, 1], w[7, 1] = 3.0, -1.0, 2.0
+  packed = export.nm_pack(w)
+  assert bits_equal(export.nm_unpack(packed), w)
+  w[2, 0] = w[3, 0] = 1.0
+  with pytest.raises(
+    ValueError, match=r"'kernel' is not 2:4 sparse: 1 groups .* output 0, inputs 0..3 keep 3"
+  ):
+    export.nm_pack(w)
+  with pytest.raises(ValueError, match="must be a multiple of 4"):
+    export.nm_pack(np.ones((6, 2)))
+
+
+def test_nm_matmul_says_what_this_jax_lacks():
+  w, mask = nm_masked((16, 4))
+  packed = export.nm_pack(w, mask=mask)
+  if export.nm_matmul_available():
+    pytest.skip("this JAX ships jax.experimental.sparse.nm")
+  with pytest.raises(NotImplementedError, match=rf"JAX {jax.__version__} has no sparse N:M matmul"):
+    export.nm_matmul(jnp.ones((2, 16)), packed)
