@@ -78,8 +78,8 @@ class Program:
     return self._traced[key]
 
   def layers(self, example: tuple, where: tree_lib.Where = None) -> dict[str, Layer]:
-    """The linear layers ``where`` selects (default: every float kernel with ndim >= 2 read
-    by a ``dot_general``).
+    """The linear layers ``where`` selects among the float params with ndim >= 2 (biases
+    and norms never are), by default all of those that a ``dot_general`` reads.
 
     Raises:
       ValueError: ``where`` selects a param that no ``dot_general`` reads on these
@@ -89,7 +89,7 @@ class Program:
     pred = tree_lib.as_predicate(where)
     chosen: dict[str, Layer] = {}
     for path, leaf in tree_lib.leaves_with_paths(self.variables):
-      if leaf is None or not pred(path, leaf):
+      if leaf is None or not (tree_lib.default_where(path, leaf) and pred(path, leaf)):
         continue
       layer = found.get(path)
       if isinstance(layer, Layer):

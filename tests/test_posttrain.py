@@ -1,0 +1,421 @@
+"""posttrain: Wanda and SparseGPT against closed forms and NumPy references; calibration
+of NNX and Linen models (also block by block, and over 8 simulated devices)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jaxprune
+from jaxprune import posttrain
+from jaxprune.posttrain.sparsegpt import block_counts
+from jaxprune.posttrain.stats import InputStats
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def correlated_layer(seed=0, n_in=256, n_out=128, tokens=2048, rank=32, noise=0.3, sigma=1.0):
+  """Inputs: a rank-32 mixture plus noise, channels scaled log-normally (sigma 1)."""
+  rng = np.random.default_rng(seed)
+  mix = rng.normal(size=(tokens, rank)) @ rng.normal(size=(rank, n_in)) / np.sqrt(rank)
+  x = (mix + noise * rng.normal(size=(tokens, n_in))) * np.exp(sigma * rng.normal(size=n_in))
+  w = rng.normal(size=(n_in, n_out)) / np.sqrt(n_in)
+  return x.astype(np.float32), w.astype(np.float32)
+
+
+def relative_error(x, w, w_new):
+  """||XW - XW'|| / ||XW||, in float64 NumPy."""
+  x = x.astype(np.float64)
+  ref = x @ w.astype(np.float64)
+  return np.linalg.norm(ref - x @ np.asarray(w_new, np.float64)) / np.linalg.norm(ref)
+
+
+def numpy_topk_per_column(scores, n_removed):
+  """Keeps the n_in - n_removed largest of each column (ties: lower row), by stable argsort."""
+  keep = np.zeros(scores.shape, bool)
+  for j in range(scores.shape[1]):
+    order = np.argsort(-scores[:, j], kind="stable")
+    keep[order[: scores.shape[0] - n_removed], j] = True
+  return keep
+
+
+def numpy_nm(scores, n, m):
+  groups = scores.reshape(-1, m, scores.shape[1])
+  keep = np.zeros(groups.shape, bool)
+  for g in range(groups.shape[0]):
+    keep[g] = numpy_topk_per_column(groups[g], m - n)
+  return keep.reshape(scores.shape)
+
+
+def hessian_of(x):
+  x = x.astype(np.float64)
+  return jnp.asarray(2 / len(x) * x.T @ x, jnp.float32)
+
+
+# --- SparseGPT against the closed-form OBS update -----------------------------------
+
+
+@pytest.mark.parametrize("p", [0, 5])
+def test_sparsegpt_single_pruned_row_is_the_obs_update(p):
+  """One block, one input feature pruned in every output: dW = -(w_p / [H^-1]_pp) H^-1[:, p].
+
+  Rows are processed in order, so rows before p are final when p is reached: the update
+  is OBS over the rows from p on, i.e. with H^-1 of H[p:, p:] (for p = 0, all of H).
+  """
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(64, 12)) @ (np.eye(12) + 0.3 * rng.normal(size=(12, 12)))  # correlated
+  w = rng.normal(size=(12, 5)).astype(np.float32)
+  h = hessian_of(x)
+  mask = np.ones(w.shape, bool)
+  mask[p] = False
+  new, kept = posttrain.sparsegpt_layer(jnp.asarray(w), h, mask=mask, dampening=0.0, blocksize=12)
+  h_inv = np.linalg.inv(np.asarray(h, np.float64)[p:, p:])
+  expected = np.zeros(w.shape)
+  expected[p:] = -(w[p][None, :] / h_inv[0, 0]) * h_inv[:, 0][:, None]
+  np.testing.assert_allclose(np.asarray(new, np.float64) - w, expected, atol=1e-5)
+  assert np.asarray(new)[p].tolist() == [0.0] * 5
+  np.testing.assert_array_equal(kept, mask)
+
+
+# --- Reconstruction on a layer with correlated, log-normally scaled inputs ----------
+
+ERRORS = {}
+
+
+@pytest.mark.parametrize(
+  "structure, expected",
+  [(None, (0.040, 0.067, 0.272)), (jaxprune.n_m(2, 4), (0.057, 0.126, 0.372))],
+  ids=["50%", "2:4"],
+)
+def test_reconstruction_orders_sparsegpt_wanda_magnitude(structure, expected):
+  x, w = correlated_layer()
+  norms = np.linalg.norm(x.astype(np.float64), axis=0)
+  new, kept = posttrain.sparsegpt_layer(jnp.asarray(w), hessian_of(x), 0.5, structure=structure)
+  wanda = posttrain.wanda_mask(
+    jnp.asarray(w), jnp.asarray(norms, jnp.float32), 0.5, structure=structure
+  )
+  scores_w, scores_m = np.abs(w) * norms[:, None], np.abs(w)
+  if structure is None:
+    ref_wanda, magnitude = (
+      numpy_topk_per_column(scores_w, 128),
+      numpy_topk_per_column(scores_m, 128),
+    )
+  else:
+    ref_wanda, magnitude = numpy_nm(scores_w, 2, 4), numpy_nm(scores_m, 2, 4)
+  np.testing.assert_array_equal(wanda, ref_wanda)
+  errors = (
+    relative_error(x, w, new),
+    relative_error(x, w, w * ref_wanda),
+    relative_error(x, w, w * magnitude),
+  )
+  print("relative reconstruction error sparsegpt / wanda / magnitude:", np.round(errors, 4))
+  assert errors[0] < errors[1] < errors[2]
+  np.testing.assert_allclose(errors, expected, atol=0.004)
+  assert np.all(np.asarray(new)[~np.asarray(kept)] == 0)
+
+
+# --- Exact counts --------------------------------------------------------------------
+
+
+def test_exact_counts_unstructured():
+  rng = np.random.default_rng(2)
+  w = jnp.asarray(rng.normal(size=(95, 7)), jnp.float32)
+  x = rng.normal(size=(300, 95))
+  masks = posttrain.wanda_mask(w, jnp.ones(95), 0.3)
+  # 0.3 * 95 = 28.499999999999996 in float64: 28 removed from every output
+  assert np.asarray(masks).sum(axis=0).tolist() == [95 - 28] * 7
+  # SparseGPT: round(s * size) per layer, with a partial last block (95 = 2 * 40 + 15)
+  for s in (0.3, 0.37, 0.5):
+    _, kept = posttrain.sparsegpt_layer(w, hessian_of(x), s, blocksize=40)
+    assert np.asarray(kept).size - np.asarray(kept).sum() == round(s * 95 * 7)
+  counts = block_counts(95, 7, 0.37, 40)
+  assert counts.sum() == round(0.37 * 665) and len(counts) == 3
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
+def test_exact_n_of_m_along_inputs(n, m):
+  rng = np.random.default_rng(3)
+  w = jnp.asarray(rng.normal(size=(32, 6)), jnp.float32)
+  x = rng.normal(size=(100, 32))
+  for kept in (
+    posttrain.wanda_mask(
+      w, jnp.asarray(np.linalg.norm(x, axis=0), jnp.float32), structure=jaxprune.n_m(n, m)
+    ),
+    posttrain.sparsegpt_layer(w, hessian_of(x), structure=jaxprune.n_m(n, m), blocksize=16)[1],
+  ):
+    assert (np.asarray(kept).reshape(32 // m, m, 6).sum(axis=1) == n).all()
+
+
+# --- Dead inputs ----------------------------------------------------------------------
+
+
+def test_dead_inputs_are_zeroed_without_nan():
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(200, 16))
+  x[:, [3, 7]] = 0.0  # no calibration token uses these inputs
+  w = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
+  for structure in (None, jaxprune.n_m(2, 4)):
+    new, kept = posttrain.sparsegpt_layer(w, hessian_of(x), 0.5, structure=structure, blocksize=8)
+    assert np.isfinite(new).all()
+    assert (np.asarray(new)[[3, 7]] == 0).all()  # W_j = 0 for H_jj = 0
+    assert not np.asarray(kept)[[3, 7]].any()  # score 0: pruned first
+    norms = jnp.asarray(np.linalg.norm(x, axis=0), jnp.float32)
+    wanda = posttrain.wanda_mask(w, norms, 0.5, structure=structure)
+    assert not np.asarray(wanda)[[3, 7]].any()
+
+
+# --- Properties on small shapes -------------------------------------------------------
+
+
+@given(
+  w=hnp.arrays(
+    np.float32,
+    st.tuples(st.sampled_from([4, 8, 12]), st.integers(1, 3)),
+    elements=st.sampled_from([0.0, 1.0, -1.0, 2.0]),  # many ties, and all-zero kernels
+  ),
+  sparsity=st.sampled_from([0.0, 0.25, 0.5, 0.75]),
+  seed=st.integers(0, 3),
+)
+def test_properties_ties_single_column_zero_weights(w, sparsity, seed):
+  n_in, n_out = w.shape
+  x = np.random.default_rng(seed).normal(size=(3 * n_in, n_in))
+  norms = np.ones(n_in, np.float32)
+  kept = posttrain.wanda_mask(jnp.asarray(w), jnp.asarray(norms), sparsity)
+  n_removed = round(sparsity * n_in)
+  np.testing.assert_array_equal(kept, numpy_topk_per_column(np.abs(w), n_removed))
+  new, kept = posttrain.sparsegpt_layer(jnp.asarray(w), hessian_of(x), sparsity, blocksize=4)
+  new, kept = np.asarray(new), np.asarray(kept)
+  assert np.isfinite(new).all()
+  assert kept.size - kept.sum() == round(sparsity * w.size)
+  assert (new[~kept] == 0).all()
+  if not w.any():
+    assert not new.any()  # nothing to reconstruct: all-zero weights stay zero
+  nm = posttrain.wanda_mask(jnp.asarray(w), jnp.asarray(norms), structure=jaxprune.n_m(2, 4))
+  np.testing.assert_array_equal(nm, numpy_nm(np.abs(w), 2, 4))
+
+
+# --- Calibration of models -----------------------------------------------------------
+
+
+class MLP(nnx.Module):
+  def __init__(self, rngs):
+    self.fc1 = nnx.Linear(8, 16, rngs=rngs)
+    self.fc2 = nnx.Linear(16, 8, rngs=rngs)
+    self.head = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.fc2(nnx.relu(self.fc1(x)))))
+
+
+class LinenMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(16, name="fc1")(x))
+    x = nn.relu(nn.Dense(8, name="fc2")(x))
+    return nn.Dense(3, name="head")(x)
+
+
+BATCHES = [np.random.default_rng(i).normal(size=(32, 8)).astype(np.float32) for i in range(3)]
+
+
+def numpy_inputs(p, kernel1=None):
+  """The inputs of fc1, fc2 and head over BATCHES, in float64 NumPy (p: kernels and biases)."""
+  k1 = p["fc1/kernel"] if kernel1 is None else kernel1
+  x = np.concatenate(BATCHES).astype(np.float64)
+  h1 = np.maximum(x @ k1 + p["fc1/bias"], 0)
+  h2 = np.maximum(h1 @ p["fc2/kernel"] + p["fc2/bias"], 0)
+  return {"fc1": x, "fc2": h1, "head": h2}
+
+
+def mask_paths(masks):
+  return [
+    p
+    for p, m in jaxprune.tree.leaves_with_paths(masks, is_leaf=jaxprune.tree.is_none)
+    if m is not None
+  ]
+
+
+def flat_params(params):
+  return {
+    jaxprune.tree.strip_collection(k): np.asarray(v, np.float64)
+    for k, v in jaxprune.tree.leaves_with_paths(params)
+  }
+
+
+@pytest.mark.parametrize("kind", ["nnx", "linen"])
+def test_calibrate_matches_numpy(kind):
+  if kind == "nnx":
+    model, variables = MLP(nnx.Rngs(0)), None
+    p = flat_params(nnx.state(model, nnx.Param))
+  else:
+    model = LinenMLP()
+    variables = model.init(jax.random.key(0), BATCHES[0])
+    p = flat_params(variables["params"])
+  got = posttrain.calibrate(model, variables, BATCHES)
+  prefix = "" if kind == "nnx" else "params/"
+  assert list(got) == [f"{prefix}{n}/kernel" for n in ("fc1", "fc2", "head")]
+  for name, x in numpy_inputs(p).items():
+    s = got[f"{prefix}{name}/kernel"]
+    assert int(s.count) == 96
+    np.testing.assert_allclose(s.sq_norms, (x**2).sum(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s.xtx, x.T @ x, rtol=1e-5, atol=1e-4)
+  only = posttrain.calibrate(model, variables, BATCHES, where="fc2", hessian=False)
+  assert list(only) == [f"{prefix}fc2/kernel"] and only[f"{prefix}fc2/kernel"].xtx is None
+
+
+class Projections(nnx.Module):
+  """LinearGeneral [in, heads, head_dim] and an einsum weight [heads, head_dim, out]."""
+
+  def __init__(self, rngs):
+    self.qkv = nnx.LinearGeneral(8, (2, 4), rngs=rngs)
+    self.out = nnx.Param(jax.random.normal(rngs.params(), (2, 4, 6)))
+
+  def __call__(self, x):
+    return jnp.einsum("bthk,hkd->btd", self.qkv(x), self.out[...])
+
+
+def test_linear_general_and_einsum_flatten_contracted_axes():
+  model = Projections(nnx.Rngs(0))
+  x = np.random.default_rng(0).normal(size=(2, 5, 8)).astype(np.float32)
+  got = posttrain.calibrate(model, None, [x])
+  assert got["qkv/kernel"].layer.in_axes == (0,) and got["out"].layer.in_axes == (0, 1)
+  y = np.asarray(model.qkv(x)).reshape(10, 8)  # (head, head_dim) flattened: the input features
+  np.testing.assert_allclose(got["out"].xtx, y.T @ y, rtol=1e-4, atol=1e-4)
+  params = nnx.state(model, nnx.Param)
+  masks = posttrain.wanda(params, got, structure=jaxprune.n_m(2, 4))
+  kept = np.asarray(masks["out"]).reshape(8, 6)  # 2 of every 4 (head, head_dim) inputs
+  assert (kept.reshape(2, 4, 6).sum(axis=1) == 2).all()
+  new, masks = posttrain.sparsegpt(params, got, 0.5)
+  assert np.asarray(masks["qkv"]["kernel"]).sum() == 32 and new["out"][...].shape == (2, 4, 6)
+
+
+def test_sequential_blocks_see_pruned_inputs():
+  """Block fc2 is calibrated on fc1's output after fc1 is pruned (and updated)."""
+  model = MLP(nnx.Rngs(0))
+  p = flat_params(nnx.state(model, nnx.Param))
+  params, masks = posttrain.prune(model, None, BATCHES, method="sparsegpt", blocks=["fc1", "fc2"])
+  assert mask_paths(masks) == ["fc1/kernel", "fc2/kernel"]  # the head is in no block
+  k1 = np.asarray(params["fc1"]["kernel"][...], np.float64)
+  x2 = numpy_inputs(p, kernel1=k1)["fc2"]
+  expected, _ = posttrain.sparsegpt_layer(
+    jnp.asarray(p["fc2/kernel"], jnp.float32), hessian_of(x2), 0.5
+  )
+  np.testing.assert_allclose(params["fc2"]["kernel"][...], expected, atol=1e-4)
+  one_pass, _ = posttrain.prune(model, None, BATCHES, method="sparsegpt", where=["fc1", "fc2"])
+  assert not np.allclose(one_pass["fc2"]["kernel"][...], expected, atol=1e-4)  # dense inputs
+  assert np.asarray(masks["fc1"]["kernel"]).sum() == 64
+
+
+def test_linen_prune_masks_keep_zeros_while_fine_tuning():
+  model = LinenMLP()
+  variables = model.init(jax.random.key(0), BATCHES[0])
+  params, masks = posttrain.prune(
+    model, variables, BATCHES, method="wanda", structure=jaxprune.n_m(2, 4), blocks=r"(fc\d)/"
+  )
+  assert mask_paths(masks) == ["fc1/kernel", "fc2/kernel"]
+  assert (np.asarray(params["fc1"]["kernel"]) != 0).sum() == 64  # 2:4 of 8 x 16
+  tx = jaxprune.masked(optax.adam(1e-2), masks)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, state = tx.update(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  assert (np.asarray(new["fc1"]["kernel"])[~np.asarray(masks["fc1"]["kernel"])] == 0).all()
+
+
+# --- Errors name the layer ------------------------------------------------------------
+
+
+class Unused(nnx.Module):
+  def __init__(self, rngs):
+    self.fc = nnx.Linear(6, 4, rngs=rngs)
+    self.spare = nnx.Linear(6, 4, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc(x)
+
+
+def test_errors_name_the_layer():
+  model = Unused(nnx.Rngs(0))
+  x = np.ones((4, 6), np.float32)
+  with pytest.raises(ValueError, match=r"'spare/kernel'.*does not reach it"):
+    posttrain.calibrate(model, None, [x], where="spare/kernel")
+  with pytest.raises(ValueError, match="no calibration batches"):
+    posttrain.calibrate(model, None, [])
+  got = posttrain.calibrate(model, None, [x])
+  params = nnx.state(model, nnx.Param)
+  with pytest.raises(ValueError, match=r"'fc/kernel'.*6 input features.*divide by 4"):
+    posttrain.wanda(params, got, structure=jaxprune.n_m(2, 4))
+  with pytest.raises(ValueError, match=r"'fc/kernel'.*6 input features.*divide by 4"):
+    posttrain.sparsegpt(params, got, structure=jaxprune.n_m(2, 4))
+  for bad in (1.0, -0.1):
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+      posttrain.wanda(params, got, bad)
+  empty = {"fc/kernel": InputStats(jnp.zeros(6), None, jnp.int32(0), got["fc/kernel"].layer)}
+  with pytest.raises(ValueError, match=r"'fc/kernel' has no captured inputs"):
+    posttrain.wanda(params, empty)
+  with pytest.raises(ValueError, match=r"'fc/kernel'.*X\^T X was not collected"):
+    posttrain.sparsegpt(params, posttrain.calibrate(model, None, [x], hessian=False))
+  with pytest.raises(ValueError, match="matches none of the linear layers"):
+    posttrain.prune(model, None, [x], blocks=["nope"])
+
+
+# --- Data parallel: 8 simulated devices ------------------------------------------------
+
+
+def _on_8_devices() -> dict:
+  from jax.sharding import Mesh
+
+  model = MLP(nnx.Rngs(0))
+  batches = [np.random.default_rng(i).normal(size=(64, 8)).astype(np.float32) for i in range(2)]
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  one = posttrain.calibrate(model, None, batches)
+  many = posttrain.calibrate(model, None, batches, mesh=mesh, batch_axis="data")
+  diff = max(
+    float(np.max(np.abs(np.asarray(a) - np.asarray(b)) / (1 + np.abs(np.asarray(a)))))
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many))
+  )
+  s = many["fc2/kernel"].xtx.sharding
+  params, masks = posttrain.prune(
+    model, None, batches, blocks=["fc1", "fc2"], mesh=mesh, batch_axis="data"
+  )
+  ref_params, _ = posttrain.prune(model, None, batches, blocks=["fc1", "fc2"])
+  return {
+    "devices": len(jax.devices()),
+    "max_rel_diff": diff,
+    "replicated": bool(s.is_fully_replicated),
+    "prune_diff": float(
+      max(
+        np.abs(np.asarray(a) - np.asarray(b)).max()
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params))
+      )
+    ),
+  }
+
+
+def test_data_parallel_statistics_equal_one_device():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+  proc = subprocess.run(
+    [sys.executable, __file__], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["devices"] == 8 and report["replicated"]
+  assert report["max_rel_diff"] < 1e-5, report
+  assert report["prune_diff"] < 1e-4, report
+
+
+if __name__ == "__main__":
+  print(json.dumps(_on_8_devices()))
