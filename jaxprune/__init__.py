@@ -6,12 +6,24 @@ Examples:
   >>> tx = jaxprune.masked(optax.adam(1e-3), pruner)
 """
 
+from jaxprune import sparse
+from jaxprune.distributions import Distribution, erk, uniform
 from jaxprune.masks import Summary, apply_mask, combine, pack_masks, summary, unpack_masks
 from jaxprune.pruners import Pruner, magnitude, random, saliency
 from jaxprune.quantize import QuantizedArray, compressed_size, dequantize, quantize
 from jaxprune.regularizers import GroupReport, group_lasso, l1, zero_groups
 from jaxprune.schedules import Schedule, agp, constant, iterative, one_shot, schedule
 from jaxprune.select import topk_mask
+from jaxprune.sparse import (
+  STEState,
+  acdc,
+  rigl,
+  set_sparse,
+  sr_ste,
+  static_sparse,
+  ste,
+  ste_params,
+)
 from jaxprune.sparsify import TopKGradientsState, topk_gradients
 from jaxprune.structures import blocks, channels, filters, n_m, neurons
 from jaxprune.transforms import MaskedState, masked, masks_of, set_masks
@@ -19,6 +31,7 @@ from jaxprune.transforms import MaskedState, masked, masks_of, set_masks
 __version__ = "0.1.0"
 
 __all__ = [
+  "acdc",
   "agp",
   "apply_mask",
   "blocks",
@@ -27,6 +40,8 @@ __all__ = [
   "compressed_size",
   "constant",
   "dequantize",
+  "Distribution",
+  "erk",
   "filters",
   "group_lasso",
   "GroupReport",
@@ -39,20 +54,29 @@ __all__ = [
   "n_m",
   "neurons",
   "one_shot",
-  "quantize",
   "pack_masks",
   "Pruner",
+  "quantize",
   "QuantizedArray",
   "random",
+  "rigl",
   "saliency",
-  "Schedule",
   "schedule",
+  "Schedule",
   "set_masks",
-  "Summary",
-  "TopKGradientsState",
+  "set_sparse",
+  "sparse",
+  "sr_ste",
+  "static_sparse",
+  "ste",
+  "ste_params",
+  "STEState",
   "summary",
+  "Summary",
   "topk_gradients",
   "topk_mask",
+  "TopKGradientsState",
+  "uniform",
   "unpack_masks",
   "zero_groups",
 ]
