@@ -1,10 +1,11 @@
-"""The ``jaxprune`` command line: ``train``, ``eval``, ``sensitivity``, ``shrink``, ``report``.
+"""The ``jaxprune`` command line: ``train``, ``eval``, ``sensitivity``, ``shrink``, ``export``, ``report``.
 
   jaxprune train --config configs/lenet300_agp.py --config.train.steps=600
   python -m jaxprune train --config configs/lenet300_agp.py --dry-run
   jaxprune eval --workdir runs/agp          # test accuracy of the newest checkpoint
   jaxprune sensitivity --config configs/l1_filter.py  # per-layer sweep: PNG + CSV
   jaxprune shrink --workdir runs/filters    # cut out pruned channels: a smaller model
+  jaxprune export --workdir runs/han        # compact file (kept values only), size table
   jaxprune report runs/agp                  # regenerate runs/agp/report.md and plots
 
 Any config field can be overridden with ``--config.FIELD=VALUE`` (or ``--config.FIELD
@@ -127,6 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     metavar="N",
     help="round every new width up to a multiple of N (8 for GPU tensor cores)",
   )
+  export_cmd = commands.add_parser(
+    "export",
+    help="write a run's checkpoint as a compact file (kept values only) and print its sizes",
+    description="Restore a checkpoint of a run (the newest by default), take the masks "
+    "from its optimizer state, write export.jxp (float32 kept values, positions as a "
+    "bitmask or delta-coded indices per layer) and export-int8.jxp (int8 weight matrices "
+    "and kernels), load both back and print their sizes next to dense float32 and "
+    ".npz + gzip, with the test accuracy of each loaded model. Writes into the run's "
+    "workdir, or --out DIR (with export.md).",
+    **common,
+  )
+  _add_run_source(export_cmd)
+  export_cmd.add_argument(
+    "--out", metavar="DIR", help="where to write the files (default: the workdir)"
+  )
   report = commands.add_parser(
     "report",
     help="regenerate the markdown report of a finished run",
@@ -195,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.command == "shrink" and args.multiple_of < 1:
     parser.error(f"--multiple-of must be >= 1, got {args.multiple_of}")
   from jaxprune.train import autopruner, evaluate, report, run, sweep
+  from jaxprune.train import export as export_lib
   from jaxprune.train import shrink as shrink_lib
 
   try:
@@ -219,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, step=args.step, out=args.out, keep=args.keep, multiple_of=args.multiple_of
       )
       print(result.report())
+      return 0
+    if args.command == "export":
+      print(export_lib.export_checkpoint(config, step=args.step, out=args.out).report())
       return 0
     if args.dry_run:
       print(str(config).rstrip())

@@ -39,7 +39,9 @@ from jaxprune.quantize import quantize as int8_quantize
 
 MAGIC = b"JAXPRUNE"
 VERSION = 1
-_PRESET = 9
+# LZMA2 at preset 9 with no literal context (lc = lp = pb = 0): kept values and gaps are
+# close to independent symbols, so order-0 coding beats LZMA's default context (~2%).
+_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9, "lc": 0, "lp": 0, "pb": 0}]
 
 
 class _Writer:
@@ -195,7 +197,7 @@ def _encode(node: Any, mask: Any, path: str, quantize: str | None, out: _Writer)
   raise TypeError(
     f"jaxprune.export.save: cannot store {type(node).__name__} at {path or '/'!r}; the file "
     "holds dicts, lists, tuples, None and arrays (for an nnx.State, save "
-    "state.to_pure_dict())."
+    "nnx.to_pure_dict(state))."
   )
 
 
@@ -225,7 +227,7 @@ def to_bytes(params: Any, masks: Any = None, quantize: str | None = None) -> byt
   structure = _encode(params, masks, "", quantize, out)
   header = json.dumps({"format": "jaxprune", "version": VERSION, "tree": structure}).encode()
   payload = struct.pack("<I", len(header)) + header + b"".join(out.chunks)
-  return MAGIC + bytes([VERSION]) + lzma.compress(payload, preset=_PRESET)
+  return MAGIC + bytes([VERSION]) + lzma.compress(payload, format=lzma.FORMAT_XZ, filters=_FILTERS)
 
 
 def from_bytes(blob: bytes) -> Any:
@@ -255,7 +257,7 @@ def save(
   Args:
     path: the file to write (``.jxp`` by convention).
     params: a pytree of dicts (string keys), lists, tuples, ``None`` and arrays (a
-      Linen params dict; for an ``nnx.State`` pass ``state.to_pure_dict()``).
+      Linen params dict; for an ``nnx.State`` pass ``nnx.to_pure_dict(state)``).
     masks: optional bool masks with the structure of ``params`` (``None`` leaves:
       unpruned). With masks, a leaf's positions are its mask and its pruned entries
       must be zero (else ``ValueError``); without, every leaf keeps its nonzero
