@@ -9,9 +9,12 @@ column); then row by row ``err = (w_i - q_i) / U_ii`` and ``W[i:] -= U[i, i:]^T 
 inside the block; later blocks are updated once per block, ``W[i2:] -= U[i1:i2,
 i2:]^T Err``.
 
-The whole solve is one compiled function per kernel shape: the Cholesky factors, the
-blocks (unrolled, so every lazy update has its exact static shape) and the rows inside a
-block (``lax.fori_loop``).
+The whole solve is one compiled function per kernel shape: the Cholesky factors, then
+the blocks in a few segments (``lax.fori_loop`` over a segment's blocks, whose lazy
+update covers the rest of the segment; one matmul per segment updates the later
+segments, so the lazy updates cost about ``1 + 1/n_segments`` times the exact
+triangular work while only ``n_segments`` copies of the loop are compiled), and the rows
+inside a block (``lax.fori_loop``).
 """
 
 from __future__ import annotations
@@ -81,21 +84,50 @@ def _block(w1, u1, removed, fixed, nm: NM | None, group: int):
   return lax.fori_loop(0, b // group, body, init)
 
 
-@functools.partial(jax.jit, static_argnames=("nm", "blocksize", "group"))
-def _solve(kernel, hessian, removed, fixed, dampening, *, nm, blocksize, group):
+def _segments(n_in: int, blocksize: int, n_segments: int) -> list[tuple[int, int, int]]:
+  """``(start, blocks, size)``: runs of equal blocks, about ``n_in / n_segments`` rows each."""
+  full = n_in // blocksize
+  per = -(-full // n_segments) if full else 0
+  out = [(s * blocksize, min(per, full - s), blocksize) for s in range(0, full, per or 1)]
+  if n_in % blocksize:
+    out.append((full * blocksize, 1, n_in % blocksize))
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("nm", "blocksize", "group", "n_segments"))
+def _solve(kernel, hessian, removed, fixed, dampening, *, nm, blocksize, group, n_segments=4):
   w = kernel.astype(jnp.float32)
   n_in = w.shape[0]
   u, dead = inverse_cholesky(hessian, dampening)
   w = jnp.where(dead[:, None], 0.0, w)
   masks = []
-  for b, i1 in enumerate(range(0, n_in, blocksize)):
-    i2 = min(i1 + blocksize, n_in)
-    fixed1 = None if fixed is None else fixed[i1:i2]
-    q1, err1, m1 = _block(w[i1:i2], u[i1:i2, i1:i2], removed[b], fixed1, nm, group)
-    w = w.at[i1:i2].set(q1)
-    if i2 < n_in:
-      w = w.at[i2:].add(-jnp.matmul(u[i1:i2, i2:].T, err1, precision=_HIGHEST))
-    masks.append(m1)
+  for start, n_blocks, size in _segments(n_in, blocksize, n_segments):
+    end = start + n_blocks * size
+    u_seg = u[start:end, start:end]
+    first = start // blocksize
+
+    def step(b, carry, u_seg=u_seg, size=size, first=first, start=start):
+      w_seg, err_seg, mask_seg = carry
+      i1 = b * size
+      w1 = lax.dynamic_slice_in_dim(w_seg, i1, size)
+      u1 = lax.dynamic_slice(u_seg, (i1, i1), (size, size))
+      fixed1 = None if fixed is None else lax.dynamic_slice_in_dim(fixed, start + i1, size)
+      q1, err1, m1 = _block(w1, u1, removed[first + b], fixed1, nm, group)
+      # Lazy update of the segment's later rows (U is upper triangular: earlier rows get
+      # zeros; the block's own rows are then overwritten by q1).
+      u_rows = lax.dynamic_slice_in_dim(u_seg, i1, size)
+      w_seg = w_seg - jnp.matmul(u_rows.T, err1, precision=_HIGHEST)
+      w_seg = lax.dynamic_update_slice_in_dim(w_seg, q1, i1, 0)
+      err_seg = lax.dynamic_update_slice_in_dim(err_seg, err1, i1, 0)
+      return w_seg, err_seg, lax.dynamic_update_slice_in_dim(mask_seg, m1, i1, 0)
+
+    w_seg = w[start:end]
+    init = (w_seg, jnp.zeros_like(w_seg), jnp.zeros(w_seg.shape, bool))
+    q_seg, err_seg, mask_seg = lax.fori_loop(0, n_blocks, step, init)
+    w = w.at[start:end].set(q_seg)
+    if end < n_in:  # later segments: one matmul per segment
+      w = w.at[end:].add(-jnp.matmul(u[start:end, end:].T, err_seg, precision=_HIGHEST))
+    masks.append(mask_seg)
   return w.astype(kernel.dtype), jnp.concatenate(masks), jnp.all(jnp.isfinite(u))
 
 
