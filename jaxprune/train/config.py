@@ -28,7 +28,7 @@ from flax import nnx
 
 import jaxprune
 from jaxprune import tree as tree_lib
-from jaxprune.train import data, models, schema, structured, tfds_source
+from jaxprune.train import data, models, schema, structured, text, tfds_source
 from jaxprune.train import optim as optim_lib
 from jaxprune.train.config_type import Config
 from jaxprune.train.optim import (
@@ -252,6 +252,7 @@ def validate_config(config: Config) -> None:
       f"must be one of {', '.join(map(repr, data.names()))} or a TFDS dataset name "
       f"(mnist, cifar10, ...); got {d.name!r}.",
     )
+  _check_language_model(config)
   if m.width != 1 and m.name not in models.SCALABLE:
     fail("model.width", f"{m.name} has fixed layer widths; must be 1.0, got {m.width!r}.")
   n_devices = par.devices or jax.device_count()
@@ -313,6 +314,29 @@ def validate_config(config: Config) -> None:
   _check_against_model(config)
 
 
+def _check_language_model(config: Config) -> None:
+  """A language model reads text and text needs one; its head counts fit its widths."""
+  d, m = config.data, config.model
+  is_lm, is_text = m.name in models.LANGUAGE_MODELS, d.name == text.NAME
+  if is_lm != is_text:
+    raise ConfigError(
+      f"model.name: {m.name} " + ("reads token ids: set data.name='pydoc_topics'" if is_lm
+      else f"does not read text; {d.name} is for language models (model.name='charlm')")
+      + f", got data.name={d.name!r}."
+    )  # fmt: skip
+  if not is_lm:
+    return
+  if m.heads % m.kv_heads:
+    raise ConfigError(
+      f"model.kv_heads: {m.kv_heads} key/value heads must divide model.heads ({m.heads})."
+    )
+  if m.dim % m.heads or (m.dim // m.heads) % 2:
+    raise ConfigError(
+      f"model.heads: model.dim ({m.dim}) / {m.heads} heads must be an even integer "
+      "(the head width, rotated in pairs by the rotary embedding)."
+    )
+
+
 def _check_autopruner(config: Config) -> None:
   """AutoPruner trains its own gated net: the fields of the other methods must stay off."""
   a = config.autopruner
@@ -360,8 +384,12 @@ def _check_split_sizes(config: Config) -> None:
 
 
 @functools.cache
-def _abstract_model(name: str, image_shape: tuple[int, ...], width: float) -> Any:
-  return nnx.eval_shape(lambda: models.create(name, image_shape, 10, width=width))
+def _abstract_model(
+  name: str, image_shape: tuple[int, ...], width: float, sizes: tuple[tuple[str, int], ...]
+) -> Any:
+  return nnx.eval_shape(
+    lambda: models.create(name, image_shape, 10, width=width, sizes=dict(sizes))
+  )
 
 
 def _check_against_model(config: Config) -> None:
@@ -372,8 +400,11 @@ def _check_against_model(config: Config) -> None:
   """
   d, m, p, reg = config.data, config.model, config.prune, config.regularize
   shape = data.IMAGE_SHAPES.get(d.name)
+  if m.name in models.LANGUAGE_MODELS:
+    shape = (d.seq_len,)
+  sizes = tuple(models.lm_sizes(m).items())
   try:
-    model = _abstract_model(m.name, shape or PLACEHOLDER_SHAPE, float(m.width))
+    model = _abstract_model(m.name, shape or PLACEHOLDER_SHAPE, float(m.width), sizes)
   except ValueError as e:
     if shape is None:
       return  # the TFDS images' shape is not known before loading; checked then

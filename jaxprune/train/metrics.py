@@ -3,7 +3,8 @@
 Every record is one row: ``phase`` (``train``, or ``rethink`` for the from-scratch
 run), the phase's ``step``, the global step across phases, the ``epoch`` (fractional)
 and the metrics present (``loss``, ``train_accuracy``, ``test_accuracy``,
-``sparsity``, ``target_sparsity``, ``learning_rate``); absent ones are empty cells.
+``sparsity``, ``target_sparsity``, ``learning_rate``, and for a language model
+``test_loss`` and ``test_perplexity``); absent ones are empty cells.
 TensorBoard gets ``<phase>/<metric>`` scalars at the global step.
 
 When a run resumes from the checkpoint of global step ``s``, rows after ``s`` (written
@@ -29,6 +30,8 @@ COLUMNS = (
   "sparsity",
   "target_sparsity",
   "learning_rate",
+  "test_loss",
+  "test_perplexity",
 )
 CSV_NAME = "metrics.csv"
 EVENTS_DIR = "tensorboard"
@@ -118,4 +121,4 @@ def _value(column: str, text: str) -> Any:
 def read_csv(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
   """The records of ``workdir/metrics.csv``, with numbers parsed and ``None`` for blanks."""
   with open(pathlib.Path(workdir) / CSV_NAME, newline="") as f:
-    return [{k: _value(k, row[k]) for k in COLUMNS} for row in csv.DictReader(f)]
+    return [{k: _value(k, row.get(k, "")) for k in COLUMNS} for row in csv.DictReader(f)]

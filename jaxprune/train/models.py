@@ -1,7 +1,9 @@
 """The model zoo: Flax NNX classifiers, created by name.
 
 LeNet-300-100 and LeNet-5 (``fc1`` ... ``fc3``), a VGG-style conv-BN-ReLU net and the
-CIFAR ResNets of He et al. (2016) (ResNet-20, ResNet-56). Layer attributes are named so
+CIFAR ResNets of He et al. (2016) (ResNet-20, ResNet-56), and ``charlm``, the
+decoder-only language model of :mod:`jaxprune.train.transformer` (token ids in,
+next-token logits out; its sizes come from the ``model`` fields). Layer attributes are named so
 that natural path order is input -> output: ``conv1, conv2, fc1, fc2, fc3`` for the
 LeNets, ``features/0 ... features/N, head`` for the conv nets. ``dense_first`` /
 ``dense_last`` of a pruner then mean the input and the output layer, and
@@ -14,10 +16,13 @@ until ``model.eval()``; ``model.train()`` switches back.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 from flax import nnx
+
+from jaxprune.train.transformer import CharLM
 
 
 class LeNet300(nnx.Module):
@@ -278,11 +283,14 @@ MODELS: dict[str, ModelFn] = {
   ),
 }
 SCALABLE = ("resnet20", "resnet56", "vgg_small")  # the models that take a width multiplier
+# Models of token ids: input_shape is (seq_len,), num_classes the vocabulary; their sizes
+# are create()'s `sizes` (the config's model.dim, depth, heads, kv_heads, mlp_dim).
+LANGUAGE_MODELS = {"charlm": CharLM}
 
 
 def names() -> list[str]:
   """The model names :func:`create` knows."""
-  return sorted(MODELS)
+  return sorted([*MODELS, *LANGUAGE_MODELS])
 
 
 def create(
@@ -292,6 +300,7 @@ def create(
   *,
   seed: int = 0,
   width: float = 1.0,
+  sizes: Mapping[str, Any] | None = None,
 ) -> nnx.Module:
   """Creates a model of the zoo for images of ``input_shape`` ``(H, W, C)``.
 
@@ -303,6 +312,9 @@ def create(
     seed: seeds the parameter initialisation.
     width: multiplies the channel widths of the conv nets (:data:`SCALABLE`); the
       LeNets have fixed widths and take only ``1.0``.
+    sizes: a language model's keyword arguments (``dim``, ``depth``, ``num_heads``,
+      ``num_kv_heads``, ``mlp_dim``; :class:`~jaxprune.train.transformer.CharLM`);
+      ignored by the image models.
 
   Returns:
     An ``nnx.Module`` mapping ``(batch, *input_shape)`` images to ``(batch, classes)``.
@@ -320,6 +332,10 @@ def create(
     >>> sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     272474
   """
+  if name in LANGUAGE_MODELS:
+    if width != 1:
+      raise ValueError(f"{name} takes its sizes from `sizes`; width must be 1.0, got {width!r}.")
+    return LANGUAGE_MODELS[name](num_classes, **dict(sizes or {}), rngs=nnx.Rngs(seed))
   if name not in MODELS:
     raise ValueError(f"Unknown model {name!r}; known models: {', '.join(names())}.")
   if name in SCALABLE:
@@ -327,3 +343,32 @@ def create(
   if width != 1:
     raise ValueError(f"{name} has fixed layer widths; width must be 1.0, got {width!r}.")
   return MODELS[name](tuple(input_shape), num_classes, nnx.Rngs(seed))
+
+
+def from_config(
+  model_config: Any, input_shape: Sequence[int], num_classes: int, *, seed: int = 0
+) -> nnx.Module:
+  """:func:`create` with a run's ``config.model`` fields (name, width, the LM's sizes).
+
+  Examples:
+    >>> from jaxprune.train import config as config_lib, models
+    >>> m = config_lib.default_config().model
+    >>> m.update(name="charlm", dim=32, depth=1, heads=4, kv_heads=2, mlp_dim=64)
+    >>> model = nnx.eval_shape(lambda: models.from_config(m, (16,), 50))
+    >>> model.blocks[0].attn.q_proj.kernel.shape, model.head.kernel.shape
+    ((32, 32), (32, 50))
+  """
+  m = model_config
+  return create(m.name, input_shape, num_classes, seed=seed, width=m.width, sizes=lm_sizes(m))
+
+
+def lm_sizes(model_config: Any) -> dict[str, int]:
+  """The language model's constructor sizes from ``config.model``."""
+  m = model_config
+  return {
+    "dim": m.dim,
+    "depth": m.depth,
+    "num_heads": m.heads,
+    "num_kv_heads": m.kv_heads,
+    "mlp_dim": m.mlp_dim,
+  }

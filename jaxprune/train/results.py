@@ -82,6 +82,9 @@ class TrainResult:
     if self.regularized and self.dense_accuracy is not None:
       dense += ", trained with the sparsity regularizer"
     lines = [f"dense accuracy: {dense}", f"final accuracy: {self.final_accuracy:.2%}"]
+    perplexities = [r["test_perplexity"] for r in self.history if r.get("test_perplexity")]
+    if perplexities:  # a language model: its token accuracy above, and this
+      lines.append(f"validation perplexity: {perplexities[-1]:.3f}")
     if self.rethink is not None:
       lines.append(
         f"from scratch (rethinking, same masks, re-initialised): {self.rethink.final_accuracy:.2%}"

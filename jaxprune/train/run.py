@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import time
 from typing import Any
@@ -100,6 +101,7 @@ class Run:
     self.mesh = sharding_lib.make_mesh(config.parallel.devices)
     self.pruner = optim.make_pruner(config)
     self.channel_method = structured.is_channel_method(config)
+    self.language_model = config.model.name in models.LANGUAGE_MODELS
     self.workdir = pathlib.Path(t.workdir) if t.workdir else None
     self.primary = jax.process_index() == 0
     self.rethink_steps = (config.rethink.steps or t.steps) if config.rethink.enabled else 0
@@ -135,9 +137,7 @@ class Run:
     lr = optim.make_learning_rate(self.config, steps)
     tx = optim.make_optimizer(self.config, optim.frozen(self.pruner), lr)
     m = self.config.model
-    model = models.create(
-      m.name, self.ds.image_shape, self.ds.num_classes, seed=r.seed, width=m.width
-    )
+    model = models.from_config(m, self.ds.image_shape, self.ds.num_classes, seed=r.seed)
     graphdef, state = step_lib.init_state(model, tx, seed=r.seed, masks=masks)
     state = state_lib.place(state, self.mesh, shard_params=self.config.parallel.shard_params)
     targets = np.full(steps, self.pruner.schedule.final)
@@ -222,6 +222,8 @@ class Run:
       dense_step = phase.steps
     accuracies = [r["test_accuracy"] for r in history if r.get("test_accuracy") is not None]
     acc = accuracies[-1] if accuracies else None
+    perplexities = [r["test_perplexity"] for r in history if r.get("test_perplexity")]
+    ppl = perplexities[-1] if perplexities else None
     # The steps since the last log (their mean is logged), carried across a resume.
     window = [{k: jnp.float32(v) for k, v in m.items()} for m in extra.pop("window", [])]
     desc = f"{config.model.name} on {self.ds.name}" + (
@@ -260,17 +262,23 @@ class Run:
               "loss": f"{records[-1]['loss']:.4f}",
               "acc": f"{records[-1]['train_accuracy']:.2%}",
               **({} if acc is None else {"test": f"{acc:.2%}"}),
+              **({"ppl": f"{ppl:.3f}"} if ppl is not None else {}),
               "sparsity": f"{records[-1]['sparsity']:.0%}",
             },
             refresh=False,
           )
         is_dense_eval = phase.name == "train" and 0 < done == dense_step < phase.steps
         if done % t.eval_every == 0 or done == phase.steps or is_dense_eval:
-          acc = step_lib.evaluate(
-            eval_fn, state, self.ds.test, config.data.eval_batch_size, self.mesh
-          )
+          got = step_lib.scores(
+            eval_fn, state.params, state.rest, self.ds.test, config.data.eval_batch_size,
+            self.mesh,
+          )  # fmt: skip
+          acc = got["accuracy"]
           sparsity = float(step_lib.zero_fraction(state.params, paths=measured))
           records.append({**common, "test_accuracy": acc, "sparsity": sparsity})
+          if self.language_model:  # validation perplexity: exp(mean token cross-entropy)
+            records[-1].update(test_loss=got["loss"], test_perplexity=math.exp(got["loss"]))
+            ppl = records[-1]["test_perplexity"]
           if is_dense_eval:
             extra.update(dense_accuracy=acc, dense_step=done)
         for record in records:

@@ -116,6 +116,16 @@ def widths(value: Any) -> str | None:
   return None
 
 
+def nm_or_unstructured(value: Any) -> str | None:
+  """``"unstructured"`` or ``"N:M"`` with integers ``0 < N <= M``."""
+  if value == "unstructured":
+    return None
+  n, sep, m = str(value).partition(":") if isinstance(value, str) else ("", "", "")
+  if sep and n.isdigit() and m.isdigit() and 0 < int(n) <= int(m):
+    return None
+  return f"must be 'unstructured' or 'N:M' with 0 < N <= M (e.g. '2:4'), got {value!r}."
+
+
 def free_form(value: Any) -> str | None:
   """A group whose keys the user chooses (checked by :func:`jaxprune.train.config`)."""
   del value
@@ -149,8 +159,12 @@ PRUNE_METHODS = (
 FIELDS: dict[str, dict[str, Field]] = {
   "data": {
     "name": Field(
-      "mnist5k", text, "mnist5k | digits (embedded) | any TFDS name (mnist, cifar10, ...)"
+      "mnist5k",
+      text,
+      "mnist5k | digits (embedded) | any TFDS name (mnist, cifar10, ...) | pydoc_topics "
+      "(CPython's help texts, characters: for charlm)",
     ),
+    "seq_len": Field(128, integer(2), "pydoc_topics: characters per sequence"),
     "batch_size": Field(128, integer(1), "the global batch, split over devices and processes"),
     "eval_batch_size": Field(512, integer(1), "the evaluation batch (the last one is padded)"),
     "data_dir": Field("", text, 'TFDS data_dir ("": $TFDS_DATA_DIR or ~/tensorflow_datasets)'),
@@ -164,6 +178,11 @@ FIELDS: dict[str, dict[str, Field]] = {
   "model": {
     "name": Field("lenet300", choice(*models.names()), "a model of jaxprune.train.models"),
     "width": Field(1.0, positive, "channel multiplier of the conv nets"),
+    "dim": Field(128, integer(1), "charlm: the residual stream's width (d_model)"),
+    "depth": Field(4, integer(1), "charlm: transformer blocks"),
+    "heads": Field(4, integer(1), "charlm: query heads per block"),
+    "kv_heads": Field(2, integer(1), "charlm: key/value heads per block (divides heads)"),
+    "mlp_dim": Field(384, integer(1), "charlm: the gated MLP's hidden width"),
   },
   "train": {
     "steps": Field(3000, integer(1), "optimizer steps (autopruner: of gate training)"),
@@ -277,6 +296,24 @@ FIELDS: dict[str, dict[str, Field]] = {
     "shard_params": Field(
       False, flag, "FSDP: shard each kernel's largest divisible axis over devices"
     ),
+  },
+  "posttrain": {
+    "method": Field(
+      "sparsegpt",
+      choice("magnitude", "wanda", "sparsegpt"),
+      "jaxprune prune: magnitude (per layer) | wanda | sparsegpt (jaxprune.posttrain)",
+    ),
+    "sparsity": Field(0.5, fraction, "unstructured: the fraction removed (per layer / output)"),
+    "structure": Field("unstructured", nm_or_unstructured, "unstructured | N:M, e.g. 2:4, 4:8"),
+    "calibration": Field(128, integer(1), "calibration sequences, from the training text"),
+    "sequential": Field(
+      True, flag, "block by block on the pruned blocks' outputs (the papers) | one pass"
+    ),
+    "layers": Field(r"^blocks/", text, "regex of the pruned kernels (embeddings, head dense)"),
+    "blocks": Field(r"^blocks/(\d+)/", text, "sequential: regex whose group names the block"),
+    "blocksize": Field(128, integer(1), "sparsegpt: columns per lazy-update block"),
+    "dampening": Field(0.01, positive, "sparsegpt: of the mean diagonal of H"),
+    "out": Field("", text, '"": <train.workdir>/<method>_<target>; the pruned checkpoint'),
   },
   "autopruner": {
     "widths": Field((16, 32), widths, "output channels of the gated convs"),

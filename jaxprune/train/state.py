@@ -78,7 +78,7 @@ def initial(
   which it replaces at ``prune.begin``.
   """
   m, t = config.model, config.train
-  model = models.create(m.name, image_shape, num_classes, seed=t.seed, width=m.width)
+  model = models.from_config(m, image_shape, num_classes, seed=t.seed)
   masks = None
   if structured.is_channel_method(config):
     masks = structured.full_masks(nnx.state(model, nnx.Param))

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -135,13 +136,20 @@ def _eval_step(graphdef, params, rest, images, labels, valid):
   model = nnx.merge(graphdef, params, rest)
   model.eval()
   logits = model(images)
-  return jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
+  n = labels.shape[0]
+  hits = (jnp.argmax(logits, -1) == labels).reshape(n, -1).mean(axis=1)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  losses = losses.reshape(n, -1).mean(axis=1)
+  return jnp.stack([jnp.where(valid, hits, 0).sum(), jnp.where(valid, losses, 0).sum()])
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
-  """``(params, rest, images, labels, valid) -> correct valid predictions`` (eval mode).
+  """``(params, rest, inputs, labels, valid) -> [correct, loss]`` summed over valid examples.
 
-  Jitted once per model structure: runs of the same model share the compiled function.
+  Eval mode. An example's ``correct`` and ``loss`` are its accuracy and mean
+  cross-entropy over its label positions (one for a classifier, every token of a
+  sequence for a language model). Jitted once per model structure: runs of the same
+  model share the compiled function.
   """
   return functools.partial(_eval_step, graphdef)
 
@@ -171,6 +179,8 @@ def accuracy(
 ) -> float:
   """:func:`evaluate` of a model's ``params`` and ``rest`` (``nnx.split(model, nnx.Param, ...)``).
 
+  The accuracy of :func:`scores`.
+
   Examples:
     >>> from flax import nnx
     >>> from jaxprune.train import data, models, step
@@ -180,13 +190,29 @@ def accuracy(
     >>> 0 <= step.accuracy(step.make_eval_step(graphdef), params, rest, test, 128) <= 1
     True
   """
-  correct = 0
+  return scores(eval_step, params, rest, split, batch_size, mesh)["accuracy"]
+
+
+def scores(
+  eval_step: Callable,
+  params: nnx.State,
+  rest: nnx.State,
+  split: data.Source,
+  batch_size: int,
+  mesh: jax.sharding.Mesh | None = None,
+) -> dict[str, float]:
+  """``{"accuracy", "loss"}``: means over a split's examples (:func:`make_eval_step`).
+
+  For a language model whose examples all have the same length, ``loss`` is the mean
+  token cross-entropy and ``exp(loss)`` the perplexity.
+  """
+  total = np.zeros(2)
   process = sharding_lib.process() if mesh is not None else (0, 1)
   for batch in data.eval_batches(split, batch_size, process=process):
     if mesh is not None:
       batch = sharding_lib.global_batch(batch, sharding_lib.batch_sharding(mesh))
-    correct += int(eval_step(params, rest, *batch))
-  return correct / len(split)
+    total += np.asarray(eval_step(params, rest, *batch), np.float64)
+  return {"accuracy": float(total[0]) / len(split), "loss": float(total[1]) / len(split)}
 
 
 def measured_paths(pruner: jaxprune.Pruner | None, params: Any) -> tuple[str, ...]:
