@@ -1,4 +1,4 @@
-"""The ``jaxprune`` command line: ``train``, ``eval``, ``sensitivity``, ``shrink``, ``export``, ``report``.
+"""The ``jaxprune`` command line: ``train``, ``eval``, ``sensitivity``, ``shrink``, ``export``, ``prune``, ``report``.
 
   jaxprune train --config configs/lenet300_agp.py --config.train.steps=600
   python -m jaxprune train --config configs/lenet300_agp.py --dry-run
@@ -6,6 +6,7 @@
   jaxprune sensitivity --config configs/l1_filter.py  # per-layer sweep: PNG + CSV
   jaxprune shrink --workdir runs/filters    # cut out pruned channels: a smaller model
   jaxprune export --workdir runs/han        # compact file (kept values only), size table
+  jaxprune prune --config configs/charlm_wanda.py  # one-shot Wanda / SparseGPT / magnitude
   jaxprune report runs/agp                  # regenerate runs/agp/report.md and plots
 
 Any config field can be overridden with ``--config.FIELD=VALUE`` (or ``--config.FIELD
@@ -143,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
   export_cmd.add_argument(
     "--out", metavar="DIR", help="where to write the files (default: the workdir)"
   )
+  prune_cmd = commands.add_parser(
+    "prune",
+    help="one-shot pruning of a trained run from calibration data (Wanda, SparseGPT)",
+    description="Restore a checkpoint of a trained run (the newest by default), calibrate "
+    "on posttrain.calibration training sequences, prune the kernels matching "
+    "posttrain.layers with posttrain.method (magnitude | wanda | sparsegpt) to "
+    "posttrain.sparsity or the N:M posttrain.structure, block by block "
+    "(posttrain.sequential), print the validation perplexity (accuracy) before and "
+    "after with the per-layer sparsity, and save the pruned checkpoint, masks.npz and "
+    "prune.md in posttrain.out (default <train.workdir>/<method>_<target>).",
+    **common,
+  )
+  prune_cmd.add_argument("--config", required=True, metavar="FILE", help=CONFIG_HELP)
+  prune_cmd.add_argument("--step", type=int, help="the checkpoint's step (default: newest)")
   report = commands.add_parser(
     "report",
     help="regenerate the markdown report of a finished run",
@@ -212,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"--multiple-of must be >= 1, got {args.multiple_of}")
   from jaxprune.train import autopruner, evaluate, report, run, sweep
   from jaxprune.train import export as export_lib
+  from jaxprune.train import prune as prune_lib
   from jaxprune.train import shrink as shrink_lib
 
   try:
@@ -236,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, step=args.step, out=args.out, keep=args.keep, multiple_of=args.multiple_of
       )
       print(result.report())
+      return 0
+    if args.command == "prune":
+      print(prune_lib.prune_checkpoint(config, step=args.step).report())
       return 0
     if args.command == "export":
       print(export_lib.export_checkpoint(config, step=args.step, out=args.out).report())
