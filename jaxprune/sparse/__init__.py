@@ -4,6 +4,8 @@
   shape of :func:`jaxprune.masked` (state :class:`jaxprune.MaskedState`);
 * :func:`ste`, :func:`sr_ste` with :func:`ste_params` for the forward pass;
 * :func:`acdc`: the AC/DC sparsity schedule for :func:`jaxprune.masked`;
+* :func:`lottery`: iterative pruning that rewinds the survivors to step ``k`` after each
+  round (lottery tickets, state :class:`LotteryState`);
 * :func:`uniform`, :func:`erk`: sparsity distributions over layers, accepted by every
   pruner and sparse trainer where a sparsity is.
 """
@@ -11,6 +13,7 @@
 from jaxprune.distributions import Distribution, erk, layer_sparsities, uniform
 from jaxprune.sparse.acdc import acdc
 from jaxprune.sparse.dynamic import cosine_drop, rigl, set_sparse, static_sparse
+from jaxprune.sparse.lottery import LotteryState, lottery
 from jaxprune.sparse.ste import STEState, sr_ste, ste, ste_masks, ste_params
 
 __all__ = [
@@ -19,6 +22,8 @@ __all__ = [
   "Distribution",
   "erk",
   "layer_sparsities",
+  "lottery",
+  "LotteryState",
   "rigl",
   "set_sparse",
   "sr_ste",
