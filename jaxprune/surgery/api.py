@@ -15,7 +15,7 @@ from jaxprune import tree as tree_lib
 from jaxprune.surgery import candidates as candidates_lib
 from jaxprune.surgery import capture, rebuild
 from jaxprune.surgery import check as check_lib
-from jaxprune.surgery.plan import Plan, trace
+from jaxprune.surgery.plan import UNITS, Plan, trace
 from jaxprune.surgery.removal import kept_indices, plan_removal, slice_tree, take
 from jaxprune.surgery.source import exception_line
 
@@ -132,7 +132,7 @@ class Shrunk:
     lines = []
     for g in self.plan.groups:
       n = len(self.removed.get(g.name, ()))
-      line = f"{g.name}: {g.size} -> {g.size - n} channels"
+      line = f"{g.name}: {g.size} -> {g.size - n} {UNITS[g.kind]}"
       if g.blocked:
         line += f" (blocked: {g.blocked})"
       kept = self.kept_constant.get(g.name)
@@ -155,6 +155,7 @@ def shrink(
   remove: Mapping[str, Sequence[int]] | None = None,
   keep: tree_lib.Where = (),
   multiple_of: int = 1,
+  head_dim: bool = False,
   apply_kwargs: Mapping[str, Any] | None = None,
   verify: bool = True,
   rtol: float = 1e-5,
@@ -184,6 +185,10 @@ def shrink(
       producers' paths matches (regexes over paths, or a predicate).
     multiple_of: round every new width up to a multiple (8 for GPU tensor cores, 128
       for TPU lanes) by keeping some channels that could have gone.
+    head_dim: also remove pruned dimensions of every attention head (groups of kind
+      ``"head_dim"``); by default they stay (rotary embeddings depend on the head
+      dimension), unless ``remove=`` names them. An ``nnx.MultiHeadAttention``'s query
+      is rescaled so its ``1/sqrt(head_dim)`` stays the original's.
     apply_kwargs: extra keyword arguments of the forward call.
     verify: run the shrunk model and the original one with the masks applied on random
       inputs and raise if outputs differ (the error names the groups involved).
@@ -221,7 +226,7 @@ def shrink(
   leaves = _zero_producers(the_plan, leaves, remove)
   values = {p: np.asarray(x) for p, x in zip(the_plan.paths, leaves)}
   protect = tree_lib.as_predicate(keep) if keep else (lambda path, leaf: False)
-  chosen, stayed = candidates_lib.choose(the_plan, values, remove, protect)
+  chosen, stayed = candidates_lib.choose(the_plan, values, remove, protect, head_dim)
 
   rng = np.random.default_rng(seed)
   shapes = [tuple(tuple(jnp.shape(x)) for x in inputs)]
@@ -297,11 +302,15 @@ def _build(model, kwargs, the_plan, leaves, treedef, bias_delta, removed) -> tup
     for p, x in zip(the_plan.paths, leaves)
   ]
   kept = kept_indices(the_plan, removed)
+  if isinstance(model, nnx.Module):
+    folded = rebuild.rescale_queries(model, the_plan, folded, removed)
   new_leaves = [take(x, kept[p]) if p in kept else x for p, x in zip(the_plan.paths, folded)]
   new_state = jax.tree.unflatten(treedef, new_leaves)
   if isinstance(model, nnx.Module):
     small = nnx.merge(nnx.graphdef(model), new_state)
-    widths = rebuild.fix_nnx_attributes(small)
+    widths = rebuild.fix_head_counts(small, the_plan, removed)
+    for path, new in rebuild.fix_nnx_attributes(small).items():
+      widths.setdefault(path, {}).update(new)
     small_fn, small_vars = capture.forward(small, None, kwargs)
   else:
     small, widths = rebuild.linen_module(model, the_plan, kept)

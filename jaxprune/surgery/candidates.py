@@ -49,6 +49,7 @@ def choose(
   values: dict[str, np.ndarray],
   remove: Mapping[str, Sequence[int]],
   protect: Callable[[str, Any], bool],
+  head_dim: bool = False,
 ) -> tuple[dict[str, list[int]], Stayed]:
   """``{group: channels to try to remove}``, and the pruned channels that stay, with why.
 
@@ -61,6 +62,8 @@ def choose(
   stayed: Stayed = {}
   for g in plan.groups:
     if g.blocked or any(protect(p, values[p]) for p, _ in g.producers):
+      continue
+    if g.kind == "head_dim" and not head_dim and g.name not in remove:
       continue
     chans = dead_channels(g, values)
     notes = []

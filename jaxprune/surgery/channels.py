@@ -158,9 +158,12 @@ def channel_masks(
   Args:
     plan: from :func:`jaxprune.surgery.plan`.
     params: the params to score and mask.
-    sparsity: fraction of each group's channels to remove, in ``[0, 1)``; or
-      ``{group name: fraction}`` (groups not named keep all their channels), e.g. the
-      ratios :func:`jaxprune.analysis.choose_ratios` picks from a
+    sparsity: fraction of each group's channels to remove, in ``[0, 1)`` (head dims
+      excepted: they go only when named); or ``{group name or kind: fraction}``
+      (groups not named keep all their channels): kinds are ``"heads"``,
+      ``"head_dim"``, ``"neurons"`` (dense layers' outputs, an MLP's hidden units) and
+      ``"channels"`` (convs'), e.g. ``{"heads": 0.25, "neurons": 0.25}``; group ratios
+      as :func:`jaxprune.analysis.choose_ratios` picks from a
       :func:`jaxprune.analysis.channel_sensitivity` sweep.
     norm: ``"l1"`` (Li et al. 2017) or ``"l2"``.
 
@@ -249,20 +252,35 @@ def idle_channels(plan: Plan, params: Any) -> dict[str, list[int]]:
   return idle
 
 
+KINDS = ("heads", "head_dim", "neurons", "channels")
+
+
 def _ratios(plan: Plan, sparsity: float | Mapping[str, float]) -> dict[str, float]:
-  """``{group name: fraction removed}`` of the prunable groups."""
+  """``{group name: fraction removed}`` of the prunable groups.
+
+  A float applies to every prunable group but head dims (removed only when asked); a
+  mapping names groups or kinds (``"heads"``, ``"neurons"``, ...: every prunable group
+  of that kind), a group's own entry before its kind's.
+  """
   prunable = [g.name for g in plan.groups if not g.blocked]
   if not isinstance(sparsity, Mapping):
     check_sparsity(sparsity)
-    return dict.fromkeys(prunable, float(sparsity))
+    return {g.name: float(sparsity) for g in plan.groups if not g.blocked and g.kind != "head_dim"}
   groups = {g.name: g for g in plan.groups}
   for name, value in sparsity.items():
-    if name not in groups:
-      raise ValueError(f"No group {name!r}; groups: {sorted(groups)}")
-    check_sparsity(value, f"sparsity of group {name!r}")
-    if groups[name].blocked and value > 0:
+    if name not in groups and name not in KINDS:
+      raise ValueError(f"No group or kind {name!r}; kinds: {list(KINDS)}, groups: {sorted(groups)}")
+    check_sparsity(value, f"sparsity of {name!r}")
+    if name in groups and groups[name].blocked and value > 0:
       raise ValueError(f"Group {name!r} cannot be pruned: blocked by {groups[name].blocked}.")
-  return {name: float(v) for name, v in sparsity.items() if name in prunable}
+  out = {}
+  for name in prunable:
+    kind = groups[name].kind
+    if name in sparsity:
+      out[name] = float(sparsity[name])
+    elif kind in sparsity:
+      out[name] = float(sparsity[kind])
+  return out
 
 
 def _lookup(values: dict[str, Any], path: str) -> Any:

@@ -65,6 +65,17 @@ class Atoms:
   origin: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # leaf, axis, i
   blocked: dict[int, str] = dataclasses.field(default_factory=dict)
   producer: set[int] = dataclasses.field(default_factory=set)  # out-feature atoms of dot/conv
+  conv: set[int] = dataclasses.field(default_factory=set)  # out-feature atoms of a conv
+  # A composite atom is one entry of an axis that a reshape splits into several axes (or
+  # merges from them): (head h, dim d) of a q projection's h * head_dim + d. Its parts
+  # are the atoms of those axes, outermost first.
+  parts: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+  # feature axes of one layer output split in several (heads, head_dim): the innermost
+  # (a head dim) and the others (heads)
+  inner: set[int] = dataclasses.field(default_factory=set)
+  outer: set[int] = dataclasses.field(default_factory=set)
+  # atoms on an axis of a dot between two activations (attention): "qk" when contracted
+  attention: dict[int, str] = dataclasses.field(default_factory=dict)
 
   def new(self, leaf: int, axis: int, size: int) -> np.ndarray:
     start = len(self.parent)
@@ -88,6 +99,16 @@ class Atoms:
         rx, ry = self.find(x), self.find(y)
         if rx != ry:
           self.parent[ry] = rx
+
+  def factors(self, sizes: list[int], last: bool) -> list[np.ndarray]:
+    """Fresh atoms for the axes a reshape splits an axis into (no array entry of their
+    own); when it splits the last (feature) axis, the new last axis is the innermost."""
+    out = [self.new(-1, -1, n) for n in sizes]
+    for f in out[:-1] if last else out:
+      self.outer.update(f.tolist())
+    if last:
+      self.inner.update(out[-1].tolist())
+    return out
 
   def block(self, label: Label, reason: str) -> None:
     if label is None:
@@ -151,6 +172,12 @@ class Tracer:
   def mark_producer(self, lab: Label) -> None:
     if lab is not None:
       self.atoms.producer.update(int(x) for x in lab.tolist() if x >= 0)
+
+  def mark_attention(self, lab: Label, role: str) -> None:
+    if lab is not None:
+      for x in lab.tolist():
+        if x >= 0 and self.atoms.attention.get(x) != "qk":
+          self.atoms.attention[x] = role
 
 
 # A rule maps (tracer, eqn, input labels, input shapes, output shapes) to output labels.
@@ -247,6 +274,11 @@ def _regroup(t: Tracer, eqn: Any, lab_in: list[Label], shape_in: Shape, shape_ou
     group_in, group_out = list(range(i0, i)), list(range(o0, o))
     if all(lab_in[a] is None for a in group_in):
       continue
+    heads = _split_or_merge(t, lab_in, shape_in, shape_out, group_in, group_out)
+    if heads is not None:
+      for a, lab in zip(group_out, heads):
+        out[a] = lab
+      continue
     sizes_in = [shape_in[a] for a in group_in]
     block = np.full(sizes_in, -1, dtype=np.int64)
     for k, a in enumerate(group_in):
@@ -275,6 +307,62 @@ def _regroup(t: Tracer, eqn: Any, lab_in: list[Label], shape_in: Shape, shape_ou
   return out
 
 
+def _split_or_merge(t: Tracer, lab_in, shape_in, shape_out, group_in, group_out):
+  """Labels of a reshape that splits one channel axis into several (features into
+  (heads, head_dim)) or merges several into one, or ``None`` for any other reshape.
+
+  A split gives each new axis fresh atoms and makes every entry of the split axis a
+  composite of them: head ``h`` is then every entry ``h * head_dim + d``, and the
+  classes of the new atoms are whole heads and head dims. A merge makes the entries of
+  the merged axis composites of the merged axes' atoms.
+  """
+  big_in = [a for a in group_in if shape_in[a] > 1]
+  big_out = [a for a in group_out if shape_out[a] > 1]
+  if len(big_in) == 1 and len(big_out) >= 2:
+    lab = lab_in[big_in[0]]
+    if lab is None:
+      return None
+    sizes = [shape_out[a] for a in big_out]
+    existing = [t.atoms.parts.get(int(x)) for x in lab.tolist()]
+    factors = None
+    if all(p is not None and len(p) == len(sizes) for p in existing):
+      # split again the way it was split (or merged) before: the same head atoms
+      grid = np.array(existing).reshape(*sizes, len(sizes))
+      factors = [
+        np.moveaxis(grid[..., k], k, 0).reshape(sizes[k], -1)[:, 0] for k in range(len(sizes))
+      ]
+      for k, f in enumerate(factors):
+        view = [1] * len(sizes)
+        view[k] = sizes[k]
+        if not (grid[..., k] == f.reshape(view)).all():
+          return None
+    if factors is None:
+      last = all(n == 1 for n in shape_in[big_in[0] + 1 :])
+      factors = t.atoms.factors(sizes, last)
+      for i, x in enumerate(lab.tolist()):
+        if x >= 0:
+          idx = np.unravel_index(i, sizes)
+          t.atoms.parts[x] = tuple(int(f[j]) for f, j in zip(factors, idx))
+    labels = dict(zip(big_out, factors))
+    return [labels.get(a) for a in group_out]
+  if len(big_out) == 1 and len(big_in) >= 2 and all(lab_in[a] is not None for a in big_in):
+    labs = [lab_in[a] for a in big_in]
+    if any((lab < 0).any() for lab in labs):
+      return None
+    sizes = [shape_in[a] for a in big_in]
+    merged = t.atoms.new(-1, -1, int(np.prod(sizes)))
+    for i, x in enumerate(merged.tolist()):
+      idx = np.unravel_index(i, sizes)
+      t.atoms.parts[x] = tuple(int(lab[j]) for lab, j in zip(labs, idx))
+    return [merged if a == big_out[0] else None for a in group_out]
+  return None
+
+
+def _is_activation(labels: list[Label]) -> bool:
+  """A value with an unlabeled axis (batch, positions): not a param."""
+  return any(lab is None for lab in labels)
+
+
 @_rule("dot_general")
 def _dot_general(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
@@ -289,6 +377,18 @@ def _dot_general(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
     t.mark_producer(rhs[b])
   for a in lfree:
     t.mark_producer(lhs[a])
+  if len(rfree) >= 2 and not _is_activation(rhs):  # a kernel with (heads, head_dim) outputs
+    for b in rfree:
+      if rhs[b] is not None:
+        roles = t.atoms.inner if b == rfree[-1] else t.atoms.outer
+        roles.update(int(x) for x in rhs[b].tolist() if x >= 0)
+  if _is_activation(lhs) and _is_activation(rhs):  # attention: q.k, weights.v
+    for labels, free in ((lhs, lfree), (rhs, rfree)):
+      for a in [*free, *(lb if labels is lhs else rb)]:
+        t.mark_attention(labels[a], "attention")
+    for a, b in zip(lc, rc):
+      t.mark_attention(lhs[a], "qk")
+      t.mark_attention(rhs[b], "qk")
   return [[lhs[a] for a in lb] + [lhs[a] for a in lfree] + [rhs[b] for b in rfree]]
 
 
@@ -308,6 +408,8 @@ def _conv(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
     t.atoms.union(lhs[lhs_spec[1]], rhs[rhs_spec[1]])
     out[out_spec[1]] = rhs[rhs_spec[0]]
     t.mark_producer(rhs[rhs_spec[0]])
+    if rhs[rhs_spec[0]] is not None:
+      t.atoms.conv.update(int(x) for x in rhs[rhs_spec[0]].tolist() if x >= 0)
   elif groups == c_in and in_shapes[1][rhs_spec[0]] == c_in:
     # depthwise, multiplier 1: input channel j -> filter j -> output channel j
     t.atoms.union(lhs[lhs_spec[1]], rhs[rhs_spec[0]])

@@ -14,6 +14,9 @@ from jaxprune import tree as tree_lib
 from jaxprune.surgery import capture
 from jaxprune.surgery.graph import Atoms, Tracer
 
+# What one channel of a group of each kind is called in ``print(plan)`` and reports.
+UNITS = {"neurons": "channels", "channels": "channels", "heads": "heads", "head_dim": "head dims"}
+
 
 @dataclasses.dataclass(frozen=True)
 class Group:
@@ -26,6 +29,13 @@ class Group:
     channels: per channel, ``{(path, axis): indices}`` (a flatten maps one conv channel
       to many Dense rows).
     blocked: why this group cannot be sliced (an op, the model output), or ``None``.
+    kind: ``"neurons"`` (a dense layer's outputs, an MLP's hidden units), ``"channels"``
+      (a conv's), ``"heads"`` (attention heads: the q/k/v features of a head and the
+      output projection's rows that read them; with grouped-query attention a KV head
+      with its query heads, or one query head of every KV group) or ``"head_dim"``
+      (one dimension of every head: removed only when asked).
+    axis: the first producer's axis.
+    contracted: its channels are contracted by a dot between activations (q.k).
   """
 
   name: str
@@ -33,6 +43,9 @@ class Group:
   producers: tuple[tuple[str, int], ...]
   channels: tuple[dict[tuple[str, int], np.ndarray], ...]
   blocked: str | None
+  kind: str = "neurons"
+  axis: int = -1
+  contracted: bool = False
 
   @property
   def size(self) -> int:
@@ -52,8 +65,13 @@ class Plan:
   def __str__(self) -> str:
     lines = []
     for i, g in enumerate(self.groups):
-      status = f"blocked: {g.blocked}" if g.blocked else "prunable"
-      lines.append(f"group {i}: {g.name} ({g.size} channels, {status})")
+      if g.blocked:
+        status = f"blocked: {g.blocked}"
+      elif g.kind == "head_dim":
+        status = "removed only when asked: shrink(..., head_dim=True)"
+      else:
+        status = "prunable"
+      lines.append(f"group {i}: {g.name} ({g.size} {UNITS[g.kind]}, {status})")
       for path, axis in g.members:
         n = len(g.channels[0][(path, axis)]) if g.channels else 0
         per = f", {n} per channel" if n > 1 else ""
@@ -96,20 +114,74 @@ def trace(fn: Callable[..., Any], variables: Any, *example_inputs: Any) -> Plan:
   return Plan(_groups(atoms, paths), paths, shapes, closed, traced.fn)
 
 
+def _resolve(atoms: Atoms) -> dict[int, tuple[int, ...]]:
+  """``{class root: its leaf classes}`` for the composite classes, after uniting the parts
+  of composites found in one class (the heads of q, k, v and of the output projection's
+  rows are one head). A class that two reshapes factor differently is blocked."""
+  while True:
+    changed = False
+    rep: dict[int, tuple[int, ...]] = {}
+    for c, parts in atoms.parts.items():
+      r = atoms.find(c)
+      mine = tuple(atoms.find(x) for x in parts)
+      if r not in rep:
+        rep[r] = mine
+      elif rep[r] != mine and len(rep[r]) == len(mine):
+        for a, b in zip(rep[r], mine):
+          if a != b:
+            atoms.parent[b] = a
+            changed = True
+      elif rep[r] != mine:
+        atoms.blocked.setdefault(c, "a reshape that splits these channels two different ways")
+    if not changed:
+      break
+  leaves: dict[int, tuple[int, ...]] = {}
+
+  def flat(r: int, seen: frozenset = frozenset()) -> tuple[int, ...]:
+    if r not in rep or r in seen:
+      return (r,)
+    if r not in leaves:
+      leaves[r] = tuple(x for p in rep[r] for x in flat(atoms.find(p), seen | {r}))
+    return leaves[r]
+
+  return {r: flat(r) for r in rep}
+
+
+def _kind(atoms: Atoms, members: list[int]) -> str:
+  """What a class of atoms is: ``heads``, ``head_dim``, ``channels`` (conv) or ``neurons``."""
+  if any(a in atoms.inner for a in members):
+    return "head_dim"
+  if any(a in atoms.outer for a in members):
+    return "heads"
+  return "channels" if any(a in atoms.conv for a in members) else "neurons"
+
+
 def _groups(atoms: Atoms, paths: tuple[str, ...]) -> tuple[Group, ...]:
+  composite = _resolve(atoms)
+  # every atom's leaf classes: itself, or the classes of the parts of its composite class
   classes: dict[int, list[int]] = collections.defaultdict(list)
+  # where a class sits in the composites it is part of: heads and head dims of one
+  # projection slice the same arrays, and are told apart by it
+  positions: dict[int, set[int]] = collections.defaultdict(set)
   for a in range(len(atoms.parent)):
-    classes[atoms.find(a)].append(a)
+    r = atoms.find(a)
+    for k, leaf in enumerate(composite.get(r, (r,))):
+      classes[leaf].append(a)
+      if r in composite:
+        positions[leaf].add(k)
   by_signature: dict[tuple, list[list[int]]] = collections.defaultdict(list)
-  for members in classes.values():
+  for root, members in classes.items():
     if not any(a in atoms.producer for a in members):
       continue
-    signature = tuple(sorted({atoms.origin[a][:2] for a in members}))
-    by_signature[signature].append(members)
+    signature = tuple(sorted({atoms.origin[a][:2] for a in members if atoms.origin[a][0] >= 0}))
+    by_signature[(signature, tuple(sorted(positions[root])))].append(members)
   groups = []
-  for signature, chans in by_signature.items():
+  for (signature, _), chans in by_signature.items():
+    if not signature:
+      continue
     first_producer = min(
-      (atoms.origin[a][:2] for a in chans[0] if a in atoms.producer), key=lambda la: la
+      (atoms.origin[a][:2] for a in chans[0] if a in atoms.producer and atoms.origin[a][0] >= 0),
+      default=signature[0],
     )
 
     def order(members, fp=first_producer):
@@ -122,16 +194,22 @@ def _groups(atoms: Atoms, paths: tuple[str, ...]) -> tuple[Group, ...]:
       idx: dict[tuple[str, int], list[int]] = collections.defaultdict(list)
       for a in members:
         leaf, axis, i = atoms.origin[a]
-        idx[(paths[leaf], axis)].append(i)
+        if leaf >= 0:
+          idx[(paths[leaf], axis)].append(i)
         if blocked is None and a in atoms.blocked:
           blocked = atoms.blocked[a]
       channels.append({k: np.sort(np.asarray(v)) for k, v in idx.items()})
     members = tuple((paths[leaf], axis) for leaf, axis in signature)
     producers = tuple(
       sorted(
-        {(paths[atoms.origin[a][0]], atoms.origin[a][1]) for a in chans[0] if a in atoms.producer}
+        {
+          (paths[atoms.origin[a][0]], atoms.origin[a][1])
+          for a in chans[0]
+          if a in atoms.producer and atoms.origin[a][0] >= 0
+        }
       )
     )
+    kind = _kind(atoms, [a for c in chans for a in c])
     groups.append(
       Group(
         name=paths[first_producer[0]],
@@ -139,7 +217,63 @@ def _groups(atoms: Atoms, paths: tuple[str, ...]) -> tuple[Group, ...]:
         producers=producers,
         channels=tuple(channels),
         blocked=blocked,
+        kind=kind,
+        axis=first_producer[1],
+        contracted=any(atoms.attention.get(a) == "qk" for c in chans for a in c),
       )
     )
-  groups.sort(key=lambda g: tree_lib.natural_key(g.name))
-  return tuple(groups)
+  return tuple(sorted(_names(groups), key=lambda g: tree_lib.natural_key(g.name)))
+
+
+def _module(g: Group, shapes: dict[str, tuple[int, ...]] | None = None) -> str:
+  """The innermost module holding every kernel of a group (its path prefix)."""
+  paths = [p.split("/")[:-1] for p, _ in g.members if "/" in p]
+  if not paths:
+    return ""
+  common = paths[0]
+  for p in paths[1:]:
+    n = 0
+    while n < min(len(common), len(p)) and common[n] == p[n]:
+      n += 1
+    common = common[:n]
+  return "/".join(common)
+
+
+def _names(groups: list[Group]) -> list[Group]:
+  """Unique, stable names: a layer's path for its channels, ``MODULE/heads``,
+  ``MODULE/kv_heads`` + ``MODULE/query_heads`` (grouped-query attention),
+  ``MODULE/head_dim`` (q.k) and ``MODULE/v_head_dim`` for attention."""
+  named = []
+  by_module: dict[tuple[str, str], list[Group]] = collections.defaultdict(list)
+  for g in groups:
+    if g.kind in ("heads", "head_dim"):
+      by_module[(_module(g), g.kind)].append(g)
+    else:
+      named.append(g)
+  for (module, kind), gs in by_module.items():
+    prefix = module + "/" if module else ""
+    for g in gs:
+      if kind == "head_dim":
+        suffix = "head_dim" if g.contracted or len(gs) == 1 else "v_head_dim"
+      elif len(gs) > 1:
+        most = max(len(h.producers) for h in gs)
+        suffix = "kv_heads" if len(g.producers) == most else "query_heads"
+      else:
+        per = {len(idx) for p, a in g.producers for idx in [g.channels[0][(p, a)]]}
+        suffix = "kv_heads" if len(per) > 1 else "heads"
+      named.append(dataclasses.replace(g, name=prefix + suffix))
+  counts = collections.Counter(g.name for g in named)
+  out = []
+  for g in named:
+    if counts[g.name] > 1:
+      g = dataclasses.replace(g, name=f"{g.name}:{g.axis}")
+    out.append(g)
+  counts = collections.Counter(g.name for g in out)
+  seen: collections.Counter = collections.Counter()
+  final = []
+  for g in sorted(out, key=lambda g: (g.name, g.members)):
+    if counts[g.name] > 1:
+      seen[g.name] += 1
+      g = dataclasses.replace(g, name=f"{g.name}#{seen[g.name]}")
+    final.append(g)
+  return final

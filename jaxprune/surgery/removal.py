@@ -54,7 +54,8 @@ def _consumer(eqn: Any) -> _Consumer | None:
   if eqn.primitive.name == "dot_general":
     (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
     n_out = len(eqn.outvars[0].aval.shape)
-    plain = len(lc) == 1 and not lb
+    # one output feature axis, last (a LinearGeneral may contract (heads, head_dim))
+    plain = not lb and len(eqn.invars[1].aval.shape) - len(rc) == 1
     return _Consumer(tuple(zip(lc, rc)), n_out - 1 if plain else -1)
   dn = eqn.params["dimension_numbers"]
   groups = eqn.params["feature_group_count"]
@@ -208,12 +209,15 @@ def _fold(group, chans, rhs_path, axes, runs, values, bias_delta, folded) -> str
     if not only.any():
       deltas.append(None)
       continue
+    delta = np.asarray(run.eqn.primitive.bind(jnp.asarray(only), ins[1], **run.eqn.params))
+    if not delta.any():  # the consumer reads nothing of them (its rows are zero)
+      deltas.append(None)
+      continue
     part = np.moveaxis(np.take(lhs, index, axis=lhs_axis), lhs_axis, -1)
     constant_inputs &= _constant_rows(part.reshape(-1, part.shape[-1]))
     if out_axis < 0:
       deltas.append(np.zeros((1, 1)))
       continue
-    delta = np.asarray(run.eqn.primitive.bind(jnp.asarray(only), ins[1], **run.eqn.params))
     deltas.append(np.moveaxis(delta, out_axis, -1).reshape(-1, delta.shape[out_axis]))
   if all(d is None for d in deltas):
     return None  # silent: these channels are zero here
