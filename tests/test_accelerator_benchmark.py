@@ -1,0 +1,33 @@
+"""``benchmarks/accelerator.py --quick`` runs every part at tiny sizes, so it cannot rot."""
+
+import pathlib
+import subprocess
+import sys
+
+import jax
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_accelerator_benchmark_quick_runs_every_part(tmp_path):
+  script = ROOT / "benchmarks" / "accelerator.py"
+  result = subprocess.run(
+    [sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  text = (tmp_path / f"accelerator-{jax.default_backend()}.md").read_text()
+  for title in (
+    "Masked-step overhead",
+    "Global exact top-k",
+    "Surgery: latency vs FLOPs",
+    "SparseGPT, one layer",
+    "2:4 sparse matmul",
+    "Sparse export: dense vs BCOO vs shrunk",
+  ):
+    assert f"### {title}" in text
+  assert "quick (tiny sizes: a smoke run, not a measurement)" in text
+  assert text.count("| fixed masks |") == 2 and text.count("| AGP every 10 |") == 2
