@@ -337,3 +337,49 @@ def test_rotary_style_slicing_of_head_dims_blocks_them_with_the_op_and_line():
   assert dims.blocked.startswith("`slice`") and "test_surgery_attention.py:" in dims.blocked
   with pytest.raises(ValueError, match="slice"):
     surgery.shrink(build(Rotary), remove={dims.name: [0]}, example_input=example(6))
+
+
+# The zoo's language model: rotary GQA attention, gated MLP, RMSNorm.
+
+
+def test_zoo_charlm_heads_and_neurons_shrink_and_rebuild_from_widths():
+  from jaxprune.train.transformer import CharLM
+
+  def make(rngs):
+    return CharLM(11, dim=16, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=24, rngs=rngs)
+
+  model = build(make)
+  tokens = jax.ShapeDtypeStruct((1, 5), jnp.int32)
+  p = surgery.plan(model, example_input=tokens)
+  assert p.group("blocks/0/attn/query_heads").size == 2
+  assert p.group("blocks/1/attn/kv_heads").size == 2
+  assert p.group("blocks/0/attn/q_proj/head_dim").blocked.startswith("`slice`")  # rotary
+  assert "transformer.py:" in p.group("blocks/0/attn/q_proj/head_dim").blocked
+  params = nnx.state(model, nnx.Param)
+  masks = surgery.channel_masks(p, params, {"heads": 0.5, "neurons": 0.25})
+  small = surgery.shrink(model, masks=masks, example_input=tokens)
+  for i in range(2):
+    attn = small.model.blocks[i].attn
+    assert (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (2, 2, 4)  # 1 per KV group
+    assert small.model.blocks[i].mlp.up_proj.out_features == 18
+  for t in LENGTHS:
+    x = jnp.asarray(np.random.default_rng(t).integers(0, 11, size=(2, t)), jnp.int32)
+    ref, out = reference(model, masks, x), small.model(x)
+    scale = max(1.0, float(jnp.abs(ref).max()))
+    assert float(jnp.abs(ref - out).max()) <= 1e-5 * scale, t
+  w = small.widths
+  blocks = [f"blocks/{i}" for i in range(2)]
+  rebuilt = nnx.eval_shape(
+    lambda: CharLM(
+      11,
+      dim=16,
+      depth=2,
+      num_heads=[w[f"{b}/attn"]["num_heads"] for b in blocks],
+      num_kv_heads=[w[f"{b}/attn"].get("num_kv_heads", 2) for b in blocks],
+      mlp_dim=[w[f"{b}/mlp/up_proj"]["out_features"] for b in blocks],
+      head_dim=4,
+      rngs=nnx.Rngs(0),
+    )
+  )
+  shapes = lambda m: jax.tree.map(jnp.shape, nnx.state(m, nnx.Param))  # noqa: E731
+  assert shapes(rebuilt) == shapes(small.model)

@@ -162,7 +162,10 @@ def channel_masks(
       excepted: they go only when named); or ``{group name or kind: fraction}``
       (groups not named keep all their channels): kinds are ``"heads"``,
       ``"head_dim"``, ``"neurons"`` (dense layers' outputs, an MLP's hidden units) and
-      ``"channels"`` (convs'), e.g. ``{"heads": 0.25, "neurons": 0.25}``; group ratios
+      ``"channels"`` (convs'), e.g. ``{"heads": 0.25, "neurons": 0.25}`` (with
+      grouped-query attention ``"heads"`` removes that fraction of the query heads of
+      every KV group, ``MODULE/query_heads``, and keeps the KV heads; name
+      ``MODULE/kv_heads`` to remove whole KV groups); group ratios
       as :func:`jaxprune.analysis.choose_ratios` picks from a
       :func:`jaxprune.analysis.channel_sensitivity` sweep.
     norm: ``"l1"`` (Li et al. 2017) or ``"l2"``.
@@ -278,9 +281,17 @@ def _ratios(plan: Plan, sparsity: float | Mapping[str, float]) -> dict[str, floa
     kind = groups[name].kind
     if name in sparsity:
       out[name] = float(sparsity[name])
-    elif kind in sparsity:
+    elif kind in sparsity and not _kv_heads_with_query_heads(name, groups):
       out[name] = float(sparsity[kind])
   return out
+
+
+def _kv_heads_with_query_heads(name: str, groups: Mapping[str, Any]) -> bool:
+  """A ``MODULE/kv_heads`` group whose module also has ``MODULE/query_heads``: a
+  ``"heads"`` ratio removes query heads from every KV group, not whole KV groups."""
+  module, _, last = name.rpartition("/")
+  sibling = f"{module}/query_heads" if module else "query_heads"
+  return last == "kv_heads" and sibling in groups and not groups[sibling].blocked
 
 
 def _lookup(values: dict[str, Any], path: str) -> Any:

@@ -254,7 +254,8 @@ def _names(groups: list[Group]) -> list[Group]:
     prefix = module + "/" if module else ""
     for g in gs:
       if kind == "head_dim":
-        suffix = "head_dim" if g.contracted or len(gs) == 1 else "v_head_dim"
+        read = any(m not in g.producers and m[0].endswith("kernel") for m in g.members)
+        suffix = "v_head_dim" if read and not g.contracted else "head_dim"
       elif len(gs) > 1:
         most = max(len(h.producers) for h in gs)
         suffix = "kv_heads" if len(g.producers) == most else "query_heads"
