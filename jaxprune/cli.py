@@ -187,16 +187,28 @@ def split_overrides(args: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def describe(config: Config) -> str:
   """One line saying what a run will do."""
+  from jaxprune.train.optim import SPARSE_TRAINERS
+
   p = config.prune
+  spread = f" ({p.distribution})" if p.distribution != "uniform" else ""
   if p.method == "none":
     pruning = "none"
   elif p.method == "autopruner":
     pruning = f"autopruner gates keeping {config.autopruner.keep_ratio:.0%} of the channels"
+  elif p.method in SPARSE_TRAINERS:
+    pruning = f"{p.method} sparse training at {p.sparsity:.0%}{spread} from step 0" + (
+      "" if p.method == "static" else f", masks moved every {p.every} steps until {p.end}"
+    )
   else:
-    pruning = f"{p.method} ({p.scope}), {p.schedule} to {p.sparsity:.0%}" + (
+    schedule = p.schedule
+    if schedule == "lottery":
+      schedule = f"lottery ({p.rounds} rounds from {p.begin}, rewinding to step {p.rewind})"
+    pruning = f"{p.method} ({p.scope}), {schedule} to {p.sparsity:.0%}{spread}" + (
       f", overrides {dict(p.overrides)}" if p.overrides else ""
     )
   rethink = ", then from scratch (rethinking)" if config.rethink.enabled else ""
+  if config.rethink.enabled and p.schedule == "lottery" and p.method not in SPARSE_TRAINERS:
+    rethink = ", then its final masks from a random re-init"
   return (
     f"jaxprune: {config.model.name} on {config.data.name}, {config.train.steps} steps, "
     f"pruning: {pruning}{rethink}"

@@ -1,13 +1,21 @@
 """jaxprune.sparse.lottery: rounds of magnitude pruning that rewind the survivors to step k."""
 
+import dataclasses
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_checkpoint import Interrupted, Interrupting  # a run dying after N batches
 
 import jaxprune
 from jaxprune import sparse
+from jaxprune.train import config as config_lib
+from jaxprune.train import data, loop
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def magnitude_mask(w: np.ndarray, sparsity: float) -> np.ndarray:
@@ -98,3 +106,37 @@ def test_errors_name_the_problem():
   tx = sparse.lottery(optax.sgd(0.1), pruner)
   with pytest.raises(ValueError, match="needs the params"):
     tx.update({"w": jnp.ones((2, 2))}, tx.init({"w": jnp.ones((2, 2))}))
+
+
+# --- the recipe in the training pipeline ----------------------------------------------
+
+
+def tiny_lottery_config(workdir):
+  config = config_lib.load_config(ROOT / "configs" / "lenet300_lottery.py")
+  config.data.update(name="digits", batch_size=100, eval_batch_size=300)
+  config.train.update(steps=12, eval_every=6, log_every=2, progress=False, workdir=str(workdir))
+  config.prune.update(begin=4, rewind=2)  # 3 rounds, every (12 - 4) // 3 = 2: at 4, 6, 8
+  config.rethink.steps = 4
+  config.checkpoint.every = 3
+  return config
+
+
+def test_resume_after_the_rounds_matches_an_uninterrupted_run(tmp_path):
+  whole = loop.train(tiny_lottery_config(tmp_path / "whole"))
+  assert whole.summary.sparsity == pytest.approx(0.9, abs=1e-3)
+  masks = jaxprune.masks_of(whole.state.opt_state)
+  for a, b in zip(
+    jax.tree.leaves(masks), jax.tree.leaves(jaxprune.masks_of(whole.rethink.state.opt_state))
+  ):
+    np.testing.assert_array_equal(a, b)  # the random re-init trains the ticket's masks
+  assert not isinstance(whole.rethink.state.opt_state, sparse.LotteryState)
+  digits = data.load("digits")
+  config = tiny_lottery_config(tmp_path / "cut")
+  broken = dataclasses.replace(digits, train=Interrupting(digits.train, limit=10))
+  with pytest.raises(Interrupted):  # dies at step 10: the last checkpoint is of step 9,
+    loop.train(config, dataset=broken)  # after the rounds: the rewind point comes from it
+  resumed = loop.train(config)
+  assert resumed.resumed_from == 9
+  for a, b in ((whole.state, resumed.state), (whole.rethink.state, resumed.rethink.state)):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert resumed.history == whole.history and resumed.rethink.history == whole.rethink.history

@@ -244,5 +244,5 @@ def test_every_recipe_runs_a_few_steps(path, tmp_path):
     assert result.summary.sparsity < 0.01
   else:
     assert result.summary.sparsity == pytest.approx(config.prune.sparsity, abs=0.02)
-  if config.rethink.enabled:
+  if config.rethink.enabled and config.prune.schedule != "lottery":  # lottery: test_lottery.py
     check_rethink(config, result, tmp_path)

@@ -292,6 +292,17 @@ def validate_config(config: Config) -> None:
   if r.enabled and p.method == "none":
     fail("rethink.enabled", "needs a pruned run to copy the masks from; prune.method is 'none'.")
   sparse_trainer = p.method in optim_lib.SPARSE_TRAINERS
+  if p.schedule == "lottery" and p.method not in optim_lib.PRUNERS:
+    fail(
+      "prune.schedule",
+      f"lottery prunes with a pruner ({' | '.join(optim_lib.PRUNERS)}), not {p.method!r}.",
+    )
+  if p.schedule == "lottery" and p.rewind >= p.begin:
+    fail(
+      "prune.rewind",
+      f"the survivors rewind to a step before the first round (prune.begin = {p.begin}), "
+      f"got {p.rewind}.",
+    )
   if sparse_trainer and p.method != "static" and p.end >= t.steps:
     fail("prune.end", f"set / rigl stop moving masks there: below train.steps ({t.steps}).")
   if p.method != "none" and p.schedule != "constant" and not sparse_trainer:
@@ -301,6 +312,7 @@ def validate_config(config: Config) -> None:
       "agp": ("prune.end", p.end),
       "one_shot": ("prune.begin", p.begin),
       "iterative": ("prune.rounds", p.begin + (p.rounds - 1) * p.every),
+      "lottery": ("prune.rounds", p.begin + (p.rounds - 1) * p.every),
       "acdc": ("prune.end", p.end),
     }[p.schedule]
     if last >= t.steps:

@@ -32,6 +32,7 @@ def make_schedule(config: Config) -> jaxprune.Schedule:
 
   ``iterative`` prunes ``rounds`` times, ``every`` steps apart from ``begin``; each
   round removes the same fraction of the remaining weights, ending at ``sparsity``.
+  ``lottery`` has the rounds of ``iterative`` (:func:`make_optimizer` adds the rewinding).
 
   Examples:
     >>> from jaxprune.train import config as config_lib, optim
@@ -250,6 +251,12 @@ def make_optimizer(
     and pruner.schedule.is_update is not _never  # a frozen pruner keeps the masks it is given
   ):
     return make_sparse_trainer(config, inner)
+  if (
+    config.prune.schedule == "lottery"
+    and pruner is not None
+    and pruner.schedule.is_update is not _never  # the random re-init keeps the final masks
+  ):
+    return sparse.lottery(inner, pruner, rewind=config.prune.rewind)
   if pruner is not None:
     return jaxprune.masked(inner, pruner)
   return inner if masks is None else jaxprune.masked(inner, masks)

@@ -212,9 +212,10 @@ FIELDS: dict[str, dict[str, Field]] = {
     ),
     "schedule": Field(
       "agp",
-      choice("agp", "one_shot", "iterative", "constant", "acdc"),
+      choice("agp", "one_shot", "iterative", "constant", "acdc", "lottery"),
       "agp | one_shot | iterative | constant | acdc (dense until prune.begin, sparse and "
-      "dense phases of prune.every steps, sparse from prune.end)",
+      "dense phases of prune.every steps, sparse from prune.end) | lottery (iterative "
+      "rounds, each rewinding the survivors to step prune.rewind: jaxprune.sparse.lottery)",
     ),  # fmt: skip
     "structure": Field(
       "unstructured",
@@ -225,7 +226,7 @@ FIELDS: dict[str, dict[str, Field]] = {
     "begin": Field(
       lambda c: c.train.get_ref("steps") // 3,
       integer(0),
-      "agp: first update; one_shot: the step; iterative: first round (train.steps // 3)",
+      "agp: first update; one_shot: the step; iterative, lottery: first round (train.steps // 3)",
     ),
     "end": Field(
       lambda c: c.train.get_ref("steps") * 2 // 3,
@@ -235,9 +236,17 @@ FIELDS: dict[str, dict[str, Field]] = {
     "every": Field(
       lambda c: (c.train.get_ref("steps") + 29) // 30,
       integer(1),
-      "agp: steps between updates; iterative: between rounds (ceil(train.steps / 30))",
+      "agp: steps between updates; iterative, lottery: between rounds (ceil(train.steps / 30))",
     ),
-    "rounds": Field(3, integer(1), "iterative: rounds, each removing the same fraction left"),
+    "rounds": Field(
+      3, integer(1), "iterative, lottery: rounds, each removing the same fraction left"
+    ),
+    "rewind": Field(
+      0,
+      integer(0),
+      "lottery: the step whose weights and optimizer state the survivors return to after "
+      "each round (0: the initial weights); before prune.begin",
+    ),
     "overrides": Field(
       lambda c: ml_collections.ConfigDict(),
       free_form,
