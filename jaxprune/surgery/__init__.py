@@ -9,8 +9,15 @@ Examples:
   layers/0/kernel
 """
 
+from jaxprune.surgery import scores
 from jaxprune.surgery.api import Shrunk, plan, shrink
-from jaxprune.surgery.channels import channel_masks, group_masks, idle_channels, slimming_masks
+from jaxprune.surgery.channels import (
+  channel_masks,
+  group_masks,
+  idle_channels,
+  pruned_channels,
+  slimming_masks,
+)
 from jaxprune.surgery.fold import FoldedBatchNorm, batchnorm_pairs, fold_batchnorm
 from jaxprune.surgery.plan import Group, Plan
 
@@ -25,6 +32,8 @@ __all__ = [
   "group_masks",
   "idle_channels",
   "plan",
+  "pruned_channels",
+  "scores",
   "shrink",
   "slimming_masks",
 ]

@@ -147,9 +147,37 @@ def slimming_masks(
 
 
 def channel_masks(
-  plan: Plan, params: Any, sparsity: float | Mapping[str, float], norm: str = "l1"
+  plan: Plan,
+  params: Any,
+  sparsity: float | Mapping[str, float],
+  norm: str = "l1",
+  *,
+  scores: Mapping[str, Any] | None = None,
+  scope: str = "group",
 ) -> Any:
   """Removes ``round(sparsity * C)`` channels of every prunable group, smallest first.
+
+  ``group_masks(plan, params, pruned_channels(plan, params, sparsity, ...))``: see
+  :func:`pruned_channels` for the arguments.
+
+  Returns:
+    A mask pytree over ``params``.
+  """
+  return group_masks(
+    plan, params, pruned_channels(plan, params, sparsity, norm, scores=scores, scope=scope)
+  )
+
+
+def pruned_channels(
+  plan: Plan,
+  params: Any,
+  sparsity: float | Mapping[str, float],
+  norm: str = "l1",
+  *,
+  scores: Mapping[str, Any] | None = None,
+  scope: str = "group",
+) -> dict[str, list[int]]:
+  """``{group name: channels}``: ``round(sparsity * C)`` of each group, smallest first.
 
   A channel's score is the summed L1 (or L2) norm of its producers' filters, so in a
   ResNet the channels of the residual stream are scored by every conv writing into it
@@ -169,17 +197,26 @@ def channel_masks(
       as :func:`jaxprune.analysis.choose_ratios` picks from a
       :func:`jaxprune.analysis.channel_sensitivity` sweep.
     norm: ``"l1"`` (Li et al. 2017) or ``"l2"``.
+    scores: ``{group name: per-channel score}`` to rank by instead of the norm
+      (:func:`jaxprune.surgery.scores.flap_scores`, ``taylor_scores``); a group
+      without scores is ranked by the norm.
+    scope: ``"group"`` (``round(ratio * C)`` of each group) or ``"global"``: the
+      groups of one kind and ratio are ranked together (FLAP's standardised scores),
+      ``round(ratio * total)`` removed among them, at least one channel kept in each.
 
   Returns:
-    A mask pytree over ``params``.
+    ``{group name: sorted channel indices}``.
 
   Raises:
     ValueError: for a sparsity outside ``[0, 1)``, a ratio for an unknown or blocked
-      group, or an unknown norm.
+      group, or an unknown norm or scope.
   """
   ratios = _ratios(plan, sparsity)
   if norm not in ("l1", "l2"):
     raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}.")
+  if scope not in ("group", "global"):
+    raise ValueError(f"scope must be 'group' or 'global', got {scope!r}.")
+  scores = dict(scores or {})
   values = {p: np.asarray(x) for p, x in tree_lib.leaves_with_paths(params)}
 
   def value(path):
@@ -190,21 +227,39 @@ def channel_masks(
       )
     return x
 
-  remove = {}
+  pools: dict[tuple, list[tuple[str, np.ndarray]]] = {}
   for g in plan.groups:
-    if g.blocked:
+    if g.blocked or g.name not in ratios:
       continue
-    scores = np.zeros(g.size, np.float64)
-    for path, axis in g.producers:
-      w = np.moveaxis(value(path), axis, 0).reshape(plan.shapes[path][axis], -1)
-      per = np.abs(w).sum(1) if norm == "l1" else np.sqrt((w.astype(np.float64) ** 2).sum(1))
-      scores += np.array([per[g.channels[j][(path, axis)]].sum() for j in range(g.size)])
-    if g.name not in ratios:
-      continue
-    n_remove = min(g.size - 1, int(round(ratios[g.name] * g.size)))
-    order = np.argsort(scores, kind="stable")
-    remove[g.name] = sorted(int(j) for j in order[:n_remove])
-  return group_masks(plan, params, remove)
+    if g.name in scores:
+      score = np.asarray(scores[g.name], np.float64)
+      if score.shape != (g.size,):
+        raise ValueError(f"scores of group {g.name!r} have shape {score.shape}, not ({g.size},).")
+    else:
+      score = np.zeros(g.size, np.float64)
+      for path, axis in g.producers:
+        w = np.moveaxis(value(path), axis, 0).reshape(plan.shapes[path][axis], -1)
+        per = np.abs(w).sum(1) if norm == "l1" else np.sqrt((w.astype(np.float64) ** 2).sum(1))
+        score += np.array([per[g.channels[j][(path, axis)]].sum() for j in range(g.size)])
+    key = (g.kind, ratios[g.name]) if scope == "global" else (g.name,)
+    pools.setdefault(key, []).append((g.name, score))
+  remove = {}
+  for members in pools.values():
+    ratio = ratios[members[0][0]]
+    total = sum(len(s) for _, s in members)
+    n_remove = int(round(ratio * total))
+    flat = [(float(v), i, j) for i, (_, s) in enumerate(members) for j, v in enumerate(s)]
+    flat.sort()
+    chosen: list[list[int]] = [[] for _ in members]
+    for _, i, j in flat:
+      if n_remove == 0:
+        break
+      if len(chosen[i]) < len(members[i][1]) - 1:
+        chosen[i].append(j)
+        n_remove -= 1
+    for (name, _), chans in zip(members, chosen):
+      remove[name] = sorted(chans)
+  return remove
 
 
 def idle_channels(plan: Plan, params: Any) -> dict[str, list[int]]:
