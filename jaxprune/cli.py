@@ -222,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> from jaxprune import cli
     >>> cli.main(["train", "--config", "configs/lenet300_agp.py", "--config.train.steps=90",
     ...           "--dry-run"])  # doctest: +ELLIPSIS
+    autopruner:
+    ...
     checkpoint:
     ...
       steps: 90
