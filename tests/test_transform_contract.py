@@ -29,6 +29,7 @@ import jaxprune
 from jaxprune import regularizers, sparse, sparsify, transforms
 from jaxprune import tree as tree_lib
 from jaxprune.sparse import dynamic as sparse_dynamic
+from jaxprune.sparse import lottery as sparse_lottery
 from jaxprune.sparse import ste as sparse_ste
 
 # --- the model, its params and gradients, as Linen dict and nnx.State ----------------------
@@ -179,6 +180,27 @@ class TopKRef:
     return sent, new_residual
 
 
+class LotterySgdRef:
+  """``lottery(sgd(lr), magnitude(50% at step 1), rewind=0)``: a dense SGD step, then the
+  largest half of each kernel back to its initial values (biases whole)."""
+
+  def __init__(self, learning_rate: float):
+    self.lr = learning_rate
+
+  def init(self, params):
+    return {"rewind": dict(params), "count": 0}
+
+  def update(self, grads, state, params):
+    if state["count"] == 0:
+      out = {k: -self.lr * g for k, g in grads.items()}
+    else:
+      masks = _magnitude_masks(params)
+      rewind = state["rewind"]
+      out = {k: np.where(masks[k], rewind[k], 0) - params[k] for k in KERNELS}
+      out.update({k: rewind[k] - params[k] for k in params if k not in KERNELS})
+    return out, {**state, "count": state["count"] + 1}
+
+
 class RegrowSgdRef:
   """SET / RigL over SGD from checkerboard masks, a mask update at every step t > 0.
 
@@ -314,6 +336,11 @@ def _checkerboard_masks(params):
   return {k: checkerboard(params[k].shape) for k in KERNELS}
 
 
+def _lottery(params, learning_rate, inner=None):
+  inner = optax.sgd(learning_rate) if inner is None else inner
+  return sparse.lottery(inner, jaxprune.magnitude(jaxprune.one_shot(0.5, at=1)), rewind=0)
+
+
 CASES = [
   Case(
     "masked_pruner",
@@ -358,6 +385,15 @@ CASES = [
     {"learning_rate": 0.1},
     {"learning_rate": 0.05},
     sparse.rigl,
+    wraps=True,
+  ),
+  Case(
+    "lottery",
+    _lottery,
+    LotterySgdRef,
+    {"learning_rate": 0.1},
+    {"learning_rate": 0.05},
+    sparse.lottery,
     wraps=True,
   ),
   Case(
@@ -414,7 +450,8 @@ STRUCTURES = ("linen", "nnx_state")
 def test_every_shipped_transform_is_in_the_contract():
   """Every public factory returning an optax transform has a case in CASES."""
   shipped = set()
-  for module in (jaxprune, transforms, regularizers, sparsify, sparse, sparse_dynamic, sparse_ste):
+  modules = (jaxprune, transforms, regularizers, sparsify, sparse, sparse_dynamic, sparse_ste)
+  for module in (*modules, sparse_lottery):
     for name in dir(module):
       obj = getattr(module, name)
       if name.startswith("_") or not inspect.isfunction(obj):
@@ -547,6 +584,8 @@ def polyak_reference(case: Case, scale: float = 1.0) -> dict[str, np.ndarray]:
   """One step of ``masked(polyak_sgd(max_learning_rate=MAX_LR))``: step ``value / ||masked g||^2``."""
   # the sparse trainers start from checkerboard masks and do not update them at step 0
   masks = (_magnitude_masks if case.name == "masked_pruner" else _checkerboard_masks)(PARAMS)
+  if case.name == "lottery":  # dense until its first round
+    masks = {}
   grads = {k: scale * g for k, g in GRADS[0].items()}
   masked_grads = {k: np.where(masks[k], g, 0) if k in masks else g for k, g in grads.items()}
   sq_norm = sum(float((g.astype(np.float64) ** 2).sum()) for g in masked_grads.values())

@@ -97,7 +97,8 @@ def lottery(
     )
   if isinstance(rewind, bool) or not isinstance(rewind, int | np.integer) or rewind < 0:
     raise ValueError(f"rewind must be a step >= 0, got {rewind!r}.")
-  early = np.flatnonzero(np.asarray(jax.vmap(pruner.is_update)(jnp.arange(rewind + 1))))
+  with jax.ensure_compile_time_eval():  # inject_hyperparams builds the transform under jit
+    early = np.flatnonzero(np.asarray(jax.vmap(pruner.is_update)(jnp.arange(rewind + 1))))
   if early.size:
     raise ValueError(
       f"the pruner updates its masks at step {int(early[0])}, not after the rewind step "
