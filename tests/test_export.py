@@ -54,6 +54,7 @@ def tree_fixture():
     "scalar": np.float32(2.5),
     "nested": [np.zeros((3, 3), np.float32), (np.ones(2, np.float64), None)],
     "none": None,
+    "layers": {0: np.ones(3, np.float32), 1: {"kernel": np.zeros((2, 2), np.float32)}},
   }
 
 
@@ -66,6 +67,7 @@ def test_round_trip_is_bitwise_for_every_dtype_and_structure(tmp_path):
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
     assert bits_equal(a, b), (a, b)
   assert isinstance(loaded["nested"], list) and isinstance(loaded["nested"][1], tuple)
+  assert list(loaded["layers"]) == [0, 1]  # integer keys (nnx.List) stay integers
   assert np.signbit(loaded["delta_layer"]["kernel"][0, 0])
 
 
@@ -145,8 +147,8 @@ def test_unsupported_structures_are_named():
 
   with pytest.raises(TypeError, match=r"cannot store Box at 'a/0'.*to_pure_dict"):
     export.to_bytes({"a": [Box()]})
-  with pytest.raises(TypeError, match="non-string keys"):
-    export.to_bytes({1: np.zeros(2)})
+  with pytest.raises(TypeError, match="keys other than strings and integers"):
+    export.to_bytes({1.5: np.zeros(2)})
 
 
 class MLP(nn.Module):

@@ -174,8 +174,11 @@ def _encode(node: Any, mask: Any, path: str, quantize: str | None, out: _Writer)
   if node is None:
     return None
   if isinstance(node, Mapping):
-    if not all(isinstance(k, str) for k in node):
-      raise TypeError(f"jaxprune.export.save: the dict at {path or '/'!r} has non-string keys.")
+    if not all(isinstance(k, str) or type(k) is int for k in node):
+      raise TypeError(
+        f"jaxprune.export.save: the dict at {path or '/'!r} has keys other than strings and "
+        "integers (nnx.List layers give integer keys)."
+      )
     masks = mask if isinstance(mask, Mapping) else {}
     return {
       "dict": [
@@ -256,7 +259,7 @@ def save(
 
   Args:
     path: the file to write (``.jxp`` by convention).
-    params: a pytree of dicts (string keys), lists, tuples, ``None`` and arrays (a
+    params: a pytree of dicts (string or integer keys), lists, tuples, ``None`` and arrays (a
       Linen params dict; for an ``nnx.State`` pass ``nnx.to_pure_dict(state)``).
     masks: optional bool masks with the structure of ``params`` (``None`` leaves:
       unpruned). With masks, a leaf's positions are its mask and its pruned entries
