@@ -140,3 +140,17 @@ def test_resume_after_the_rounds_matches_an_uninterrupted_run(tmp_path):
   for a, b in ((whole.state, resumed.state), (whole.rethink.state, resumed.rethink.state)):
     jax.tree.map(np.testing.assert_array_equal, a, b)
   assert resumed.history == whole.history and resumed.rethink.history == whole.rethink.history
+
+
+def test_config_checks_the_lottery_fields():
+  path = ROOT / "configs" / "lenet300_lottery.py"
+  with pytest.raises(
+    config_lib.ConfigError, match=r"prune\.rewind: .* \(prune\.begin = 1000\), got 1000"
+  ):
+    config_lib.load_config(path, ["prune.rewind=1000"])
+  with pytest.raises(
+    config_lib.ConfigError, match=r"prune\.schedule: lottery prunes with a pruner"
+  ):
+    config_lib.load_config(path, ["prune.method=rigl"])
+  with pytest.raises(config_lib.ConfigError, match=r"prune\.rounds: the last pruning step is 5000"):
+    config_lib.load_config(path, ["prune.every=2000"])
