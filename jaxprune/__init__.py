@@ -10,7 +10,7 @@ from jaxprune import sparse
 from jaxprune.distributions import Distribution, erk, uniform
 from jaxprune.masks import Summary, apply_mask, combine, pack_masks, summary, unpack_masks
 from jaxprune.pruners import Pruner, magnitude, random, saliency
-from jaxprune.quantize import QuantizedArray, compressed_size, dequantize, quantize
+from jaxprune.quantization import QuantizedArray, compressed_size, dequantize, quantize
 from jaxprune.regularizers import GroupReport, group_lasso, l1, zero_groups
 from jaxprune.schedules import Schedule, agp, constant, iterative, one_shot, schedule
 from jaxprune.select import topk_mask

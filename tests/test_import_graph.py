@@ -100,3 +100,25 @@ def test_the_graph_sees_function_level_imports():
 def test_no_import_cycles_in_the_package():
   found = cycles(import_graph())
   assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_no_submodule_is_shadowed_by_a_name_of_its_package():
+  """`jaxprune.surgery.shrink` must be one thing: a package re-exporting a function under
+  the name of one of its modules makes `import pkg.mod` and `pkg.mod` disagree."""
+  import importlib
+  import pkgutil
+
+  import jaxprune
+
+  shadowed = []
+  for info in pkgutil.walk_packages(jaxprune.__path__, "jaxprune."):
+    parent_name, _, child = info.name.rpartition(".")
+    try:
+      parent = importlib.import_module(parent_name)
+      module = importlib.import_module(info.name)
+    except ImportError:  # an extra that is not installed: its own test covers it
+      continue
+    value = getattr(parent, child, module)
+    if value is not module:
+      shadowed.append(f"{info.name} (shadowed by {type(value).__name__} {child!r})")
+  assert not shadowed, shadowed

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import jaxprune
 from jaxprune import posttrain
-from jaxprune.posttrain.sparsegpt import block_counts
+from jaxprune.posttrain.sparsegpt_solver import block_counts
 from jaxprune.posttrain.stats import InputStats
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -5,9 +5,9 @@ the ``plot`` extra (``pip install 'jaxprune[plot]'``): this package imports with
 only the ``plot_*`` functions need it.
 """
 
-from jaxprune.analysis.apoz import apoz, apoz_masks
+from jaxprune.analysis.activation_zeros import apoz, apoz_masks
 from jaxprune.analysis.histograms import plot_apoz_histogram, plot_weight_histograms
-from jaxprune.analysis.sensitivity import (
+from jaxprune.analysis.sweep import (
   Sensitivity,
   channel_sensitivity,
   choose_ratios,

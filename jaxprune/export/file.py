@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import tree as tree_lib
-from jaxprune.quantize import QuantizedArray, compressed_size, dequantize
-from jaxprune.quantize import quantize as int8_quantize
+from jaxprune.quantization import QuantizedArray, compressed_size, dequantize
+from jaxprune.quantization import quantize as int8_quantize
 
 MAGIC = b"JAXPRUNE"
 VERSION = 1

@@ -22,12 +22,12 @@ Examples:
   >>> nnx.update(model, params)
 """
 
-from jaxprune.posttrain.calibrate import calibrate
+from jaxprune.posttrain.calibration import calibrate
 from jaxprune.posttrain.layers import Layer, linear_layers
-from jaxprune.posttrain.prune import group_blocks, prune
-from jaxprune.posttrain.sparsegpt import sparsegpt, sparsegpt_layer
+from jaxprune.posttrain.sequential import group_blocks, prune
+from jaxprune.posttrain.sparsegpt_solver import sparsegpt, sparsegpt_layer
 from jaxprune.posttrain.stats import InputStats
-from jaxprune.posttrain.wanda import wanda, wanda_mask
+from jaxprune.posttrain.wanda_masks import wanda, wanda_mask
 
 __all__ = [
   "calibrate",

@@ -11,10 +11,10 @@
 """
 
 from jaxprune.distributions import Distribution, erk, layer_sparsities, uniform
-from jaxprune.sparse.acdc import acdc
+from jaxprune.sparse.acdc_schedule import acdc
 from jaxprune.sparse.dynamic import cosine_drop, rigl, set_sparse, static_sparse
-from jaxprune.sparse.lottery import LotteryState, lottery
-from jaxprune.sparse.ste import STEState, sr_ste, ste, ste_masks, ste_params
+from jaxprune.sparse.straight_through import STEState, sr_ste, ste, ste_masks, ste_params
+from jaxprune.sparse.tickets import LotteryState, lottery
 
 __all__ = [
   "acdc",

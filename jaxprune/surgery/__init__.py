@@ -19,7 +19,7 @@ from jaxprune.surgery.channels import (
   slimming_masks,
 )
 from jaxprune.surgery.fold import FoldedBatchNorm, batchnorm_pairs, fold_batchnorm
-from jaxprune.surgery.plan import Group, Plan
+from jaxprune.surgery.planning import Group, Plan
 
 __all__ = [
   "FoldedBatchNorm",

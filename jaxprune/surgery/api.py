@@ -15,7 +15,7 @@ from jaxprune import tree as tree_lib
 from jaxprune.surgery import candidates as candidates_lib
 from jaxprune.surgery import capture, rebuild
 from jaxprune.surgery import check as check_lib
-from jaxprune.surgery.plan import UNITS, Plan, trace
+from jaxprune.surgery.planning import UNITS, Plan, trace
 from jaxprune.surgery.removal import kept_indices, plan_removal, slice_tree, take
 from jaxprune.surgery.source import exception_line
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxprune.surgery.plan import Group, Plan
+from jaxprune.surgery.planning import Group, Plan
 
 Stayed = dict[str, list[tuple[list[int], str]]]  # group -> [(channels, why)]
 

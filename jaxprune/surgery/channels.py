@@ -20,7 +20,7 @@ import numpy as np
 from jaxprune import tree as tree_lib
 from jaxprune.select import check_sparsity, topk_leaves
 from jaxprune.surgery.candidates import check_remove
-from jaxprune.surgery.plan import Plan
+from jaxprune.surgery.planning import Plan
 
 
 def group_masks(plan: Plan, params: Any, remove: Mapping[str, Sequence[int]]) -> Any:

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxprune import tree as tree_lib
 from jaxprune.surgery import capture
-from jaxprune.surgery.plan import Group, Plan
+from jaxprune.surgery.planning import Group, Plan
 
 
 class _Call(NamedTuple):

@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxprune import tree as tree_lib
 from jaxprune.surgery import capture
-from jaxprune.surgery.plan import Group, Plan
+from jaxprune.surgery.planning import Group, Plan
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,8 +39,8 @@ from flax import nnx
 
 from jaxprune import surgery
 from jaxprune import tree as tree_lib
-from jaxprune.analysis.apoz import apoz
-from jaxprune.analysis.sensitivity import Sensitivity, channel_sensitivity, choose_ratios
+from jaxprune.analysis.activation_zeros import apoz
+from jaxprune.analysis.sweep import Sensitivity, channel_sensitivity, choose_ratios
 from jaxprune.train import data
 from jaxprune.train.config_type import Config
 

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from jaxprune import surgery
-from jaxprune.analysis.sensitivity import (
+from jaxprune.analysis.sweep import (
   Sensitivity,
   channel_sensitivity,
   choose_ratios,

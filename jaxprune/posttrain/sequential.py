@@ -16,10 +16,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxprune import tree as tree_lib
-from jaxprune.posttrain.calibrate import Program, check_batches
+from jaxprune.posttrain.calibration import Program, check_batches
 from jaxprune.posttrain.layers import Layer
-from jaxprune.posttrain.sparsegpt import sparsegpt
-from jaxprune.posttrain.wanda import wanda
+from jaxprune.posttrain.sparsegpt_solver import sparsegpt
+from jaxprune.posttrain.wanda_masks import wanda
 
 METHODS = ("wanda", "sparsegpt")
 
