@@ -14,7 +14,8 @@ this one process (one run at a time), with these changes:
   ``ROUNDS`` rounds of magnitude pruning (the same fraction of the remaining weights
   each), each rewinding the survivors to step ``STEPS // 50`` and retraining ``STEPS``
   steps; the random re-init row is its ``rethink`` phase: the final masks on new random
-  weights (``rethink.seed``), trained ``STEPS`` steps from scratch.
+  weights (``rethink.seed`` = 100 + ``train.seed``: with the seed of the ticket's own
+  init the "re-init" would be the ticket at k = 0), trained ``STEPS`` steps from scratch.
 
 Results go to ``benchmarks/results/sparse_training.json`` as they come (a rerun skips
 the runs found there; ``--fresh`` starts over) and the table to
@@ -80,7 +81,7 @@ def make_config(method: str, sparsity: float, seed: int, steps: int = STEPS):
   if method == "lottery":
     config.train.steps = steps * (ROUNDS + 1)
     config.prune.update(begin=steps, rounds=ROUNDS, rewind=steps // 50)
-    config.rethink.steps = steps
+    config.rethink.update(steps=steps, seed=100 + seed)  # never the ticket's own init
   config.train.eval_every = config.train.steps
   return config
 
@@ -194,7 +195,8 @@ seeds {", ".join(map(str, SEEDS))}** (init, data order, random masks). {steps} A
 ERK over the layers for every sparse row. Lottery: dense {steps} steps, then {ROUNDS} rounds
 of magnitude pruning (the same fraction of the remaining weights each), the survivors
 rewound to step {steps // 50} and retrained {steps} steps each round; random re-init:
-its final masks on new random weights, trained {steps} steps from scratch.
+its final masks on new random weights (seed 100 + train seed), trained {steps} steps from
+scratch.
 
 {table_markdown(store, sparsities)}
 

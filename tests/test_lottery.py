@@ -154,3 +154,5 @@ def test_config_checks_the_lottery_fields():
     config_lib.load_config(path, ["prune.method=rigl"])
   with pytest.raises(config_lib.ConfigError, match=r"prune\.rounds: the last pruning step is 5000"):
     config_lib.load_config(path, ["prune.every=2000"])
+  with pytest.raises(config_lib.ConfigError, match=r"rethink\.seed: equals train\.seed \(1\)"):
+    config_lib.load_config(path, ["train.seed=1"])

@@ -297,6 +297,12 @@ def validate_config(config: Config) -> None:
       "prune.schedule",
       f"lottery prunes with a pruner ({' | '.join(optim_lib.PRUNERS)}), not {p.method!r}.",
     )
+  if p.schedule == "lottery" and r.enabled and r.seed == t.seed:
+    fail(
+      "rethink.seed",
+      f"equals train.seed ({t.seed}): the random re-init of the ticket's masks would be "
+      "its own initial weights (the ticket rewound to step 0); choose another seed.",
+    )
   if p.schedule == "lottery" and p.rewind >= p.begin:
     fail(
       "prune.rewind",
