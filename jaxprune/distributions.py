@@ -56,7 +56,10 @@ class Distribution:
   def final(self) -> float:
     """The overall sparsity at the end (the float, or the schedule's final value)."""
     s = self.sparsity
-    return float(s.final if isinstance(s, Schedule) else s)
+    final = s.final if isinstance(s, Schedule) else s
+    if final is None:
+      raise ValueError(f"The {self.kind} distribution's schedule has no final sparsity.")
+    return float(final)
 
   def sparsities(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, float]:
     """``{path: sparsity}`` for layers of the given shapes, at the final overall sparsity.

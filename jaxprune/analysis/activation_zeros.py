@@ -145,7 +145,7 @@ def _zero_counts(
   path: str, outputs: list[Any], activation: Callable[[jax.Array], jax.Array]
 ) -> tuple[jax.Array, jax.Array]:
   """Zeros per unit of the last axis and positions per unit, summed over the calls."""
-  zeros, positions = 0, 0
+  zeros, positions = jnp.zeros((), jnp.int32), 0
   for y in outputs:
     if not isinstance(y, jax.Array) or y.ndim < 1:
       raise ValueError(_not_one_array(path, type(y).__name__))

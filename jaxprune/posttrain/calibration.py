@@ -114,7 +114,11 @@ class Program:
     traced, found = self.traced(inputs)
     key = (id(traced), paths, hessian)
     if key not in self._compiled:
-      layers = [found[p] for p in paths]
+      layers = [layer for p in paths if isinstance(layer := found[p], Layer)]
+      if len(layers) != len(paths):
+        raise ValueError(
+          f"Not linear layers: {[p for p in paths if p not in found or isinstance(found[p], str)]}."
+        )
       site_of = {s: (i, k) for i, layer in enumerate(layers) for k, s in enumerate(layer.sites)}
 
       def run(leaves, inputs):

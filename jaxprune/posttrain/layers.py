@@ -82,6 +82,8 @@ def _param_axes(
       perm = tuple(step[p] for p in perm)
     elif node.primitive not in _SAME:
       return None
+    if node.ins[0] is None:  # a literal operand: not a param
+      return None
     value = node.ins[0]
 
 

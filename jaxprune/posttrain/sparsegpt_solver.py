@@ -64,6 +64,7 @@ def _block(w1, u1, removed, fixed, nm: NM | None, group: int):
     w1, err1, mask1 = carry
     lo = g * group
     if fixed is None:
+      assert nm is not None  # without N:M the mask was chosen above, for the whole block
       rows = lax.dynamic_slice_in_dim(w1, lo, group)
       d_rows = lax.dynamic_slice_in_dim(d, lo, group)
       keep = nm.keep(jnp.square(rows) / jnp.square(d_rows)[:, None], jnp.int32(nm.n))

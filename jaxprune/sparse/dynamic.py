@@ -401,7 +401,7 @@ def rigl(
   )
 
 
-static_sparse.__doc__ = static_sparse.__doc__.format(common=_COMMON.format(seed_extra=""))
+static_sparse.__doc__ = (static_sparse.__doc__ or "").format(common=_COMMON.format(seed_extra=""))
 for _f in (set_sparse, rigl):
   _extra = " and SET's growth" if _f is set_sparse else ""
-  _f.__doc__ = _f.__doc__.format(common=_COMMON.format(seed_extra=_extra), dynamic=_DYNAMIC)
+  _f.__doc__ = (_f.__doc__ or "").format(common=_COMMON.format(seed_extra=_extra), dynamic=_DYNAMIC)

@@ -14,7 +14,7 @@ rewind point lives in the optimizer state, so a checkpoint of the state carries 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +107,7 @@ def lottery(
   tx = masked(inner, pruner)
 
   def init(params):
-    state = tx.init(params)
+    state = cast(MaskedState, tx.init(params))
     return LotteryState(state, params, state.inner_state)
 
   def update(updates, state, params=None, **extra_args):
@@ -119,7 +119,8 @@ def lottery(
       lambda: (params, state.masked.inner_state),
       lambda: (state.rewind_params, state.rewind_inner),
     )
-    new_updates, new_masked = tx.update(updates, state.masked, params, **extra_args)
+    new_updates, new_state = tx.update(updates, state.masked, params, **extra_args)
+    new_masked = cast(MaskedState, new_state)
 
     def rewound(new_updates, inner_state):
       del new_updates, inner_state

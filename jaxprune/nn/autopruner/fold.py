@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
+from flax.core import unfreeze
 
 from jaxprune import tree as tree_lib
 from jaxprune.nn.autopruner.gate import Gate, Gated
@@ -163,7 +163,7 @@ def ungate_params(
     >>> sorted(p), p["conv1"]["bias"].tolist(), m["conv1"]["kernel"].tolist()
     (['conv1'], [1.0, 0.0], [[True, False]])
   """
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+  flat: dict[str, Any] = traverse_util.flatten_dict(unfreeze(params), sep="/")
   unknown = sorted(set(masks) - set(into))
   if unknown:
     raise ValueError(f"No producer given in `into` for the gates {unknown}.")
@@ -174,7 +174,8 @@ def ungate_params(
       raise ValueError(f"No params under the gate path {gate!r}; params: {sorted(flat)}.")
     for k in gate_keys:
       del out[k], param_masks[k]
-    targets = (into[gate],) if isinstance(into[gate], str) else tuple(into[gate])
+    producer = into[gate]
+    targets = [producer] if isinstance(producer, str) else list(producer)
     for target in targets:
       keys = [k for k in flat if k.startswith(target + "/")]
       if not keys:
@@ -183,5 +184,5 @@ def ungate_params(
         m = _channel_mask(keep, np.shape(flat[k]), f"{gate!r} (folded into {k!r})")
         out[k] = jnp.where(m, flat[k], jnp.zeros((), flat[k].dtype))
         param_masks[k] = m
-  unflatten = flax.traverse_util.unflatten_dict
+  unflatten = traverse_util.unflatten_dict
   return unflatten(out, sep="/"), unflatten(param_masks, sep="/")

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
+from flax.core import unfreeze
 
 from jaxprune.nn.autopruner.gate import fc_std, gate_vector
 
@@ -61,7 +62,8 @@ class Gate(nn.Module):
       mask = jnp.asarray(self.get_variable(FROZEN, "mask"))
       if mask.shape != v.shape:
         raise ValueError(
-          f"The frozen mask of the gate {'/'.join(self.scope.path)!r} has shape "
+          f"The frozen mask of the gate {'/'.join(self.scope.path if self.scope else ())!r} "
+          "has shape "
           f"{mask.shape}; the gate has {v.shape}."
         )
       v = mask.astype(v.dtype)
@@ -69,7 +71,7 @@ class Gate(nn.Module):
       "intermediates",
       "gate_vector",
       v.astype(jnp.float32),
-      init_fn=lambda: None,
+      init_fn=lambda: jnp.zeros((), jnp.float32),
       reduce_fn=lambda _, new: new,
     )
     return x * v.astype(x.dtype)
@@ -102,7 +104,7 @@ def freeze_gates(variables: Mapping[str, Any], masks: Mapping[str, Any]) -> dict
     >>> linen.Gate().apply(frozen, jnp.ones((1, 3)), 1.0).tolist()
     [[1.0, 0.0, 1.0]]
   """
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables["params"]), sep="/")
+  flat: dict[str, Any] = traverse_util.flatten_dict(unfreeze(variables["params"]), sep="/")
   unknown = sorted(p for p in masks if f"{p}/kernel".lstrip("/") not in flat)
   if unknown:
     raise ValueError(f"No gate params under {unknown}; params: {sorted(flat)}.")
@@ -118,4 +120,4 @@ def freeze_gates(variables: Mapping[str, Any], masks: Mapping[str, Any]) -> dict
     f"{p}/mask".lstrip("/"): jnp.asarray(m).astype(bool).astype(jnp.float32)
     for p, m in masks.items()
   }
-  return {**variables, FROZEN: flax.traverse_util.unflatten_dict(frozen, sep="/")}
+  return {**variables, FROZEN: traverse_util.unflatten_dict(frozen, sep="/")}
