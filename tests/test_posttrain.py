@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import linen as nn
 from flax import nnx
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxprune
@@ -179,10 +179,11 @@ def test_dead_inputs_are_zeroed_without_nan():
 # --- Properties on small shapes -------------------------------------------------------
 
 
+@settings(max_examples=25)  # four shapes: each compiles the solver once
 @given(
   w=hnp.arrays(
     np.float32,
-    st.tuples(st.sampled_from([4, 8, 12]), st.integers(1, 3)),
+    st.tuples(st.sampled_from([4, 8]), st.sampled_from([1, 3])),
     elements=st.sampled_from([0.0, 1.0, -1.0, 2.0]),  # many ties, and all-zero kernels
   ),
   sparsity=st.sampled_from([0.0, 0.25, 0.5, 0.75]),
