@@ -6,7 +6,7 @@ Examples:
   >>> tx = jaxprune.masked(optax.adam(1e-3), pruner)
 """
 
-from jaxprune import sparse
+from jaxprune import export, sparse
 from jaxprune.distributions import Distribution, erk, uniform
 from jaxprune.masks import Summary, apply_mask, combine, pack_masks, summary, unpack_masks
 from jaxprune.pruners import Pruner, magnitude, random, saliency
@@ -42,6 +42,7 @@ __all__ = [
   "dequantize",
   "Distribution",
   "erk",
+  "export",
   "filters",
   "group_lasso",
   "GroupReport",
