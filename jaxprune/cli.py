@@ -7,6 +7,7 @@
   jaxprune shrink --workdir runs/filters    # cut out pruned channels: a smaller model
   jaxprune export --workdir runs/han        # compact file (kept values only), size table
   jaxprune prune --config configs/charlm_wanda.py  # one-shot Wanda / SparseGPT / magnitude
+  jaxprune prune --config configs/charlm_structured.py  # heads + neurons out: a smaller LM
   jaxprune report runs/agp                  # regenerate runs/agp/report.md and plots
 
 Any config field can be overridden with ``--config.FIELD=VALUE`` (or ``--config.FIELD
@@ -153,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     "posttrain.sparsity or the N:M posttrain.structure, block by block "
     "(posttrain.sequential), print the validation perplexity (accuracy) before and "
     "after with the per-layer sparsity, and save the pruned checkpoint, masks.npz and "
-    "prune.md in posttrain.out (default <train.workdir>/<method>_<target>).",
+    "prune.md in posttrain.out (default <train.workdir>/<method>_<target>). With "
+    "posttrain.method flap | taylor: remove posttrain.heads of the query heads and "
+    "posttrain.neurons of the MLP neurons, shrink, fine-tune and compare perplexity, "
+    "params, FLOPs and latency with the dense model (jaxprune.train.lm_structured).",
     **common,
   )
   prune_cmd.add_argument("--config", required=True, metavar="FILE", help=CONFIG_HELP)
@@ -239,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"--step must be a checkpoint step >= 0, got {args.step}")
   if args.command == "shrink" and args.multiple_of < 1:
     parser.error(f"--multiple-of must be >= 1, got {args.multiple_of}")
-  from jaxprune.train import autopruner, evaluate, report, run, sweep
+  from jaxprune.train import autopruner, evaluate, lm_structured, report, run, sweep
   from jaxprune.train import export as export_lib
   from jaxprune.train import prune as prune_lib
   from jaxprune.train import shrink as shrink_lib
@@ -266,6 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, step=args.step, out=args.out, keep=args.keep, multiple_of=args.multiple_of
       )
       print(result.report())
+      return 0
+    if args.command == "prune" and config.posttrain.method in lm_structured.METHODS:
+      print(lm_structured.prune_structured(config, step=args.step).report())
       return 0
     if args.command == "prune":
       print(prune_lib.prune_checkpoint(config, step=args.step).report())

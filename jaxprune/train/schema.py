@@ -309,8 +309,10 @@ FIELDS: dict[str, dict[str, Field]] = {
   "posttrain": {
     "method": Field(
       "sparsegpt",
-      choice("magnitude", "wanda", "sparsegpt"),
-      "jaxprune prune: magnitude (per layer) | wanda | sparsegpt (jaxprune.posttrain)",
+      choice("magnitude", "wanda", "sparsegpt", "flap", "taylor"),
+      "jaxprune prune: magnitude (per layer) | wanda | sparsegpt (jaxprune.posttrain) | "
+      "flap | taylor: heads and MLP neurons removed, a smaller model "
+      "(jaxprune.train.lm_structured)",
     ),
     "sparsity": Field(0.5, fraction, "unstructured: the fraction removed (per layer / output)"),
     "structure": Field("unstructured", nm_or_unstructured, "unstructured | N:M, e.g. 2:4, 4:8"),
@@ -323,6 +325,13 @@ FIELDS: dict[str, dict[str, Field]] = {
     "blocksize": Field(128, integer(1), "sparsegpt: columns per lazy-update block"),
     "dampening": Field(0.01, positive, "sparsegpt: of the mean diagonal of H"),
     "out": Field("", text, '"": <train.workdir>/<method>_<target>; the pruned checkpoint'),
+    "heads": Field(
+      0.25, fraction, "flap | taylor: query heads removed (from every KV group, over all blocks)"
+    ),
+    "neurons": Field(0.25, fraction, "flap | taylor: MLP neurons removed (over all blocks)"),
+    "finetune_steps": Field(100, integer(0), "flap | taylor: Adam steps of the smaller model"),
+    "finetune_learning_rate": Field(1e-3, positive, "flap | taylor: cosine-decayed from this"),
+    "latency_rounds": Field(20, integer(1), "flap | taylor: interleaved timing rounds"),
   },
   "autopruner": {
     "widths": Field((16, 32), widths, "output channels of the gated convs"),
