@@ -92,7 +92,7 @@ def test_load_config_overrides():
   ("prune.end=5", "prune.end", "must not come before prune.begin (1000)"),
   ("prune.end=3000", "prune.end", "training stops before step train.steps = 3000"),
   ("prune.overrides={'fc3': 1.0}", "prune.overrides['fc3']", "must be in [0, 1)"),
-  ("data.name=cifar_ten", "data.name", "must be one of 'digits', 'mnist5k' or a TFDS dataset"),
+  ("data.name=cifar_ten", "data.name", "must be one of 'digits', 'mnist5k', 'pydoc_topics' or a TFDS"),
   ("data.augment=mixup", "data.augment", "must be one of 'none', 'flip_crop'"),
   ("data.download=perhaps", "data.download", "cannot set 'perhaps'"),
   ("model.width=0", "model.width", "must be a number > 0"),
@@ -106,7 +106,7 @@ def test_load_config_overrides():
   ("parallel.devices=64", "parallel.devices", "asks for 64 devices"),
   ("rethink.steps=-2", "rethink.steps", "must be an integer >= 0"),
   ("data.batch_size=0", "data.batch_size", "must be an integer >= 1"),
-  ("model.name=vgg", "model.name", "must be one of 'lenet300', 'lenet5', 'resnet20'"),
+  ("model.name=vgg", "model.name", "must be one of 'charlm', 'lenet300', 'lenet5', 'resnet20'"),
   ("train.learning_rate=0", "train.learning_rate", "must be a number > 0"),
   ("train.progress=maybe", "train.progress", "cannot set 'maybe'"),
 ])  # fmt: skip
