@@ -27,6 +27,7 @@ import math
 import pathlib
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -36,6 +37,7 @@ from flax import nnx
 import jaxprune
 from jaxprune import posttrain
 from jaxprune import tree as tree_lib
+from jaxprune.structures import NM
 from jaxprune.train import checkpoint as checkpoint_lib
 from jaxprune.train import config as config_lib
 from jaxprune.train import data, models
@@ -47,7 +49,7 @@ from jaxprune.train.config_type import Config
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
-def target(config: Config) -> tuple[float, jaxprune.structures.NM | None]:
+def target(config: Config) -> tuple[float, NM | None]:
   """``(sparsity, nm)`` of ``config.posttrain``: an N:M structure fixes the sparsity."""
   p = config.posttrain
   if p.structure == "unstructured":
@@ -63,7 +65,7 @@ def target_name(config: Config) -> str:
   return f"{p.sparsity:.0%}" if p.structure == "unstructured" else p.structure
 
 
-def selected(pattern: str) -> tree_lib.Where:
+def selected(pattern: str) -> Callable[[str, Any], bool]:
   """The kernels (``ndim >= 2``) whose path ``pattern`` finds: what ``posttrain.layers`` picks."""
   return lambda path, leaf: np.ndim(leaf) >= 2 and re.search(pattern, path) is not None
 
@@ -303,7 +305,9 @@ def _save(config: Config, result: PruneResult, state: Any, masks: Any, meta: dic
     )
   finally:
     ckpt.close()
-  kept = {p: np.asarray(m) for p, m in tree_lib.leaves_with_paths(masks) if m is not None}
+  kept: dict[str, Any] = {
+    p: np.asarray(m) for p, m in tree_lib.leaves_with_paths(masks) if m is not None
+  }
   np.savez(out / "masks.npz", **kept)
   (out / "prune.json").write_text(json.dumps(numbers, indent=2))
   (out / "prune.md").write_text(f"# {result.method} at {result.target}\n\n{result.report()}\n")
