@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxprune import cli
 from jaxprune.train import config as config_lib
-from jaxprune.train import data, metrics, models, prune, text
+from jaxprune.train import data, metrics, models, prune, run, text
 from jaxprune.train.transformer import Attention, CharLM
 
 TINY = {
@@ -187,3 +187,24 @@ def test_train_then_prune_from_the_command_line(tmp_path, capsys):
   with np.load(out_dir / "masks.npz") as masks:
     assert len(masks.files) == 14 and masks["blocks/0/attn/q_proj/kernel"].mean() == 0.5
   assert float(pruned) > 0
+
+
+def test_an_interrupted_lm_run_resumes_to_the_same_params(tmp_path):
+  fields = {"train.lr_schedule": "constant", "train.warmup_steps": 0, "checkpoint.every": 2}
+  fields.update({"prune.begin": 1, "prune.end": 1})  # not following train.steps (unused)
+  whole = run.Run(
+    tiny_config("configs/charlm.py", **fields, **{"train.workdir": str(tmp_path / "a")})
+  )
+  first = run.Run(
+    tiny_config(
+      "configs/charlm.py", **fields, **{"train.workdir": str(tmp_path / "b"), "train.steps": 2}
+    )
+  )
+  first.execute()
+  resumed = run.Run(
+    tiny_config("configs/charlm.py", **fields, **{"train.workdir": str(tmp_path / "b")})
+  )
+  a, b = whole.execute(), resumed.execute()
+  assert b.resumed_from == 2
+  for x, y in zip(jax.tree.leaves(a.state.params), jax.tree.leaves(b.state.params)):
+    np.testing.assert_array_equal(x, y)
