@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import linen, nnx
 
 from jaxprune import surgery
 from jaxprune import tree as tree_lib
@@ -383,3 +383,50 @@ def test_zoo_charlm_heads_and_neurons_shrink_and_rebuild_from_widths():
   )
   shapes = lambda m: jax.tree.map(jnp.shape, nnx.state(m, nnx.Param))  # noqa: E731
   assert shapes(rebuilt) == shapes(small.model)
+
+
+# A hand-written Linen block: q/k/v/o nn.Dense, heads split by a reshape to (-1, head_dim).
+
+
+class LinenAttention(linen.Module):
+  head_dim: int = 4
+
+  @linen.compact
+  def __call__(self, x):
+    b, t, _ = x.shape
+    h = linen.Dense(16, name="embed")(x)
+    y = linen.LayerNorm(name="ln1")(h)
+    q, k, v = (linen.Dense(32, name=n)(y).reshape(b, t, -1, self.head_dim) for n in "qkv")
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(self.head_dim)
+    logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -1e9)
+    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v).reshape(b, t, -1)
+    h = h + linen.Dense(16, name="o")(out)
+    z = linen.gelu(linen.Dense(24, name="up")(linen.LayerNorm(name="ln2")(h)))
+    h = h + linen.Dense(16, name="down")(z)
+    return linen.Dense(5, name="head")(h)
+
+
+def test_linen_hand_written_attention_heads_and_neurons_shrunk_equals_masked():
+  net = LinenAttention()
+  variables = net.init(jax.random.key(0), jnp.ones((1, 4, 6)))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(
+    lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.5, x.dtype), variables
+  )
+  p = surgery.plan(net, variables, example_input=example(6))
+  assert p.group("params/heads").size == 8 and p.group("params/heads").blocked is None
+  masks = surgery.channel_masks(p, variables["params"], {"heads": 0.5, "neurons": 0.25})
+  small = surgery.shrink(net, variables, masks, example_input=example(6))
+  assert {n: small.widths[n]["features"] for n in ("q", "k", "v", "up")} == {
+    "q": 16,
+    "k": 16,
+    "v": 16,
+    "up": 18,
+  }
+  assert small.variables["params"]["o"]["kernel"].shape == (16, 16)
+  masked = {**variables, "params": where(masks, variables["params"])}
+  for t in LENGTHS:
+    x = jnp.asarray(np.random.default_rng(t).normal(size=(2, t, 6)), jnp.float32)
+    ref, out = net.apply(masked, x), small.model.apply(small.variables, x)
+    scale = max(1.0, float(jnp.abs(ref).max()))
+    assert float(jnp.abs(ref - out).max()) <= 1e-5 * scale, t

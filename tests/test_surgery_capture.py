@@ -203,7 +203,7 @@ def test_mark_outputs_only_inside_a_trace():
 
 def test_sub_jaxprs_are_looked_up_in_one_place():
   surgery_dir = pathlib.Path(surgery.__file__).parent
-  for path in [*surgery_dir.glob("*.py"), surgery_dir.parent / "analysis" / "apoz.py"]:
+  for path in [*surgery_dir.glob("*.py"), surgery_dir.parent / "analysis" / "activation_zeros.py"]:
     text = path.read_text()
     if path.name != "capture.py":
       assert '"call_jaxpr"' not in text and '"fun_jaxpr"' not in text, path
