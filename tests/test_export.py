@@ -7,6 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import jaxprune
 from jaxprune import export
@@ -99,7 +102,7 @@ def test_masks_give_the_positions_and_pruned_values_must_be_zero(tmp_path):
   assert bits_equal(loaded["w"], pruned["w"]) and bits_equal(loaded["b"], pruned["b"])
   with pytest.raises(ValueError, match="'w' has nonzero values where its mask prunes"):
     export.save(tmp_path / "bad.jxp", params, masks)
-  with pytest.raises(ValueError, match="quantize must be None or 'int8'"):
+  with pytest.raises(ValueError, match="quantize must be None, 'int8' or 'shared'"):
     export.to_bytes(pruned, quantize="int4")
 
 
@@ -123,6 +126,119 @@ def test_int8_loads_the_dequantized_values_and_zeros_stay_zero(tmp_path):
     )
     assert ((loaded[layer]["kernel"] == 0) == (w == 0)).all()
   assert bits_equal(loaded["fc"]["bias"], params["fc"]["bias"])  # biases are not quantized
+
+
+def kmeans_reference(v, bits, iterations):
+  """Plain-loop 1-D k-means: linear init, nearest centroid (tie: lower), empty keeps."""
+  v = [float(x) for x in v]
+  k = min(2**bits, len(v))
+  lo, hi = min(v), max(v)
+  c = sorted(set(lo + (hi - lo) * i / (k - 1) for i in range(k))) if k > 1 else [lo]
+
+  def assign(x):
+    return min(range(len(c)), key=lambda j: (abs(x - c[j]), j))
+
+  for _ in range(iterations + 1):
+    groups = [[x for x in v if assign(x) == j] for j in range(len(c))]
+    c = [sum(g) / len(g) if g else c[j] for j, g in enumerate(groups)]
+  return [c[j] for j in range(len(c)) if groups[j]], groups
+
+
+def test_kmeans_matches_a_plain_loop_reference():
+  v = np.random.default_rng(0).standard_normal(200)
+  v = v[np.abs(v) > 0.5]
+  codebook, index = export.kmeans_1d(v, bits=3, iterations=7)
+  expected, groups = kmeans_reference(v, 3, 7)
+  np.testing.assert_allclose(codebook, np.asarray(expected, np.float32), rtol=1e-6)
+  got = [sorted(v[index == j].tolist()) for j in range(codebook.size)]
+  assert got == [sorted(g) for g in groups if g]
+  assert index.dtype == np.uint8 and codebook.dtype == np.float32
+
+
+def test_shared_loads_exactly_the_centroids_and_pruned_positions_stay_zero(tmp_path):
+  params = {
+    "fc": {"kernel": sparse_matrix(0, (64, 32), 0.1), "bias": np.linspace(-1, 1, 32)},
+    "conv": {"kernel": sparse_matrix(1, (3, 3, 4, 8), 0.5)},
+    "bf16": {"kernel": sparse_matrix(2, (32, 16), 0.3, jnp.bfloat16)},
+  }
+  for bits in (1, 3, 5, 8):
+    path = tmp_path / f"s{bits}.jxp"
+    export.save(path, params, quantize="shared", bits=bits)
+    loaded = export.load(path)
+    records = {r["shape"][0]: r for r in leaf_records(header_of(path.read_bytes())["tree"])}
+    for layer in ("fc", "conv", "bf16"):
+      w = np.asarray(params[layer]["kernel"])
+      kept = w != 0
+      codebook, index = export.kmeans_1d(w[kept], bits)
+      assert codebook.size <= 2**bits
+      expected = np.zeros(w.shape, np.float32)
+      expected[kept] = codebook[index]
+      assert bits_equal(loaded[layer]["kernel"], expected.astype(w.dtype))
+      assert (loaded[layer]["kernel"][~kept] == 0).all()
+      assert (loaded[layer]["kernel"][kept] != 0).all()  # no kept weight maps to zero
+      assert set(np.unique(loaded[layer]["kernel"][kept]).tolist()) <= set(
+        codebook.astype(w.dtype).tolist()
+      )
+    assert records[3]["bits"] == bits and records[3]["coding"] != "dense"
+    assert bits_equal(loaded["fc"]["bias"], params["fc"]["bias"])  # biases stay exact
+  assert path.read_bytes()[8] == 2  # shared files are version 2, others version 1
+  assert export.to_bytes(params)[8] == export.to_bytes(params, quantize="int8")[8] == 1
+
+
+def test_shared_is_deterministic_and_smaller_than_int8():
+  w = {"kernel": sparse_matrix(0, (300, 100), 0.08), "bias": np.zeros(100, np.float32)}
+  blobs = [export.to_bytes(w, quantize="shared") for _ in range(2)]
+  assert blobs[0] == blobs[1]
+  assert blobs[0] == export.to_bytes(w, quantize="shared", bits=5)  # the default
+  s = export.sizes(w)
+  assert s["jaxprune shared 5-bit"] == len(blobs[0]) < s["jaxprune int8"]
+  assert len(export.to_bytes(w, quantize="shared", bits=2)) < len(blobs[0])
+
+
+@pytest.mark.parametrize("bits", [0, 9, -1, 5.0, True, "5"])
+def test_shared_bits_out_of_range_is_a_clear_error(bits):
+  w = {"kernel": sparse_matrix(0, (8, 4), 0.5)}
+  with pytest.raises(ValueError, match="bits must be an integer from 1 to 8"):
+    export.to_bytes(w, quantize="shared", bits=bits)
+  with pytest.raises(ValueError, match="bits must be an integer from 1 to 8"):
+    export.kmeans_1d([1.0, 2.0], bits=bits)
+  with pytest.raises(ValueError, match="bits=5 is for quantize='shared'"):
+    export.to_bytes(w, quantize="int8", bits=5)
+
+
+def test_shared_refuses_nan_and_names_the_leaf():
+  w = sparse_matrix(0, (8, 4), 0.5)
+  w[0, 0] = np.nan
+  with pytest.raises(ValueError, match="'layer/kernel'.*finite"):
+    export.to_bytes({"layer": {"kernel": w}}, quantize="shared")
+
+
+small_float = st.floats(-4, 4, width=32).filter(lambda x: x != 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+  values=hnp.arrays(
+    np.float32,
+    hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=6),
+    elements=st.one_of(st.just(np.float32(0)), st.sampled_from([np.float32(0.5)]), small_float),
+  ),
+  bits=st.integers(1, 8),
+)
+def test_shared_round_trip_property(values, bits):
+  """Ties (repeated values), one element, all-zero layers: centroids back, zeros exact."""
+  blob = export.to_bytes({"w": values}, quantize="shared", bits=bits)
+  loaded = export.from_bytes(blob)["w"]
+  kept = values != 0
+  codebook, index = export.kmeans_1d(values[kept], bits)
+  assert codebook.size <= min(2**bits, len(np.unique(values[kept])))
+  assert (loaded[~kept] == 0).all()
+  assert bits_equal(loaded[kept], codebook[index])
+  if kept.any():
+    assert codebook.min() >= values[kept].min() and codebook.max() <= values[kept].max()
+  if np.unique(values[kept]).size == 1:  # one distinct value: its own centroid, exact
+    assert bits_equal(loaded, values)
+  assert export.to_bytes({"w": values}, quantize="shared", bits=bits) == blob
 
 
 def test_pruned_file_is_smaller_than_npz_gzip_and_int8_smaller_still():

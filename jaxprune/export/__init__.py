@@ -1,7 +1,8 @@
 """Deployment: a compact file for a pruned model, sparse export, N:M packing.
 
 * :func:`save` / :func:`load`: kept values only, positions as a bitmask or delta-coded
-  indices (whichever is smaller per layer), optional int8, JSON structure, xz-compressed;
+  indices (whichever is smaller per layer), optional int8 or k-means weight sharing
+  (``quantize="shared", bits=5``: :func:`kmeans_1d`), JSON structure, xz-compressed;
   :func:`sizes` compares it with dense float32 and ``.npz`` + gzip.
 * :func:`to_sparse` / :func:`sparse_apply`: weight matrices as
   ``jax.experimental.sparse`` BCOO / BCSR and a forward pass through ``sparsify``.
@@ -10,11 +11,12 @@
 """
 
 from jaxprune.export.bcoo import sparse_apply, to_sparse
-from jaxprune.export.file import from_bytes, load, save, sizes, to_bytes
+from jaxprune.export.file import from_bytes, kmeans_1d, load, save, sizes, to_bytes
 from jaxprune.export.nm import NMPacked, nm_matmul, nm_matmul_available, nm_pack, nm_unpack
 
 __all__ = [
   "from_bytes",
+  "kmeans_1d",
   "load",
   "nm_matmul",
   "nm_matmul_available",
