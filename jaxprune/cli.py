@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     help="write a run's checkpoint as a compact file (kept values only) and print its sizes",
     description="Restore a checkpoint of a run (the newest by default), take the masks "
     "from its optimizer state, write export.jxp (float32 kept values, positions as a "
-    "bitmask or delta-coded indices per layer) and export-int8.jxp (int8 weight matrices "
-    "and kernels), load both back and print their sizes next to dense float32 and "
+    "bitmask or delta-coded indices per layer), export-int8.jxp (int8 weight matrices "
+    "and kernels) and export-shared{4,5,6}.jxp (k-means weight sharing), load them back "
+    "and print their sizes next to dense float32 and "
     ".npz + gzip, with the test accuracy of each loaded model. Writes into the run's "
     "workdir, or --out DIR (with export.md).",
     **common,

@@ -34,7 +34,9 @@ def test_export_a_run_by_its_workdir(run, capsys):
   assert "checkpoint: train step 12" in out
   rows = dict(
     re.findall(
-      r"\| (dense float32|\.npz \+ gzip|jaxprune float32|jaxprune int8) \| ([\d,]+) \|", out
+      r"\| (dense float32|\.npz \+ gzip|jaxprune float32|jaxprune int8|jaxprune shared \d-bit) "
+      r"\| ([\d,]+) \|",
+      out,
     )
   )
   sizes = {k: int(v.replace(",", "")) for k, v in rows.items()}
@@ -42,6 +44,10 @@ def test_export_a_run_by_its_workdir(run, capsys):
   assert sizes["jaxprune int8"] < sizes["jaxprune float32"] < sizes[".npz + gzip"]
   assert sizes["jaxprune float32"] == (run / export_cli.FLOAT_FILE).stat().st_size
   assert sizes["jaxprune int8"] == (run / export_cli.INT8_FILE).stat().st_size
+  for bits in export_cli.SHARED_BITS:
+    name = export_cli.shared_name(bits)
+    assert sizes[name] == (run / export_cli.shared_file(bits)).stat().st_size
+  assert sizes["jaxprune shared 4-bit"] < sizes["jaxprune shared 6-bit"] < sizes["jaxprune int8"]
 
   final = json.loads((run / "summary.json").read_text())["final_accuracy"]
   masked = re.search(r"\| jaxprune float32 \| [\d,]+ \| [\d.]+x \| ([\d.]+)% \|", out).group(1)

@@ -2,8 +2,9 @@
 
 Restores a checkpoint (the newest by default), takes the masks from its optimizer state
 (:func:`jaxprune.masks_of`; without ``jaxprune.masked``, the exact zeros), writes
-``export.jxp`` (float32 values) and ``export-int8.jxp`` (int8 weight matrices and
-kernels) with :func:`jaxprune.export.save`, loads both back, and measures the test
+``export.jxp`` (float32 values), ``export-int8.jxp`` (int8 weight matrices and
+kernels) and ``export-shared{4,5,6}.jxp`` (k-means weight sharing, 4 / 5 / 6-bit
+indices) with :func:`jaxprune.export.save`, loads them back, and measures the test
 accuracy of the loaded models: the size table says what a file costs and what it
 computes.
 """
@@ -29,6 +30,17 @@ from jaxprune.train.config_type import Config
 
 FLOAT_FILE = "export.jxp"
 INT8_FILE = "export-int8.jxp"
+SHARED_BITS = (4, 5, 6)  # weight sharing: Deep Compression used 5 bits for FC layers
+
+
+def shared_file(bits: int) -> str:
+  return f"export-shared{bits}.jxp"
+
+
+def shared_name(bits: int) -> str:
+  return f"jaxprune shared {bits}-bit"
+
+
 REPORT_NAME = "export.md"
 
 
@@ -39,9 +51,10 @@ class ExportResult:
   Attributes:
     phase, step: the checkpoint's.
     sizes: bytes of the params: ``dense float32``, ``.npz + gzip``, ``jaxprune float32``,
-      ``jaxprune int8`` (:func:`jaxprune.export.sizes`).
+      ``jaxprune int8`` (:func:`jaxprune.export.sizes`) and ``jaxprune shared B-bit``
+      for B in :data:`SHARED_BITS`.
     accuracy: test accuracy of the checkpoint's masked model and of each loaded file
-      (``masked``, ``jaxprune float32``, ``jaxprune int8``).
+      (``masked``, ``jaxprune float32``, ``jaxprune int8``, ``jaxprune shared B-bit``).
     out_dir: where the files were written (``None``: not written).
   """
 
@@ -64,7 +77,8 @@ class ExportResult:
     if self.out_dir is None:
       lines.append("not saved: the run has no train.workdir; pass --out DIR")
     else:
-      lines.append(f"saved: {self.out_dir / FLOAT_FILE}, {self.out_dir / INT8_FILE}")
+      files = [FLOAT_FILE, INT8_FILE, *(shared_file(b) for b in SHARED_BITS)]
+      lines.append("saved: " + ", ".join(str(self.out_dir / f) for f in files))
     return "\n".join(lines)
 
 
@@ -97,7 +111,8 @@ def export_checkpoint(
   Args:
     config: the run's config (as ``jaxprune eval`` takes it).
     step: the checkpoint's step.
-    out: where to write ``export.jxp``, ``export-int8.jxp`` and ``export.md``
+    out: where to write ``export.jxp``, ``export-int8.jxp``, ``export-sharedB.jxp`` and
+      ``export.md``
       (default: the run's ``train.workdir``; nothing is written without either).
     dataset: use this dataset instead of loading ``config.data``.
 
@@ -123,6 +138,10 @@ def export_checkpoint(
     "jaxprune float32": export_lib.to_bytes(params, masks),
     "jaxprune int8": export_lib.to_bytes(params, masks, quantize="int8"),
   }
+  sizes = {k: v for k, v in sizes.items() if not k.startswith("jaxprune shared")}
+  for bits in SHARED_BITS:
+    blobs[shared_name(bits)] = export_lib.to_bytes(params, masks, quantize="shared", bits=bits)
+    sizes[shared_name(bits)] = len(blobs[shared_name(bits)])
 
   def accuracy_of(pure: dict) -> float:
     p = jax.tree.map(lambda x: x, params_state)
@@ -141,5 +160,7 @@ def export_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / FLOAT_FILE).write_bytes(blobs["jaxprune float32"])
     (out_dir / INT8_FILE).write_bytes(blobs["jaxprune int8"])
+    for bits in SHARED_BITS:
+      (out_dir / shared_file(bits)).write_bytes(blobs[shared_name(bits)])
     (out_dir / REPORT_NAME).write_text(result.report() + "\n")
   return result
