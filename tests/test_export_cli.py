@@ -50,7 +50,9 @@ def test_export_a_run_by_its_workdir(run, capsys):
   assert sizes["jaxprune shared 4-bit"] < sizes["jaxprune shared 6-bit"] < sizes["jaxprune int8"]
 
   final = json.loads((run / "summary.json").read_text())["final_accuracy"]
-  masked = re.search(r"\| jaxprune float32 \| [\d,]+ \| [\d.]+x \| ([\d.]+)% \|", out).group(1)
+  found = re.search(r"\| jaxprune float32 \| [\d,]+ \| [\d.]+x \| ([\d.]+)% \|", out)
+  assert found is not None
+  masked = found.group(1)
   assert masked == f"{final:.2%}"[:-1]  # the loaded float32 file scores what the run did
 
   params = np.load(run / "params.npz")
