@@ -183,6 +183,11 @@ def per_seed_markdown(store: dict) -> str:
 
 
 def write_markdown(store: dict, sparsities, path: pathlib.Path, steps: int) -> str:
+  lottery = f""" Lottery: dense {steps} steps, then {ROUNDS} rounds
+of magnitude pruning (the same fraction of the remaining weights each), the survivors
+rewound to step {steps // 50} and retrained {steps} steps each round; random re-init:
+its final masks on new random weights (seed 100 + train seed), trained {steps} steps from
+scratch."""
   cpu = sum(r["cpu_seconds"] for r in store.values())
   wall = sum(r["seconds"] for r in store.values())
   text = f"""# Sparse training: LeNet-300-100 on mnist5k
@@ -192,11 +197,7 @@ def write_markdown(store: dict, sparsities, path: pathlib.Path, steps: int) -> s
 jax {jax.__version__}). Test accuracy (%) on the 1,000 test digits, **mean ± SD over
 seeds {", ".join(map(str, SEEDS))}** (init, data order, random masks). {steps} Adam steps
 (lr 1e-3, batch 128; {steps * 128 / 4000:.0f} epochs of the 4,000 training digits) per run;
-ERK over the layers for every sparse row. Lottery: dense {steps} steps, then {ROUNDS} rounds
-of magnitude pruning (the same fraction of the remaining weights each), the survivors
-rewound to step {steps // 50} and retrained {steps} steps each round; random re-init:
-its final masks on new random weights (seed 100 + train seed), trained {steps} steps from
-scratch.
+ERK over the layers for every sparse row.{lottery if any("lottery/" in k for k in store) else ""}
 
 {table_markdown(store, sparsities)}
 
