@@ -80,7 +80,8 @@ class Shrunk:
     plan: the groups of the original model.
     removed: ``{group name: [removed channel indices]}``.
     kept: ``{path: {axis: kept indices}}`` for every sliced array.
-    widths: ``{module path: {attribute: new size}}``, the new architecture as a config.
+    widths: ``{module path: {attribute: new size}}``, the new architecture as a config
+      (a size is a tuple for ``nnx.LinearGeneral``'s ``in_features``/``out_features``).
     max_error: the largest output difference from the masked model found by the check
       (over every input size it ran at).
     kept_constant: ``{group name: [channel indices]}`` that were dead (all producer
@@ -100,7 +101,7 @@ class Shrunk:
   plan: Plan
   removed: dict[str, list[int]]
   kept: dict[str, dict[int, np.ndarray]]
-  widths: dict[str, dict[str, int]]
+  widths: dict[str, dict[str, int | tuple[int, ...]]]
   max_error: float | None
   kept_constant: dict[str, list[int]] = dataclasses.field(default_factory=dict)
   why_kept: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -286,7 +287,7 @@ def _zero_producers(
       continue
     for p, a in g.producers:
       arr = np.array(out[index[p]])
-      sl = [slice(None)] * arr.ndim
+      sl: list[slice | np.ndarray] = [slice(None)] * arr.ndim
       sl[a] = np.concatenate([g.channels[j][(p, a)] for j in chans])
       arr[tuple(sl)] = 0
       out[index[p]] = jnp.asarray(arr)

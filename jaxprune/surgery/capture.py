@@ -97,7 +97,7 @@ def interpret(
   def read(v: Any) -> Any:
     if not isinstance(v, jex_core.Literal) and v in env:
       return env[v]
-    if concrete:
+    if default is None:
       return v.val
     return default(v)
 

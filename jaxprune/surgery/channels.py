@@ -44,7 +44,7 @@ def group_masks(plan: Plan, params: Any, remove: Mapping[str, Sequence[int]]) ->
       for (path, axis), idx in g.channels[j].items():
         if path not in cut:
           cut[path] = np.ones(plan.shapes[path], bool)
-        sl = [slice(None)] * len(plan.shapes[path])
+        sl: list[slice | np.ndarray] = [slice(None)] * len(plan.shapes[path])
         sl[axis] = idx
         cut[path][tuple(sl)] = False
 

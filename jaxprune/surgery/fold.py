@@ -18,7 +18,7 @@ the modules are matched to the program by the exact paths of their params.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +27,6 @@ from flax import nnx
 
 from jaxprune.surgery import capture
 from jaxprune.surgery import check as check_lib
-
-_PRODUCERS = (nnx.Conv, nnx.Linear)
 
 
 class FoldedBatchNorm(nnx.Module):
@@ -49,7 +47,10 @@ class FoldedBatchNorm(nnx.Module):
     return x
 
 
-def _plain(mod: Any, base: type) -> bool:
+_M = TypeVar("_M", bound=nnx.Module)
+
+
+def _plain(mod: Any, base: type[_M]) -> TypeGuard[_M]:
   """``mod`` is a ``base`` whose ``__call__`` is ``base``'s own (not overridden)."""
   return isinstance(mod, base) and type(mod).__call__ is base.__call__
 
@@ -81,13 +82,16 @@ def _pairs(traced: capture.Traced) -> list[tuple[str, str, int]]:
         output_of[node.outs[0]] = layer
     elif name == "add" and len(ins) == 2:
       for a, b in (ins, ins[::-1]):
+        if a is None or b is None:
+          continue
         layer = output_of.get(a)
         if layer is not None and path_of.get(b) == f"{layer}/bias" and flow.uses[a] == 1:
           output_of[node.outs[0]] = layer
     elif name == "sub" and len(ins) == 2 and ins[1] in path_of:
       norm, leaf = _layer(path_of[ins[1]])
-      layer = output_of.get(ins[0])
-      if leaf != "mean" or layer is None or flow.uses[ins[0]] != 1:
+      x = ins[0]
+      layer = None if x is None else output_of.get(x)
+      if leaf != "mean" or x is None or layer is None or flow.uses[x] != 1:
         continue
       if reads.get(f"{layer}/kernel") == 1 and reads.get(f"{norm}/mean") == 1:
         found.append((layer, norm, len(node.eqn.invars[0].aval.shape)))
@@ -132,7 +136,7 @@ def batchnorm_pairs(model: nnx.Module, example_input: Any) -> list[tuple[str, st
   pairs = []
   for layer_path, bn_path, ndim in _pairs(traced):
     layer, bn = modules.get(layer_path), modules.get(bn_path)
-    if not _plain(bn, nnx.BatchNorm) or not any(_plain(layer, c) for c in _PRODUCERS):
+    if not _plain(bn, nnx.BatchNorm) or not (_plain(layer, nnx.Conv) or _plain(layer, nnx.Linear)):
       continue
     if bn.axis not in (-1, ndim - 1):
       continue

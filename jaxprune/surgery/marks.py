@@ -15,6 +15,7 @@ import contextvars
 import dataclasses
 import threading
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax
 from flax import nnx
@@ -71,9 +72,13 @@ def _marking_class(cls: type) -> type:
     if sub is None:
 
       def __call__(self, *args, **kwargs):
-        y = super(sub, self).__call__(*args, **kwargs)
+        # ``cls`` is any module class: its ``__call__`` is not known statically.
+        parent: Any = super(marking, self)
+        y = parent.__call__(*args, **kwargs)
         sink = _SINK.get()
-        path = None if sink is None or sink.paths is None else sink.paths.get(id(self))
+        if sink is None or sink.paths is None:
+          return y
+        path = sink.paths.get(id(self))
         if path is None:
           return y
         if not isinstance(y, jax.Array):
@@ -83,9 +88,9 @@ def _marking_class(cls: type) -> type:
         sink.marks.append(Mark(path, name))
         return checkpoint_name(y, name)
 
-      sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
-      sub.__qualname__ = cls.__qualname__
-      _MARKING[cls] = sub
+      marking = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+      marking.__qualname__ = cls.__qualname__
+      _MARKING[cls] = sub = marking
     return sub
 
 

@@ -13,12 +13,12 @@ def _shape(var: Any) -> tuple[int, ...]:
   return tuple(var.get_value().shape)
 
 
-def fix_nnx_attributes(model: nnx.Module) -> dict[str, dict[str, int]]:
+def fix_nnx_attributes(model: nnx.Module) -> dict[str, dict[str, int | tuple[int, ...]]]:
   """Sets each layer's size attributes from its (sliced) arrays; returns the new widths."""
-  widths: dict[str, dict[str, int]] = {}
+  widths: dict[str, dict[str, int | tuple[int, ...]]] = {}
   for path, mod in nnx.iter_modules(model):
     name = "/".join(str(k) for k in path)
-    new: dict[str, int] = {}
+    new: dict[str, int | tuple[int, ...]] = {}
     if isinstance(mod, nnx.Linear):
       new = {"in_features": _shape(mod.kernel)[0], "out_features": _shape(mod.kernel)[1]}
     elif isinstance(mod, nnx.LinearGeneral):

@@ -153,7 +153,8 @@ def flap_compensate(
   (FLAP's bias compensation). A reader without a bias (``MODULE/bias`` next to its
   kernel, of the output's shape) is left as it is.
   """
-  delta: dict[str, np.ndarray] = collections.defaultdict(lambda: 0.0)
+  # The sum of the removed channels' contributions per bias (0.0 until the first one).
+  delta: collections.defaultdict[str, np.ndarray | float] = collections.defaultdict(lambda: 0.0)
   values = {p: np.asarray(x, np.float64) for p, x in tree_lib.leaves_with_paths(params)}
   groups = {g.name: g for g in plan.groups}
   for name, chans in remove.items():

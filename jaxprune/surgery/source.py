@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import os
+import types
 from typing import Any
 
 import flax
 import jax
 import optax
 
+
+def _package_dir(module: types.ModuleType) -> str:
+  """The directory of a package (with a trailing separator)."""
+  if module.__file__ is None:
+    raise ImportError(f"{module.__name__} has no __file__: cannot tell its frames from the user's")
+  return os.path.dirname(module.__file__) + os.sep
+
+
 # Frames in these directories are library code: a message points at the first frame
 # outside them, the line of the user's model that called the layer.
-_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, flax, optax)) + (
+_LIBRARY_DIRS = tuple(_package_dir(m) for m in (jax, flax, optax)) + (
   os.path.dirname(__file__) + os.sep,
 )
 
