@@ -284,7 +284,7 @@ def train_recipe(config: Config) -> RecipeResult:
     model = nnx.merge(graphdef, params, rest, copy=True)
 
     calibration = nnx.clone(model)
-    calibration(ds.train.take(np.arange(len(ds.train)))[0])
+    calibration(jnp.asarray(ds.train.take(np.arange(len(ds.train)))[0]))
     masks = gates_lib.hard_masks(gates_lib.gate_vectors(calibration))
     plain, param_masks = gates_lib.ungate(model, masks)
     accuracy_pruned = _accuracy(plain, ds.test, eval_batch)

@@ -113,7 +113,7 @@ class Checkpointer:
     abstract = jax.tree.map(_abstract, template)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
     restored = self._manager.restore(step, args=args)
-    return restored.state, dict(restored.meta)
+    return restored["state"], dict(restored["meta"])
 
   def wait(self) -> None:
     """Blocks until every started save is on disk."""

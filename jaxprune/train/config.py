@@ -208,6 +208,8 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
   if not path.is_file():
     raise FileNotFoundError(f"No config file {str(path)!r}.")
   spec = importlib.util.spec_from_file_location(f"_jaxprune_config_{path.stem}", path)
+  if spec is None or spec.loader is None:
+    raise ConfigError(f"{path}: cannot be loaded as a Python module.")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not callable(getattr(module, "get_config", None)):
@@ -440,6 +442,8 @@ def _check_against_model(config: Config) -> None:
       )
   if reg.method != "none":
     regularizer = make_regularizer(config, make_learning_rate(config, config.train.steps))
+    if regularizer is None:  # make_regularizer returns one for every method but "none"
+      raise ConfigError(f"regularize.method: no regularizer for {reg.method!r}.")
     try:
       jax.eval_shape(regularizer.init, params)
     except ValueError as e:

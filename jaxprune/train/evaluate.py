@@ -67,7 +67,7 @@ def config_from_workdir(workdir: str | pathlib.Path) -> Config:
   path = pathlib.Path(workdir) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"{path} is missing: not the workdir of a `jaxprune train` run.")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  config: Config = ml_collections.ConfigDict(json.loads(path.read_text()))
   for group, values in config_lib.default_config().items():
     if group not in config:  # a group added since the run: its defaults
       config[group] = values

@@ -42,7 +42,7 @@ import pathlib
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +59,7 @@ from jaxprune.train import sharding as sharding_lib
 from jaxprune.train import state as state_lib
 from jaxprune.train import step as step_lib
 from jaxprune.train.config_type import Config
+from jaxprune.train.transformer import CharLM
 
 METHODS = ("flap", "taylor")
 TARGET = 0.8  # latency speed-up >= TARGET * FLOP reduction
@@ -316,6 +317,8 @@ def _n_params(model: nnx.Module) -> int:
 
 
 def _widths(model: nnx.Module) -> tuple[list[int], list[int], list[int]]:
+  if not isinstance(model, CharLM):
+    raise TypeError(f"structured LM pruning takes a CharLM, got {type(model).__name__}.")
   blocks = list(model.blocks)
   return (
     [b.attn.num_heads for b in blocks],
@@ -401,7 +404,10 @@ def _save(config: Config, result: StructuredResult, model: nnx.Module) -> None:
   assert out is not None
   out.mkdir(parents=True, exist_ok=True)
   params = nnx.state(model, nnx.Param)
-  np.savez(out / NPZ_NAME, **{p: np.asarray(x) for p, x in tree_lib.leaves_with_paths(params)})
+  arrays = {p: np.asarray(x) for p, x in tree_lib.leaves_with_paths(params)}
+  # The cast: pyright checks the arrays against savez's `allow_pickle: bool`; passing
+  # allow_pickle=False instead would add an array of that name on numpy < 2.1.
+  np.savez(out / NPZ_NAME, **cast(dict[str, Any], arrays))
   numbers = {**result.as_dict(), "config": config_lib.config_json(config)}
   (out / JSON_NAME).write_text(json.dumps(numbers, indent=2, default=str))
   title = f"# Structured pruning of charlm: {result.method}"

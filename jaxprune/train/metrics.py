@@ -19,7 +19,7 @@ import math
 import pathlib
 from typing import Any
 
-COLUMNS = (
+COLUMNS: tuple[str, ...] = (
   "phase",
   "step",
   "global_step",

@@ -250,7 +250,7 @@ class ResNet(nnx.Module):
       raise ValueError(f"A CIFAR ResNet has depth 6n + 2 (20, 32, 56, ...), got {depth!r}.")
     n = (depth - 2) // 6
     widths = [_scaled(w, width) for w in (16, 32, 64)]
-    layers = [ConvBN(in_features, widths[0], rngs=rngs)]
+    layers: list[nnx.Module] = [ConvBN(in_features, widths[0], rngs=rngs)]
     channels = widths[0]
     for stage, w in enumerate(widths):
       for i in range(n):

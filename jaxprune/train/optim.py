@@ -183,7 +183,7 @@ def make_learning_rate(config: Config, steps: int) -> optax.Schedule:
 
 
 def make_regularizer(
-  config: Config, learning_rate: optax.Schedule
+  config: Config, learning_rate: optax.ScalarOrSchedule
 ) -> optax.GradientTransformation | None:
   """The proximal step of ``config.regularize`` (``None`` for ``method="none"``).
 

@@ -21,7 +21,7 @@ import json
 import math
 import pathlib
 import time
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -79,9 +79,10 @@ def _last_accuracy(history: list[dict[str, Any]]) -> float:
 
 
 def _field(tree: dict[str, Any], field: str) -> Any:
+  node: Any = tree
   for key in field.split("."):
-    tree = tree.get(key) if isinstance(tree, dict) else None
-  return tree
+    node = node.get(key) if isinstance(node, dict) else None
+  return node
 
 
 class Run:
@@ -134,6 +135,10 @@ class Run:
 
   def rethink_phase(self, masks: Any) -> Phase:
     r, steps = self.config.rethink, self.rethink_steps
+    if self.pruner is None:  # validate_config: rethink.enabled needs prune.method
+      raise config_lib.ConfigError(
+        "rethink.enabled: needs a pruned run to copy the masks from; prune.method is 'none'."
+      )
     lr = optim.make_learning_rate(self.config, steps)
     tx = optim.make_optimizer(self.config, optim.frozen(self.pruner), lr)
     m = self.config.model
@@ -255,7 +260,7 @@ class Run:
             "train_accuracy": float(means["accuracy"]),
             "sparsity": float(metrics["sparsity"]),
             "target_sparsity": float(phase.targets[step]),
-            "learning_rate": float(phase.learning_rate(step)),
+            "learning_rate": float(np.asarray(phase.learning_rate(step))),
           })  # fmt: skip
           bar.set_postfix(
             {
@@ -332,13 +337,15 @@ class Run:
       # A rerun of a finished run trains nothing: keep the outputs of the run that did.
       done = resumed_from == self.config.train.steps + self.rethink_steps
       if not (done and (self.workdir / "summary.json").is_file()):
-        self._write_outputs(result)
+        self._write_outputs(self.workdir, result)
     return result
 
   def _execute(self, main: Phase, resumed: Any, resumed_from: int | None) -> TrainResult:
     state, rethink_state, history, r_history = main.initial, None, [], []
     r_extra: dict[str, Any] = {}
     if resumed is not None and resumed[1]["phase"] == "rethink":
+      if self.ckpt is None:  # resumed states come from self.ckpt
+        raise RuntimeError("resuming the rethink phase needs the run's checkpoints.")
       rethink_state, r_history = resumed[0], resumed[1]["history"]
       r_extra = {"window": resumed[1].get("window", [])}
       resumed = self.ckpt.restore(main.initial, step=main.steps)  # the end of phase 1
@@ -371,7 +378,7 @@ class Run:
       regularized=self.config.regularize.method != "none",
     )
 
-  def _write_outputs(self, result: TrainResult) -> None:
+  def _write_outputs(self, workdir: pathlib.Path, result: TrainResult) -> None:
     """``params.npz`` (and ``params_rethink.npz``), ``summary.json``, ``report.md``.
 
     Every process gathers the arrays (a collective); process 0 writes.
@@ -382,7 +389,9 @@ class Run:
     for name, state in phases:
       arrays = sharding_lib.flat_arrays({"params": state.params, "rest": state.rest})
       if self.primary:
-        np.savez(self.workdir / name, **arrays)
+        # The cast: pyright checks the arrays against savez's `allow_pickle: bool`; passing
+        # allow_pickle=False instead would add an array of that name on numpy < 2.1.
+        np.savez(workdir / name, **cast(dict[str, Any], arrays))
     if self.primary:
-      report.write_summary(self.workdir, self.config, result)
-      report.write_report(self.workdir)
+      report.write_summary(workdir, self.config, result)
+      report.write_report(workdir)

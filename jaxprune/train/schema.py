@@ -365,7 +365,7 @@ FREE_FORM = tuple(
 
 def defaults() -> Config:
   """A config holding every field's default (see :func:`jaxprune.train.config.default_config`)."""
-  config = ml_collections.ConfigDict()
+  config: Config = ml_collections.ConfigDict()
   for group, fields in FIELDS.items():
     config[group] = ml_collections.ConfigDict()
     for name, field in fields.items():

@@ -31,7 +31,7 @@ import dataclasses
 import io
 import json
 import pathlib
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -174,7 +174,10 @@ def _variables(model: nnx.Module) -> tuple[Any, Any]:
 def _npz(model: nnx.Module) -> bytes:
   params, rest = _variables(model)
   buffer = io.BytesIO()
-  np.savez(buffer, **sharding_lib.flat_arrays({"params": params, "rest": rest}))
+  arrays = sharding_lib.flat_arrays({"params": params, "rest": rest})
+  # The cast: pyright checks the arrays against savez's `allow_pickle: bool`; passing
+  # allow_pickle=False instead would add an array of that name on numpy < 2.1.
+  np.savez(buffer, **cast(dict[str, Any], arrays))
   return buffer.getvalue()
 
 
@@ -192,8 +195,12 @@ def _evaluate(model: nnx.Module, split: data.Source, batch_size: int) -> tuple[f
     if compiled is None:
       compiled = jax.jit(forward).lower(state, jnp.asarray(images)).compile()
     preds.append(np.argmax(np.asarray(compiled(state, jnp.asarray(images))), -1)[valid])
+  if compiled is None:
+    raise ValueError("shrink: the test split has no examples to evaluate on.")
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list | tuple) else cost
+  if cost is None:
+    raise RuntimeError("shrink: the compiled forward pass has no cost analysis (FLOPs).")
   return float(cost.get("flops", float("nan"))) / batch_size, np.concatenate(preds)
 
 
@@ -270,12 +277,13 @@ def shrink_checkpoint(
     out_dir=pathlib.Path(out or config.train.workdir) if (out or config.train.workdir) else None,
   )
   if result.out_dir is not None and jax.process_index() == 0:
-    _write(result, config, ds, npz_small)
+    _write(result.out_dir, result, config, ds, npz_small)
   return result
 
 
-def _write(result: ShrinkResult, config: Any, ds: data.Dataset, npz: bytes) -> None:
-  out = result.out_dir
+def _write(
+  out: pathlib.Path, result: ShrinkResult, config: Any, ds: data.Dataset, npz: bytes
+) -> None:
   out.mkdir(parents=True, exist_ok=True)
   (out / SHRUNK_NPZ).write_bytes(npz)
   info = {

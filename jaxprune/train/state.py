@@ -141,6 +141,8 @@ def restore(
   require_checkpoints(config, purpose)
   mesh = sharding_lib.make_mesh(config.parallel.devices) if mesh is None else mesh
   ckpt = checkpointer(config)
+  if ckpt is None:  # require_checkpoints found a checkpoint dir
+    raise RuntimeError(f"no checkpointer for the checkpoint dir of the run to {purpose}.")
   try:
     steps = ckpt.steps()
     if not steps:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +90,7 @@ def zero_fraction(params: Any, paths: tuple[str, ...]) -> jax.Array:
   """
   leaves = dict(tree_lib.leaves_with_paths(params))
   zeros = sum(jnp.sum(leaves[p] == 0, dtype=jnp.float32) for p in paths)
-  return zeros / max(1, sum(leaves[p].size for p in paths))
+  return jnp.asarray(zeros / max(1, sum(leaves[p].size for p in paths)))
 
 
 def make_train_step(
@@ -119,7 +119,8 @@ def make_train_step(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (logits, rest)), grads = grad_fn(state.params, state.rest, images, labels)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    # apply_updates returns a tree of the structure of its first argument: an nnx.State.
+    params = cast(nnx.State, optax.apply_updates(state.params, updates))
     new = TrainState(params, rest, opt_state, state.step + 1, jax.random.key_data(rng))
     metrics = {
       "loss": loss,

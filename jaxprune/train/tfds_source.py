@@ -115,13 +115,25 @@ def load(
     raise ValueError(f"Unknown TFDS dataset {name!r} (see tfds.list_builders()).")
   builder = tfds.builder(name, data_dir=data_dir)
   features = builder.info.features
+  if not isinstance(features, tfds.features.FeaturesDict):
+    raise ValueError(
+      f"TFDS dataset {name!r} has features {features!r}; the training pipeline "
+      f"needs a dict of {IMAGE_KEY!r} and {LABEL_KEY!r} (image classification)."
+    )
   for key in (IMAGE_KEY, LABEL_KEY):
     if key not in features:
       raise ValueError(
         f"TFDS dataset {name!r} has features {list(features)}; the training pipeline "
         f"needs {IMAGE_KEY!r} and {LABEL_KEY!r} (image classification)."
       )
-  shape = tuple(features[IMAGE_KEY].shape)
+  image_shape, label = features[IMAGE_KEY].shape, features[LABEL_KEY]
+  num_classes = label.num_classes if isinstance(label, tfds.features.ClassLabel) else None
+  if not isinstance(image_shape, tuple) or num_classes is None:
+    raise ValueError(
+      f"TFDS dataset {name!r} has {IMAGE_KEY!r} {features[IMAGE_KEY]!r} and {LABEL_KEY!r} "
+      f"{label!r}; the training pipeline needs one image array and a class label."
+    )
+  shape = tuple(image_shape)
   if None in shape:
     raise ValueError(f"TFDS dataset {name!r} has images of varying size {shape}; need fixed.")
   try:
@@ -137,5 +149,5 @@ def load(
     train=TfdsSplit(train),
     test=TfdsSplit(test),
     image_shape=shape,
-    num_classes=int(features[LABEL_KEY].num_classes),
+    num_classes=int(num_classes),
   )
