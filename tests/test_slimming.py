@@ -138,7 +138,7 @@ def test_channel_masks_take_per_group_ratios(chain):
     ValueError, match="No group or kind 'conv9/kernel'; kinds: .*groups: .*'conv2/kernel'"
   ):
     surgery.channel_masks(p, params, {"conv9/kernel": 0.5})
-  with pytest.raises(ValueError, match=r"sparsity of group 'conv2/kernel' must be in \[0, 1\)"):
+  with pytest.raises(ValueError, match=r"sparsity of 'conv2/kernel' must be in \[0, 1\)"):
     surgery.channel_masks(p, params, {"conv2/kernel": 1.5})
   with pytest.raises(ValueError, match="blocked by the model output"):
     surgery.channel_masks(p, params, {"head/kernel": 0.5})
