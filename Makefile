@@ -36,7 +36,7 @@ format: $(STAMP)
 	$(PY) -m ruff format jaxprune tests benchmarks configs
 
 test: lint typecheck
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist worksteal -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/topk.py

@@ -76,7 +76,7 @@ def test_readme_example_runs(index):
     masked = nnx.merge(*nnx.split(ns["model"]))
     kernel_masks = ns["masks"]
     nnx.update(masked, jaxprune.apply_mask(nnx.state(ns["model"], nnx.Param), kernel_masks))
-    for size in (5, 9, 12):
+    for size in (5, 12):  # shrink also checks the traced size (9) and one larger
       xs = jax.random.normal(jax.random.key(size), (2, size, size, 1))
       np.testing.assert_allclose(small.model(xs), masked(xs), rtol=1e-5, atol=1e-5)
     params_before = sum(x.size for x in jax.tree.leaves(nnx.state(ns["model"], nnx.Param)))

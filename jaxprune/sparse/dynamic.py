@@ -378,10 +378,10 @@ def rigl(
     >>> from jaxprune.sparse import rigl, erk
     >>> params = {{"a": jnp.ones((20, 20)), "b": jnp.ones((20, 2))}}
     >>> tx = rigl(optax.adam(1e-2), erk(0.8), end=30, every=10)
-    >>> state = tx.init(params)
+    >>> state, update = tx.init(params), jax.jit(tx.update)
     >>> for _ in range(21):
     ...   grads = jax.tree.map(jnp.ones_like, params)
-    ...   updates, state = tx.update(grads, state, params)
+    ...   updates, state = update(grads, state, params)
     ...   params = optax.apply_updates(params, updates)
     >>> {{k: int(m.sum()) for k, m in jaxprune.masks_of(state).items()}}
     {{'a': 57, 'b': 31}}
