@@ -35,10 +35,8 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix jaxprune tests benchmarks configs
 	$(PY) -m ruff format jaxprune tests benchmarks configs
 
-# Three workers on two cores: the suite is compile-bound and waits on subprocesses (notebook
-# kernels, pip, CLI runs); with two workers the cores were 1.6 busy on average.
 test: lint typecheck
-	$(PY) -m pytest -n 3 --dist worksteal -q
+	$(PY) -m pytest -n 2 --dist worksteal -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/topk.py
