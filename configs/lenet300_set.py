@@ -8,19 +8,8 @@ many at random, at zero.
   python -m jaxprune train --config configs/lenet300_set.py [--config.prune.sparsity=0.95]
 """
 
-from jaxprune.train.config import default_config
+from jaxprune.train.config import dynamic_sparse_config
 
 
 def get_config():
-  config = default_config()
-  config.data.name = "mnist5k"
-  config.model.name = "lenet300"
-  config.train.steps = 3000
-  config.train.learning_rate = 1e-3
-  config.prune.method = "set"
-  config.prune.sparsity = 0.9
-  config.prune.distribution = "erk"
-  config.prune.every = 100  # dT
-  config.prune.end = 2250  # T_end: 75% of training
-  config.prune.drop_fraction = 0.3
-  return config
+  return dynamic_sparse_config("set")

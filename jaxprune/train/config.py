@@ -104,6 +104,27 @@ def digits_convnet_config() -> Config:
   return config
 
 
+def dynamic_sparse_config(method: str) -> Config:
+  """:func:`default_config` for SET / RigL on LeNet-300-100 / mnist5k: their recipes' base.
+
+  90% per layer with ERK from step 0, 3,000 Adam steps (1e-3); masks move every 100 steps
+  (dT) until step 2,250 (T_end, 75% of training) with drop fraction 0.3 (cosine decay).
+
+  Examples:
+    >>> from jaxprune.train import config as config_lib
+    >>> config = config_lib.dynamic_sparse_config("rigl")
+    >>> config.prune.method, config.prune.distribution, config.prune.end
+    ('rigl', 'erk', 2250)
+  """
+  config = default_config()
+  config.data.name = "mnist5k"
+  config.model.name = "lenet300"
+  config.train.update(steps=3000, learning_rate=1e-3)
+  config.prune.update(method=method, sparsity=0.9, distribution="erk")
+  config.prune.update(every=100, end=2250, drop_fraction=0.3)  # dT, T_end, f0
+  return config
+
+
 def _unknown(field: str, key: str, known: Iterable[str]) -> ConfigError:
   known = list(known)
   close = difflib.get_close_matches(key, known, n=1)
