@@ -221,7 +221,9 @@ class Pruner:
 
     Raises:
       ValueError: a concrete target outside ``[0, 1)`` or NaN (a traced one, known only
-        on the device, is clipped to ``[0, 1]``, and NaN keeps the previous masks).
+        on the device, is clipped to ``[0, 1]``, and NaN keeps the previous masks); a
+        concrete NaN or infinite score (a NaN weight or gradient), naming the param
+        (traced scores are not checked: a NaN score ranks first, so the weight is kept).
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune
@@ -257,6 +259,7 @@ class Pruner:
         raise ValueError(f"The param {path!r} has no entries (shape {jnp.shape(by_path[path])}).")
       structure.check(path, tuple(jnp.shape(by_path[path])))
       s = self.score(by_path[path], grad_of.get(path), jax.random.fold_in(base_key, i))
+      _check_finite_scores(path, s)
       s = structure.group_scores(s)
       if prev_of.get(path) is not None:
         kept = structure.group_mask(prev_of[path])
@@ -294,6 +297,20 @@ class Pruner:
   def _to_tree(params: Any, by_path: dict[str, jax.Array]) -> Any:
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     return jax.tree.unflatten(treedef, [by_path.get(tree_lib.path_str(k)) for k, _ in flat])
+
+
+def _check_finite_scores(path: str, scores: jax.Array) -> None:
+  """A concrete NaN or inf score (a NaN weight, or gradient) would rank first and keep
+  the weight: an error naming the leaf. Traced scores (under ``jit``) are not checked."""
+  if not select_lib.is_concrete(scores):
+    return
+  bad = np.argwhere(~np.isfinite(np.asarray(scores, np.float32)))
+  if len(bad):
+    raise ValueError(
+      f"The param {path!r} has a NaN or infinite score at index {tuple(int(i) for i in bad[0])} "
+      f"({len(bad)} of {np.size(scores)} entries): its weights (or gradients) are not finite, "
+      "and a NaN score would rank first and keep the weight. Fix the params before pruning."
+    )
 
 
 def _scaled(main: Schedule, value: float) -> Schedule:

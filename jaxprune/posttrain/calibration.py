@@ -12,6 +12,7 @@ axis and the sums are all-reduced by the compiler.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -20,9 +21,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxprune import tree as tree_lib
 from jaxprune.posttrain import stats as stats_lib
-from jaxprune.posttrain.layers import Layer, linear_layers
 from jaxprune.posttrain.stats import InputStats
 from jaxprune.surgery import capture
+from jaxprune.surgery.linear import Layer, linear_layers
 
 
 def as_inputs(batch: Any) -> tuple:
@@ -73,9 +74,27 @@ class Program:
       tuple((jax.numpy.shape(x), jax.numpy.result_type(x)) for x in jax.tree.leaves(inputs)),
     )
     if key not in self._traced:
-      traced = capture.trace(self.fn, self.variables, *inputs)
+      try:
+        traced = capture.trace(self.fn, self.variables, *inputs)
+      except (TypeError, ValueError) as e:
+        raise ValueError(self._cannot_run(inputs, e)) from e
       self._traced[key] = (traced, linear_layers(traced))
     return self._traced[key]
+
+  def _cannot_run(self, inputs: tuple, error: Exception) -> str:
+    """Why a calibration batch could not be traced, with what was given and what ran."""
+    shapes = [tuple(jax.numpy.shape(x)) for x in jax.tree.leaves(inputs)]
+    said = f"`batches`: the model cannot run on a calibration batch of shape(s) {shapes}"
+    if self._traced:
+      (_, first), _ = next(iter(self._traced.items()))
+      said += f" (an earlier batch had {[s for s, _ in first]})"
+    said += f": {type(error).__name__}: {str(error).rstrip('.')}"
+    if len(inputs) > 1:
+      said += (
+        f". A tuple batch is the model's {len(inputs)} positional inputs; if it is "
+        "(inputs, labels), pass the inputs alone (e.g. [x for x, _ in batches])"
+      )
+    return said + "."
 
   def layers(self, example: tuple, where: tree_lib.Where = None) -> dict[str, Layer]:
     """The linear layers ``where`` selects among the float params with ndim >= 2 (biases
@@ -88,10 +107,17 @@ class Program:
     _, found = self.traced(example)
     pred = tree_lib.as_predicate(where)
     chosen: dict[str, Layer] = {}
+    skipped: dict[str, str] = {}  # linear layers whose weight is not float: their dtype
     for path, leaf in tree_lib.leaves_with_paths(self.variables):
-      if leaf is None or not (tree_lib.default_where(path, leaf) and pred(path, leaf)):
+      if leaf is None:
         continue
       layer = found.get(path)
+      if isinstance(layer, Layer) and not tree_lib.is_float(leaf):
+        if where is None or pred(path, leaf):
+          skipped[path] = str(leaf.dtype)
+        continue
+      if not (tree_lib.default_where(path, leaf) and pred(path, leaf)):
+        continue
       if isinstance(layer, Layer):
         chosen[path] = layer
       elif where is not None:
@@ -102,11 +128,15 @@ class Program:
         raise ValueError(f"Layer {path!r} is selected for pruning, but {why}.")
       elif isinstance(layer, str) and "convolution" not in layer:
         raise ValueError(f"Layer {path!r} cannot be pruned after training: {layer}.")
+    note = f"Only float weights are pruned; skipped the non-float linear layers {skipped}."
     if not chosen:
-      listed = [p for p, v in found.items() if isinstance(v, Layer)]
+      listed = [p for p, v in found.items() if isinstance(v, Layer) and p not in skipped]
       raise ValueError(
-        f"No linear layer selected by where={where!r}; the linear layers are {listed}."
+        f"No float linear layer selected by where={where!r}; the float linear layers are "
+        f"{listed}." + (f" {note}" if skipped else "")
       )
+    if skipped:
+      warnings.warn(note, stacklevel=3)
     order = {p: i for i, p in enumerate(found)}
     return dict(sorted(chosen.items(), key=lambda kv: order[kv[0]]))
 
@@ -156,6 +186,8 @@ class Program:
       got = self._stats_fn(inputs, paths, hessian)(placed_leaves, placed)
       total = got if total is None else {p: total[p] + got[p] for p in paths}
     assert total is not None
+    for st in total.values():  # NaN / inf inputs would rank first (Wanda) or break Cholesky
+      st.layer.check_finite(st.sq_norms, "calibration")
     return total
 
 

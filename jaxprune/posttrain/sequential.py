@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from jaxprune import tree as tree_lib
 from jaxprune.posttrain.calibration import Program, check_batches
 from jaxprune.posttrain.layers import Layer
-from jaxprune.posttrain.sparsegpt_solver import sparsegpt
+from jaxprune.posttrain.sparsegpt_solver import check_options, sparsegpt
 from jaxprune.posttrain.wanda_masks import wanda
 
 METHODS = ("wanda", "sparsegpt")
@@ -126,13 +126,22 @@ def prune(
     for ``jaxprune.masked(inner, masks)``.
 
   Raises:
-    ValueError: an unknown method, no batches, a selection or block matching nothing,
-      and the errors of :func:`wanda` / :func:`sparsegpt` (each naming the layer).
+    ValueError: an unknown method, no batches, a batch the model cannot run (its
+      shapes, and a hint for ``(inputs, labels)`` tuples), a selection or block matching
+      nothing, NaN / inf in a layer's calibration inputs (naming the layer and the input
+      feature), a bad ``blocksize`` / ``dampening``, and the errors of :func:`wanda` /
+      :func:`sparsegpt` (each naming the layer).
+    TypeError: options other than SparseGPT's ``blocksize`` and ``dampening``.
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
   if method == "wanda" and options:
     raise TypeError(f"wanda takes no options, got {sorted(options)}.")
+  if method == "sparsegpt":  # checked before any calibration pass
+    unknown = sorted(set(options) - {"blocksize", "dampening"})
+    if unknown:
+      raise TypeError(f"sparsegpt's options are blocksize= and dampening=, got {unknown}.")
+    check_options(options.get("blocksize", 128), options.get("dampening", 0.01))
   data = check_batches(batches, "prune")
   program = Program.of(model, variables, apply_kwargs, mesh, batch_axis)
   layers = program.layers(data[0], where)

@@ -144,6 +144,25 @@ def block_counts(n_in: int, n_out: int, sparsity: float, blocksize: int) -> np.n
   return np.diff(np.asarray(cum, np.int32))
 
 
+def check_options(blocksize: Any, dampening: Any) -> None:
+  """Raises ``ValueError`` for a ``blocksize`` that is not a positive int or a
+  ``dampening`` that is not a finite number ``>= 0``."""
+  if isinstance(blocksize, bool) or not isinstance(blocksize, int | np.integer) or blocksize < 1:
+    raise ValueError(
+      f"sparsegpt: blocksize must be a positive int (input rows per block; the paper's "
+      f"128), got {blocksize!r}."
+    )
+  if (
+    isinstance(dampening, bool)
+    or not isinstance(dampening, int | float | np.number)
+    or not (np.isfinite(dampening) and dampening >= 0)
+  ):
+    raise ValueError(
+      f"sparsegpt: dampening must be a finite number >= 0 (a fraction of mean(diag H); "
+      f"the paper's 0.01), got {dampening!r}."
+    )
+
+
 def sparsegpt_layer(
   kernel: jax.Array,
   hessian: jax.Array,
@@ -175,8 +194,10 @@ def sparsegpt_layer(
     The updated kernel (pruned weights exactly zero, dead inputs zero) and the mask.
 
   Raises:
-    ValueError: bad sparsity, rows not divisible by ``m`` (or ``blocksize`` not by
-      ``m``), shapes that do not match, or a Hessian that Cholesky cannot factor.
+    ValueError: bad sparsity, ``blocksize`` not a positive int, ``dampening`` not a
+      finite number >= 0, rows not divisible by ``m`` (or ``blocksize`` not by ``m``),
+      shapes that do not match, NaN or inf in the Hessian (naming the input feature),
+      or a Hessian that Cholesky cannot factor.
   """
   n_in, n_out = kernel.shape
   if hessian.shape != (n_in, n_in):
@@ -184,6 +205,14 @@ def sparsegpt_layer(
       f"Layer {name!r}: a kernel with {n_in} input features needs a [{n_in}, {n_in}] Hessian, "
       f"got {hessian.shape}."
     )
+  check_options(blocksize, dampening)
+  if select.is_concrete(hessian):
+    bad = np.flatnonzero(~np.isfinite(np.asarray(hessian)).all(axis=1))
+    if bad.size:
+      raise ValueError(
+        f"Layer {name!r}: the Hessian has NaN or inf in row {int(bad[0])} ({bad.size} of "
+        f"{n_in} input features): the calibration inputs of that feature were not finite."
+      )
   s, nm = targets.resolve_target(sparsity, structure, "sparsegpt")
   targets.check_nm(nm, name, n_in)
   if nm is not None and blocksize % nm.m:
@@ -240,8 +269,10 @@ def sparsegpt(
 
   Raises:
     ValueError: as :func:`sparsegpt_layer`, naming the layer; a layer missing from
-      ``params`` or with no captured inputs.
+      ``params``, with no captured inputs or with NaN / inf among them (naming the
+      input feature).
   """
+  check_options(blocksize, dampening)
   s, nm = targets.resolve_target(sparsity, structure, "sparsegpt")
   new, masks = {}, {}
   for path, kernel, st in targets.pairs(params, stats, "sparsegpt"):

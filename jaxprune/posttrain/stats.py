@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
-from jaxprune.posttrain.layers import Layer
+from jaxprune.surgery.linear import Layer
 
 
 @struct.dataclass

@@ -48,7 +48,8 @@ def pairs(
 
   Raises:
     ValueError: a layer of ``stats`` is not in ``params`` (naming it and the params'
-      paths), its kernel's shape differs, or it saw no calibration tokens.
+      paths), its kernel's shape differs, it saw no calibration tokens, or NaN / inf
+      among its inputs (naming the input feature).
   """
   if not stats:
     raise ValueError(f"{what}: no layer statistics given (calibrate returned nothing?).")
@@ -74,6 +75,8 @@ def pairs(
       raise ValueError(
         f"{what}: layer {path!r} has no captured inputs (0 calibration tokens reached it)."
       )
+    if select.is_concrete(st.sq_norms):
+      st.layer.check_finite(st.sq_norms, what)
     out.append((path, kernel, st))
   order = {p: i for i, (p, _) in enumerate(leaves)}
   return sorted(out, key=lambda t: order[t[0]])

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune import select
 from jaxprune.posttrain import targets
@@ -47,6 +48,13 @@ def wanda_mask(
   ``m`` consecutive inputs of every output. Ties keep the lower input index.
   """
   s, nm = targets.resolve_target(sparsity, structure, "wanda")
+  if select.is_concrete(norms):
+    bad = np.flatnonzero(~np.isfinite(np.asarray(norms)))
+    if bad.size:  # a NaN score would rank first: the feature's weights would all be kept
+      raise ValueError(
+        f"wanda: the input norms are NaN or inf at input feature {int(bad[0])} ({bad.size} "
+        f"of {norms.shape[0]}): the calibration inputs of that feature were not finite."
+      )
   scores = wanda_scores(kernel, norms)
   if nm is not None:
     targets.check_nm(nm, "kernel", kernel.shape[0])
@@ -83,7 +91,8 @@ def wanda(
 
   Raises:
     ValueError: sparsity outside ``[0, 1)``; input features not divisible by ``m``; a
-      layer of ``stats`` missing from ``params`` or with no captured inputs (each named).
+      layer of ``stats`` missing from ``params``, with no captured inputs or with NaN /
+      inf among them (each named, with the input feature).
   """
   s, nm = targets.resolve_target(sparsity, structure, "wanda")
   masks = {}

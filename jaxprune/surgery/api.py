@@ -235,7 +235,11 @@ def shrink(
   if grown is not None:
     shapes.append(grown)
   batches = [check_lib.random_inputs(inputs, rng, s) for s in shapes]
-  removal = plan_removal(the_plan, leaves, batches, chosen)
+  try:
+    removal = plan_removal(the_plan, leaves, batches, chosen)
+  except TypeError:  # the first run at the check batch: is example_input's batch axis missing?
+    check_lib.check_batch_axis("shrink", fn, state, inputs)
+    raise
   removed = candidates_lib.round_widths(the_plan, removal.removed, multiple_of, stayed)
   if removed != {k: v for k, v in removal.removed.items() if v}:
     # Channels kept for the rounding must not be folded too: fold again without them.

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import tree as tree_lib
+from jaxprune.surgery import capture
 from jaxprune.surgery.source import exception_line
 
 # The batch of the random inputs that check constancy and equality: one batch size, so
@@ -79,6 +80,45 @@ def example_input_error(caller: str, inputs: tuple, e: Exception) -> ValueError:
   )
 
 
+def _runs(fn: Callable[..., Any], variables: Any, shapes: list, dtypes: list) -> bool:
+  """Whether the model traces (shapes only) on inputs of ``shapes``."""
+  specs = [jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes)]
+  try:
+    jax.eval_shape(fn, variables, *specs)
+  except Exception:  # any failure means: not an input size this model takes
+    return False
+  return True
+
+
+def check_batch_axis(caller: str, fn: Callable[..., Any], variables: Any, inputs: tuple) -> None:
+  """Raises when ``inputs`` have no batch axis first: the model runs on them but not on a
+  batch of :data:`CHECK_BATCH` along their first axis (the size surgery checks with).
+
+  The error says the shapes the model does run on (a batch axis added) and the input
+  shape its first linear layer reads.
+  """
+  shapes = [tuple(jnp.shape(x)) for x in inputs]
+  dtypes = [jnp.result_type(x) for x in inputs]
+  other = [(CHECK_BATCH, *s[1:]) if s else s for s in shapes]
+  if other == shapes or _runs(fn, variables, other, dtypes):
+    return
+  said = (
+    f"{caller}(): example_input of shape {', '.join(map(str, shapes))} must have a batch "
+    f"axis first: the model does not run with {CHECK_BATCH} along that axis "
+    f"(shape {', '.join(map(str, other))}), which surgery needs to check the small model."
+  )
+  batched = [(1, *s) for s in shapes]
+  if _runs(fn, variables, batched, dtypes):
+    specs = [jax.ShapeDtypeStruct(s, d) for s, d in zip(batched, dtypes)]
+    first = capture.param_consumers(capture.trace(fn, variables, *specs))[:1]
+    said += f" The model runs on shape {', '.join(map(str, batched))}"
+    for c in first:
+      shape = tuple(c.node.eqn.invars[1 - c.operand].aval.shape)
+      said += f" (its first layer, {c.path!r}, reads inputs of shape {shape})"
+    said += ": add the batch axis, e.g. example_input[None]."
+  raise ValueError(said)
+
+
 def grown_shapes(fn: Callable[..., Any], variables: Any, inputs: tuple) -> tuple | None:
   """Input shapes with every non-batch axis the model lets vary grown by one.
 
@@ -91,12 +131,7 @@ def grown_shapes(fn: Callable[..., Any], variables: Any, inputs: tuple) -> tuple
   dtypes = [jnp.result_type(x) for x in inputs]
 
   def runs(candidate):
-    specs = [jax.ShapeDtypeStruct(s, d) for s, d in zip(candidate, dtypes)]
-    try:
-      jax.eval_shape(fn, variables, *specs)
-    except Exception:  # any failure means: not an input size this model takes
-      return False
-    return True
+    return _runs(fn, variables, candidate, dtypes)
 
   grown = [list(s) for s in shapes]
   for i, shape in enumerate(shapes):

@@ -1,18 +1,20 @@
 """Structured scores of heads and neurons: FLAP from calibration data, first-order Taylor.
 
-* :func:`input_moments` runs the model on calibration batches (one trace,
-  :func:`jaxprune.surgery.capture.evaluate`) and keeps the mean and variance of every
-  input feature of every linear layer (a kernel's contracted axes: an output
-  projection's ``(heads, head_dim)``).
+* :func:`input_moments` runs the model on calibration batches (one trace per input
+  shape, :func:`jaxprune.surgery.capture.evaluate`) and keeps the mean and variance of
+  every input feature of every linear layer (:func:`jaxprune.surgery.linear.linear_layers`:
+  the weight axes the traced ``dot_general`` contracts, e.g. an output projection's
+  ``(heads, head_dim)``, or axis 1 of a PyTorch-layout ``[out, in]`` weight).
 * :func:`flap_scores` (An et al. 2024): a channel's fluctuation ``Var(X_j) *
-  ||W[j, :]||^2`` summed over the input rows it is in every layer that reads it (an
-  MLP neuron: its row of the down projection; a head: its rows of the output
-  projection), standardised per group (``(s - mean) / std``), so that
+  ||W_j||^2`` (``W_j``: the weights that read input ``j``, a row of a Flax ``[in, out]``
+  kernel, a column of an ``[out, in]`` one) summed over the inputs it is in every layer
+  that reads it (an MLP neuron: its input of the down projection; a head: its inputs of
+  the output projection), standardised per group (``(s - mean) / std``), so that
   ``channel_masks(..., scores=..., scope="global")`` ranks all groups of a kind on one
   scale. :func:`flap_compensate` adds the removed inputs' mean contribution
-  ``sum_j E[X_j] W[j, :]`` to those layers' biases.
-* :func:`taylor_scores`: ``|w * g|`` summed over every array of the channel (Molchanov
-  et al. 2019), from params and gradients of the same structure.
+  ``sum_j E[X_j] W_j`` to those layers' biases.
+* :func:`taylor_scores`: ``|w * g|`` summed over every array entry of the channel
+  (Molchanov et al. 2019), from params and gradients of the same structure.
 """
 
 from __future__ import annotations
@@ -27,20 +29,26 @@ import numpy as np
 
 from jaxprune import tree as tree_lib
 from jaxprune.surgery import capture
+from jaxprune.surgery.linear import Layer, linear_layers
 from jaxprune.surgery.planning import Group, Plan
 
 
 @dataclasses.dataclass(frozen=True)
 class Moments:
-  """Mean and variance of each input feature of one kernel, over calibration tokens.
+  """Mean and variance of each input feature of one linear layer, over calibration tokens.
 
-  ``mean`` and ``var`` have the shape of the kernel's contracted axes (``axes``).
+  ``mean`` and ``var`` have the shape of the weight's input axes (``layer.in_shape``,
+  in the weight's own axis order); ``axes`` are those axes.
   """
 
   mean: np.ndarray
   var: np.ndarray
-  axes: tuple[int, ...]
   count: int
+  layer: Layer
+
+  @property
+  def axes(self) -> tuple[int, ...]:
+    return self.layer.in_axes
 
 
 def input_moments(
@@ -50,49 +58,55 @@ def input_moments(
   variables: Any = None,
   apply_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Moments]:
-  """``{kernel path: Moments}`` of the inputs of every linear layer over ``batches``.
+  """``{weight path: Moments}`` of the inputs of every linear layer over ``batches``.
 
   Args:
     model: an ``nnx.Module`` or a ``linen.Module`` (with ``variables``).
-    batches: model inputs (an array, or a tuple for several inputs), all of one shape.
+    batches: model inputs (an array, or a tuple for several inputs); a new shape traces
+      the model again.
     variables: Linen variables.
     apply_kwargs: extra keyword arguments of the forward call.
 
   Returns:
-    The statistics of each kernel read once as a dot's right operand (a layer called
-    more than once pools its calls).
+    The statistics of each weight read by ``dot_general`` as one linear layer (a layer
+    called more than once pools its calls), features in the weight's input axes.
+
+  Raises:
+    ValueError: no batches; NaN or inf among a layer's inputs (naming the layer and
+      the input feature).
   """
   fn, state = capture.forward(model, variables, dict(apply_kwargs or {}))
   leaves = jax.tree.leaves(state)
   sums: dict[str, list] = {}
-  kernels: dict[capture.Site, str] = {}
-  traced = None
+  layers: dict[str, Layer] = {}
+  traces: dict[Any, tuple[capture.Traced, dict[capture.Site, tuple[Layer, int]]]] = {}
   for batch in batches:
     inputs = capture.as_inputs(batch)
-    if traced is None:
+    key = tuple((np.shape(x), str(jax.numpy.result_type(x))) for x in jax.tree.leaves(inputs))
+    if key not in traces:
       traced = capture.trace(fn, state, *inputs)
-      kernels.update(
-        (c.node.site, c.path)
-        for c in capture.param_consumers(traced)
-        if c.operand == 1 and c.same_axes and c.node.primitive == "dot_general"
-      )
-    _, records = capture.evaluate(traced, leaves, inputs, lambda site, eqn: site in kernels)
+      found = [v for v in linear_layers(traced).values() if isinstance(v, Layer)]
+      traces[key] = (traced, {s: (v, k) for v in found for k, s in enumerate(v.sites)})
+    traced, site_of = traces[key]
+    _, records = capture.evaluate(traced, leaves, inputs, lambda site, eqn, s=site_of: site in s)
     for r in records:
-      (lc, rc), (lb, _) = r.eqn.params["dimension_numbers"]
-      if lb:
-        continue
-      x = np.asarray(r.ins[0], np.float64)
-      order = [a for _, a in sorted(zip(rc, lc))]  # the kernel's axis order
-      rest = [a for a in range(x.ndim) if a not in lc]
-      x = np.transpose(x, rest + order).reshape(-1, *[x.shape[a] for a in order])
-      s = sums.setdefault(kernels[r.site], [0.0, 0.0, 0, tuple(sorted(rc))])
+      layer, k = site_of[r.site]
+      operand, contracted = layer.inputs[k]
+      x = np.asarray(r.ins[operand], np.float64)
+      rest = [a for a in range(x.ndim) if a not in contracted]
+      x = np.transpose(x, rest + list(contracted)).reshape(-1, *layer.in_shape)
+      layers[layer.path] = layer
+      s = sums.setdefault(layer.path, [0.0, 0.0, 0])
       s[0] = s[0] + x.sum(0)
       s[1] = s[1] + (x**2).sum(0)
       s[2] += x.shape[0]
+  if not traces:
+    raise ValueError("input_moments: no calibration batches given.")
   out = {}
-  for path, (total, squares, n, axes) in sums.items():
+  for path, (total, squares, n) in sums.items():
+    layers[path].check_finite(squares, "input_moments")
     mean = total / n
-    out[path] = Moments(mean, np.maximum(squares / n - mean**2, 0.0), axes, n)
+    out[path] = Moments(mean, np.maximum(squares / n - mean**2, 0.0), n, layers[path])
   return out
 
 
@@ -131,10 +145,8 @@ def flap_scores(plan: Plan, params: Any, stats: Mapping[str, Moments]) -> dict[s
       continue
     s = np.zeros(g.size)
     for path, axis in readers:
-      w = _lookup(values, path)
       st = stats[path]
-      n_in = int(np.prod(st.mean.shape))
-      w2 = (w.reshape(n_in, -1) ** 2).sum(1)  # ||W[j, :]||^2 per input feature
+      w2 = (st.layer.as_matrix(_lookup(values, path)) ** 2).sum(1)  # ||W_j||^2 per input j
       var = st.var.ravel()
       for j, chan in enumerate(g.channels):
         rows = _rows(st, axis, chan[(path, axis)])
@@ -149,9 +161,10 @@ def flap_compensate(
 ) -> Any:
   """``params`` with the removed channels' mean contribution added to the readers' biases.
 
-  For a reader ``W`` of removed inputs ``J``: ``bias += sum_{j in J} E[X_j] W[j, :]``
-  (FLAP's bias compensation). A reader without a bias (``MODULE/bias`` next to its
-  kernel, of the output's shape) is left as it is.
+  For a reader ``W`` of removed inputs ``J``: ``bias += sum_{j in J} E[X_j] W_j`` (FLAP's
+  bias compensation; ``W_j`` the weights reading input ``j``, whichever axes the traced
+  dot contracts). A reader without a bias (``MODULE/bias`` next to its weight, with one
+  entry per output) is left as it is; a group of ``remove`` with no channel is a no-op.
   """
   # The sum of the removed channels' contributions per bias (0.0 until the first one).
   delta: collections.defaultdict[str, np.ndarray | float] = collections.defaultdict(lambda: 0.0)
@@ -159,14 +172,17 @@ def flap_compensate(
   groups = {g.name: g for g in plan.groups}
   for name, chans in remove.items():
     g = groups[name]
+    chans = list(chans)
+    if not chans:  # scope="global" often leaves a group untouched
+      continue
     for path, axis in _readers(g, stats):
-      w = _lookup(values, path)
       st = stats[path]
-      n_in = int(np.prod(st.mean.shape))
+      w = st.layer.as_matrix(_lookup(values, path))  # [n_in, n_out]
       rows = np.concatenate([_rows(st, axis, g.channels[j][(path, axis)]) for j in chans])
       bias = path.rsplit("/", 1)[0] + "/bias"
-      if _lookup(values, bias) is not None:
-        delta[bias] = delta[bias] + st.mean.ravel()[rows] @ w.reshape(n_in, -1)[rows]
+      b = _lookup(values, bias)
+      if b is not None and b.size == w.shape[1]:
+        delta[bias] = delta[bias] + st.mean.ravel()[rows] @ w[rows]
 
   def one(path, x):
     d = next((v for p, v in delta.items() if tree_lib.same_leaf(p, tree_lib.path_str(path))), None)
