@@ -372,6 +372,77 @@ def test_errors_name_the_layer():
     posttrain.prune(model, None, [x], blocks=["nope"])
 
 
+def test_non_finite_calibration_inputs_name_the_layer_and_the_feature():
+  """A NaN score would rank first (Wanda keeps the feature's weights); SparseGPT's
+  Cholesky fails. Both: an error naming the layer and the input feature."""
+  model = MLP(nnx.Rngs(0))
+  bad = [BATCHES[0], BATCHES[1].copy()]
+  bad[1][3, 5] = np.nan
+  for method in ("wanda", "sparsegpt"):
+    with pytest.raises(
+      ValueError, match=r"layer 'fc1/kernel' contain NaN or inf, in input feature 5"
+    ):
+      posttrain.prune(model, None, bad, method=method)
+  bad[1][3, 5] = np.inf
+  with pytest.raises(ValueError, match=r"'fc1/kernel'.*input feature 5"):
+    posttrain.calibrate(model, None, bad)
+  params = nnx.state(model, nnx.Param)
+  stats = posttrain.calibrate(model, None, BATCHES[:1], where="fc2")
+  st = stats["fc2/kernel"]
+  nan_stats = {"fc2/kernel": st.replace(sq_norms=st.sq_norms.at[7].set(jnp.nan))}
+  with pytest.raises(ValueError, match=r"wanda: .*'fc2/kernel'.*input feature 7 \(axis 0"):
+    posttrain.wanda(params, nan_stats)
+  with pytest.raises(ValueError, match=r"input feature 2"):
+    posttrain.wanda_mask(jnp.ones((4, 3)), jnp.array([1.0, 1.0, jnp.nan, 1.0]))
+  x = np.ones((5, 4), np.float32)
+  x[2, 1] = np.nan
+  with pytest.raises(ValueError, match=r"Layer 'kernel'.*NaN or inf at input feature 1 \(1 of 4\)"):
+    posttrain.sparsegpt_layer(jnp.ones((4, 3)), jnp.asarray(x.T @ x))
+
+
+def test_bad_batches_and_options_are_named():
+  model = MLP(nnx.Rngs(0))
+  x = BATCHES[0]
+  with pytest.raises(
+    ValueError, match=r"`batches`.*shape\(s\) \[\(32, 7\)\] \(an earlier batch had \[\(32, 8\)\]\)"
+  ):
+    posttrain.prune(model, None, [x, x[:, :7]], method="wanda")
+  with pytest.raises(ValueError, match=r"if it is \(inputs, labels\), pass the inputs alone"):
+    posttrain.prune(model, None, [(x, np.zeros(32, np.int32))])
+  for bad in (0, -1, 2.0, True):
+    with pytest.raises(ValueError, match=rf"blocksize must be a positive int.*got {bad!r}"):
+      posttrain.prune(model, None, [x], blocksize=bad)
+    with pytest.raises(ValueError, match=r"blocksize must be a positive int"):
+      posttrain.sparsegpt_layer(jnp.ones((4, 3)), jnp.eye(4), blocksize=bad)
+  with pytest.raises(ValueError, match=r"dampening must be a finite number >= 0"):
+    posttrain.prune(model, None, [x], dampening=-0.1)
+  with pytest.raises(TypeError, match=r"blocksize= and dampening=, got \['blocksiz'\]"):
+    posttrain.prune(model, None, [x], blocksiz=4)
+
+
+class Quantized(nnx.Module):
+  """An int8 kernel (read through a cast) next to a float one."""
+
+  def __init__(self, rngs):
+    self.q = nnx.Param(jnp.ones((8, 8), jnp.int8))
+    self.fc = nnx.Linear(8, 4, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc(x @ self.q[...].astype(jnp.float32))
+
+
+def test_non_float_kernels_are_skipped_and_named():
+  model = Quantized(nnx.Rngs(0))
+  x = BATCHES[0]
+  with pytest.warns(UserWarning, match=r"Only float weights are pruned; skipped .*'q': 'int8'"):
+    _, masks = posttrain.prune(model, None, [x], method="wanda")
+  assert mask_paths(masks) == ["fc/kernel"]
+  with pytest.raises(
+    ValueError, match=r"No float linear layer selected by where='q'.*\[\'fc/kernel'\].*'q': 'int8'"
+  ):
+    posttrain.calibrate(model, None, [x], where="q")
+
+
 # --- Data parallel: 8 simulated devices ------------------------------------------------
 
 

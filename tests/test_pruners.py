@@ -127,6 +127,17 @@ def test_override_that_matches_nothing_is_an_error():
     jaxprune.magnitude(0.5, overrides={"fc9": 0.1}).masks(lenet300())
 
 
+def test_a_concrete_nan_weight_is_an_error_naming_the_leaf():
+  params = {"fc": {"kernel": jnp.arange(1.0, 9.0).reshape(4, 2).at[1, 1].set(jnp.nan)}}
+  for pruner in (jaxprune.magnitude(0.5), jaxprune.magnitude(0.5, structure=jaxprune.n_m(2, 4))):
+    with pytest.raises(
+      ValueError, match=r"'fc/kernel' has a NaN or infinite score at index \(1, 1\)"
+    ):
+      pruner.masks(params)
+  traced = jax.jit(jaxprune.magnitude(0.5).masks)(params)["fc"]["kernel"]  # documented: kept
+  assert bool(traced[1, 1])
+
+
 def test_mismatched_grads_are_named():
   with pytest.raises(ValueError, match="grads tree does not match"):
     jaxprune.saliency(0.5).masks({"w": jnp.ones((2, 2))}, {"v": jnp.ones((2, 2))})

@@ -51,6 +51,17 @@ def test_example_input_of_the_wrong_size_names_the_users_shape():
     surgery.plan(build(MLP), example_input=[[1.0, 2.0]])
 
 
+def test_example_input_without_the_batch_axis_says_the_shape_needed():
+  model = build(MLP)
+  masks = jax.tree.map(lambda x: jnp.ones(x.shape, bool), nnx.state(model, nnx.Param))
+  with pytest.raises(
+    ValueError,
+    match=r"example_input of shape \(4,\) must have a batch axis first.*runs on shape "
+    r"\(1, 4\) \(its first layer, 'fc1/kernel', reads inputs of shape \(1, 4\)\)",
+  ):
+    surgery.shrink(model, masks=masks, example_input=jnp.ones((4,)))
+
+
 def test_remove_out_of_range_and_unknown_names_list_what_exists():
   model = build(MLP)
   x = jnp.ones((1, 4))

@@ -207,11 +207,14 @@ def sparsegpt_layer(
     )
   check_options(blocksize, dampening)
   if select.is_concrete(hessian):
-    bad = np.flatnonzero(~np.isfinite(np.asarray(hessian)).all(axis=1))
+    finite = np.isfinite(np.asarray(hessian))
+    # A non-finite input feature j makes H_jj (its squared norm) NaN or inf.
+    bad = np.flatnonzero(~np.diagonal(finite))
+    bad = bad if bad.size else np.flatnonzero(~finite.all(axis=1))
     if bad.size:
       raise ValueError(
-        f"Layer {name!r}: the Hessian has NaN or inf in row {int(bad[0])} ({bad.size} of "
-        f"{n_in} input features): the calibration inputs of that feature were not finite."
+        f"Layer {name!r}: the Hessian is NaN or inf at input feature {int(bad[0])} "
+        f"({bad.size} of {n_in}): the calibration inputs of that feature were not finite."
       )
   s, nm = targets.resolve_target(sparsity, structure, "sparsegpt")
   targets.check_nm(nm, name, n_in)
