@@ -188,7 +188,13 @@ class Blocks(_Ranked):
 
 @dataclasses.dataclass(frozen=True)
 class NM:
-  """Exactly ``n`` kept of every ``m`` consecutive weights along the input axis."""
+  """Exactly ``n`` kept of every ``m`` consecutive weights along the input axis.
+
+  A pruner sees only the params, so the input axis is Flax's: ``-2``. For weights of
+  another layout (a PyTorch ``[out, in]`` weight, an einsum weight whose inputs are
+  several axes) use :func:`jaxprune.posttrain.prune`, whose groups follow the axes the
+  traced ``dot_general`` contracts, in the weight's own order.
+  """
 
   n: int
   m: int

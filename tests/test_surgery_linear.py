@@ -202,3 +202,20 @@ def test_flap_compensate_with_a_group_of_no_removed_channels_is_a_no_op():
   fixed = scores.flap_compensate(p, params, stats, {"up/kernel": []})
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(fixed)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_taylor_scores_sum_the_out_in_weights_of_each_input():
+  model = TorchMLP(nnx.Rngs(0))
+  x = mlp_batches()[0]
+  params = nnx.state(model, nnx.Param)
+  graphdef, _ = nnx.split(model)
+  grads = jax.grad(lambda p: (nnx.merge(graphdef, p)(x) ** 2).sum())(params)
+  p = surgery.plan(model, example_input=x[:1])
+  got = scores.taylor_scores(p, params, grads)["up/kernel"]
+  s = lambda a, b: np.abs(np.asarray(a) * np.asarray(b))  # noqa: E731
+  expected = (
+    s(params["up"]["kernel"], grads["up"]["kernel"]).sum(0)
+    + s(params["up"]["bias"], grads["up"]["bias"])
+    + s(params["down"]["kernel"], grads["down"]["kernel"]).sum(0)  # [out, in]: columns
+  )
+  np.testing.assert_allclose(got, expected, rtol=1e-5)

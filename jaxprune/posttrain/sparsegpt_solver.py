@@ -251,10 +251,10 @@ def sparsegpt(
 ) -> tuple[Any, Any]:
   """SparseGPT on every layer with statistics: ``(updated params, masks)``.
 
-  Each kernel is seen as ``[inputs, outputs]`` (a LinearGeneral ``[in..., out...]``
-  kernel or an einsum weight with its contracted axes flattened into the input
-  features, in the order of :attr:`Layer.in_axes`); N:M groups run along those
-  flattened input features. Layers are solved one after the other, each in one
+  Each kernel is seen as ``[inputs, outputs]`` (:class:`~jaxprune.surgery.linear.Layer`:
+  the axes the traced ``dot_general`` contracts, in the weight's own order, flattened
+  into the input features, whatever the weight's layout); N:M groups are ``m``
+  consecutive inputs of the stored weight (in its memory order). Layers are solved one after the other, each in one
   compiled function.
 
   Args:

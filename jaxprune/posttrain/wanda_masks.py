@@ -71,10 +71,12 @@ def wanda(
 ) -> Any:
   """Wanda masks for every layer with statistics; the weights are not changed.
 
-  Each kernel is seen as ``[inputs, outputs]`` (:class:`~jaxprune.posttrain.layers.Layer`:
-  a Dense kernel as it is; a LinearGeneral ``[in..., out...]`` kernel or an einsum
-  weight with its contracted axes flattened into the input features), scored by
-  ``|W_ij| * ||X_i||_2`` and pruned per output column.
+  Each kernel is seen as ``[inputs, outputs]`` (:class:`~jaxprune.surgery.linear.Layer`:
+  the axes the traced ``dot_general`` contracts, in the weight's own order, flattened
+  into the input features: a Dense kernel as it is, an ``[out, in]`` weight transposed,
+  a LinearGeneral ``[in..., out...]`` kernel or an einsum weight reshaped), scored by
+  ``|W_ij| * ||X_i||_2`` and pruned per output column. N:M groups are ``m`` consecutive
+  inputs of the stored weight (in its memory order).
 
   Args:
     params: the params (Linen dict or ``nnx.State``); paths are matched to ``stats``
