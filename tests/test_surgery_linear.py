@@ -219,3 +219,10 @@ def test_taylor_scores_sum_the_out_in_weights_of_each_input():
     + s(params["down"]["kernel"], grads["down"]["kernel"]).sum(0)  # [out, in]: columns
   )
   np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_input_moments_with_nan_inputs_name_the_layer_and_the_feature():
+  x = np.array(mlp_batches()[0])
+  x[1, 2, 3] = np.nan
+  with pytest.raises(ValueError, match=r"layer 'up/kernel' contain NaN or inf, in input feature 3"):
+    scores.input_moments(TorchMLP(nnx.Rngs(0)), [x])

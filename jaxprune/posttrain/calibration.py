@@ -100,9 +100,12 @@ class Program:
     """The linear layers ``where`` selects among the float params with ndim >= 2 (biases
     and norms never are), by default all of those that a ``dot_general`` reads.
 
+    Non-float kernels (int8, ...) are never pruned: a warning lists those skipped.
+
     Raises:
       ValueError: ``where`` selects a param that no ``dot_general`` reads on these
-        inputs, or one read in a way that is not one linear layer (naming it and why).
+        inputs, or one read in a way that is not one linear layer (naming it and why);
+        no float linear layer is selected (listing the float ones and those skipped).
     """
     _, found = self.traced(example)
     pred = tree_lib.as_predicate(where)
@@ -233,8 +236,11 @@ def calibrate(
     ``params/...``), in the order the forward pass reads them.
 
   Raises:
-    ValueError: no batches; ``where`` selects nothing, or a param the calibration data
-      does not reach (naming it).
+    ValueError: no batches; a batch the model cannot run (its shapes; a hint for
+      ``(inputs, labels)`` tuples); ``where`` selects nothing, or a param the
+      calibration data does not reach (naming it); NaN or inf among a layer's inputs
+      (naming the layer and the input feature). Non-float kernels (int8, ...) are
+      skipped with a warning listing them.
   """
   data = check_batches(batches, "calibrate")
   program = Program.of(model, variables, apply_kwargs, mesh, batch_axis)
