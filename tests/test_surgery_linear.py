@@ -118,8 +118,6 @@ def test_sparsegpt_n_m_groups_are_stored_consecutively(setup):
   for path in AS_MATRIX:
     assert (groups_of_4_per_output(path, masks[path]) == 2).all(), path
     assert ((new[path] != 0) == masks[path]).all(), path
-  _, masks = posttrain.sparsegpt(params, stats, 0.5, blocksize=4)
-  assert all(m.sum() == 24 for m in stored(masks).values())
 
 
 def test_prune_wanda_n_m_on_the_model(setup):

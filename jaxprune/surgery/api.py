@@ -237,7 +237,7 @@ def shrink(
   batches = [check_lib.random_inputs(inputs, rng, s) for s in shapes]
   try:
     removal = plan_removal(the_plan, leaves, batches, chosen)
-  except TypeError:  # the first run at the check batch: is example_input's batch axis missing?
+  except (TypeError, ValueError):  # the first run at the check batch: no batch axis?
     check_lib.check_batch_axis("shrink", fn, state, inputs)
     raise
   removed = candidates_lib.round_widths(the_plan, removal.removed, multiple_of, stayed)
