@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import fileio
 from jaxprune import tree as tree_lib
 from jaxprune.quantization import QuantizedArray, compressed_size, dequantize
 from jaxprune.quantization import quantize as int8_quantize
@@ -433,8 +434,7 @@ def save(
     True
   """
   blob = to_bytes(params, masks, quantize, bits)
-  with open(path, "wb") as f:
-    f.write(blob)
+  fileio.write_bytes(path, blob)
   return len(blob)
 
 
