@@ -1,5 +1,7 @@
 import json
 import lzma
+import pathlib
+import re
 import struct
 
 import flax.linen as nn
@@ -16,7 +18,7 @@ from jaxprune import export
 
 
 def header_of(blob: bytes) -> dict:
-  payload = lzma.decompress(blob[9:])
+  payload = lzma.decompress(blob[21:])  # after magic, version, uint64 length and CRC-32
   (length,) = struct.unpack("<I", payload[:4])
   return json.loads(payload[4 : 4 + length])
 
@@ -80,7 +82,7 @@ def test_each_layer_takes_the_smallest_coding():
   header = header_of(export.to_bytes(params))
   for name, node in header["tree"]["dict"]:
     records[name] = leaf_records(node)
-  assert header["format"] == "jaxprune" and header["version"] == 1
+  assert header["format"] == "jaxprune" and header["version"] == 3
   assert [r["coding"] for r in records["dense_layer"]] == ["dense", "dense"]
   (delta,) = records["delta_layer"]
   # 5% kept of 3072: gaps fit a byte (checked), so nnz bytes < 3072 / 8 bytes of bitmask.
@@ -181,8 +183,7 @@ def test_shared_loads_exactly_the_centroids_and_pruned_positions_stay_zero(tmp_p
       )
     assert records[3]["bits"] == bits and records[3]["coding"] != "dense"
     assert bits_equal(loaded["fc"]["bias"], params["fc"]["bias"])  # biases stay exact
-  assert path.read_bytes()[8] == 2  # shared files are version 2, others version 1
-  assert export.to_bytes(params)[8] == export.to_bytes(params, quantize="int8")[8] == 1
+  assert path.read_bytes()[8] == export.to_bytes(params)[8] == 3  # every file is version 3
 
 
 def test_shared_is_deterministic_and_smaller_than_int8():
@@ -251,8 +252,8 @@ def test_pruned_file_is_smaller_than_npz_gzip_and_int8_smaller_still():
 def test_file_is_json_and_raw_arrays_not_pickle(tmp_path):
   export.save(tmp_path / "m.jxp", {"w": np.ones((2, 2), np.float32)})
   blob = (tmp_path / "m.jxp").read_bytes()
-  assert blob[:8] == b"JAXPRUNE" and blob[8] == 1
-  assert b"pickle" not in lzma.decompress(blob[9:])
+  assert blob[:8] == b"JAXPRUNE" and blob[8] == 3
+  assert b"pickle" not in lzma.decompress(blob[21:])
   with pytest.raises(ValueError, match="not a jaxprune file"):
     export.from_bytes(b"PK\x03\x04" + blob[4:])
 
@@ -379,3 +380,109 @@ def test_nm_matmul_says_what_this_jax_lacks():
     pytest.skip("this JAX ships jax.experimental.sparse.nm")
   with pytest.raises(NotImplementedError, match=rf"JAX {jax.__version__} has no sparse N:M matmul"):
     export.nm_matmul(jnp.ones((2, 16)), packed)
+
+
+DATA = pathlib.Path(__file__).resolve().parent / "data"
+
+
+def old_params():
+  """The tree in tests/data/export_v*.jxp (written by jaxprune 0.1.0 at commit 07fac42)."""
+  rng = np.random.default_rng(20)
+  w = rng.standard_normal((16, 8)).astype(np.float32)
+  w[rng.random((16, 8)) > 0.3] = 0
+  return {
+    "fc": {"kernel": w, "bias": rng.standard_normal(8).astype(np.float32)},
+    "steps": np.array([3, 0, 7], np.int32),
+    "blocks": [np.zeros((2, 2), np.float16), (np.ones(3), None)],
+  }
+
+
+def old_expected(name: str):
+  params = old_params()
+  w = params["fc"]["kernel"]
+  if name == "export_v1_int8.jxp":
+    params["fc"]["kernel"] = np.asarray(jaxprune.dequantize(jaxprune.quantize({"w": w}))["w"])
+  elif name == "export_v2_shared3.jxp":
+    codebook, index = export.kmeans_1d(w[w != 0], bits=3)
+    params["fc"]["kernel"] = np.zeros_like(w)
+    params["fc"]["kernel"][w != 0] = codebook[index]
+  return params
+
+
+def tree_bits_equal(a, b) -> bool:
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+    bits_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
+
+
+OLD_FILES = ["export_v1.jxp", "export_v1_int8.jxp", "export_v2_shared3.jxp"]
+
+
+@pytest.mark.parametrize("name", OLD_FILES)
+def test_version_1_and_2_files_still_load(name):
+  blob = (DATA / name).read_bytes()
+  assert blob[8] == (2 if "v2" in name else 1)
+  assert tree_bits_equal(export.load(DATA / name), old_expected(name))
+
+
+# What a damaged file may raise: a named damage, or (the magic or version byte changed) a
+# file that is not jaxprune's / of another version. Never other errors, never wrong arrays.
+DAMAGE = r"is damaged \((truncated at byte \d+|checksum mismatch|corrupt data|its JAXPRUNE)"
+NOT_OURS = r"is not a jaxprune file|has file version \d+; this jaxprune reads versions 1, 2, 3"
+
+
+def load_or_error(blob: bytes):
+  try:
+    return export.from_bytes(blob)
+  except ValueError as e:
+    assert re.search(f"the data ({DAMAGE}|{NOT_OURS})", str(e)), str(e)
+    return e
+
+
+@pytest.mark.parametrize("name", [None, *OLD_FILES])
+def test_every_cut_and_every_flipped_byte_is_an_error_or_the_exact_arrays(name):
+  """Each prefix of the file, and the file with each byte changed (three ways)."""
+  blob = export.to_bytes(old_params()) if name is None else (DATA / name).read_bytes()
+  expected = old_params() if name is None else old_expected(name)
+  for cut in range(len(blob)):
+    error = load_or_error(blob[:cut])
+    assert isinstance(error, export.DamagedFileError), (cut, error)
+    assert f"truncated at byte {cut}" in str(error) or "corrupt data" in str(error)
+  rng = np.random.default_rng(0)
+  for position in range(len(blob)):
+    for flip in (0xFF, 1 << int(rng.integers(8)), int(rng.integers(1, 256))):
+      damaged = bytearray(blob)
+      damaged[position] ^= flip
+      loaded = load_or_error(bytes(damaged))
+      assert isinstance(loaded, ValueError) or tree_bits_equal(loaded, expected), position
+  if name is None:  # version 3: the CRC catches every change after the version byte
+    damaged = bytearray(blob)
+    damaged[len(blob) // 2] ^= 4
+    with pytest.raises(export.DamagedFileError, match="checksum mismatch"):
+      export.from_bytes(bytes(damaged))
+
+
+def test_a_damaged_file_names_itself(tmp_path):
+  path = tmp_path / "m.jxp"
+  export.save(path, old_params())
+  blob = path.read_bytes()
+  for cut, message in [
+    (0, "truncated at byte 0"),
+    (8, "truncated at byte 8"),
+    (100, "truncated at byte 100 of"),
+  ]:
+    path.write_bytes(blob[:cut])
+    with pytest.raises(
+      export.DamagedFileError, match=f"file '{re.escape(str(path))}' is damaged \\({message}"
+    ):
+      export.load(path)
+  path.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+  with pytest.raises(
+    export.DamagedFileError,
+    match=f"file '{re.escape(str(path))}' is damaged \\(checksum mismatch\\)",
+  ):
+    export.load(path)
+  v1 = (DATA / "export_v1.jxp").read_bytes()
+  path.write_bytes(v1[:300])
+  with pytest.raises(export.DamagedFileError, match=r"is damaged \(truncated at byte 300\)"):
+    export.load(path)

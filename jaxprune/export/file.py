@@ -1,10 +1,13 @@
 """A compact file for a pruned model: kept values only, positions coded per layer.
 
-Layout of a ``.jxp`` file: the 8 bytes ``JAXPRUNE``, one version byte, then one xz
-(LZMA, Python's standard ``lzma``) stream holding: a little-endian ``uint32`` header
-length, the header (UTF-8 JSON: the tree structure, and per leaf its dtype, shape,
-coding and where its bytes are), then the bytes of every leaf. No pickle: loading
-reads JSON and raw arrays only.
+Layout of a ``.jxp`` file (version 3): the 8 bytes ``JAXPRUNE``, one version byte, the
+length of the rest of the file (little-endian ``uint64``) and a CRC-32 (``uint32``) of
+that length and the rest, then one xz (LZMA, Python's standard ``lzma``) stream holding:
+a little-endian ``uint32`` header length, the header (UTF-8 JSON: the tree structure,
+and per leaf its dtype, shape, coding and where its bytes are), then the bytes of every
+leaf. No pickle: loading reads JSON and raw arrays only. A damaged file (cut short, a
+byte changed) is an error that names the file and says what is wrong, never arrays.
+Versions 1 and 2 (without length and CRC) are still read.
 
 Per leaf, the smallest of three codings (counted before compression):
 
@@ -28,8 +31,7 @@ bits and one per byte for 3, 5, 6 and 7 (which xz compresses better: see
 :func:`_pack_bits`). Pruned positions are
 not stored and load as exact zeros; a kept weight loads as its centroid, the mean of its
 cluster (zero only if that mean is exactly zero: magnitude-pruned weights keep a gap
-around zero, so in practice never). Huffman coding is left to the xz stream. Files with
-shared leaves are version 2; files without are byte-identical to version 1.
+around zero, so in practice never). Huffman coding is left to the xz stream.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import json
 import lzma
 import os
 import struct
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,8 +54,10 @@ from jaxprune.quantization import QuantizedArray, compressed_size, dequantize
 from jaxprune.quantization import quantize as int8_quantize
 
 MAGIC = b"JAXPRUNE"
-VERSION = 1
-SHARED_VERSION = 2  # files with weight-shared leaves (``quantize="shared"``)
+VERSION = 3  # what save writes: versions 1 and 2 plus the length and CRC-32
+READS = (1, 2, 3)  # 1: the first format; 2: version 1 with weight-shared leaves
+_CHECKED = struct.Struct("<QI")  # version 3: length of what follows the CRC, CRC-32
+_LOAD = "jaxprune.export.load: "
 QUANTIZE = (None, "int8", "shared")
 DEFAULT_BITS = 5
 KMEANS_ITERATIONS = 30
@@ -67,7 +72,6 @@ class _Writer:
   def __init__(self):
     self.chunks: list[bytes] = []
     self.offset = 0
-    self.shared = False  # a leaf is weight-shared: the file is version 2
 
   def add(self, data: bytes) -> list[int]:
     self.chunks.append(data)
@@ -239,7 +243,6 @@ def _encode_leaf(
     except ValueError as e:
       raise ValueError(f"jaxprune.export.save: {path!r}: {e}") from None
     coding, positions, index_dtype = _positions(kept, bits / 8, allow_dense=False)
-    out.shared = True
     record.update(coding=coding, bits=bits, nnz=int(kept.sum()))
     record["codebook"] = out.add(codebook.tobytes())
     record["positions"] = out.add(positions)
@@ -368,26 +371,76 @@ def to_bytes(
   _check_masks(params, masks)
   out = _Writer()
   structure = _encode(params, masks, "", quantize, bits, out)
-  version = SHARED_VERSION if out.shared else VERSION
-  header = json.dumps({"format": "jaxprune", "version": version, "tree": structure}).encode()
+  header = json.dumps({"format": "jaxprune", "version": VERSION, "tree": structure}).encode()
   payload = struct.pack("<I", len(header)) + header + b"".join(out.chunks)
-  return MAGIC + bytes([version]) + lzma.compress(payload, format=lzma.FORMAT_XZ, filters=_FILTERS)
+  stream = lzma.compress(payload, format=lzma.FORMAT_XZ, filters=_FILTERS)
+  length = struct.pack("<Q", len(stream))
+  crc = zlib.crc32(stream, zlib.crc32(length))
+  return MAGIC + bytes([VERSION]) + length + struct.pack("<I", crc) + stream
+
+
+class DamagedFileError(ValueError):
+  """A ``.jxp`` file that is cut short or altered: its message names the file and the damage."""
+
+
+def _stream(blob: bytes, source: str) -> bytes:
+  """The xz stream of ``blob`` after its magic, version and (version 3) length and CRC."""
+  start = len(MAGIC) + 1
+  if len(blob) < start and blob == MAGIC[: len(blob)]:
+    raise DamagedFileError(f"{_LOAD}{source} is damaged (truncated at byte {len(blob)}).")
+  if blob[: len(MAGIC)] != MAGIC:
+    same = sum(a == b for a, b in zip(blob[: len(MAGIC)], MAGIC))
+    if same >= len(MAGIC) - 2 and len(blob) > start and blob[len(MAGIC)] in READS:
+      raise DamagedFileError(f"{_LOAD}{source} is damaged (its JAXPRUNE header is altered).")
+    raise ValueError(f"{_LOAD}{source} is not a jaxprune file (no JAXPRUNE header).")
+  version = blob[len(MAGIC)]
+  if version not in READS:
+    raise ValueError(
+      f"{_LOAD}{source} has file version {version}; this jaxprune reads "
+      f"versions {', '.join(map(str, READS))} (a newer jaxprune wrote it, or the file is damaged)."
+    )
+  if version < 3:
+    return blob[start:]
+  end = start + _CHECKED.size
+  if len(blob) < end:
+    raise DamagedFileError(f"{_LOAD}{source} is damaged (truncated at byte {len(blob)}).")
+  length, crc = _CHECKED.unpack(blob[start:end])
+  stream = blob[end:]
+  if zlib.crc32(stream, zlib.crc32(blob[start : start + 8])) == crc and len(stream) == length:
+    return stream
+  if len(stream) < length:
+    raise DamagedFileError(
+      f"{_LOAD}{source} is damaged (truncated at byte {len(blob)} of {end + length})."
+    )
+  raise DamagedFileError(f"{_LOAD}{source} is damaged (checksum mismatch).")
+
+
+def _read(blob: bytes, source: str) -> Any:
+  stream = _stream(blob, source)
+  try:
+    payload = lzma.decompress(stream, format=lzma.FORMAT_XZ)
+  except lzma.LZMAError as e:  # versions 1 and 2: the xz stream's own checks
+    if "ended before" in str(e):
+      raise DamagedFileError(
+        f"{_LOAD}{source} is damaged (truncated at byte {len(blob)})."
+      ) from None
+    raise DamagedFileError(f"{_LOAD}{source} is damaged (corrupt data: {e}).") from None
+  try:
+    (length,) = struct.unpack("<I", payload[:4])
+    header = json.loads(payload[4 : 4 + length])
+    return _decode(header["tree"], payload[4 + length :])
+  except (ValueError, KeyError, TypeError, IndexError, struct.error) as e:
+    raise DamagedFileError(f"{_LOAD}{source} is damaged (unreadable content: {e}).") from None
 
 
 def from_bytes(blob: bytes) -> Any:
-  """The pytree in bytes written by :func:`to_bytes` / :func:`save`."""
-  if blob[: len(MAGIC)] != MAGIC:
-    raise ValueError("jaxprune.export.load: not a jaxprune file (no JAXPRUNE header).")
-  version = blob[len(MAGIC)]
-  if version not in (VERSION, SHARED_VERSION):
-    raise ValueError(
-      f"jaxprune.export.load: file version {version}, this jaxprune reads {VERSION} and "
-      f"{SHARED_VERSION}."
-    )
-  payload = lzma.decompress(blob[len(MAGIC) + 1 :])
-  (length,) = struct.unpack("<I", payload[:4])
-  header = json.loads(payload[4 : 4 + length])
-  return _decode(header["tree"], payload[4 + length :])
+  """The pytree in bytes written by :func:`to_bytes` / :func:`save`.
+
+  Raises:
+    DamagedFileError: the bytes are cut short or altered (a ``ValueError``).
+    ValueError: they are not a jaxprune file, or of a newer version.
+  """
+  return _read(bytes(blob), "the data")
 
 
 def save(
@@ -446,7 +499,8 @@ def load(path: str | os.PathLike) -> Any:
   weight-shared leaves as their centroids (exact zeros where pruned) in their dtype.
   """
   with open(path, "rb") as f:
-    return from_bytes(f.read())
+    blob = f.read()
+  return _read(blob, f"file {os.fspath(path)!r}")
 
 
 def sizes(params: Any, masks: Any = None, bits: int = DEFAULT_BITS) -> dict[str, int]:
