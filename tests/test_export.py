@@ -1,9 +1,12 @@
+import collections
 import json
 import lzma
 import pathlib
 import re
 import struct
+from typing import Any, NamedTuple
 
+import flax.core
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -486,3 +489,62 @@ def test_a_damaged_file_names_itself(tmp_path):
   path.write_bytes(v1[:300])
   with pytest.raises(export.DamagedFileError, match=r"is damaged \(truncated at byte 300\)"):
     export.load(path)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_int8_refuses_nan_and_inf_and_names_the_leaf_and_channel(bad):
+  w = sparse_matrix(0, (8, 4), 0.5)
+  w[3, 2] = bad
+  with pytest.raises(
+    ValueError, match=r"'layer/kernel' has (inf|-inf|nan) at \[3, 2\], in output channel 2 .*finite"
+  ):
+    export.to_bytes({"layer": {"kernel": w}}, quantize="int8")
+  with pytest.raises(ValueError, match="'layer/kernel'.*finite"):
+    export.to_bytes({"layer": {"kernel": w}}, quantize="shared")
+  export.to_bytes({"layer": {"kernel": w}})  # stored as it is without quantization
+
+
+class Pair(NamedTuple):
+  w: Any
+  b: Any
+
+
+@pytest.mark.parametrize(
+  "node, kind",
+  [
+    (Pair(np.ones(2), np.zeros(2)), r"Pair, which would load as a plain tuple"),
+    (collections.OrderedDict(w=np.ones(2)), r"OrderedDict, which would load as a plain dict"),
+    (flax.core.FrozenDict(w=np.ones(2)), r"FrozenDict, which would load as a plain dict"),
+  ],
+)
+def test_containers_that_would_load_as_another_structure_are_refused(node, kind):
+  with pytest.raises(TypeError, match=f"'layers/0' is a {kind}"):
+    export.to_bytes({"layers": [node]})
+  pair = Pair(np.ones(2, np.float32), np.zeros(2, np.float32))
+  loaded = export.from_bytes(export.to_bytes({"layers": [pair._asdict(), tuple(pair)]}))
+  assert tree_bits_equal(loaded, {"layers": [pair._asdict(), tuple(pair)]})
+
+
+def test_prng_keys_and_non_numeric_arrays_are_named():
+  with pytest.raises(TypeError, match=r"'state/rng' is a PRNG key array \(key<fry>\).*key_data"):
+    export.to_bytes({"state": {"rng": jax.random.key(0), "w": np.ones(2)}})
+  with pytest.raises(TypeError, match=r"'names' has dtype <U1; the file holds arrays of"):
+    export.to_bytes({"names": np.array(["a", "b"])})
+  with pytest.raises(TypeError, match=r"'o' has dtype object"):
+    export.to_bytes({"o": np.array([None, 1], dtype=object)})
+  c = np.array([1 + 2j, 0, -3j], np.complex128)  # 16-byte elements are stored too
+  assert bits_equal(export.from_bytes(export.to_bytes({"c": c}))["c"], c)
+
+
+def test_negative_zeros_where_the_mask_prunes_are_zeros(tmp_path):
+  w = np.array([[0.5, -0.25], [-0.75, 1.0]], np.float32)
+  mask = np.array([[True, False], [False, True]])
+  pruned = w * mask  # -0.0 at [0, 1] and [1, 0]
+  assert np.signbit(pruned[~mask]).all()
+  export.save(tmp_path / "m.jxp", {"w": pruned}, {"w": mask})
+  loaded = export.load(tmp_path / "m.jxp")["w"]
+  assert bits_equal(loaded, np.where(mask, w, np.float32(0)))
+  bad = pruned.copy()
+  bad[0, 1] = np.nan
+  with pytest.raises(ValueError, match="'w' has nonzero values where its mask prunes"):
+    export.to_bytes({"w": bad}, {"w": mask})

@@ -92,9 +92,29 @@ def _unshuffle(data: bytes, dtype: np.dtype, count: int) -> np.ndarray:
 
 def _nonzero_bits(x: np.ndarray) -> np.ndarray:
   """Where ``x`` is not all-zero bits (``-0.0`` and NaN count as values to keep)."""
-  if x.dtype.itemsize not in (1, 2, 4, 8):
-    raise TypeError(f"jaxprune.export.save: unsupported dtype {x.dtype}.")
-  return x.view(f"u{x.dtype.itemsize}") != 0
+  raw = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+  return raw.reshape(*x.shape, x.dtype.itemsize).any(-1)
+
+
+def _as_array(x: Any, path: str) -> np.ndarray:
+  """``x`` as a numpy array of numbers, or a ``TypeError`` naming the leaf."""
+  dtype = getattr(x, "dtype", None)
+  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    raise TypeError(
+      f"jaxprune.export.save: {path!r} is a PRNG key array ({dtype}), which the file cannot "
+      "hold; save jax.random.key_data(key) (uint32) and rebuild it with "
+      "jax.random.wrap_key_data, or leave the key out."
+    )
+  array = np.asarray(x)
+  numeric = array.dtype.kind in "biufc" or (
+    array.dtype.kind == "V" and array.dtype.type.__module__.startswith("ml_dtypes")
+  )
+  if not numeric or array.dtype.fields is not None:
+    raise TypeError(
+      f"jaxprune.export.save: {path!r} has dtype {array.dtype}; the file holds arrays of "
+      "booleans, integers, floats (bfloat16 and float8 included) and complex numbers."
+    )
+  return array
 
 
 def _index_dtype(largest: int) -> np.dtype:
@@ -218,10 +238,23 @@ def _kept_positions(size: int, record: dict, data: bytes) -> np.ndarray:
   return np.cumsum(gaps.astype(np.int64) + 1) - 1
 
 
+def _check_finite(array: np.ndarray, path: str) -> None:
+  """int8 scales come from each output channel's largest |w|: NaN or inf would spoil it."""
+  bad = ~np.isfinite(array)
+  if bad.any():
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    channels = np.flatnonzero(bad.reshape(-1, array.shape[-1]).any(0)).tolist()
+    raise ValueError(
+      f"jaxprune.export.save: {path!r} has {array[index]} at {list(index)}, in output "
+      f"channel {index[-1]} ({len(channels)} channel(s) with NaN or inf: {channels[:8]}); "
+      "quantize='int8' needs finite weights (their channel's scale is max |w| / 127)."
+    )
+
+
 def _encode_leaf(
   x: Any, mask: Any, path: str, quantize: str | None, bits: int, out: _Writer
 ) -> dict:
-  array = np.asarray(x)
+  array = _as_array(x, path)
   record: dict[str, Any] = {"dtype": array.dtype.name, "shape": list(array.shape)}
   if mask is not None:
     kept = np.asarray(mask, bool)
@@ -229,7 +262,7 @@ def _encode_leaf(
       raise ValueError(
         f"jaxprune.export.save: the mask of {path!r} is {kept.shape}, the param {array.shape}."
       )
-    if _nonzero_bits(array)[~kept].any():
+    if (array[~kept] != 0).any():  # -0.0 (what w * mask gives) is zero; NaN is not
       raise ValueError(
         f"jaxprune.export.save: {path!r} has nonzero values where its mask prunes; save "
         "jaxprune.apply_mask(params, masks), or pass masks=None to keep every nonzero."
@@ -251,6 +284,7 @@ def _encode_leaf(
     record["indices"] = out.add(_pack_bits(index, bits))
     return record
   if quantize == "int8" and tree_lib.default_where(path, array):
+    _check_finite(array, path)
     q = int8_quantize({"w": array}, where=lambda *_: True)["w"]
     values = np.asarray(q.values)
     record["scale"] = out.add(np.asarray(q.scale, np.float32).tobytes())
@@ -302,10 +336,23 @@ def _decode_leaf(record: dict, data: bytes) -> np.ndarray:
   return full.astype(dtype, copy=False)
 
 
+_PLAIN = {
+  "dict": "a dict (dict(d), flax.core.unfreeze(params), nnx.to_pure_dict(state))",
+  "list": "a list",
+  "tuple": "a dict (x._asdict() for a NamedTuple) or a tuple",
+}
+
+
 def _encode(node: Any, mask: Any, path: str, quantize: str | None, bits: int, out: _Writer) -> Any:
   """The JSON structure of ``node``; leaves' bytes go to ``out``."""
   if node is None:
     return None
+  if type(node) not in (dict, list, tuple) and isinstance(node, Mapping | list | tuple):
+    kind = "dict" if isinstance(node, Mapping) else "list" if isinstance(node, list) else "tuple"
+    raise TypeError(
+      f"jaxprune.export.save: {path or '/'!r} is a {type(node).__name__}, which would load "
+      f"as a plain {kind} (another pytree structure); save {_PLAIN[kind]} instead."
+    )
   if isinstance(node, Mapping):
     if not all(isinstance(k, str) or type(k) is int for k in node):
       raise TypeError(
@@ -459,11 +506,14 @@ def save(
   Args:
     path: the file to write (``.jxp`` by convention).
     params: a pytree of dicts (string or integer keys), lists, tuples, ``None`` and arrays (a
-      Linen params dict; for an ``nnx.State`` pass ``nnx.to_pure_dict(state)``).
+      Linen params dict; for an ``nnx.State`` pass ``nnx.to_pure_dict(state)``). Other
+      containers (a NamedTuple, a FrozenDict) would load as plain tuples and dicts, so
+      they are refused (``TypeError``), as are PRNG keys and non-numeric arrays.
     masks: optional bool masks with the structure of ``params`` (``None`` leaves:
       unpruned). With masks, a leaf's positions are its mask and its pruned entries
-      must be zero (else ``ValueError``); without, every leaf keeps its nonzero
-      entries (by bits: ``-0.0`` is kept).
+      must be zero (else ``ValueError``; ``-0.0``, as ``w * mask`` gives, is zero and
+      loads as ``0.0``); without, every leaf keeps its nonzero entries (by bits:
+      ``-0.0`` is kept).
     quantize: ``None`` (values as they are: float32, bfloat16, ...), ``"int8"``
       (weight matrices and conv kernels as int8 with per-output-channel scales) or
       ``"shared"`` (weight matrices and conv kernels as a float32 codebook of at most
