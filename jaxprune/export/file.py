@@ -93,7 +93,7 @@ def _unshuffle(data: bytes, dtype: np.dtype, count: int) -> np.ndarray:
 def _nonzero_bits(x: np.ndarray) -> np.ndarray:
   """Where ``x`` is not all-zero bits (``-0.0`` and NaN count as values to keep)."""
   raw = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
-  return raw.reshape(*x.shape, x.dtype.itemsize).any(-1)
+  return np.asarray(raw.reshape(*x.shape, x.dtype.itemsize).any(-1))
 
 
 def _as_array(x: Any, path: str) -> np.ndarray:
