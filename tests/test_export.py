@@ -1,4 +1,5 @@
 import collections
+import dataclasses
 import json
 import lzma
 import pathlib
@@ -548,3 +549,43 @@ def test_negative_zeros_where_the_mask_prunes_are_zeros(tmp_path):
   bad[0, 1] = np.nan
   with pytest.raises(ValueError, match="'w' has nonzero values where its mask prunes"):
     export.to_bytes({"w": bad}, {"w": mask})
+
+
+@pytest.mark.parametrize(
+  "n, m, error, message",
+  [
+    (3, 2, ValueError, r"1 <= n <= m <= 256; got n=3, m=2"),
+    (0, 4, ValueError, r"got n=0, m=4"),
+    (2, 0, ValueError, r"got n=2, m=0"),
+    (2.0, 4, TypeError, r"n and m must be integers, got n=2.0, m=4"),
+    (True, 4, TypeError, r"n and m must be integers"),
+  ],
+)
+def test_nm_pack_names_a_bad_pattern(n, m, error, message):
+  w, mask = nm_masked((8, 2))
+  with pytest.raises(error, match=f"nm_pack: .*{message}"):
+    export.nm_pack(w, n=n, m=m, mask=mask)
+
+
+def test_nm_pack_and_unpack_name_bad_inputs():
+  w, mask = nm_masked((8, 2))
+  with pytest.raises(ValueError, match=r"the mask of 'fc' has shape \(2, 8\), the kernel \(8, 2\)"):
+    export.nm_pack(w, mask=mask.T, name="fc")
+  with pytest.raises(
+    TypeError, match="nm_unpack: takes the NMPacked that nm_pack returns, got ndarray"
+  ):
+    export.nm_unpack(w)
+  packed = export.nm_pack(w, mask=mask)
+  wrong = dataclasses.replace(packed, shape=(16, 2))
+  with pytest.raises(
+    ValueError, match=r"values \(2, 4\) and metadata \(2, 1\) do not fit a 2:4 kernel"
+  ):
+    export.nm_unpack(wrong)
+  doubled = dataclasses.replace(packed, metadata=np.zeros_like(packed.metadata))  # position 0 twice
+  with pytest.raises(ValueError, match="not 2 increasing indices below 4"):
+    export.nm_unpack(doubled)
+  for n, m in [(1, 2), (3, 4), (4, 4), (2, 8)]:  # other valid patterns round trip
+    w = np.asarray(jax.random.normal(jax.random.key(n * m), (16, 3)))
+    kept = jaxprune.magnitude(1 - n / m, structure=jaxprune.n_m(n, m)).masks({"w": w})["w"]
+    sparse = np.where(kept, w, 0)
+    assert bits_equal(export.nm_unpack(export.nm_pack(sparse, n, m, mask=kept)), sparse)
