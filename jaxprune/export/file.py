@@ -501,7 +501,9 @@ def save(
 
   Only the kept values are stored, with their positions as a bitmask or delta-coded
   indices (whichever is smaller for the layer); leaves where neither saves bytes are
-  stored dense. The structure and dtypes are JSON, the whole file one xz stream.
+  stored dense. The structure and dtypes are JSON, the whole file one xz stream with
+  its length and CRC-32. The file is replaced atomically (:mod:`jaxprune.fileio`): a save
+  that fails or is killed leaves the file that was there whole.
 
   Args:
     path: the file to write (``.jxp`` by convention).
@@ -525,6 +527,12 @@ def save(
   Returns:
     The number of bytes written.
 
+  Raises:
+    TypeError: a container other than dict / list / tuple, a PRNG key or a non-numeric
+      array (the message names the leaf).
+    ValueError: a mask that does not fit its leaf or keeps a pruned value nonzero, a NaN
+      or inf weight with ``quantize="int8"`` or ``"shared"``, a bad ``quantize`` / ``bits``.
+
   Examples:
     >>> import os, tempfile, numpy as np, jax, jaxprune
     >>> from jaxprune import export
@@ -547,6 +555,11 @@ def load(path: str | os.PathLike) -> Any:
   Float leaves come back bitwise equal; int8-quantized leaves come back as the
   dequantized values (``jaxprune.dequantize(jaxprune.quantize(w))``) in their dtype;
   weight-shared leaves as their centroids (exact zeros where pruned) in their dtype.
+
+  Raises:
+    DamagedFileError: the file is cut short or altered; the message names the file and
+      says "truncated at byte N" or "checksum mismatch" (a ``ValueError``).
+    ValueError: the file is not a jaxprune file, or of a newer version.
   """
   with open(path, "rb") as f:
     blob = f.read()
