@@ -562,13 +562,22 @@ def test_negative_zeros_where_the_mask_prunes_are_zeros(tmp_path):
   ],
 )
 def test_nm_pack_names_a_bad_pattern(n, m, error, message):
-  w, mask = nm_masked((8, 2))
+  w, mask = nm_numpy(8, 2, 2, 4)
   with pytest.raises(error, match=f"nm_pack: .*{message}"):
     export.nm_pack(w, n=n, m=m, mask=mask)
 
 
+def nm_numpy(k, out, n, m, seed=0):
+  """A [k, out] kernel keeping the n largest |w| of every m consecutive inputs (numpy)."""
+  w = np.random.default_rng(seed).standard_normal((k, out)).astype(np.float32)
+  groups = np.abs(w).T.reshape(out, k // m, m)
+  rank = np.argsort(np.argsort(-groups, axis=-1, kind="stable"), axis=-1, kind="stable")
+  mask = (rank < n).reshape(out, k).T
+  return np.where(mask, w, np.float32(0)), mask
+
+
 def test_nm_pack_and_unpack_name_bad_inputs():
-  w, mask = nm_masked((8, 2))
+  w, mask = nm_numpy(8, 2, 2, 4)
   with pytest.raises(ValueError, match=r"the mask of 'fc' has shape \(2, 8\), the kernel \(8, 2\)"):
     export.nm_pack(w, mask=mask.T, name="fc")
   with pytest.raises(
@@ -585,7 +594,7 @@ def test_nm_pack_and_unpack_name_bad_inputs():
   with pytest.raises(ValueError, match="not 2 increasing indices below 4"):
     export.nm_unpack(doubled)
   for n, m in [(1, 2), (3, 4), (4, 4), (2, 8)]:  # other valid patterns round trip
-    w = np.asarray(jax.random.normal(jax.random.key(n * m), (16, 3)))
-    kept = jaxprune.magnitude(1 - n / m, structure=jaxprune.n_m(n, m)).masks({"w": w})["w"]
-    sparse = np.where(kept, w, 0)
-    assert bits_equal(export.nm_unpack(export.nm_pack(sparse, n, m, mask=kept)), sparse)
+    sparse, kept = nm_numpy(16, 3, n, m, seed=n * m)
+    packed = export.nm_pack(sparse, n, m, mask=kept)
+    assert packed.values.shape == (3, 16 * n // m)
+    assert bits_equal(export.nm_unpack(packed), sparse)
