@@ -39,7 +39,7 @@ import timing
 from flax import nnx
 
 import jaxprune
-from jaxprune import export, surgery
+from jaxprune import export, fileio, surgery
 from jaxprune.posttrain import sparsegpt_layer
 
 PARTS = ("masked_step", "topk", "surgery", "sparsegpt", "nm", "sparse")
@@ -426,7 +426,7 @@ def main() -> None:
   if write:
     out = pathlib.Path(args.out) if args.out else timing.RESULTS
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"accelerator-{backend}.md").write_text(text)
+    fileio.write_text(out / f"accelerator-{backend}.md", text)
     print(f"Written to {out / f'accelerator-{backend}.md'}")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import pathlib
 import platform
 import time
 
@@ -22,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxprune import posttrain
+from jaxprune import fileio, posttrain
 from jaxprune.train import config as config_lib
 from jaxprune.train import data, prune
 from jaxprune.train import sharding as sharding_lib
@@ -126,7 +125,7 @@ def main() -> None:
     "weights to reconstruct each layer's output from `X^T X`, stays far ahead.",
   ]
   text = "\n".join(lines) + "\n"
-  pathlib.Path(args.out).write_text(text)
+  fileio.write_text(args.out, text)
   print(text)
 
 

@@ -41,6 +41,7 @@ import time
 
 import jax
 
+from jaxprune import fileio
 from jaxprune.train import config as config_lib
 from jaxprune.train import data, loop
 
@@ -111,7 +112,7 @@ def run_all(methods, sparsities, store: dict, path: pathlib.Path, steps: int) ->
           store[name]["random_reinit_accuracy"] = result.rethink.final_accuracy
           store[name]["random_reinit_sparsity"] = result.rethink.summary.sparsity
         print(name, json.dumps(store[name]), flush=True)
-        path.write_text(json.dumps(store, indent=1, sort_keys=True))
+        fileio.write_json(path, store, indent=1, sort_keys=True)
 
 
 def cells(store: dict) -> dict[tuple[str, float], list[float]]:
@@ -209,7 +210,7 @@ digits is itself about 0.9 points).
 
 {per_seed_markdown(store)}
 """
-  path.write_text(text)
+  fileio.write_text(path, text)
   return text
 
 

@@ -52,6 +52,8 @@ def make_inputs(
   cache.mkdir(parents=True, exist_ok=True)
   h_path = cache / f"hessian_{n_in}_{tokens}.npy"
   w_path = cache / f"kernel_{n_in}_{n_out}.npy"
+  from jaxprune import fileio
+
   rng = np.random.default_rng(seed)
   if not h_path.exists():
     start = time.perf_counter()
@@ -65,10 +67,12 @@ def make_inputs(
       x += 0.3 * rng.normal(size=(n, n_in)).astype(np.float32)
       x *= scales
       xtx += x.T @ x
-    np.save(h_path, xtx * (2.0 / tokens))
+    with fileio.atomic_write(h_path) as f:  # a killed run leaves no half-written cache
+      np.save(f, xtx * (2.0 / tokens))
     print(f"built H ({n_in}x{n_in}, {tokens} tokens) in {time.perf_counter() - start:.1f} s")
   if not w_path.exists():
-    np.save(w_path, (rng.normal(size=(n_in, n_out)) / np.sqrt(n_in)).astype(np.float32))
+    with fileio.atomic_write(w_path) as f:
+      np.save(f, (rng.normal(size=(n_in, n_out)) / np.sqrt(n_in)).astype(np.float32))
   return w_path, h_path
 
 
@@ -230,7 +234,9 @@ def main() -> None:
   print(report)
   if not (args.quick or args.no_write):
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "sparsegpt.md").write_text(report)
+    from jaxprune import fileio
+
+    fileio.write_text(HERE / "results" / "sparsegpt.md", report)
 
 
 def render(rows: list[dict], args) -> str:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import jax
 
+from jaxprune import fileio
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -88,5 +90,5 @@ def report(name: str, title: str, body: str, write: bool) -> None:
   print(text)
   if write:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.md").write_text(text)
+    fileio.write_text(RESULTS / f"{name}.md", text)
     print(f"Written to {RESULTS / f'{name}.md'}")

@@ -1,7 +1,13 @@
+import collections
+import dataclasses
 import json
 import lzma
+import pathlib
+import re
 import struct
+from typing import Any, NamedTuple
 
+import flax.core
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,7 +22,7 @@ from jaxprune import export
 
 
 def header_of(blob: bytes) -> dict:
-  payload = lzma.decompress(blob[9:])
+  payload = lzma.decompress(blob[21:])  # after magic, version, uint64 length and CRC-32
   (length,) = struct.unpack("<I", payload[:4])
   return json.loads(payload[4 : 4 + length])
 
@@ -80,7 +86,7 @@ def test_each_layer_takes_the_smallest_coding():
   header = header_of(export.to_bytes(params))
   for name, node in header["tree"]["dict"]:
     records[name] = leaf_records(node)
-  assert header["format"] == "jaxprune" and header["version"] == 1
+  assert header["format"] == "jaxprune" and header["version"] == 3
   assert [r["coding"] for r in records["dense_layer"]] == ["dense", "dense"]
   (delta,) = records["delta_layer"]
   # 5% kept of 3072: gaps fit a byte (checked), so nnz bytes < 3072 / 8 bytes of bitmask.
@@ -181,8 +187,7 @@ def test_shared_loads_exactly_the_centroids_and_pruned_positions_stay_zero(tmp_p
       )
     assert records[3]["bits"] == bits and records[3]["coding"] != "dense"
     assert bits_equal(loaded["fc"]["bias"], params["fc"]["bias"])  # biases stay exact
-  assert path.read_bytes()[8] == 2  # shared files are version 2, others version 1
-  assert export.to_bytes(params)[8] == export.to_bytes(params, quantize="int8")[8] == 1
+  assert path.read_bytes()[8] == export.to_bytes(params)[8] == 3  # every file is version 3
 
 
 def test_shared_is_deterministic_and_smaller_than_int8():
@@ -251,8 +256,8 @@ def test_pruned_file_is_smaller_than_npz_gzip_and_int8_smaller_still():
 def test_file_is_json_and_raw_arrays_not_pickle(tmp_path):
   export.save(tmp_path / "m.jxp", {"w": np.ones((2, 2), np.float32)})
   blob = (tmp_path / "m.jxp").read_bytes()
-  assert blob[:8] == b"JAXPRUNE" and blob[8] == 1
-  assert b"pickle" not in lzma.decompress(blob[9:])
+  assert blob[:8] == b"JAXPRUNE" and blob[8] == 3
+  assert b"pickle" not in lzma.decompress(blob[21:])
   with pytest.raises(ValueError, match="not a jaxprune file"):
     export.from_bytes(b"PK\x03\x04" + blob[4:])
 
@@ -379,3 +384,217 @@ def test_nm_matmul_says_what_this_jax_lacks():
     pytest.skip("this JAX ships jax.experimental.sparse.nm")
   with pytest.raises(NotImplementedError, match=rf"JAX {jax.__version__} has no sparse N:M matmul"):
     export.nm_matmul(jnp.ones((2, 16)), packed)
+
+
+DATA = pathlib.Path(__file__).resolve().parent / "data"
+
+
+def old_params():
+  """The tree in tests/data/export_v*.jxp (written by jaxprune 0.1.0 at commit 07fac42)."""
+  rng = np.random.default_rng(20)
+  w = rng.standard_normal((16, 8)).astype(np.float32)
+  w[rng.random((16, 8)) > 0.3] = 0
+  return {
+    "fc": {"kernel": w, "bias": rng.standard_normal(8).astype(np.float32)},
+    "steps": np.array([3, 0, 7], np.int32),
+    "blocks": [np.zeros((2, 2), np.float16), (np.ones(3), None)],
+  }
+
+
+def old_expected(name: str):
+  params = old_params()
+  w = params["fc"]["kernel"]
+  if name == "export_v1_int8.jxp":
+    params["fc"]["kernel"] = np.asarray(jaxprune.dequantize(jaxprune.quantize({"w": w}))["w"])
+  elif name == "export_v2_shared3.jxp":
+    codebook, index = export.kmeans_1d(w[w != 0], bits=3)
+    params["fc"]["kernel"] = np.zeros_like(w)
+    params["fc"]["kernel"][w != 0] = codebook[index]
+  return params
+
+
+def tree_bits_equal(a, b) -> bool:
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+    bits_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
+
+
+OLD_FILES = ["export_v1.jxp", "export_v1_int8.jxp", "export_v2_shared3.jxp"]
+
+
+@pytest.mark.parametrize("name", OLD_FILES)
+def test_version_1_and_2_files_still_load(name):
+  blob = (DATA / name).read_bytes()
+  assert blob[8] == (2 if "v2" in name else 1)
+  assert tree_bits_equal(export.load(DATA / name), old_expected(name))
+
+
+# What a damaged file may raise: a named damage, or (the magic or version byte changed) a
+# file that is not jaxprune's / of another version. Never other errors, never wrong arrays.
+DAMAGE = r"is damaged \((truncated at byte \d+|checksum mismatch|corrupt data|its JAXPRUNE)"
+NOT_OURS = r"is not a jaxprune file|has file version \d+; this jaxprune reads versions 1, 2, 3"
+
+
+def load_or_error(blob: bytes):
+  try:
+    return export.from_bytes(blob)
+  except ValueError as e:
+    assert re.search(f"the data ({DAMAGE}|{NOT_OURS})", str(e)), str(e)
+    return e
+
+
+@pytest.mark.parametrize("name", [None, *OLD_FILES])
+def test_every_cut_and_every_flipped_byte_is_an_error_or_the_exact_arrays(name):
+  """Each prefix of the file, and the file with each byte changed (three ways)."""
+  blob = export.to_bytes(old_params()) if name is None else (DATA / name).read_bytes()
+  expected = old_params() if name is None else old_expected(name)
+  for cut in range(len(blob)):
+    error = load_or_error(blob[:cut])
+    assert isinstance(error, export.DamagedFileError), (cut, error)
+    assert f"truncated at byte {cut}" in str(error) or "corrupt data" in str(error)
+  rng = np.random.default_rng(0)
+  for position in range(len(blob)):
+    for flip in (0xFF, 1 << int(rng.integers(8)), int(rng.integers(1, 256))):
+      damaged = bytearray(blob)
+      damaged[position] ^= flip
+      loaded = load_or_error(bytes(damaged))
+      assert isinstance(loaded, ValueError) or tree_bits_equal(loaded, expected), position
+  if name is None:  # version 3: the CRC catches every change after the version byte
+    damaged = bytearray(blob)
+    damaged[len(blob) // 2] ^= 4
+    with pytest.raises(export.DamagedFileError, match="checksum mismatch"):
+      export.from_bytes(bytes(damaged))
+
+
+def test_a_damaged_file_names_itself(tmp_path):
+  path = tmp_path / "m.jxp"
+  export.save(path, old_params())
+  blob = path.read_bytes()
+  for cut, message in [
+    (0, "truncated at byte 0"),
+    (8, "truncated at byte 8"),
+    (100, "truncated at byte 100 of"),
+  ]:
+    path.write_bytes(blob[:cut])
+    with pytest.raises(
+      export.DamagedFileError, match=f"file '{re.escape(str(path))}' is damaged \\({message}"
+    ):
+      export.load(path)
+  path.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+  with pytest.raises(
+    export.DamagedFileError,
+    match=f"file '{re.escape(str(path))}' is damaged \\(checksum mismatch\\)",
+  ):
+    export.load(path)
+  v1 = (DATA / "export_v1.jxp").read_bytes()
+  path.write_bytes(v1[:300])
+  with pytest.raises(export.DamagedFileError, match=r"is damaged \(truncated at byte 300\)"):
+    export.load(path)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_int8_refuses_nan_and_inf_and_names_the_leaf_and_channel(bad):
+  w = sparse_matrix(0, (8, 4), 0.5)
+  w[3, 2] = bad
+  with pytest.raises(
+    ValueError, match=r"'layer/kernel' has (inf|-inf|nan) at \[3, 2\], in output channel 2 .*finite"
+  ):
+    export.to_bytes({"layer": {"kernel": w}}, quantize="int8")
+  with pytest.raises(ValueError, match="'layer/kernel'.*finite"):
+    export.to_bytes({"layer": {"kernel": w}}, quantize="shared")
+  export.to_bytes({"layer": {"kernel": w}})  # stored as it is without quantization
+
+
+class Pair(NamedTuple):
+  w: Any
+  b: Any
+
+
+@pytest.mark.parametrize(
+  "node, kind",
+  [
+    (Pair(np.ones(2), np.zeros(2)), r"Pair, which would load as a plain tuple"),
+    (collections.OrderedDict(w=np.ones(2)), r"OrderedDict, which would load as a plain dict"),
+    (flax.core.FrozenDict(w=np.ones(2)), r"FrozenDict, which would load as a plain dict"),
+  ],
+)
+def test_containers_that_would_load_as_another_structure_are_refused(node, kind):
+  with pytest.raises(TypeError, match=f"'layers/0' is a {kind}"):
+    export.to_bytes({"layers": [node]})
+  pair = Pair(np.ones(2, np.float32), np.zeros(2, np.float32))
+  loaded = export.from_bytes(export.to_bytes({"layers": [pair._asdict(), tuple(pair)]}))
+  assert tree_bits_equal(loaded, {"layers": [pair._asdict(), tuple(pair)]})
+
+
+def test_prng_keys_and_non_numeric_arrays_are_named():
+  with pytest.raises(TypeError, match=r"'state/rng' is a PRNG key array \(key<fry>\).*key_data"):
+    export.to_bytes({"state": {"rng": jax.random.key(0), "w": np.ones(2)}})
+  with pytest.raises(TypeError, match=r"'names' has dtype <U1; the file holds arrays of"):
+    export.to_bytes({"names": np.array(["a", "b"])})
+  with pytest.raises(TypeError, match=r"'o' has dtype object"):
+    export.to_bytes({"o": np.array([None, 1], dtype=object)})
+  c = np.array([1 + 2j, 0, -3j], np.complex128)  # 16-byte elements are stored too
+  assert bits_equal(export.from_bytes(export.to_bytes({"c": c}))["c"], c)
+
+
+def test_negative_zeros_where_the_mask_prunes_are_zeros(tmp_path):
+  w = np.array([[0.5, -0.25], [-0.75, 1.0]], np.float32)
+  mask = np.array([[True, False], [False, True]])
+  pruned = w * mask  # -0.0 at [0, 1] and [1, 0]
+  assert np.signbit(pruned[~mask]).all()
+  export.save(tmp_path / "m.jxp", {"w": pruned}, {"w": mask})
+  loaded = export.load(tmp_path / "m.jxp")["w"]
+  assert bits_equal(loaded, np.where(mask, w, np.float32(0)))
+  bad = pruned.copy()
+  bad[0, 1] = np.nan
+  with pytest.raises(ValueError, match="'w' has nonzero values where its mask prunes"):
+    export.to_bytes({"w": bad}, {"w": mask})
+
+
+@pytest.mark.parametrize(
+  "n, m, error, message",
+  [
+    (3, 2, ValueError, r"1 <= n <= m <= 256; got n=3, m=2"),
+    (0, 4, ValueError, r"got n=0, m=4"),
+    (2, 0, ValueError, r"got n=2, m=0"),
+    (2.0, 4, TypeError, r"n and m must be integers, got n=2.0, m=4"),
+    (True, 4, TypeError, r"n and m must be integers"),
+  ],
+)
+def test_nm_pack_names_a_bad_pattern(n, m, error, message):
+  w, mask = nm_numpy(8, 2, 2, 4)
+  with pytest.raises(error, match=f"nm_pack: .*{message}"):
+    export.nm_pack(w, n=n, m=m, mask=mask)
+
+
+def nm_numpy(k, out, n, m, seed=0):
+  """A [k, out] kernel keeping the n largest |w| of every m consecutive inputs (numpy)."""
+  w = np.random.default_rng(seed).standard_normal((k, out)).astype(np.float32)
+  groups = np.abs(w).T.reshape(out, k // m, m)
+  rank = np.argsort(np.argsort(-groups, axis=-1, kind="stable"), axis=-1, kind="stable")
+  mask = (rank < n).reshape(out, k).T
+  return np.where(mask, w, np.float32(0)), mask
+
+
+def test_nm_pack_and_unpack_name_bad_inputs():
+  w, mask = nm_numpy(8, 2, 2, 4)
+  with pytest.raises(ValueError, match=r"the mask of 'fc' has shape \(2, 8\), the kernel \(8, 2\)"):
+    export.nm_pack(w, mask=mask.T, name="fc")
+  with pytest.raises(
+    TypeError, match="nm_unpack: takes the NMPacked that nm_pack returns, got ndarray"
+  ):
+    export.nm_unpack(w)
+  packed = export.nm_pack(w, mask=mask)
+  wrong = dataclasses.replace(packed, shape=(16, 2))
+  with pytest.raises(
+    ValueError, match=r"values \(2, 4\) and metadata \(2, 1\) do not fit a 2:4 kernel"
+  ):
+    export.nm_unpack(wrong)
+  doubled = dataclasses.replace(packed, metadata=np.zeros_like(packed.metadata))  # position 0 twice
+  with pytest.raises(ValueError, match="not 2 increasing indices below 4"):
+    export.nm_unpack(doubled)
+  for n, m in [(1, 2), (3, 4), (4, 4), (2, 8)]:  # other valid patterns round trip
+    sparse, kept = nm_numpy(16, 3, n, m, seed=n * m)
+    packed = export.nm_pack(sparse, n, m, mask=kept)
+    assert packed.values.shape == (3, 16 * n // m)
+    assert bits_equal(export.nm_unpack(packed), sparse)

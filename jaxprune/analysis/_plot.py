@@ -12,6 +12,7 @@ import os
 import pathlib
 from typing import TYPE_CHECKING
 
+from jaxprune import fileio
 from jaxprune._extras import require
 
 if TYPE_CHECKING:
@@ -33,5 +34,4 @@ def save(fig: Figure, path: str | os.PathLike) -> pathlib.Path:
   """Writes ``fig`` as a PNG at ``path`` (parent folders created); returns the path."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=100, format="png")
-  return path
+  return fileio.save_figure(fig, path, dpi=100, format="png")

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxprune import fileio
 from jaxprune import masks as masks_lib
 from jaxprune import progress as progress_lib
 from jaxprune import pruners as pruners_lib
@@ -62,7 +63,7 @@ class Sensitivity:
     """Writes ``layer,sparsity,accuracy,drop`` rows (one per layer and sparsity)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with fileio.atomic_write(path, "w", newline="") as f:
       writer = csv.writer(f)
       writer.writerow(["layer", "sparsity", "accuracy", "drop"])
       for layer, row in self.accuracy.items():

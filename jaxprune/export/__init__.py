@@ -11,10 +11,19 @@
 """
 
 from jaxprune.export.bcoo import sparse_apply, to_sparse
-from jaxprune.export.file import from_bytes, kmeans_1d, load, save, sizes, to_bytes
+from jaxprune.export.file import (
+  DamagedFileError,
+  from_bytes,
+  kmeans_1d,
+  load,
+  save,
+  sizes,
+  to_bytes,
+)
 from jaxprune.export.nm import NMPacked, nm_matmul, nm_matmul_available, nm_pack, nm_unpack
 
 __all__ = [
+  "DamagedFileError",
   "from_bytes",
   "kmeans_1d",
   "load",

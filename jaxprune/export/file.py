@@ -1,10 +1,13 @@
 """A compact file for a pruned model: kept values only, positions coded per layer.
 
-Layout of a ``.jxp`` file: the 8 bytes ``JAXPRUNE``, one version byte, then one xz
-(LZMA, Python's standard ``lzma``) stream holding: a little-endian ``uint32`` header
-length, the header (UTF-8 JSON: the tree structure, and per leaf its dtype, shape,
-coding and where its bytes are), then the bytes of every leaf. No pickle: loading
-reads JSON and raw arrays only.
+Layout of a ``.jxp`` file (version 3): the 8 bytes ``JAXPRUNE``, one version byte, the
+length of the rest of the file (little-endian ``uint64``) and a CRC-32 (``uint32``) of
+that length and the rest, then one xz (LZMA, Python's standard ``lzma``) stream holding:
+a little-endian ``uint32`` header length, the header (UTF-8 JSON: the tree structure,
+and per leaf its dtype, shape, coding and where its bytes are), then the bytes of every
+leaf. No pickle: loading reads JSON and raw arrays only. A damaged file (cut short, a
+byte changed) is an error that names the file and says what is wrong, never arrays.
+Versions 1 and 2 (without length and CRC) are still read.
 
 Per leaf, the smallest of three codings (counted before compression):
 
@@ -28,8 +31,7 @@ bits and one per byte for 3, 5, 6 and 7 (which xz compresses better: see
 :func:`_pack_bits`). Pruned positions are
 not stored and load as exact zeros; a kept weight loads as its centroid, the mean of its
 cluster (zero only if that mean is exactly zero: magnitude-pruned weights keep a gap
-around zero, so in practice never). Huffman coding is left to the xz stream. Files with
-shared leaves are version 2; files without are byte-identical to version 1.
+around zero, so in practice never). Huffman coding is left to the xz stream.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import json
 import lzma
 import os
 import struct
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,13 +48,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import fileio
 from jaxprune import tree as tree_lib
 from jaxprune.quantization import QuantizedArray, compressed_size, dequantize
 from jaxprune.quantization import quantize as int8_quantize
 
 MAGIC = b"JAXPRUNE"
-VERSION = 1
-SHARED_VERSION = 2  # files with weight-shared leaves (``quantize="shared"``)
+VERSION = 3  # what save writes: versions 1 and 2 plus the length and CRC-32
+READS = (1, 2, 3)  # 1: the first format; 2: version 1 with weight-shared leaves
+_CHECKED = struct.Struct("<QI")  # version 3: length of what follows the CRC, CRC-32
+_LOAD = "jaxprune.export.load: "
 QUANTIZE = (None, "int8", "shared")
 DEFAULT_BITS = 5
 KMEANS_ITERATIONS = 30
@@ -66,7 +72,6 @@ class _Writer:
   def __init__(self):
     self.chunks: list[bytes] = []
     self.offset = 0
-    self.shared = False  # a leaf is weight-shared: the file is version 2
 
   def add(self, data: bytes) -> list[int]:
     self.chunks.append(data)
@@ -87,9 +92,29 @@ def _unshuffle(data: bytes, dtype: np.dtype, count: int) -> np.ndarray:
 
 def _nonzero_bits(x: np.ndarray) -> np.ndarray:
   """Where ``x`` is not all-zero bits (``-0.0`` and NaN count as values to keep)."""
-  if x.dtype.itemsize not in (1, 2, 4, 8):
-    raise TypeError(f"jaxprune.export.save: unsupported dtype {x.dtype}.")
-  return x.view(f"u{x.dtype.itemsize}") != 0
+  raw = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+  return np.asarray(raw.reshape(*x.shape, x.dtype.itemsize).any(-1))
+
+
+def _as_array(x: Any, path: str) -> np.ndarray:
+  """``x`` as a numpy array of numbers, or a ``TypeError`` naming the leaf."""
+  dtype = getattr(x, "dtype", None)
+  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    raise TypeError(
+      f"jaxprune.export.save: {path!r} is a PRNG key array ({dtype}), which the file cannot "
+      "hold; save jax.random.key_data(key) (uint32) and rebuild it with "
+      "jax.random.wrap_key_data, or leave the key out."
+    )
+  array = np.asarray(x)
+  numeric = array.dtype.kind in "biufc" or (
+    array.dtype.kind == "V" and array.dtype.type.__module__.startswith("ml_dtypes")
+  )
+  if not numeric or array.dtype.fields is not None:
+    raise TypeError(
+      f"jaxprune.export.save: {path!r} has dtype {array.dtype}; the file holds arrays of "
+      "booleans, integers, floats (bfloat16 and float8 included) and complex numbers."
+    )
+  return array
 
 
 def _index_dtype(largest: int) -> np.dtype:
@@ -213,10 +238,23 @@ def _kept_positions(size: int, record: dict, data: bytes) -> np.ndarray:
   return np.cumsum(gaps.astype(np.int64) + 1) - 1
 
 
+def _check_finite(array: np.ndarray, path: str) -> None:
+  """int8 scales come from each output channel's largest |w|: NaN or inf would spoil it."""
+  bad = ~np.isfinite(array)
+  if bad.any():
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    channels = np.flatnonzero(bad.reshape(-1, array.shape[-1]).any(0)).tolist()
+    raise ValueError(
+      f"jaxprune.export.save: {path!r} has {array[index]} at {list(index)}, in output "
+      f"channel {index[-1]} ({len(channels)} channel(s) with NaN or inf: {channels[:8]}); "
+      "quantize='int8' needs finite weights (their channel's scale is max |w| / 127)."
+    )
+
+
 def _encode_leaf(
   x: Any, mask: Any, path: str, quantize: str | None, bits: int, out: _Writer
 ) -> dict:
-  array = np.asarray(x)
+  array = _as_array(x, path)
   record: dict[str, Any] = {"dtype": array.dtype.name, "shape": list(array.shape)}
   if mask is not None:
     kept = np.asarray(mask, bool)
@@ -224,7 +262,7 @@ def _encode_leaf(
       raise ValueError(
         f"jaxprune.export.save: the mask of {path!r} is {kept.shape}, the param {array.shape}."
       )
-    if _nonzero_bits(array)[~kept].any():
+    if (array[~kept] != 0).any():  # -0.0 (what w * mask gives) is zero; NaN is not
       raise ValueError(
         f"jaxprune.export.save: {path!r} has nonzero values where its mask prunes; save "
         "jaxprune.apply_mask(params, masks), or pass masks=None to keep every nonzero."
@@ -238,7 +276,6 @@ def _encode_leaf(
     except ValueError as e:
       raise ValueError(f"jaxprune.export.save: {path!r}: {e}") from None
     coding, positions, index_dtype = _positions(kept, bits / 8, allow_dense=False)
-    out.shared = True
     record.update(coding=coding, bits=bits, nnz=int(kept.sum()))
     record["codebook"] = out.add(codebook.tobytes())
     record["positions"] = out.add(positions)
@@ -247,6 +284,7 @@ def _encode_leaf(
     record["indices"] = out.add(_pack_bits(index, bits))
     return record
   if quantize == "int8" and tree_lib.default_where(path, array):
+    _check_finite(array, path)
     q = int8_quantize({"w": array}, where=lambda *_: True)["w"]
     values = np.asarray(q.values)
     record["scale"] = out.add(np.asarray(q.scale, np.float32).tobytes())
@@ -298,10 +336,23 @@ def _decode_leaf(record: dict, data: bytes) -> np.ndarray:
   return full.astype(dtype, copy=False)
 
 
+_PLAIN = {
+  "dict": "a dict (dict(d), flax.core.unfreeze(params), nnx.to_pure_dict(state))",
+  "list": "a list",
+  "tuple": "a dict (x._asdict() for a NamedTuple) or a tuple",
+}
+
+
 def _encode(node: Any, mask: Any, path: str, quantize: str | None, bits: int, out: _Writer) -> Any:
   """The JSON structure of ``node``; leaves' bytes go to ``out``."""
   if node is None:
     return None
+  if type(node) not in (dict, list, tuple) and isinstance(node, Mapping | list | tuple):
+    kind = "dict" if isinstance(node, Mapping) else "list" if isinstance(node, list) else "tuple"
+    raise TypeError(
+      f"jaxprune.export.save: {path or '/'!r} is a {type(node).__name__}, which would load "
+      f"as a plain {kind} (another pytree structure); save {_PLAIN[kind]} instead."
+    )
   if isinstance(node, Mapping):
     if not all(isinstance(k, str) or type(k) is int for k in node):
       raise TypeError(
@@ -367,26 +418,76 @@ def to_bytes(
   _check_masks(params, masks)
   out = _Writer()
   structure = _encode(params, masks, "", quantize, bits, out)
-  version = SHARED_VERSION if out.shared else VERSION
-  header = json.dumps({"format": "jaxprune", "version": version, "tree": structure}).encode()
+  header = json.dumps({"format": "jaxprune", "version": VERSION, "tree": structure}).encode()
   payload = struct.pack("<I", len(header)) + header + b"".join(out.chunks)
-  return MAGIC + bytes([version]) + lzma.compress(payload, format=lzma.FORMAT_XZ, filters=_FILTERS)
+  stream = lzma.compress(payload, format=lzma.FORMAT_XZ, filters=_FILTERS)
+  length = struct.pack("<Q", len(stream))
+  crc = zlib.crc32(stream, zlib.crc32(length))
+  return MAGIC + bytes([VERSION]) + length + struct.pack("<I", crc) + stream
+
+
+class DamagedFileError(ValueError):
+  """A ``.jxp`` file that is cut short or altered: its message names the file and the damage."""
+
+
+def _stream(blob: bytes, source: str) -> bytes:
+  """The xz stream of ``blob`` after its magic, version and (version 3) length and CRC."""
+  start = len(MAGIC) + 1
+  if len(blob) < start and blob == MAGIC[: len(blob)]:
+    raise DamagedFileError(f"{_LOAD}{source} is damaged (truncated at byte {len(blob)}).")
+  if blob[: len(MAGIC)] != MAGIC:
+    same = sum(a == b for a, b in zip(blob[: len(MAGIC)], MAGIC))
+    if same >= len(MAGIC) - 2 and len(blob) > start and blob[len(MAGIC)] in READS:
+      raise DamagedFileError(f"{_LOAD}{source} is damaged (its JAXPRUNE header is altered).")
+    raise ValueError(f"{_LOAD}{source} is not a jaxprune file (no JAXPRUNE header).")
+  version = blob[len(MAGIC)]
+  if version not in READS:
+    raise ValueError(
+      f"{_LOAD}{source} has file version {version}; this jaxprune reads "
+      f"versions {', '.join(map(str, READS))} (a newer jaxprune wrote it, or the file is damaged)."
+    )
+  if version < 3:
+    return blob[start:]
+  end = start + _CHECKED.size
+  if len(blob) < end:
+    raise DamagedFileError(f"{_LOAD}{source} is damaged (truncated at byte {len(blob)}).")
+  length, crc = _CHECKED.unpack(blob[start:end])
+  stream = blob[end:]
+  if zlib.crc32(stream, zlib.crc32(blob[start : start + 8])) == crc and len(stream) == length:
+    return stream
+  if len(stream) < length:
+    raise DamagedFileError(
+      f"{_LOAD}{source} is damaged (truncated at byte {len(blob)} of {end + length})."
+    )
+  raise DamagedFileError(f"{_LOAD}{source} is damaged (checksum mismatch).")
+
+
+def _read(blob: bytes, source: str) -> Any:
+  stream = _stream(blob, source)
+  try:
+    payload = lzma.decompress(stream, format=lzma.FORMAT_XZ)
+  except lzma.LZMAError as e:  # versions 1 and 2: the xz stream's own checks
+    if "ended before" in str(e):
+      raise DamagedFileError(
+        f"{_LOAD}{source} is damaged (truncated at byte {len(blob)})."
+      ) from None
+    raise DamagedFileError(f"{_LOAD}{source} is damaged (corrupt data: {e}).") from None
+  try:
+    (length,) = struct.unpack("<I", payload[:4])
+    header = json.loads(payload[4 : 4 + length])
+    return _decode(header["tree"], payload[4 + length :])
+  except (ValueError, KeyError, TypeError, IndexError, struct.error) as e:
+    raise DamagedFileError(f"{_LOAD}{source} is damaged (unreadable content: {e}).") from None
 
 
 def from_bytes(blob: bytes) -> Any:
-  """The pytree in bytes written by :func:`to_bytes` / :func:`save`."""
-  if blob[: len(MAGIC)] != MAGIC:
-    raise ValueError("jaxprune.export.load: not a jaxprune file (no JAXPRUNE header).")
-  version = blob[len(MAGIC)]
-  if version not in (VERSION, SHARED_VERSION):
-    raise ValueError(
-      f"jaxprune.export.load: file version {version}, this jaxprune reads {VERSION} and "
-      f"{SHARED_VERSION}."
-    )
-  payload = lzma.decompress(blob[len(MAGIC) + 1 :])
-  (length,) = struct.unpack("<I", payload[:4])
-  header = json.loads(payload[4 : 4 + length])
-  return _decode(header["tree"], payload[4 + length :])
+  """The pytree in bytes written by :func:`to_bytes` / :func:`save`.
+
+  Raises:
+    DamagedFileError: the bytes are cut short or altered (a ``ValueError``).
+    ValueError: they are not a jaxprune file, or of a newer version.
+  """
+  return _read(bytes(blob), "the data")
 
 
 def save(
@@ -400,16 +501,21 @@ def save(
 
   Only the kept values are stored, with their positions as a bitmask or delta-coded
   indices (whichever is smaller for the layer); leaves where neither saves bytes are
-  stored dense. The structure and dtypes are JSON, the whole file one xz stream.
+  stored dense. The structure and dtypes are JSON, the whole file one xz stream with
+  its length and CRC-32. The file is replaced atomically (:mod:`jaxprune.fileio`): a save
+  that fails or is killed leaves the file that was there whole.
 
   Args:
     path: the file to write (``.jxp`` by convention).
     params: a pytree of dicts (string or integer keys), lists, tuples, ``None`` and arrays (a
-      Linen params dict; for an ``nnx.State`` pass ``nnx.to_pure_dict(state)``).
+      Linen params dict; for an ``nnx.State`` pass ``nnx.to_pure_dict(state)``). Other
+      containers (a NamedTuple, a FrozenDict) would load as plain tuples and dicts, so
+      they are refused (``TypeError``), as are PRNG keys and non-numeric arrays.
     masks: optional bool masks with the structure of ``params`` (``None`` leaves:
       unpruned). With masks, a leaf's positions are its mask and its pruned entries
-      must be zero (else ``ValueError``); without, every leaf keeps its nonzero
-      entries (by bits: ``-0.0`` is kept).
+      must be zero (else ``ValueError``; ``-0.0``, as ``w * mask`` gives, is zero and
+      loads as ``0.0``); without, every leaf keeps its nonzero entries (by bits:
+      ``-0.0`` is kept).
     quantize: ``None`` (values as they are: float32, bfloat16, ...), ``"int8"``
       (weight matrices and conv kernels as int8 with per-output-channel scales) or
       ``"shared"`` (weight matrices and conv kernels as a float32 codebook of at most
@@ -420,6 +526,12 @@ def save(
 
   Returns:
     The number of bytes written.
+
+  Raises:
+    TypeError: a container other than dict / list / tuple, a PRNG key or a non-numeric
+      array (the message names the leaf).
+    ValueError: a mask that does not fit its leaf or keeps a pruned value nonzero, a NaN
+      or inf weight with ``quantize="int8"`` or ``"shared"``, a bad ``quantize`` / ``bits``.
 
   Examples:
     >>> import os, tempfile, numpy as np, jax, jaxprune
@@ -433,8 +545,7 @@ def save(
     True
   """
   blob = to_bytes(params, masks, quantize, bits)
-  with open(path, "wb") as f:
-    f.write(blob)
+  fileio.write_bytes(path, blob)
   return len(blob)
 
 
@@ -444,9 +555,15 @@ def load(path: str | os.PathLike) -> Any:
   Float leaves come back bitwise equal; int8-quantized leaves come back as the
   dequantized values (``jaxprune.dequantize(jaxprune.quantize(w))``) in their dtype;
   weight-shared leaves as their centroids (exact zeros where pruned) in their dtype.
+
+  Raises:
+    DamagedFileError: the file is cut short or altered; the message names the file and
+      says "truncated at byte N" or "checksum mismatch" (a ``ValueError``).
+    ValueError: the file is not a jaxprune file, or of a newer version.
   """
   with open(path, "rb") as f:
-    return from_bytes(f.read())
+    blob = f.read()
+  return _read(blob, f"file {os.fspath(path)!r}")
 
 
 def sizes(params: Any, masks: Any = None, bits: int = DEFAULT_BITS) -> dict[str, int]:

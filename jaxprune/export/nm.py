@@ -44,6 +44,16 @@ def _bits(m: int) -> int:
   return next(b for b in (1, 2, 4, 8) if b >= need)
 
 
+def _check_pattern(n: Any, m: Any, who: str) -> None:
+  """``n`` of every ``m``: integers with ``1 <= n <= m <= 256`` (positions fit a byte)."""
+  if type(n) is not int or type(m) is not int:
+    raise TypeError(f"{who}: n and m must be integers, got n={n!r}, m={m!r}.")
+  if not 1 <= n <= m <= 256:
+    raise ValueError(
+      f"{who}: an N:M pattern keeps n of every m entries, 1 <= n <= m <= 256; got n={n}, m={m}."
+    )
+
+
 def nm_pack(
   kernel: Any, n: int = 2, m: int = 4, mask: Any = None, name: str = "kernel"
 ) -> NMPacked:
@@ -63,8 +73,10 @@ def nm_pack(
     An :class:`NMPacked`; :func:`nm_unpack` gives the kernel back exactly.
 
   Raises:
-    ValueError: the input axis is not a multiple of ``m``, or a group keeps more
-      than ``n`` entries (the message counts them and names the first).
+    TypeError: ``n`` or ``m`` is not an integer.
+    ValueError: not ``1 <= n <= m <= 256``, the mask's shape is not the kernel's, the
+      input axis is not a multiple of ``m``, or a group keeps more than ``n`` entries
+      (the message counts them and names the first).
 
   Examples:
     >>> import jax, jaxprune
@@ -77,7 +89,13 @@ def nm_pack(
     >>> bool((nm_unpack(packed) == w * mask).all())
     True
   """
+  _check_pattern(n, m, "nm_pack")
   w = np.asarray(kernel)
+  if mask is not None and np.shape(mask) != w.shape:
+    raise ValueError(
+      f"nm_pack: the mask of {name!r} has shape {np.shape(mask)}, the kernel {w.shape}; "
+      "pass the kernel's own mask (same shape)."
+    )
   if w.ndim < 2 or w.shape[-2] % m:
     raise ValueError(
       f"nm_pack: {name!r} has shape {w.shape}; {n}:{m} groups {m} consecutive inputs, so "
@@ -114,18 +132,43 @@ def nm_pack(
 
 
 def nm_unpack(packed: NMPacked) -> np.ndarray:
-  """The dense kernel of an :class:`NMPacked` (exactly the packed one)."""
-  values = np.asarray(packed.values)
-  out, stored = values.shape
+  """The dense kernel of an :class:`NMPacked` (exactly the packed one).
+
+  Raises:
+    TypeError: ``packed`` is not an :class:`NMPacked`.
+    ValueError: its arrays do not match its ``n``, ``m`` and ``shape``.
+  """
+  if not isinstance(packed, NMPacked):
+    raise TypeError(
+      f"nm_unpack: takes the NMPacked that nm_pack returns, got {type(packed).__name__}."
+    )
   n, m = packed.n, packed.m
+  _check_pattern(n, m, "nm_unpack")
+  values = np.asarray(packed.values)
+  out = packed.shape[-1] if packed.shape else 0
+  k = int(np.prod(packed.shape[:-1])) if packed.shape else 0
   bits = _bits(m)
   per_byte = 8 // bits
+  stored = k // m * n
+  want = (out, stored), (out, -(-stored // per_byte))
+  got = values.shape, np.shape(packed.metadata)
+  if len(packed.shape) < 2 or k % m or got != want:
+    raise ValueError(
+      f"nm_unpack: values {got[0]} and metadata {got[1]} do not fit a {n}:{m} kernel of "
+      f"shape {packed.shape} (expected {want[0]} and {want[1]})."
+    )
   shifts = (np.arange(per_byte) * bits).astype(np.uint8)
   meta = np.asarray(packed.metadata, np.uint8)[..., None]
   index = ((meta >> shifts) & ((1 << bits) - 1)).reshape(out, -1)[:, :stored]
   groups = stored // n
+  index = index.reshape(out, groups, n)
+  if (index >= m).any() or (np.diff(index.astype(np.int16), axis=-1) <= 0).any():
+    raise ValueError(
+      f"nm_unpack: the metadata holds positions that are not {n} increasing indices "
+      f"below {m} per group (damaged, or not from nm_pack)."
+    )
   dense = np.zeros((out, groups, m), values.dtype)
-  np.put_along_axis(dense, index.reshape(out, groups, n), values.reshape(out, groups, n), -1)
+  np.put_along_axis(dense, index, values.reshape(out, groups, n), -1)
   return dense.reshape(out, -1).T.reshape(packed.shape)
 
 

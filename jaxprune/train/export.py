@@ -21,6 +21,7 @@ from flax import nnx
 
 import jaxprune
 from jaxprune import export as export_lib
+from jaxprune import fileio
 from jaxprune.table import markdown_table
 from jaxprune.train import config as config_lib
 from jaxprune.train import data
@@ -158,9 +159,9 @@ def export_checkpoint(
   result = ExportResult(meta["phase"], meta["step"], sizes, accuracy, out_dir)
   if out_dir is not None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / FLOAT_FILE).write_bytes(blobs["jaxprune float32"])
-    (out_dir / INT8_FILE).write_bytes(blobs["jaxprune int8"])
+    fileio.write_bytes(out_dir / FLOAT_FILE, blobs["jaxprune float32"])
+    fileio.write_bytes(out_dir / INT8_FILE, blobs["jaxprune int8"])
     for bits in SHARED_BITS:
-      (out_dir / shared_file(bits)).write_bytes(blobs[shared_name(bits)])
-    (out_dir / REPORT_NAME).write_text(result.report() + "\n")
+      fileio.write_bytes(out_dir / shared_file(bits), blobs[shared_name(bits)])
+    fileio.write_text(out_dir / REPORT_NAME, result.report() + "\n")
   return result

@@ -36,13 +36,12 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +49,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxprune import surgery
+from jaxprune import fileio, surgery
 from jaxprune import tree as tree_lib
 from jaxprune.train import config as config_lib
 from jaxprune.train import data
@@ -405,10 +404,8 @@ def _save(config: Config, result: StructuredResult, model: nnx.Module) -> None:
   out.mkdir(parents=True, exist_ok=True)
   params = nnx.state(model, nnx.Param)
   arrays = {p: np.asarray(x) for p, x in tree_lib.leaves_with_paths(params)}
-  # The cast: pyright checks the arrays against savez's `allow_pickle: bool`; passing
-  # allow_pickle=False instead would add an array of that name on numpy < 2.1.
-  np.savez(out / NPZ_NAME, **cast(dict[str, Any], arrays))
+  fileio.savez(out / NPZ_NAME, arrays)
   numbers = {**result.as_dict(), "config": config_lib.config_json(config)}
-  (out / JSON_NAME).write_text(json.dumps(numbers, indent=2, default=str))
+  fileio.write_json(out / JSON_NAME, numbers, indent=2, default=str)
   title = f"# Structured pruning of charlm: {result.method}"
-  (out / REPORT_NAME).write_text(f"{title}\n\n{result.report()}\n")
+  fileio.write_text(out / REPORT_NAME, f"{title}\n\n{result.report()}\n")

@@ -19,6 +19,8 @@ import math
 import pathlib
 from typing import Any
 
+from jaxprune import fileio
+
 COLUMNS: tuple[str, ...] = (
   "phase",
   "step",
@@ -65,12 +67,15 @@ class MetricsWriter:
     kept = []
     if resume_step is not None and path.exists():
       kept = [r for r in read_csv(self.workdir) if r["global_step"] <= resume_step]
-    self._file = open(path, "w", newline="")  # noqa: SIM115 (closed in close())
+    # The header and the rows kept replace the file in one step (a run killed here
+    # leaves the old rows); new rows are appended to it.
+    with fileio.atomic_write(path, "w", newline="") as f:
+      rewrite = csv.DictWriter(f, COLUMNS)
+      rewrite.writeheader()
+      for row in kept:
+        rewrite.writerow({k: "" if v is None else v for k, v in row.items()})
+    self._file = open(path, "a", newline="")  # noqa: SIM115 (closed in close())
     self._csv = csv.DictWriter(self._file, COLUMNS)
-    self._csv.writeheader()
-    for row in kept:
-      self._csv.writerow({k: "" if v is None else v for k, v in row.items()})
-    self._file.flush()
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
@@ -119,6 +124,13 @@ def _value(column: str, text: str) -> Any:
 
 
 def read_csv(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
-  """The records of ``workdir/metrics.csv``, with numbers parsed and ``None`` for blanks."""
+  """The records of ``workdir/metrics.csv``, with numbers parsed and ``None`` for blanks.
+
+  A last row without its line end (a run killed while appending it) is left out.
+  """
   with open(pathlib.Path(workdir) / CSV_NAME, newline="") as f:
-    return [{k: _value(k, row.get(k, "")) for k in COLUMNS} for row in csv.DictReader(f)]
+    text = f.read()
+  lines = text.splitlines(keepends=True)
+  if lines and not lines[-1].endswith(("\n", "\r")):
+    lines.pop()
+  return [{k: _value(k, row.get(k) or "") for k in COLUMNS} for row in csv.DictReader(lines)]

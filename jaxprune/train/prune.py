@@ -22,7 +22,6 @@ checkpoint with its masks (``masks.npz``) and a report (``prune.md``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import re
@@ -35,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 import jaxprune
-from jaxprune import posttrain
+from jaxprune import fileio, posttrain
 from jaxprune import tree as tree_lib
 from jaxprune.structures import NM
 from jaxprune.train import checkpoint as checkpoint_lib
@@ -308,6 +307,8 @@ def _save(config: Config, result: PruneResult, state: Any, masks: Any, meta: dic
   kept: dict[str, Any] = {
     p: np.asarray(m) for p, m in tree_lib.leaves_with_paths(masks) if m is not None
   }
-  np.savez(out / "masks.npz", **kept)
-  (out / "prune.json").write_text(json.dumps(numbers, indent=2))
-  (out / "prune.md").write_text(f"# {result.method} at {result.target}\n\n{result.report()}\n")
+  fileio.savez(out / "masks.npz", kept)
+  fileio.write_json(out / "prune.json", numbers, indent=2)
+  fileio.write_text(
+    out / "prune.md", f"# {result.method} at {result.target}\n\n{result.report()}\n"
+  )

@@ -21,6 +21,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from jaxprune import fileio
 from jaxprune.masks import LeafStats, Summary
 from jaxprune.train import metrics as metrics_lib
 
@@ -79,7 +80,7 @@ def write_summary(workdir: str | pathlib.Path, config: Any, result: Any) -> path
       "layers": _rows(result.rethink.summary),
     }
   path = pathlib.Path(workdir) / SUMMARY_NAME
-  path.write_text(json.dumps(out, indent=2))
+  fileio.write_json(path, out, indent=2)
   return path
 
 
@@ -107,7 +108,7 @@ def plot_accuracy_vs_sparsity(records: list[dict[str, Any]], path: pathlib.Path)
   ax.set_title("accuracy vs sparsity over training")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.savefig(path, dpi=100)
+  fileio.save_figure(fig, path, dpi=100)
 
 
 def plot_layer_sparsity(summary: Summary, path: pathlib.Path) -> None:
@@ -121,7 +122,7 @@ def plot_layer_sparsity(summary: Summary, path: pathlib.Path) -> None:
   ax.set_xlim(0, 100)
   ax.set_xlabel("sparsity (%)")
   ax.set_title(f"per-layer sparsity (total {summary.sparsity:.1%})")
-  fig.savefig(path, dpi=100)
+  fileio.save_figure(fig, path, dpi=100)
 
 
 def plot_training_curves(records: list[dict[str, Any]], path: pathlib.Path) -> None:
@@ -157,7 +158,7 @@ def plot_training_curves(records: list[dict[str, Any]], path: pathlib.Path) -> N
   for ax in (loss_ax, acc_ax):
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-  fig.savefig(path, dpi=100)
+  fileio.save_figure(fig, path, dpi=100)
 
 
 def _pct(value: float | None) -> str:
@@ -249,5 +250,5 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
     "",
   ]
   path = workdir / REPORT_NAME
-  path.write_text("\n".join(lines))
+  fileio.write_text(path, "\n".join(lines))
   return path

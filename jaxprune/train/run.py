@@ -17,11 +17,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import time
-from typing import Any, cast
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ import optax
 from flax import nnx
 
 import jaxprune
-from jaxprune import progress
+from jaxprune import fileio, progress
 from jaxprune.analysis import plot_sensitivity
 from jaxprune.train import config as config_lib
 from jaxprune.train import data, models, optim, report, structured
@@ -324,7 +323,7 @@ class Run:
     resumed_from = None if resumed is None else resumed[1]["global_step"]
     if self.workdir is not None and self.primary:
       self.workdir.mkdir(parents=True, exist_ok=True)
-      (self.workdir / "config.json").write_text(json.dumps(config_json(self.config), indent=2))
+      fileio.write_json(self.workdir / "config.json", config_json(self.config), indent=2)
       self.writer = metrics_lib.MetricsWriter(self.workdir, resume_step=resumed_from)
     try:
       result = self._execute(main, resumed, resumed_from)
@@ -389,9 +388,7 @@ class Run:
     for name, state in phases:
       arrays = sharding_lib.flat_arrays({"params": state.params, "rest": state.rest})
       if self.primary:
-        # The cast: pyright checks the arrays against savez's `allow_pickle: bool`; passing
-        # allow_pickle=False instead would add an array of that name on numpy < 2.1.
-        np.savez(workdir / name, **cast(dict[str, Any], arrays))
+        fileio.savez(workdir / name, arrays)
     if self.primary:
       report.write_summary(workdir, self.config, result)
       report.write_report(workdir)

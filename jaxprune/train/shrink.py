@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 import jaxprune
-from jaxprune import surgery
+from jaxprune import fileio, surgery
 from jaxprune import tree as tree_lib
 from jaxprune.surgery import rebuild
 from jaxprune.train import config as config_lib
@@ -285,7 +285,7 @@ def _write(
   out: pathlib.Path, result: ShrinkResult, config: Any, ds: data.Dataset, npz: bytes
 ) -> None:
   out.mkdir(parents=True, exist_ok=True)
-  (out / SHRUNK_NPZ).write_bytes(npz)
+  fileio.write_bytes(out / SHRUNK_NPZ, npz)
   info = {
     "model": {"name": config.model.name, "width": config.model.width},
     "input_shape": list(ds.image_shape),
@@ -302,8 +302,8 @@ def _write(
     "total": result.total,
     "config": config_json(config),
   }
-  (out / SHRUNK_JSON).write_text(json.dumps(info, indent=2))
-  (out / REPORT_NAME).write_text(f"# Shrunk model\n\n{result.report()}\n")
+  fileio.write_json(out / SHRUNK_JSON, info, indent=2)
+  fileio.write_text(out / REPORT_NAME, f"# Shrunk model\n\n{result.report()}\n")
 
 
 def load_shrunk(directory: str | pathlib.Path) -> nnx.Module:
