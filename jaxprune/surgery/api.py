@@ -9,11 +9,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from flax import nnx
 
 from jaxprune import tree as tree_lib
 from jaxprune.surgery import candidates as candidates_lib
-from jaxprune.surgery import capture, rebuild
+from jaxprune.surgery import capture, linen, rebuild
 from jaxprune.surgery import check as check_lib
 from jaxprune.surgery.planning import UNITS, Plan, trace
 from jaxprune.surgery.removal import kept_indices, plan_removal, slice_tree, take
@@ -42,7 +43,8 @@ def plan(
 
   Examples:
     >>> import jax, jax.numpy as jnp
-    >>> from flax import nnx
+    >>> from flax import linen as nn
+from flax import nnx
     >>> from jaxprune import surgery
     >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
     ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
@@ -53,11 +55,12 @@ def plan(
   if example_input is None:
     raise ValueError("plan() needs an example_input (an array or jax.ShapeDtypeStruct).")
   fn, variables = capture.forward(model, variables, dict(apply_kwargs or {}))
-  return _trace(fn, variables, capture.as_inputs(example_input), "plan")
+  return _trace(model, fn, variables, capture.as_inputs(example_input), "plan")
 
 
-def _trace(fn: Callable, variables: Any, inputs: tuple, caller: str) -> Plan:
-  """:func:`trace`, with an error about ``example_input`` when the model does not run."""
+def _trace(model: Any, fn: Callable, variables: Any, inputs: tuple, caller: str) -> Plan:
+  """:func:`trace`, with an error about ``example_input`` when the model does not run;
+  for a Linen model, groups whose widths its code does not follow are blocked."""
   for x in inputs:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
       raise TypeError(
@@ -65,9 +68,12 @@ def _trace(fn: Callable, variables: Any, inputs: tuple, caller: str) -> Plan:
         f"for several inputs), got {type(x).__name__}."
       )
   try:
-    return trace(fn, variables, *inputs)
+    the_plan = trace(fn, variables, *inputs)
   except (TypeError, ValueError) as e:
     raise check_lib.example_input_error(caller, inputs, e) from e
+  if isinstance(model, nn.Module):
+    the_plan = linen.rebuild_blocks(fn, the_plan)
+  return the_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +127,8 @@ class Shrunk:
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from flax import nnx
+      >>> from flax import linen as nn
+from flax import nnx
       >>> from jaxprune import surgery
       >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
       ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
@@ -201,7 +208,8 @@ def shrink(
 
   Examples:
     >>> import jax, jax.numpy as jnp, jaxprune
-    >>> from flax import nnx
+    >>> from flax import linen as nn
+from flax import nnx
     >>> from jaxprune import surgery
     >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
     ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
@@ -216,7 +224,7 @@ def shrink(
   inputs = capture.as_inputs(example_input)
   kwargs = dict(apply_kwargs or {})
   fn, state = capture.forward(model, variables, kwargs)
-  the_plan = _trace(fn, state, inputs, "shrink")
+  the_plan = _trace(model, fn, state, inputs, "shrink")
   remove = dict(remove or {})
   candidates_lib.check_remove(the_plan, remove)
   # The user's masked model: its variables are the reference of the check, run through
@@ -314,7 +322,7 @@ def _build(model, kwargs, the_plan, leaves, treedef, bias_delta, removed) -> tup
       widths.setdefault(path, {}).update(new)
     small_fn, small_vars = capture.forward(small, None, kwargs)
   else:
-    small, widths = rebuild.linen_module(model, the_plan, kept)
+    small, widths = linen.resized(model, the_plan, kept, removed)
     small_fn, small_vars = capture.forward(small, new_state, kwargs)
   return small, small_vars, small_fn, kept, widths
 
