@@ -154,9 +154,7 @@ def test_nanogpt_heads_and_mlp_shrunk_equals_masked_with_n_head_set():
     assert small.widths[f"h_{i}/attn/c_attn"]["features"] == 3 * 8
     assert small.widths[f"h_{i}/mlp/c_fc"]["features"] == 48
     assert small.variables["params"][f"h_{i}"]["attn"]["c_proj"]["kernel"].shape == (8, D)
-  assert_equivalent(
-    model, variables, masks, small, lambda b, t: (tokens(b, t, 10 * b + t),)
-  )
+  assert_equivalent(model, variables, masks, small, lambda b, t: (tokens(b, t, 10 * b + t),))
 
 
 def test_nanogpt_input_width_split_is_blocked_at_plan_time_with_the_line():

@@ -43,8 +43,7 @@ def plan(
 
   Examples:
     >>> import jax, jax.numpy as jnp
-    >>> from flax import linen as nn
-from flax import nnx
+    >>> from flax import nnx
     >>> from jaxprune import surgery
     >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
     ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
@@ -127,8 +126,7 @@ class Shrunk:
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from flax import linen as nn
-from flax import nnx
+      >>> from flax import nnx
       >>> from jaxprune import surgery
       >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
       ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
@@ -208,8 +206,7 @@ def shrink(
 
   Examples:
     >>> import jax, jax.numpy as jnp, jaxprune
-    >>> from flax import linen as nn
-from flax import nnx
+    >>> from flax import nnx
     >>> from jaxprune import surgery
     >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
     ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import jax
 import numpy as np
@@ -74,7 +74,7 @@ def table(plan: Any, kept: Mapping[str, Mapping[int, Any]], removed: Mapping[str
   )
 
 
-def _is_int(x: Any) -> bool:
+def _is_int(x: Any) -> TypeGuard[int]:
   return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
 
@@ -244,7 +244,6 @@ def _small_specs(plan: Any, kept: Mapping[str, Mapping[int, Any]]) -> list[jax.S
   return specs
 
 
-
 def rebuild_blocks(fn: Callable[..., Any], plan: Plan) -> Plan:
   """``plan`` with every group blocked whose width the rebuilt model does not follow.
 
@@ -267,13 +266,14 @@ def rebuild_blocks(fn: Callable[..., Any], plan: Plan) -> Plan:
     if reason is not None:
       reasons[name] = reason
   groups = tuple(
-    dataclasses.replace(g, blocked=reasons[g.name]) if g.name in reasons else g
-    for g in plan.groups
+    dataclasses.replace(g, blocked=reasons[g.name]) if g.name in reasons else g for g in plan.groups
   )
   return dataclasses.replace(plan, groups=groups)
 
 
-def _rebuild_problem(fn: Callable[..., Any], plan: Plan, removed: dict[str, list[int]]) -> str | None:
+def _rebuild_problem(
+  fn: Callable[..., Any], plan: Plan, removed: dict[str, list[int]]
+) -> str | None:
   """Why the model rebuilt without ``removed`` is wrong (``None`` if it is not)."""
   kept = kept_indices(plan, removed)
   widths = table(plan, kept, removed)

@@ -139,4 +139,3 @@ def fix_head_counts(model: nnx.Module, plan: Any, removed: dict[str, list[int]])
     if new:
       widths[module] = new
   return widths
-
