@@ -247,21 +247,29 @@ def _small_specs(plan: Any, kept: Mapping[str, Mapping[int, Any]]) -> list[jax.S
 def rebuild_blocks(fn: Callable[..., Any], plan: Plan) -> Plan:
   """``plan`` with every group blocked whose width the rebuilt model does not follow.
 
-  The model is traced (shapes only) once as :class:`Resized` with one channel of every
-  prunable group removed; if it does not run, or its plan's groups are not the
-  original's less that channel (code that reshapes by a literal or by the input's width
-  splits the heads differently), each group is tried alone and those that fail are
-  blocked with the reason and the line of the model code.
+  The model is traced (shapes only) as :class:`Resized` with one channel of every
+  prunable group removed, and with one of each head group alone (the heads and the
+  head dims of one attention may only work together: a Linen
+  ``MultiHeadDotProductAttention`` has one ``qkv_features`` for q, k and v). A group is
+  blocked, with the reason and the line of the model code, when its trial does not run
+  or its plan's groups are not the original's less that channel (code that reshapes by
+  a literal or by the input's width splits the heads differently). When the trial of
+  all groups fails, each is tried alone.
 
   Args:
     fn: the forward pass ``fn(variables, *inputs)`` of the Linen module ``plan`` traced.
     plan: its plan.
   """
   trial = {g.name: [0] for g in plan.groups if not g.blocked and g.size > 1}
-  if not trial or _rebuild_problem(fn, plan, trial) is None:
+  if not trial:
     return plan
+  heads = [n for n in trial if plan.group(n).kind in ("heads", "head_dim")]
+  if _rebuild_problem(fn, plan, trial) is not None:
+    alone = list(trial)
+  else:
+    alone = heads if len(trial) > 1 else []
   reasons = {}
-  for name in trial:
+  for name in alone:
     reason = _rebuild_problem(fn, plan, {name: [0]})
     if reason is not None:
       reasons[name] = reason
