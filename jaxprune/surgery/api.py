@@ -86,7 +86,9 @@ class Shrunk:
     removed: ``{group name: [removed channel indices]}``.
     kept: ``{path: {axis: kept indices}}`` for every sliced array.
     widths: ``{module path: {attribute: new size}}``, the new architecture as a config
-      (a size is a tuple for ``nnx.LinearGeneral``'s ``in_features``/``out_features``).
+      (a size is a tuple for ``nnx.LinearGeneral``'s ``in_features``/``out_features``;
+      for Linen, the dataclass fields set: ``features``, ``num_heads``, ``n_head``, an
+      ``Einsum``'s ``shape``...).
     max_error: the largest output difference from the masked model found by the check
       (over every input size it ran at).
     kept_constant: ``{group name: [channel indices]}`` that were dead (all producer

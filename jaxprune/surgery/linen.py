@@ -8,7 +8,7 @@ of every module before its ``setup`` and its methods run, from the sliced params
 scope and the heads removed from the module that holds them (:func:`new_fields`).
 
 Whether the user's code follows those fields is checked when the model is planned
-(:func:`unrebuildable`): a group whose rebuilt model does not run, or splits its heads
+(:func:`rebuild_blocks`): a group whose rebuilt model does not run, or splits its heads
 differently, with one channel fewer, is blocked there with the reason and the line.
 """
 
@@ -46,7 +46,7 @@ class Widths:
   heads: tuple[tuple[tuple[str, ...], tuple[tuple[str, int, int], ...]], ...] = ()
 
 
-def table(plan: Any, kept: Mapping[str, Mapping[int, Any]], removed: Mapping[str, Any]) -> Widths:
+def table(plan: Plan, kept: Mapping[str, Mapping[int, Any]], removed: Mapping[str, Any]) -> Widths:
   """The :class:`Widths` of the model ``plan`` traced, with ``kept`` indices left."""
   scopes: dict[tuple[str, ...], list[tuple[str, Shape, Shape]]] = {}
   changed: set[tuple[str, ...]] = set()
@@ -214,7 +214,7 @@ class Resized(nn.Module):
 
 
 def resized(
-  model: nn.Module, plan: Any, kept: dict[str, dict[int, Any]], removed: Mapping[str, Any]
+  model: nn.Module, plan: Plan, kept: dict[str, dict[int, Any]], removed: Mapping[str, Any]
 ) -> tuple[Resized, dict[str, dict[str, Any]]]:
   """A :class:`Resized` module and its new widths ``{module path: {field: value}}``.
 
@@ -229,11 +229,11 @@ def resized(
   return Resized(inner=model, widths=widths), dict(sorted(record.items()))
 
 
-def _input_vars(plan: Any) -> list[Any]:
+def _input_vars(plan: Plan) -> list[Any]:
   return list(plan.jaxpr.jaxpr.invars[len(plan.paths) :])
 
 
-def _small_specs(plan: Any, kept: Mapping[str, Mapping[int, Any]]) -> list[jax.ShapeDtypeStruct]:
+def _small_specs(plan: Plan, kept: Mapping[str, Mapping[int, Any]]) -> list[jax.ShapeDtypeStruct]:
   """The model's variable leaves (``plan.paths`` order) at their sliced shapes."""
   specs = []
   for path, v in zip(plan.paths, plan.jaxpr.jaxpr.invars):
