@@ -289,8 +289,7 @@ class Gemma(nn.Module):
 def test_gemma_einsum_attention_heads_and_gated_mlp_shrunk_equals_masked():
   """Grouped-query heads (one query head of each KV group, and a whole KV group) and
   the gated MLP's hidden units (``gating_einsum`` and ``linear`` in the MLP's own
-  scope): every Einsum layer gets its new ``shape``, the attention its head counts.
-  The MLP group is named by ``remove=``: its kind (neurons, not heads) is the plan's."""
+  scope): every Einsum layer gets its new ``shape``, the attention its head counts."""
   model = Gemma()
   variables = filled(model, jnp.zeros((1, 4), jnp.int32))
   p = surgery.plan(model, variables, example_input=TOKENS)
@@ -298,15 +297,17 @@ def test_gemma_einsum_attention_heads_and_gated_mlp_shrunk_equals_masked():
   assert {"params/attn/kv_heads", "params/attn/query_heads"} <= heads
   (mlp,) = [g for g in p.groups if ("params/mlp/linear", 0) in g.members and not g.blocked]
   assert mlp.size == 32
-  remove = {
-    "params/attn/query_heads": [1],
-    "params/attn/kv_heads": [0],
-    mlp.name: list(range(0, 32, 4)),
+  # half the KV groups (with their query heads), half the query heads of each group
+  # and a quarter of the MLP's units; head_dim=True: the plan may call the MLP group a
+  # head-dim group (its kind is the dataflow's, not this test's)
+  ratios = {"params/attn/kv_heads": 0.5, "params/attn/query_heads": 0.5, mlp.name: 0.25}
+  masks = surgery.channel_masks(p, variables["params"], ratios)
+  small = surgery.shrink(model, variables, masks, example_input=TOKENS, head_dim=True)
+  assert {k: len(v) for k, v in small.removed.items()} == {
+    "params/attn/kv_heads": 1,
+    "params/attn/query_heads": 1,
+    mlp.name: 8,
   }
-  masks = surgery.group_masks(p, variables["params"], remove)
-  mlp_units = {mlp.name: remove[mlp.name]}
-  small = surgery.shrink(model, variables, masks, example_input=TOKENS, remove=mlp_units)
-  assert small.removed == remove
   assert small.widths["attn"] == {"num_heads": 1, "num_kv_heads": 1}
   assert small.widths["attn/q_einsum"] == {"shape": (1, D, HEAD_DIM)}
   assert small.widths["attn/kv_einsum"] == {"shape": (2, 1, D, HEAD_DIM)}
