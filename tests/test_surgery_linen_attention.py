@@ -14,6 +14,8 @@ one (the masks applied with ``jnp.where`` to the original params, the original m
 run) at batch sizes and sequence lengths other than the example input's.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,23 +78,31 @@ def causal(t):
   return jnp.tril(jnp.ones((t, t), bool))
 
 
-# --- nanoGPT: fused c_attn, split, heads by a reshape with the module's n_head field ---
+# --- nanoGPT: fused c_attn, split, heads by a reshape with the module's n_head ---
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  n_embd: int = D
+  n_head: int = HEADS
 
 
 class CausalSelfAttention(nn.Module):
   n_embd: int
-  n_head: int
+  n_head: int | None = None  # the head count as a field, or in a config (Flax ports)
+  config: GPTConfig | None = None
   exact_split: bool = False  # nanoGPT's own `C // n_head`, C the input width
 
   @nn.compact
   def __call__(self, x):
     b, t, c = x.shape
+    n_head = self.config.n_head if self.config is not None else self.n_head
     qkv = nn.Dense(3 * self.n_embd, name="c_attn")(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     if self.exact_split:
-      heads = lambda z: z.reshape(b, t, self.n_head, c // self.n_head).swapaxes(1, 2)  # noqa: E731
+      heads = lambda z: z.reshape(b, t, n_head, c // n_head).swapaxes(1, 2)  # noqa: E731
     else:
-      heads = lambda z: z.reshape(b, t, self.n_head, -1).swapaxes(1, 2)  # noqa: E731
+      heads = lambda z: z.reshape(b, t, n_head, -1).swapaxes(1, 2)  # noqa: E731
     q, k, v = heads(q), heads(k), heads(v)
     att = (q @ k.swapaxes(-2, -1)) * (1.0 / np.sqrt(k.shape[-1]))
     att = nn.softmax(jnp.where(causal(t), att, -jnp.inf), axis=-1)
@@ -113,12 +123,18 @@ class Block(nn.Module):
   n_embd: int
   n_head: int
   exact_split: bool = False
+  config_heads: bool = False  # the attention reads its head count from a GPTConfig
 
   @nn.compact
   def __call__(self, x):
-    x = x + CausalSelfAttention(self.n_embd, self.n_head, self.exact_split, name="attn")(
-      nn.LayerNorm(epsilon=1e-5, name="ln_1")(x)
-    )
+    if self.config_heads:
+      config = GPTConfig(self.n_embd, self.n_head)
+      attn = CausalSelfAttention(self.n_embd, config=config, name="attn")
+    else:
+      attn = CausalSelfAttention(
+        self.n_embd, self.n_head, exact_split=self.exact_split, name="attn"
+      )
+    x = x + attn(nn.LayerNorm(epsilon=1e-5, name="ln_1")(x))
     return x + MLP(self.n_embd, name="mlp")(nn.LayerNorm(epsilon=1e-5, name="ln_2")(x))
 
 
@@ -135,7 +151,7 @@ class GPT(nn.Module):
     x = nn.Embed(VOCAB, self.n_embd, name="wte")(idx)
     x = x + nn.Embed(self.block_size, self.n_embd, name="wpe")(jnp.arange(t)[None])
     for i in range(self.n_layer):
-      x = Block(self.n_embd, self.n_head, self.exact_split, name=f"h_{i}")(x)
+      x = Block(self.n_embd, self.n_head, self.exact_split, i % 2 == 1, name=f"h_{i}")(x)
     return nn.Dense(VOCAB, use_bias=False, name="lm_head")(nn.LayerNorm(name="ln_f")(x))
 
 
@@ -149,8 +165,9 @@ def test_nanogpt_heads_and_mlp_shrunk_equals_masked_with_n_head_set():
   ]
   masks = surgery.channel_masks(p, variables["params"], {"heads": 0.5, "neurons": 0.25})
   small = surgery.shrink(model, variables, masks, example_input=TOKENS)
+  assert small.widths["h_0/attn"] == {"n_head": 2}
+  assert small.widths["h_1/attn"] == {"config.n_head": 2}
   for i in range(2):
-    assert small.widths[f"h_{i}/attn"]["n_head"] == 2
     assert small.widths[f"h_{i}/attn/c_attn"]["features"] == 3 * 8
     assert small.widths[f"h_{i}/mlp/c_fc"]["features"] == 48
     assert small.variables["params"][f"h_{i}"]["attn"]["c_proj"]["kernel"].shape == (8, D)

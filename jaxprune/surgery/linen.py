@@ -185,18 +185,32 @@ def resizing(widths: Widths, record: dict[str, dict[str, Any]] | None = None) ->
     if id(mod) not in seen and not isinstance(mod, Resized):
       seen[id(mod)] = mod
       new = new_fields(mod, widths)
-      for k, v in new.items():
-        if getattr(mod, k, None) != v:
-          object.__setattr__(mod, k, v)
       if new and record is not None:
         path = list(mod.path)
         if mod.name and isinstance(mod.parent, nn.Module) and path[-1:] != [mod.name]:
           path.append(mod.name)  # a module sharing its parent's scope
-        record.setdefault("/".join(path), {}).update(new)
+        record.setdefault("/".join(path), {}).update(_flat(mod, new))
+      for k, v in new.items():
+        if getattr(mod, k, None) != v:
+          object.__setattr__(mod, k, v)
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(interceptor):
     yield
+
+
+def _flat(mod: nn.Module, new: dict[str, Any]) -> dict[str, Any]:
+  """``new`` with a config dataclass value as its changed fields (``config.n_head``)."""
+  out = {}
+  for k, v in new.items():
+    old = getattr(mod, k, None)
+    if dataclasses.is_dataclass(v) and dataclasses.is_dataclass(old):
+      for f in dataclasses.fields(v):
+        if getattr(v, f.name) != getattr(old, f.name, None):
+          out[f"{k}.{f.name}"] = getattr(v, f.name)
+    else:
+      out[k] = v
+  return out
 
 
 class Resized(nn.Module):
