@@ -146,8 +146,6 @@ def new_fields(mod: nn.Module, widths: Widths) -> dict[str, Any]:
         out["feature_group_count"] = new[-1]  # depthwise: one filter per channel
     elif isinstance(features, tuple) and old[-len(features) :] != new[-len(features) :]:
       out["features"] = tuple(new[len(new) - len(features) :])
-  if "embedding" in params and isinstance(mod, nn.Embed):
-    out["num_embeddings"], out["features"] = params["embedding"][1]
   if isinstance(mod, nn.MultiHeadDotProductAttention):
     query = {n: (o, s) for n, o, s in scopes.get((*scope, "query"), ())}.get("kernel")
     output = {n: (o, s) for n, o, s in scopes.get((*scope, "out"), ())}.get("kernel")
