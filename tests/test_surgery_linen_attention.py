@@ -346,8 +346,10 @@ class FlaxAttention(nn.Module):
     h = nn.Dense(D, name="embed")(x)
     y = nn.LayerNorm(name="ln")(h)
     if self.cross:
+      # the attention's output feeds a projection, not the residual: it shrinks too
       kv = nn.Dense(D, name="context")(context)
       a = nn.MultiHeadDotProductAttention(HEADS, qkv_features=D, name="attn")(y, kv)
+      a = nn.Dense(D, name="proj")(nn.relu(a))
     else:
       mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
       a = nn.MultiHeadDotProductAttention(HEADS, qkv_features=D, name="attn")(y, mask=mask)
@@ -358,6 +360,8 @@ class FlaxAttention(nn.Module):
 
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
 def test_flax_multi_head_attention_heads_shrunk_equals_masked(cross):
+  """Heads: ``num_heads`` and ``qkv_features``; cross-attention: the key/value inputs
+  (``context`` neurons) and the output (``out_features``) shrink as well."""
   model = FlaxAttention(cross)
   x = jax.ShapeDtypeStruct((1, 4, 6), jnp.float32)
   example = (x, jax.ShapeDtypeStruct((1, 3, 5), jnp.float32)) if cross else x
@@ -372,7 +376,9 @@ def test_flax_multi_head_attention_heads_shrunk_equals_masked(cross):
   assert small.widths["attn"]["qkv_features"] == 2 * HEAD_DIM
   attn = small.variables["params"]["attn"]
   assert attn["query"]["kernel"].shape == (D, 2, HEAD_DIM)
-  assert attn["out"]["kernel"].shape == (2, HEAD_DIM, D)
+  out = 12 if cross else D
+  assert small.widths["attn"].get("out_features", D) == out
+  assert attn["out"]["kernel"].shape == (2, HEAD_DIM, out)
   assert n_params(small.variables["params"]) < n_params(variables["params"])
 
   def inputs(b, t):
