@@ -74,6 +74,13 @@ def n_params(params):
   return sum(x.size for x in jax.tree.leaves(params))
 
 
+def line_of(text):
+  """``test_surgery_linen_attention.py:LINE`` of the first line of this file with ``text``."""
+  with open(__file__) as f:
+    n = next(i for i, line in enumerate(f, 1) if text in line)
+  return f"test_surgery_linen_attention.py:{n}"
+
+
 def causal(t):
   return jnp.tril(jnp.ones((t, t), bool))
 
@@ -182,7 +189,7 @@ def test_nanogpt_input_width_split_is_blocked_at_plan_time_with_the_line():
   p = surgery.plan(model, variables, example_input=TOKENS)
   g = p.group("params/h_0/attn/heads")
   assert g.blocked is not None
-  assert "test_surgery_linen_attention.py:" in g.blocked and "reshape" in g.blocked
+  assert f"(at {line_of('c // n_head).swapaxes')}): cannot reshape" in g.blocked
   assert not p.group("params/h_0/mlp/c_fc/kernel").blocked
   with pytest.raises(ValueError, match="cannot be pruned: blocked by the model rebuilt"):
     surgery.shrink(model, variables, example_input=TOKENS, remove={g.name: [0]})
@@ -207,7 +214,8 @@ def test_literal_head_count_blocks_heads_at_plan_time():
   variables = filled(model, jnp.zeros((1, 4, D)))
   p = surgery.plan(model, variables, example_input=x)
   g = p.group("params/heads")
-  assert g.blocked is not None and "test_surgery_linen_attention.py:" in g.blocked
+  assert "has 3 head dims in params/head_dim, not 4" in g.blocked
+  assert f"`reshape` in LiteralHeads at {line_of('.reshape(b, t, 4, -1)')}" in g.blocked
 
 
 # --- Gemma's Linen modules: Einsum layers with a `shape` field, GQA, gated MLP ---
