@@ -281,7 +281,7 @@ def test_linen_module_and_variables():
   small = surgery.shrink(net, variables, masks, example_input=x[:1])
   assert small.widths == {
     "Conv_0": {"features": 3},
-    "Conv_1": {"features": 3},
+    "Conv_1": {"features": 3, "feature_group_count": 3},  # depthwise
     "Dense_0": {"features": 3},  # round(2.5) = 2 of 5 removed
   }
   masked = {**variables, "params": jaxprune.apply_mask(variables["params"], masks)}

@@ -283,7 +283,10 @@ def test_linen_grouped_convs():
   net, x = Net(), normal(3, 5, 5, 2)
   variables = net.init(jax.random.key(0), x)
   small = surgery.shrink(net, variables, remove={"params/Conv_1/kernel": [0]}, example_input=x[:1])
-  assert small.widths == {"Conv_0": {"features": 3}, "Conv_1": {"features": 3}}  # dw, 1x1
+  assert small.widths == {  # depthwise, 1x1
+    "Conv_0": {"features": 3, "feature_group_count": 3},
+    "Conv_1": {"features": 3},
+  }
   masked = jax.tree.map(np.array, variables)
   masked["params"]["Conv_1"]["kernel"][..., 0] = 0
   np.testing.assert_allclose(small.model.apply(small.variables, x), net.apply(masked, x), atol=1e-5)

@@ -9,11 +9,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from flax import nnx
 
 from jaxprune import tree as tree_lib
 from jaxprune.surgery import candidates as candidates_lib
-from jaxprune.surgery import capture, rebuild
+from jaxprune.surgery import capture, linen, rebuild
 from jaxprune.surgery import check as check_lib
 from jaxprune.surgery.planning import UNITS, Plan, trace
 from jaxprune.surgery.removal import kept_indices, plan_removal, slice_tree, take
@@ -53,11 +54,12 @@ def plan(
   if example_input is None:
     raise ValueError("plan() needs an example_input (an array or jax.ShapeDtypeStruct).")
   fn, variables = capture.forward(model, variables, dict(apply_kwargs or {}))
-  return _trace(fn, variables, capture.as_inputs(example_input), "plan")
+  return _trace(model, fn, variables, capture.as_inputs(example_input), "plan")
 
 
-def _trace(fn: Callable, variables: Any, inputs: tuple, caller: str) -> Plan:
-  """:func:`trace`, with an error about ``example_input`` when the model does not run."""
+def _trace(model: Any, fn: Callable, variables: Any, inputs: tuple, caller: str) -> Plan:
+  """:func:`trace`, with an error about ``example_input`` when the model does not run;
+  for a Linen model, groups whose widths its code does not follow are blocked."""
   for x in inputs:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
       raise TypeError(
@@ -65,9 +67,12 @@ def _trace(fn: Callable, variables: Any, inputs: tuple, caller: str) -> Plan:
         f"for several inputs), got {type(x).__name__}."
       )
   try:
-    return trace(fn, variables, *inputs)
+    the_plan = trace(fn, variables, *inputs)
   except (TypeError, ValueError) as e:
     raise check_lib.example_input_error(caller, inputs, e) from e
+  if isinstance(model, nn.Module):
+    the_plan = linen.rebuild_blocks(fn, the_plan)
+  return the_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +86,9 @@ class Shrunk:
     removed: ``{group name: [removed channel indices]}``.
     kept: ``{path: {axis: kept indices}}`` for every sliced array.
     widths: ``{module path: {attribute: new size}}``, the new architecture as a config
-      (a size is a tuple for ``nnx.LinearGeneral``'s ``in_features``/``out_features``).
+      (a size is a tuple for ``nnx.LinearGeneral``'s ``in_features``/``out_features``;
+      for Linen, the dataclass fields set: ``features``, ``num_heads``, ``n_head``, an
+      ``Einsum``'s ``shape``...).
     max_error: the largest output difference from the masked model found by the check
       (over every input size it ran at).
     kept_constant: ``{group name: [channel indices]}`` that were dead (all producer
@@ -216,7 +223,7 @@ def shrink(
   inputs = capture.as_inputs(example_input)
   kwargs = dict(apply_kwargs or {})
   fn, state = capture.forward(model, variables, kwargs)
-  the_plan = _trace(fn, state, inputs, "shrink")
+  the_plan = _trace(model, fn, state, inputs, "shrink")
   remove = dict(remove or {})
   candidates_lib.check_remove(the_plan, remove)
   # The user's masked model: its variables are the reference of the check, run through
@@ -318,7 +325,7 @@ def _build(model, kwargs, the_plan, leaves, treedef, bias_delta, removed) -> tup
       widths.setdefault(path, {}).update(new)
     small_fn, small_vars = capture.forward(small, None, kwargs)
   else:
-    small, widths = rebuild.linen_module(model, the_plan, kept)
+    small, widths = linen.resized(model, the_plan, kept, removed)
     small_fn, small_vars = capture.forward(small, new_state, kwargs)
   return small, small_vars, small_fn, kept, widths
 
@@ -330,6 +337,7 @@ class _Mismatch(ValueError):
 def _check(fn, reference, small_fn, small_vars, checks, rtol) -> float:
   """The largest difference between the masked and shrunk models over ``checks``."""
   err = 0.0
+  small_fn, fn = jax.jit(small_fn), jax.jit(fn)  # one compile per size, not one per op
   for xs in checks:
     shape = ", ".join(str(tuple(x.shape)) for x in xs)
     try:

@@ -139,10 +139,3 @@ def fix_head_counts(model: nnx.Module, plan: Any, removed: dict[str, list[int]])
     if new:
       widths[module] = new
   return widths
-
-
-def linen_module(model: Any, plan: Any, kept: dict[str, Any]) -> tuple[Any, dict]:
-  """Linen: the same module, run with its layers' ``features`` set to the new widths."""
-  from jaxprune.surgery.linen import resized
-
-  return resized(model, plan, kept)
