@@ -85,7 +85,7 @@ class HFCheckpoint:
   """What :func:`load_hf` read besides the weights, and what :func:`save_hf` needs.
 
   Attributes:
-    source: the directory read.
+    source: the directory read (``None``: made by :func:`new_checkpoint`).
     config: the architecture as a :class:`~jaxprune.models.DecoderConfig`.
     hf_config: ``config.json`` as a dict; ``config_text`` its exact text.
     dtypes: each tensor's stored dtype (``"float32"``, ``"bfloat16"``, ...), by name.
@@ -93,7 +93,7 @@ class HFCheckpoint:
     metadata: each weight file's safetensors header metadata (``{"format": "pt"}``).
   """
 
-  source: pathlib.Path
+  source: pathlib.Path | None
   config: DecoderConfig
   hf_config: Mapping[str, Any]
   config_text: str
@@ -181,8 +181,8 @@ def decoder_config(hf: Mapping[str, Any], where: str = "config.json") -> Decoder
     >>> c = decoder_config({"architectures": ["Qwen2ForCausalLM"], "vocab_size": 10,
     ...   "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
     ...   "num_attention_heads": 2, "num_key_value_heads": 1, "rope_theta": 1e6})
-    >>> c.qkv_bias, c.head_dim, c.rope_theta
-    (True, 4, 1000000.0)
+    >>> c.qkv_bias, c.qk_norm, c.rope_theta
+    (True, False, 1000000.0)
   """
   names = list(hf.get("architectures") or [])
   family = next((ARCHITECTURES[a] for a in names if a in ARCHITECTURES), None)
@@ -196,6 +196,7 @@ def decoder_config(hf: Mapping[str, Any], where: str = "config.json") -> Decoder
     raise CheckpointError(f"{where}: mlp_bias=true is not supported.")
   try:
     dim, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    head_dim = int(hf.get("head_dim") or dim // heads)
     theta, scaling = _rope(hf, where)
     bias = bool(hf.get("attention_bias", False))
     return DecoderConfig(
@@ -204,7 +205,7 @@ def decoder_config(hf: Mapping[str, Any], where: str = "config.json") -> Decoder
       depth=int(hf["num_hidden_layers"]),
       num_heads=heads,
       num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-      head_dim=int(hf.get("head_dim") or dim // heads),
+      head_dim=None if head_dim * heads == dim else head_dim,
       mlp_dim=int(hf["intermediate_size"]),
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       rope_theta=theta,
@@ -325,6 +326,76 @@ def load_hf(directory: str | os.PathLike, dtype: str = "float32") -> tuple[Decod
   return nnx.merge(graphdef, state), checkpoint
 
 
+def new_checkpoint(
+  config: DecoderConfig, *, dtype: str = "float32", max_position_embeddings: int = 2048
+) -> HFCheckpoint:
+  """A ``LlamaForCausalLM`` (or Qwen2 / Qwen3) ``config.json`` for a model made in jaxprune.
+
+  With it :func:`save_hf` writes e.g. a trained ``charlm`` as a Hugging Face checkpoint
+  that :func:`load_hf` and ``transformers`` read: Llama for the plain decoder, Qwen2 for
+  q/k/v biases without an output bias, Qwen3 for q/k norms.
+
+  Raises:
+    CheckpointError: options no supported architecture has together, per-block widths.
+
+  Examples:
+    >>> from jaxprune.models import DecoderConfig
+    >>> ck = new_checkpoint(DecoderConfig(50, dim=32, depth=2, num_heads=4, mlp_dim=48))
+    >>> ck.hf_config["architectures"], decoder_config(ck.hf_config) == ck.config
+    (['LlamaForCausalLM'], True)
+  """
+  _uniform_widths(config)
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+  if config.qk_norm:
+    arch, model_type = "Qwen3ForCausalLM", "qwen3"
+  elif config.qkv_bias and not config.o_bias:
+    arch, model_type = "Qwen2ForCausalLM", "qwen2"
+  else:
+    arch, model_type = "LlamaForCausalLM", "llama"
+  if config.sliding_window is not None:
+    arch, model_type = "MistralForCausalLM", "mistral"
+    if config.qk_norm or config.qkv_bias or config.o_bias:
+      raise CheckpointError("new_checkpoint: a sliding window with biases or q/k norms.")
+  heads = int(config.num_heads)  # type: ignore[arg-type]  (uniform: checked above)
+  hf: dict[str, Any] = {
+    "architectures": [arch],
+    "model_type": model_type,
+    "hidden_act": "silu",
+    "vocab_size": config.vocab_size,
+    "hidden_size": config.dim,
+    "intermediate_size": config.mlp_dim,
+    "num_hidden_layers": config.depth,
+    "num_attention_heads": heads,
+    "num_key_value_heads": config.num_kv_heads,
+    "head_dim": config.head_dim or config.dim // heads,
+    "rms_norm_eps": config.norm_eps,
+    "rope_theta": config.rope_theta,
+    "rope_scaling": None,
+    "max_position_embeddings": max_position_embeddings,
+    "tie_word_embeddings": config.tie_embeddings,
+    "attention_bias": config.o_bias if model_type != "qwen2" else False,
+    "mlp_bias": False,
+    "torch_dtype": dtype,
+  }
+  if config.rope_scaling is not None:
+    r = config.rope_scaling
+    hf["rope_scaling"] = {"rope_type": r.kind, "factor": r.factor}
+    if r.kind == "llama3":
+      hf["rope_scaling"].update(
+        low_freq_factor=r.low_freq_factor,
+        high_freq_factor=r.high_freq_factor,
+        original_max_position_embeddings=r.original_max_position_embeddings,
+      )
+  if model_type == "mistral":
+    hf["sliding_window"] = config.sliding_window
+  if config != decoder_config(hf, "new_checkpoint"):
+    raise CheckpointError(f"new_checkpoint: no {arch} config expresses {config}.")
+  names = tensor_names(config)
+  text = json.dumps(hf, indent=2, sort_keys=True) + "\n"
+  return HFCheckpoint(None, config, hf, text, dict.fromkeys(names, dtype), None, {})
+
+
 @contextlib.contextmanager
 def _replacing(path: pathlib.Path) -> Iterator[pathlib.Path]:
   """Yields a temporary path next to ``path``; on success fsyncs it and renames it to ``path``."""
@@ -384,7 +455,7 @@ def updated_config(checkpoint: HFCheckpoint, config: DecoderConfig) -> dict[str,
     )
   hf = dict(checkpoint.hf_config)
   heads = int(config.num_heads)  # type: ignore[arg-type]  (uniform: checked above)
-  head_dim = old.head_dim if config.head_dim is None else config.head_dim
+  head_dim = config.head_dim or config.dim // heads
   hf.update(
     num_hidden_layers=config.depth,
     num_attention_heads=heads,
@@ -467,7 +538,7 @@ def save_hf(
     out / "config.json",
     checkpoint.config_text if same else json.dumps(hf, indent=2, sort_keys=True) + "\n",
   )
-  for name in COMPANIONS:
+  for name in COMPANIONS if checkpoint.source is not None else ():
     src = checkpoint.source / name
     if src.is_file() and src.resolve() != (out / name).resolve():
       with _replacing(out / name) as tmp:
