@@ -344,7 +344,7 @@ def new_checkpoint(
     >>> ck.hf_config["architectures"], decoder_config(ck.hf_config) == ck.config
     (['LlamaForCausalLM'], True)
   """
-  _uniform_widths(config)
+  heads, kv_heads, mlp_dim = _uniform_widths(config)
   if dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
   if config.qk_norm:
@@ -357,17 +357,16 @@ def new_checkpoint(
     arch, model_type = "MistralForCausalLM", "mistral"
     if config.qk_norm or config.qkv_bias or config.o_bias:
       raise CheckpointError("new_checkpoint: a sliding window with biases or q/k norms.")
-  heads = int(config.num_heads)  # type: ignore[arg-type]  (uniform: checked above)
   hf: dict[str, Any] = {
     "architectures": [arch],
     "model_type": model_type,
     "hidden_act": "silu",
     "vocab_size": config.vocab_size,
     "hidden_size": config.dim,
-    "intermediate_size": config.mlp_dim,
+    "intermediate_size": mlp_dim,
     "num_hidden_layers": config.depth,
     "num_attention_heads": heads,
-    "num_key_value_heads": config.num_kv_heads,
+    "num_key_value_heads": kv_heads,
     "head_dim": config.head_dim or config.dim // heads,
     "rms_norm_eps": config.norm_eps,
     "rope_theta": config.rope_theta,
@@ -416,7 +415,8 @@ def _write_text(path: pathlib.Path, text: str) -> None:
     tmp.write_text(text)
 
 
-def _uniform_widths(config: DecoderConfig) -> None:
+def _uniform_widths(config: DecoderConfig) -> tuple[int, int, int]:
+  """``(num_heads, num_kv_heads, mlp_dim)``, the same in every block, or an error naming them."""
   per_block = {
     name: value
     for name, value in (
@@ -433,6 +433,7 @@ def _uniform_widths(config: DecoderConfig) -> None:
       f"{listed}. Prune the same number of heads / neurons in every block to save it in "
       "this format, or save the params with jaxprune's own checkpoint."
     )
+  return int(config.num_heads), int(config.num_kv_heads), int(config.mlp_dim)  # type: ignore[arg-type]
 
 
 def updated_config(checkpoint: HFCheckpoint, config: DecoderConfig) -> dict[str, Any]:
@@ -443,7 +444,7 @@ def updated_config(checkpoint: HFCheckpoint, config: DecoderConfig) -> dict[str,
       rotary, window, tied embeddings, vocabulary, hidden size) that differs from the
       checkpoint's: those are not what pruning changes.
   """
-  _uniform_widths(config)
+  heads, kv_heads, mlp_dim = _uniform_widths(config)
   old = checkpoint.config
   fixed = ("vocab_size", "dim", "norm_eps", "rope_theta", "rope_scaling", "qkv_bias", "o_bias",
            "qk_norm", "sliding_window", "tie_embeddings")  # fmt: skip
@@ -454,13 +455,12 @@ def updated_config(checkpoint: HFCheckpoint, config: DecoderConfig) -> dict[str,
       "head counts, the MLP width and the number of layers can change."
     )
   hf = dict(checkpoint.hf_config)
-  heads = int(config.num_heads)  # type: ignore[arg-type]  (uniform: checked above)
   head_dim = config.head_dim or config.dim // heads
   hf.update(
     num_hidden_layers=config.depth,
     num_attention_heads=heads,
-    num_key_value_heads=int(config.num_kv_heads),  # type: ignore[arg-type]
-    intermediate_size=int(config.mlp_dim),  # type: ignore[arg-type]
+    num_key_value_heads=kv_heads,
+    intermediate_size=mlp_dim,
   )
   if "head_dim" in hf or head_dim != config.dim // heads:
     hf["head_dim"] = head_dim
@@ -538,9 +538,11 @@ def save_hf(
     out / "config.json",
     checkpoint.config_text if same else json.dumps(hf, indent=2, sort_keys=True) + "\n",
   )
-  for name in COMPANIONS if checkpoint.source is not None else ():
-    src = checkpoint.source / name
-    if src.is_file() and src.resolve() != (out / name).resolve():
+  source = checkpoint.source
+  for name in COMPANIONS:
+    if source is None or not (source / name).is_file():
+      continue
+    if (source / name).resolve() != (out / name).resolve():
       with _replacing(out / name) as tmp:
-        shutil.copyfile(src, tmp)
+        shutil.copyfile(source / name, tmp)
   return out
