@@ -296,8 +296,20 @@ def test_prune_command_end_to_end(tmp_path):
     assert filecmp.cmp(out / file, FIXTURES / "qwen2" / file, shallow=False)
 
 
-def test_prune_command_argument_errors(capsys):
+def test_prune_command_argument_errors(capsys, tmp_path):
   from jaxprune import cli
+
+  (tmp_path / "short.txt").write_text("the fox")
+  args = ["prune", "--checkpoint", str(FIXTURES / "qwen2"), "--out", str(tmp_path / "o")]
+  with pytest.raises(SystemExit) as e:
+    cli.main([*args, "--text", str(tmp_path / "short.txt")])
+  assert e.value.code == 2
+  assert f"--text {tmp_path / 'short.txt'}: 4 tokens leave 4 to calibrate on and 0 held out" in (
+    capsys.readouterr().err
+  )
+  with pytest.raises(SystemExit):
+    cli.main([*args, "--text", str(tmp_path / "missing.txt")])
+  assert "missing.txt" in capsys.readouterr().err
 
   with pytest.raises(SystemExit) as e:
     cli.main(["prune", "--checkpoint", str(FIXTURES / "qwen2"), "--text", "t.txt"])

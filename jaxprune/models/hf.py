@@ -27,6 +27,16 @@ and MLP width in every block) or dropped blocks, ``config.json`` gets the new
 ``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``,
 ``num_hidden_layers`` (and ``head_dim``); widths that differ between blocks cannot be
 written in this format, and saving says so. Files are written atomically.
+
+Examples:
+  >>> import filecmp, tempfile
+  >>> from jaxprune.models import hf
+  >>> model, checkpoint = hf.load_hf("tests/fixtures/hf/qwen3")  # a tiny Qwen3 made by transformers
+  >>> checkpoint.config.qk_norm, model.blocks[0].attn.q_proj.kernel.shape
+  (True, (32, 64))
+  >>> out = hf.save_hf(model, checkpoint, tempfile.mkdtemp())
+  >>> filecmp.cmp(out / "model.safetensors", "tests/fixtures/hf/qwen3/model.safetensors", shallow=False)
+  True
 """
 
 from __future__ import annotations

@@ -270,6 +270,11 @@ def prune_checkpoint(args: argparse.Namespace, log: Callable[[str], None] = prin
   else:
     cut = int(round(ids.size * (1 - args.eval_fraction)))
     calib_ids, eval_ids = ids[:cut], ids[cut:]
+  if calib_ids.size < 2 or eval_ids.size < 2:
+    raise ValueError(
+      f"--text {args.text}: {ids.size} tokens leave {calib_ids.size} to calibrate on and "
+      f"{eval_ids.size} held out; each needs at least 2 (a longer text, or --eval-text)."
+    )
   held_out = windows(eval_ids, args.seq_len)
   calibration = calibration_windows(calib_ids, args.seq_len, args.calibration, args.seed)
   log(
