@@ -35,8 +35,14 @@ def tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
   return out
 
 
+@nnx.jit
+def _forward(model: nnx.Module, tokens: jax.Array) -> jax.Array:
+  return model(tokens)
+
+
 def logits(model: nnx.Module, tokens: np.ndarray) -> np.ndarray:
-  return np.asarray(model(jnp.asarray(tokens)), np.float32)
+  """One compiled forward pass (eager mode compiles every op of a new shape apart: slower)."""
+  return np.asarray(_forward(model, jnp.asarray(tokens)), np.float32)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -209,6 +215,12 @@ def test_reader_errors(tmp_path):
   with pytest.raises(
     hf.CheckpointError,
     match=r"'model.layers.0.mlp.down_proj.weight' has shape \(32, 48\), config.json implies \(32, 40\)",
+  ):
+    hf.load_hf(tmp_path)
+  (tmp_path / "model.safetensors").unlink()
+  (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+  with pytest.raises(
+    hf.CheckpointError, match=r"model\.safetensors: not a readable safetensors file"
   ):
     hf.load_hf(tmp_path)
   with pytest.raises(ValueError, match="dtype must be one of"):

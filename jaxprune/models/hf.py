@@ -63,7 +63,7 @@ from jaxprune.models.decoder import Decoder, DecoderConfig, RopeScaling, config_
 
 require("safetensors", extra="llm", by="jaxprune.models.hf")
 
-from safetensors import safe_open  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 ARCHITECTURES = {
@@ -308,7 +308,11 @@ def load_hf(directory: str | os.PathLike, dtype: str = "float32") -> tuple[Decod
     path = source / file
     if not path.is_file():
       raise FileNotFoundError(f"{path}: listed in {INDEX} but missing.")
-    with safe_open(str(path), framework="np") as f:
+    try:
+      handle = safe_open(str(path), framework="np")
+    except (SafetensorError, OSError) as e:
+      raise CheckpointError(f"{path}: not a readable safetensors file ({e}).") from e
+    with handle as f:
       metadata[file] = dict(f.metadata() or {})
       for name in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
         if _IGNORED.search(name):
