@@ -18,6 +18,7 @@ import optax
 import pytest
 from flax import nnx
 
+import jaxprune
 from jaxprune.models import Decoder, DecoderConfig, config_of, hf
 from jaxprune.train import hf_prune, text
 
@@ -333,3 +334,34 @@ def test_prune_command_argument_errors(capsys, tmp_path):
   with pytest.raises(SystemExit):
     cli.main(["prune", "--checkpoint", "x", "--text", "t", "--out", "o", "--structure", "4:2"])
   assert "0 < N < M" in capsys.readouterr().err
+
+
+def test_prune_blocks_magnitude_per_layer_and_n_m():
+  """Magnitude (no calibration): per layer exactly round(s * n) of the smallest |w|; 2:4
+  keeps the 2 largest of every 4 consecutive inputs; norms, biases, embeddings untouched."""
+  model, _ = hf.load_hf(FIXTURES / "qwen2")
+  before = {p: np.asarray(v) for p, v in jaxprune.tree.leaves_with_paths(nnx.state(model))}
+  lines = []
+  hf_prune.prune_blocks(
+    model, [], method="magnitude", sparsity=0.3, structure=None, log=lines.append
+  )
+  assert [line.split(":")[0] for line in lines] == ["block 1/2", "block 2/2"]
+  after = {p: np.asarray(v) for p, v in jaxprune.tree.leaves_with_paths(nnx.state(model))}
+  for path, w in before.items():
+    if not (path.startswith("blocks/") and w.ndim == 2):
+      np.testing.assert_array_equal(after[path], w, err_msg=path)
+      continue
+    pruned = after[path] == 0
+    assert pruned.sum() == round(0.3 * w.size), path
+    assert np.abs(w[pruned]).max() <= np.abs(w[~pruned]).min(), path
+  model, _ = hf.load_hf(FIXTURES / "qwen2")
+  one = "^blocks/1/mlp/down_proj/"  # --layers: only this kernel
+  nm = jaxprune.n_m(2, 4)
+  hf_prune.prune_blocks(model, [], method="magnitude", sparsity=0.5, structure=nm, layers=one)
+  w = before["blocks/1/mlp/down_proj/kernel"].reshape(12, 4, 32)  # groups of 4 inputs
+  kept = np.asarray(model.blocks[1].mlp.down_proj.kernel[...]).reshape(12, 4, 32) != 0
+  rank = np.argsort(np.argsort(-np.abs(w), axis=1, kind="stable"), axis=1)
+  np.testing.assert_array_equal(kept, rank < 2)
+  np.testing.assert_array_equal(
+    np.asarray(model.blocks[0].mlp.down_proj.kernel[...]), before["blocks/0/mlp/down_proj/kernel"]
+  )
