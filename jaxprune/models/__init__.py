@@ -5,7 +5,9 @@
   :class:`DecoderConfig` that covers Llama (incl. Llama 3 rope scaling), Mistral (sliding
   window), Qwen2 (q/k/v biases) and Qwen3 (q/k norms), tied or untied embeddings.
 * :mod:`jaxprune.models.hf` (needs the ``llm`` extra): ``load_hf`` / ``save_hf`` read and
-  write Hugging Face checkpoint directories (``config.json`` + safetensors).
+  write Hugging Face checkpoint directories (``config.json`` + safetensors);
+  :mod:`jaxprune.models.hf_config` maps ``config.json`` to a :class:`DecoderConfig` and
+  back (no extra needed).
 """
 
 from jaxprune.models.decoder import (
