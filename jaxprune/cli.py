@@ -8,6 +8,7 @@
   jaxprune export --workdir runs/han        # compact file (kept values only), size table
   jaxprune prune --config configs/charlm_wanda.py  # one-shot Wanda / SparseGPT / magnitude
   jaxprune prune --config configs/charlm_structured.py  # heads + neurons out: a smaller LM
+  jaxprune prune --checkpoint llama --text wiki.txt --method wanda --sparsity 0.5 --out pruned
   jaxprune report runs/agp                  # regenerate runs/agp/report.md and plots
 
 Any config field can be overridden with ``--config.FIELD=VALUE`` (or ``--config.FIELD
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from jaxprune.train import config as config_lib  # says which extra is missing, if one is
+from jaxprune.train import hf_prune
 from jaxprune.train.config_type import Config
 
 if TYPE_CHECKING:
@@ -158,10 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     "prune.md in posttrain.out (default <train.workdir>/<method>_<target>). With "
     "posttrain.method flap | taylor: remove posttrain.heads of the query heads and "
     "posttrain.neurons of the MLP neurons, shrink, fine-tune and compare perplexity, "
-    "params, FLOPs and latency with the dense model (jaxprune.train.lm_structured).",
+    "params, FLOPs and latency with the dense model (jaxprune.train.lm_structured). "
+    "With --checkpoint DIR instead: prune a Hugging Face checkpoint (Llama, Mistral, Qwen2, "
+    "Qwen3) calibrated on --text with its tokenizer, print the dense and pruned "
+    "perplexity and the per-layer sparsity, and write it to --out in the same format "
+    "(jaxprune.train.hf_prune).",
     **common,
   )
-  prune_cmd.add_argument("--config", required=True, metavar="FILE", help=CONFIG_HELP)
+  prune_source = prune_cmd.add_mutually_exclusive_group(required=True)
+  prune_source.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+  prune_source.add_argument(
+    "--checkpoint", metavar="DIR", help="a Hugging Face checkpoint directory (needs jaxprune[llm])"
+  )
+  hf_prune.add_arguments(prune_cmd)
   prune_cmd.add_argument("--step", type=int, help="the checkpoint's step (default: newest)")
   report = commands.add_parser(
     "report",
@@ -244,6 +255,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"--step must be a checkpoint step >= 0, got {args.step}")
   if args.command == "shrink" and args.multiple_of < 1:
     parser.error(f"--multiple-of must be >= 1, got {args.multiple_of}")
+  if getattr(args, "checkpoint", None):
+    if overrides:
+      parser.error("--config.FIELD overrides go with --config FILE, not --checkpoint")
+    problem = hf_prune.check_arguments(args)
+    if problem:
+      parser.error(problem)
+    try:
+      result = hf_prune.prune_checkpoint(args, log=lambda line: print(line, flush=True))
+    except (FileNotFoundError, ValueError, ModuleNotFoundError) as e:
+      parser.exit(2, f"jaxprune prune: error: {e}\n")
+    print(result.report())
+    return 0
   from jaxprune.train import autopruner, evaluate, lm_structured, report, run, sweep
   from jaxprune.train import export as export_lib
   from jaxprune.train import prune as prune_lib

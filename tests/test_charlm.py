@@ -1,4 +1,4 @@
-"""The character LM (train.transformer), its text (train.text) and `jaxprune prune`."""
+"""The character LM (models.decoder), its text (train.text) and `jaxprune prune`."""
 
 import re
 import sys
@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 from jaxprune import cli
+from jaxprune.models.decoder import Attention, CharLM
 from jaxprune.train import config as config_lib
 from jaxprune.train import data, metrics, models, prune, run, text
-from jaxprune.train.transformer import Attention, CharLM
 
 TINY = {
   "model.dim": 16,

@@ -23,11 +23,13 @@ EXTRAS_ONLY = [
   "matplotlib",
   "ml-collections",
   "mlxtend",
+  "safetensors",
   "scikit-learn",
   "tensorboard",
   "tensorboardX",
   "tensorflow",
   "tensorflow-datasets",
+  "tokenizers",
   "tqdm",
 ]
 
@@ -61,6 +63,7 @@ CORE_SCRIPT = textwrap.dedent(
   print(jaxprune.summary(params))
 
   import jaxprune.analysis
+  import jaxprune.models
   import jaxprune.nn
   import jaxprune.surgery
 
@@ -73,6 +76,7 @@ CORE_SCRIPT = textwrap.dedent(
       raise AssertionError(f"{code!r} did not fail")
 
   fails("import jaxprune.train", "jaxprune.train needs the 'train' extra: pip install 'jaxprune[train]'")
+  fails("import jaxprune.models.hf", "needs the 'llm' extra: pip install 'jaxprune[llm]'")
   fails(
     "jaxprune.analysis.plot_weight_histograms({'w': np.ones((4, 4))}, 'w.png')",
     "needs the 'plot' extra: pip install 'jaxprune[plot]'",

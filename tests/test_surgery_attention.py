@@ -343,7 +343,7 @@ def test_rotary_style_slicing_of_head_dims_blocks_them_with_the_op_and_line():
 
 
 def test_zoo_charlm_heads_and_neurons_shrink_and_rebuild_from_widths():
-  from jaxprune.train.transformer import CharLM
+  from jaxprune.models.decoder import CharLM
 
   def make(rngs):
     return CharLM(11, dim=16, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=24, rngs=rngs)
@@ -354,7 +354,7 @@ def test_zoo_charlm_heads_and_neurons_shrink_and_rebuild_from_widths():
   assert p.group("blocks/0/attn/query_heads").size == 2
   assert p.group("blocks/1/attn/kv_heads").size == 2
   assert p.group("blocks/0/attn/q_proj/head_dim").blocked.startswith("`slice`")  # rotary
-  assert "transformer.py:" in p.group("blocks/0/attn/q_proj/head_dim").blocked
+  assert "decoder.py:" in p.group("blocks/0/attn/q_proj/head_dim").blocked
   params = nnx.state(model, nnx.Param)
   masks = surgery.channel_masks(p, params, {"heads": 0.5, "neurons": 0.25})
   small = surgery.shrink(model, masks=masks, example_input=tokens)

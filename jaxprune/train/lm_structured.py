@@ -1,6 +1,6 @@
 """``jaxprune prune`` with ``posttrain.method`` ``flap`` or ``taylor``: a smaller language model.
 
-Structured pruning of a trained :class:`jaxprune.train.transformer.CharLM`, end to end:
+Structured pruning of a trained :class:`jaxprune.models.decoder.Decoder`, end to end:
 
 1. restore the run's checkpoint (as ``jaxprune prune`` does) and trace it
    (:func:`jaxprune.surgery.plan`): attention heads and MLP neurons as coupled groups;
@@ -51,6 +51,7 @@ from flax import nnx
 
 from jaxprune import fileio, surgery
 from jaxprune import tree as tree_lib
+from jaxprune.models.decoder import CharLM
 from jaxprune.train import config as config_lib
 from jaxprune.train import data
 from jaxprune.train import prune as prune_lib
@@ -58,7 +59,6 @@ from jaxprune.train import sharding as sharding_lib
 from jaxprune.train import state as state_lib
 from jaxprune.train import step as step_lib
 from jaxprune.train.config_type import Config
-from jaxprune.train.transformer import CharLM
 
 METHODS = ("flap", "taylor")
 TARGET = 0.8  # latency speed-up >= TARGET * FLOP reduction

@@ -2,7 +2,7 @@
 
 LeNet-300-100 and LeNet-5 (``fc1`` ... ``fc3``), a VGG-style conv-BN-ReLU net and the
 CIFAR ResNets of He et al. (2016) (ResNet-20, ResNet-56), and ``charlm``, the
-decoder-only language model of :mod:`jaxprune.train.transformer` (token ids in,
+decoder-only language model of :mod:`jaxprune.models.decoder` (token ids in,
 next-token logits out; its sizes come from the ``model`` fields). Layer attributes are named so
 that natural path order is input -> output: ``conv1, conv2, fc1, fc2, fc3`` for the
 LeNets, ``features/0 ... features/N, head`` for the conv nets. ``dense_first`` /
@@ -22,7 +22,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jaxprune.train.transformer import CharLM
+from jaxprune.models.decoder import CharLM
 
 
 class LeNet300(nnx.Module):
@@ -313,7 +313,7 @@ def create(
     width: multiplies the channel widths of the conv nets (:data:`SCALABLE`); the
       LeNets have fixed widths and take only ``1.0``.
     sizes: a language model's keyword arguments (``dim``, ``depth``, ``num_heads``,
-      ``num_kv_heads``, ``mlp_dim``; :class:`~jaxprune.train.transformer.CharLM`);
+      ``num_kv_heads``, ``mlp_dim``; :class:`~jaxprune.models.decoder.Decoder`);
       ignored by the image models.
 
   Returns:
