@@ -25,7 +25,15 @@ from typing import IO, TYPE_CHECKING, Any
 if TYPE_CHECKING:
   from matplotlib.figure import Figure
 
-__all__ = ["atomic_write", "save_figure", "savez", "write_bytes", "write_json", "write_text"]
+__all__ = [
+  "atomic_path",
+  "atomic_write",
+  "save_figure",
+  "savez",
+  "write_bytes",
+  "write_json",
+  "write_text",
+]
 
 _TEMP_SUFFIX = ".tmp"
 
@@ -105,6 +113,44 @@ def atomic_write(
       yield f
       f.flush()
       os.fsync(f.fileno())
+    os.replace(temp, target)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(temp)
+    raise
+  _sync_directory(target.parent)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """A temporary path that replaces ``path`` atomically when the block ends.
+
+  For libraries that write by file name (``safetensors.numpy.save_file``,
+  ``shutil.copyfile``): they write the yielded temporary path; at the end of the block it
+  is ``fsync``-ed and moved over ``path`` with ``os.replace``. If the block raises, the
+  temporary file is removed and ``path`` is untouched (as :func:`atomic_write`).
+
+  Examples:
+    >>> import os, shutil, tempfile
+    >>> from jaxprune import fileio
+    >>> folder = tempfile.mkdtemp()
+    >>> with fileio.atomic_path(os.path.join(folder, "copy.txt")) as temp:
+    ...   _ = shutil.copyfile(fileio.__file__, temp)
+    >>> os.listdir(folder)
+    ['copy.txt']
+  """
+  target = pathlib.Path(os.path.realpath(path))
+  fd, temp = _temporary(target)
+  os.close(fd)
+  try:
+    with contextlib.suppress(FileNotFoundError):
+      os.chmod(temp, os.stat(target).st_mode & 0o7777)
+    yield temp
+    fd = os.open(temp, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
     os.replace(temp, target)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):

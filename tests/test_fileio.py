@@ -187,6 +187,10 @@ ALLOWED = {
   # The benchmark's worker processes (one runs in the torch-only venv, without jaxprune)
   # leave their result arrays for the parent; every run writes them anew.
   "benchmarks/sparsegpt.py": ["np.save"],
+  # Run in the torch-only venv (no jaxprune to import): fixtures generated anew from
+  # nothing (the folder is removed first), scratch inputs in a temporary folder.
+  "benchmarks/make_hf_fixtures.py": ["path.write_text", "np.savez"],
+  "benchmarks/hf_transformers_check.py": [".write_text", "np.save"],
 }
 
 

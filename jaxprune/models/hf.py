@@ -41,15 +41,13 @@ Examples:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import pathlib
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -57,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxprune import fileio
 from jaxprune import tree as tree_lib
 from jaxprune._extras import require
 from jaxprune.models.decoder import Decoder, DecoderConfig, RopeScaling, config_of
@@ -248,24 +247,8 @@ def new_checkpoint(
   return HFCheckpoint(None, config, hf, text, dict.fromkeys(names, dtype), None, {})
 
 
-@contextlib.contextmanager
-def _replacing(path: pathlib.Path) -> Iterator[pathlib.Path]:
-  """Yields a temporary path next to ``path``; on success fsyncs it and renames it to ``path``."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    yield pathlib.Path(tmp)
-    with open(tmp, "rb+") as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def _write_text(path: pathlib.Path, text: str) -> None:
-  with _replacing(path) as tmp:
-    tmp.write_text(text)
+  fileio.write_text(path, text)
 
 
 def _stored_dtype(name: str, dtypes: Mapping[str, str]) -> str:
@@ -320,7 +303,7 @@ def save_hf(
       last = sorted(set(checkpoint.weight_map.values()))[-1]
       shards.setdefault(checkpoint.weight_map.get(name, last), {})[name] = array
   for file, part in shards.items():
-    with _replacing(out / file) as tmp:
+    with fileio.atomic_path(out / file) as tmp:
       save_file(part, str(tmp), metadata=dict(checkpoint.metadata.get(file) or {"format": "pt"}))
   if checkpoint.weight_map is not None:
     index = {
@@ -342,6 +325,6 @@ def save_hf(
     if source is None or not (source / name).is_file():
       continue
     if (source / name).resolve() != (out / name).resolve():
-      with _replacing(out / name) as tmp:
+      with fileio.atomic_path(out / name) as tmp:
         shutil.copyfile(source / name, tmp)
   return out
