@@ -19,15 +19,14 @@ the newest checkpoint there: rerun the same command after an interruption.
 from __future__ import annotations
 
 import argparse
+import atexit
+import logging
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from jaxprune.train import config as config_lib  # says which extra is missing, if one is
+from jaxprune.train import errors
 from jaxprune.train.config_type import Config
-
-if TYPE_CHECKING:
-  pass
 
 OVERRIDE_HELP = """\
 config overrides:
@@ -57,10 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     prog="jaxprune", description="Neural-network pruning for JAX, Flax and Optax."
   )
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  debug = argparse.ArgumentParser(add_help=False)
+  debug.add_argument(
+    "--debug", action="store_true", help="on an error, show the full traceback, not one line"
+  )
   common = {
     "epilog": OVERRIDE_HELP,
     "formatter_class": argparse.RawDescriptionHelpFormatter,
     "allow_abbrev": False,
+    "parents": [debug],
   }
   train = commands.add_parser(
     "train",
@@ -169,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     description="Write WORKDIR/report.md and its PNG plots from the run's metrics.csv "
     "and summary.json.",
     allow_abbrev=False,
+    parents=[debug],
   )
   report.add_argument("workdir", metavar="WORKDIR", help="the train.workdir of a run")
   return parser
@@ -220,8 +225,18 @@ def describe(config: Config) -> str:
   )
 
 
+def _one_line(error: BaseException) -> str:
+  """The error's message on one line (a user error is one line on stderr)."""
+  return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the command line; returns the exit status (errors exit with status 2).
+
+  A user's error (a bad config field or argument, a missing or damaged file of a run)
+  is one line on stderr, ``jaxprune COMMAND: error: ...``, exit status 2, no traceback
+  (``--debug`` shows it). Paths are checked before any work, and a command that fails
+  creates nothing.
 
   Examples:
     >>> from jaxprune import cli
@@ -244,53 +259,75 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"--step must be a checkpoint step >= 0, got {args.step}")
   if args.command == "shrink" and args.multiple_of < 1:
     parser.error(f"--multiple-of must be >= 1, got {args.multiple_of}")
+  if getattr(args, "workdir", None) and overrides:
+    parser.error("--config.FIELD overrides go with --config FILE, not --workdir")
+  try:
+    return _run(args, overrides)
+  except (config_lib.ConfigError, errors.RunFileError, OSError) as e:
+    if args.debug:
+      raise
+    atexit.unregister(_quiet_abandoned_work)  # once, however many errors
+    atexit.register(_quiet_abandoned_work)
+    parser.exit(2, f"jaxprune {args.command}: error: {_one_line(e)}\n")
+
+
+def _quiet_abandoned_work() -> None:
+  """At exit after a user error: silences what abandoned work reports when it is collected.
+
+  Orbax reads a checkpoint's arrays in concurrent tasks; when one read fails on a
+  damaged file, the others fail too (the same damage) and, never awaited, print their
+  tracebacks when Python collects them as the process ends. The one-line error has
+  said it. (At exit, so a process that goes on, like a test session, keeps its hooks.)
+  """
+  logging.getLogger("asyncio").disabled = True
+  sys.unraisablehook = lambda unraisable: None
+
+
+def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+  """The command of ``args``, after the arguments are parsed and checked."""
   from jaxprune.train import autopruner, evaluate, lm_structured, report, run, sweep
   from jaxprune.train import export as export_lib
   from jaxprune.train import prune as prune_lib
   from jaxprune.train import shrink as shrink_lib
 
-  try:
-    if args.command == "report":
-      print(report.write_report(args.workdir))
-      return 0
-    if getattr(args, "workdir", None):
-      if overrides:
-        parser.error("--config.FIELD overrides go with --config FILE, not --workdir")
-      config = evaluate.config_from_workdir(args.workdir)
-    else:
-      config = config_lib.load_config(args.config, overrides)
-    if args.command == "eval":
-      print(evaluate.evaluate_checkpoint(config, step=args.step).report())
-      return 0
-    if args.command == "sensitivity":
-      print(describe(config), flush=True)
-      print(sweep.run_sweep(config, step=args.step, out=args.out).report())
-      return 0
-    if args.command == "shrink":
-      result = shrink_lib.shrink_checkpoint(
-        config, step=args.step, out=args.out, keep=args.keep, multiple_of=args.multiple_of
-      )
-      print(result.report())
-      return 0
-    if args.command == "prune" and config.posttrain.method in lm_structured.METHODS:
-      print(lm_structured.prune_structured(config, step=args.step).report())
-      return 0
-    if args.command == "prune":
-      print(prune_lib.prune_checkpoint(config, step=args.step).report())
-      return 0
-    if args.command == "export":
-      print(export_lib.export_checkpoint(config, step=args.step, out=args.out).report())
-      return 0
-    if args.dry_run:
-      print(str(config).rstrip())
-      return 0
+  errors.check_out_dir(getattr(args, "out", None), "--out")  # before any work
+  if args.command == "report":
+    print(report.write_report(args.workdir))
+    return 0
+  if getattr(args, "workdir", None):
+    config = evaluate.config_from_workdir(args.workdir)
+  else:
+    config = config_lib.load_config(args.config, overrides)
+  if args.command == "eval":
+    print(evaluate.evaluate_checkpoint(config, step=args.step).report())
+    return 0
+  if args.command == "sensitivity":
     print(describe(config), flush=True)
-    if config.prune.method == autopruner.METHOD:
-      print(autopruner.train_recipe(config).report())
-      return 0
-    result = run.Run(config).execute()
-  except (config_lib.ConfigError, FileNotFoundError) as e:
-    parser.exit(2, f"jaxprune {args.command}: error: {e}\n")
+    print(sweep.run_sweep(config, step=args.step, out=args.out).report())
+    return 0
+  if args.command == "shrink":
+    result = shrink_lib.shrink_checkpoint(
+      config, step=args.step, out=args.out, keep=args.keep, multiple_of=args.multiple_of
+    )
+    print(result.report())
+    return 0
+  if args.command == "prune" and config.posttrain.method in lm_structured.METHODS:
+    print(lm_structured.prune_structured(config, step=args.step).report())
+    return 0
+  if args.command == "prune":
+    print(prune_lib.prune_checkpoint(config, step=args.step).report())
+    return 0
+  if args.command == "export":
+    print(export_lib.export_checkpoint(config, step=args.step, out=args.out).report())
+    return 0
+  if args.dry_run:
+    print(str(config).rstrip())
+    return 0
+  print(describe(config), flush=True)
+  if config.prune.method == autopruner.METHOD:
+    print(autopruner.train_recipe(config).report())
+    return 0
+  result = run.Run(config).execute()
   print(result.report())
   if config.train.workdir:
     print(f"report: {config.train.workdir}/report.md")
