@@ -19,7 +19,6 @@ the newest checkpoint there: rerun the same command after an interruption.
 from __future__ import annotations
 
 import argparse
-import atexit
 import logging
 import sys
 from collections.abc import Sequence
@@ -261,26 +260,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"--multiple-of must be >= 1, got {args.multiple_of}")
   if getattr(args, "workdir", None) and overrides:
     parser.error("--config.FIELD overrides go with --config FILE, not --workdir")
+  _drop_abandoned_reads_reports()
   try:
     return _run(args, overrides)
   except (config_lib.ConfigError, errors.RunFileError, OSError) as e:
     if args.debug:
       raise
-    atexit.unregister(_quiet_abandoned_work)  # once, however many errors
-    atexit.register(_quiet_abandoned_work)
     parser.exit(2, f"jaxprune {args.command}: error: {_one_line(e)}\n")
 
 
-def _quiet_abandoned_work() -> None:
-  """At exit after a user error: silences what abandoned work reports when it is collected.
+def _from_orbax(error: BaseException | None, obj: object = None) -> bool:
+  """Whether an unreported error comes from orbax's checkpoint reads (or their event loop)."""
+  code = getattr(obj, "cr_code", None)  # a coroutine collected while it raised
+  if code is not None and "orbax" in code.co_filename:
+    return True
+  if obj is None and isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return True  # a read finishing on tensorstore's thread after orbax closed its loop
+  tb = getattr(error, "__traceback__", None)
+  while tb is not None:
+    if "orbax" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+class _OrbaxLeftovers(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and _from_orbax(record.exc_info[1]))
+
+
+def _drop_abandoned_reads_reports() -> None:
+  """Drops (once per process) what orbax's abandoned checkpoint reads report.
 
   Orbax reads a checkpoint's arrays in concurrent tasks; when one read fails on a
-  damaged file, the others fail too (the same damage) and, never awaited, print their
-  tracebacks when Python collects them as the process ends. The one-line error has
-  said it. (At exit, so a process that goes on, like a test session, keeps its hooks.)
+  damaged file, it raises, closes its event loop and leaves the other reads running.
+  Those fail too (the same damage) and print their tracebacks later, from tensorstore's
+  threads ("Event loop is closed"), from the garbage collector ("Exception ignored in
+  <coroutine>") or as asyncio's "Task exception was never retrieved", after the one-line
+  error that said it. Every other report goes on to the hooks there were.
   """
-  logging.getLogger("asyncio").disabled = True
-  sys.unraisablehook = lambda unraisable: None
+  global _DROPPING
+  if _DROPPING:
+    return
+  _DROPPING = True
+  previous = sys.unraisablehook
+
+  def hook(unraisable: sys.UnraisableHookArgs) -> None:
+    if not _from_orbax(unraisable.exc_value, unraisable.object):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_OrbaxLeftovers())
+
+
+_DROPPING = False
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
