@@ -11,6 +11,10 @@ A :class:`Distribution` is accepted wherever a sparsity is: by the pruners
 and by the sparse trainers (``rigl(optax.adam(1e-3), erk(0.9), end=...)``). The total is
 over the params the pruner or trainer acts on (its ``where``, minus the layers that
 ``dense_first`` / ``dense_last`` keep dense).
+
+A layer that a distribution would leave with no weight at all (``round(s_l * n_l) ==
+n_l``, e.g. ``erk(0.999)`` on small layers) is an error naming it, not a silent cut of
+the network, nor a floor of one weight that would change the total.
 """
 
 from __future__ import annotations

@@ -80,6 +80,7 @@ def assert_one_line(status, err, *names):
     assert str(name) in err, err
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # orbax's leftovers
 @pytest.mark.parametrize("command, how", [
   ("eval", "cut"), ("export", "flip"), ("shrink", "cut"), ("prune", "flip"), ("train", "cut"),
 ])  # fmt: skip
