@@ -20,16 +20,13 @@ the newest checkpoint there: rerun the same command after an interruption.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from jaxprune.train import config as config_lib  # says which extra is missing, if one is
-from jaxprune.train import hf_prune
+from jaxprune.train import errors, hf_prune
 from jaxprune.train.config_type import Config
-
-if TYPE_CHECKING:
-  pass
 
 OVERRIDE_HELP = """\
 config overrides:
@@ -59,10 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     prog="jaxprune", description="Neural-network pruning for JAX, Flax and Optax."
   )
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  debug = argparse.ArgumentParser(add_help=False)
+  debug.add_argument(
+    "--debug", action="store_true", help="on an error, show the full traceback, not one line"
+  )
   common = {
     "epilog": OVERRIDE_HELP,
     "formatter_class": argparse.RawDescriptionHelpFormatter,
     "allow_abbrev": False,
+    "parents": [debug],
   }
   train = commands.add_parser(
     "train",
@@ -180,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     description="Write WORKDIR/report.md and its PNG plots from the run's metrics.csv "
     "and summary.json.",
     allow_abbrev=False,
+    parents=[debug],
   )
   report.add_argument("workdir", metavar="WORKDIR", help="the train.workdir of a run")
   return parser
@@ -231,8 +234,18 @@ def describe(config: Config) -> str:
   )
 
 
+def _one_line(error: BaseException) -> str:
+  """The error's message on one line (a user error is one line on stderr)."""
+  return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the command line; returns the exit status (errors exit with status 2).
+
+  A user's error (a bad config field or argument, a missing or damaged file of a run)
+  is one line on stderr, ``jaxprune COMMAND: error: ...``, exit status 2, no traceback
+  (``--debug`` shows it). Paths are checked before any work, and a command that fails
+  creates nothing.
 
   Examples:
     >>> from jaxprune import cli
@@ -263,57 +276,115 @@ def main(argv: Sequence[str] | None = None) -> int:
       parser.error(problem)
     try:
       result = hf_prune.prune_checkpoint(args, log=lambda line: print(line, flush=True))
-    except (FileNotFoundError, ValueError, ModuleNotFoundError) as e:
-      parser.exit(2, f"jaxprune prune: error: {e}\n")
+    except (OSError, ValueError, ModuleNotFoundError) as e:
+      if args.debug:
+        raise
+      parser.exit(2, f"jaxprune prune: error: {_one_line(e)}\n")
     print(result.report())
     return 0
+  if getattr(args, "workdir", None) and overrides:
+    parser.error("--config.FIELD overrides go with --config FILE, not --workdir")
+  _drop_abandoned_reads_reports()
+  try:
+    return _run(args, overrides)
+  except (config_lib.ConfigError, errors.RunFileError, OSError) as e:
+    if args.debug:
+      raise
+    parser.exit(2, f"jaxprune {args.command}: error: {_one_line(e)}\n")
+
+
+def _from_orbax(error: BaseException | None, obj: object = None) -> bool:
+  """Whether an unreported error comes from orbax's checkpoint reads (or their event loop)."""
+  code = getattr(obj, "cr_code", None)  # a coroutine collected while it raised
+  if code is not None and "orbax" in code.co_filename:
+    return True
+  if obj is None and isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return True  # a read finishing on tensorstore's thread after orbax closed its loop
+  tb = getattr(error, "__traceback__", None)
+  while tb is not None:
+    if "orbax" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+class _OrbaxLeftovers(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and _from_orbax(record.exc_info[1]))
+
+
+def _drop_abandoned_reads_reports() -> None:
+  """Drops (once per process) what orbax's abandoned checkpoint reads report.
+
+  Orbax reads a checkpoint's arrays in concurrent tasks; when one read fails on a
+  damaged file, it raises, closes its event loop and leaves the other reads running.
+  Those fail too (the same damage) and print their tracebacks later, from tensorstore's
+  threads ("Event loop is closed"), from the garbage collector ("Exception ignored in
+  <coroutine>") or as asyncio's "Task exception was never retrieved", after the one-line
+  error that said it. Every other report goes on to the hooks there were.
+  """
+  global _DROPPING
+  if _DROPPING:
+    return
+  _DROPPING = True
+  previous = sys.unraisablehook
+
+  def hook(unraisable: sys.UnraisableHookArgs) -> None:
+    if not _from_orbax(unraisable.exc_value, unraisable.object):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_OrbaxLeftovers())
+
+
+_DROPPING = False
+
+
+def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+  """The command of ``args``, after the arguments are parsed and checked."""
   from jaxprune.train import autopruner, evaluate, lm_structured, report, run, sweep
   from jaxprune.train import export as export_lib
   from jaxprune.train import prune as prune_lib
   from jaxprune.train import shrink as shrink_lib
 
-  try:
-    if args.command == "report":
-      print(report.write_report(args.workdir))
-      return 0
-    if getattr(args, "workdir", None):
-      if overrides:
-        parser.error("--config.FIELD overrides go with --config FILE, not --workdir")
-      config = evaluate.config_from_workdir(args.workdir)
-    else:
-      config = config_lib.load_config(args.config, overrides)
-    if args.command == "eval":
-      print(evaluate.evaluate_checkpoint(config, step=args.step).report())
-      return 0
-    if args.command == "sensitivity":
-      print(describe(config), flush=True)
-      print(sweep.run_sweep(config, step=args.step, out=args.out).report())
-      return 0
-    if args.command == "shrink":
-      result = shrink_lib.shrink_checkpoint(
-        config, step=args.step, out=args.out, keep=args.keep, multiple_of=args.multiple_of
-      )
-      print(result.report())
-      return 0
-    if args.command == "prune" and config.posttrain.method in lm_structured.METHODS:
-      print(lm_structured.prune_structured(config, step=args.step).report())
-      return 0
-    if args.command == "prune":
-      print(prune_lib.prune_checkpoint(config, step=args.step).report())
-      return 0
-    if args.command == "export":
-      print(export_lib.export_checkpoint(config, step=args.step, out=args.out).report())
-      return 0
-    if args.dry_run:
-      print(str(config).rstrip())
-      return 0
+  errors.check_out_dir(getattr(args, "out", None), "--out")  # before any work
+  if args.command == "report":
+    print(report.write_report(args.workdir))
+    return 0
+  if getattr(args, "workdir", None):
+    config = evaluate.config_from_workdir(args.workdir)
+  else:
+    config = config_lib.load_config(args.config, overrides)
+  if args.command == "eval":
+    print(evaluate.evaluate_checkpoint(config, step=args.step).report())
+    return 0
+  if args.command == "sensitivity":
     print(describe(config), flush=True)
-    if config.prune.method == autopruner.METHOD:
-      print(autopruner.train_recipe(config).report())
-      return 0
-    result = run.Run(config).execute()
-  except (config_lib.ConfigError, FileNotFoundError) as e:
-    parser.exit(2, f"jaxprune {args.command}: error: {e}\n")
+    print(sweep.run_sweep(config, step=args.step, out=args.out).report())
+    return 0
+  if args.command == "shrink":
+    result = shrink_lib.shrink_checkpoint(
+      config, step=args.step, out=args.out, keep=args.keep, multiple_of=args.multiple_of
+    )
+    print(result.report())
+    return 0
+  if args.command == "prune" and config.posttrain.method in lm_structured.METHODS:
+    print(lm_structured.prune_structured(config, step=args.step).report())
+    return 0
+  if args.command == "prune":
+    print(prune_lib.prune_checkpoint(config, step=args.step).report())
+    return 0
+  if args.command == "export":
+    print(export_lib.export_checkpoint(config, step=args.step, out=args.out).report())
+    return 0
+  if args.dry_run:
+    print(str(config).rstrip())
+    return 0
+  print(describe(config), flush=True)
+  if config.prune.method == autopruner.METHOD:
+    print(autopruner.train_recipe(config).report())
+    return 0
+  result = run.Run(config).execute()
   print(result.report())
   if config.train.workdir:
     print(f"report: {config.train.workdir}/report.md")

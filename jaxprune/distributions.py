@@ -11,6 +11,10 @@ A :class:`Distribution` is accepted wherever a sparsity is: by the pruners
 and by the sparse trainers (``rigl(optax.adam(1e-3), erk(0.9), end=...)``). The total is
 over the params the pruner or trainer acts on (its ``where``, minus the layers that
 ``dense_first`` / ``dense_last`` keep dense).
+
+A layer that a distribution would leave with no weight at all (``round(s_l * n_l) ==
+n_l``, e.g. ``erk(0.999)`` on small layers) is an error naming it, not a silent cut of
+the network, nor a floor of one weight that would change the total.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jaxprune import _checks
 from jaxprune.schedules import Schedule
-from jaxprune.select import check_sparsity
+from jaxprune.select import check_sparsity, n_pruned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +54,7 @@ class Distribution:
         f"{self.kind}(schedule): the schedule has no final sparsity to distribute; build it "
         "with jaxprune.agp, jaxprune.iterative, ... or pass final= to jaxprune.schedule."
       )
-    if isinstance(self.power, bool) or not isinstance(self.power, int | float):
-      raise TypeError(f"power must be a number, got {self.power!r}.")
+    _checks.number(self.power, "power", self.kind, low=0.0)
 
   @property
   def final(self) -> float:
@@ -64,13 +68,31 @@ class Distribution:
   def sparsities(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, float]:
     """``{path: sparsity}`` for layers of the given shapes, at the final overall sparsity.
 
+    Raises:
+      ValueError: when a layer would keep no weight (``round(s_l * n_l) == n_l``):
+        a layer with every weight pruned cuts the network, so it is an error, not a
+        floor of one weight; lower the sparsity or leave the layer out (``where``,
+        ``dense_first``, ``dense_last``).
+
     Examples:
       >>> from jaxprune.sparse import erk
       >>> s = erk(0.9).sparsities({"a": (100, 100), "b": (100, 10)})
       >>> {k: round(v, 4) for k, v in s.items()}
       {'a': 0.929, 'b': 0.6097}
     """
-    return layer_sparsities(self.kind, self.final, shapes, self.power)
+    per_layer = layer_sparsities(self.kind, self.final, shapes, self.power)
+    empty = [
+      p for p, s in per_layer.items() if n_pruned(math.prod(shapes[p]), s) == math.prod(shapes[p])
+    ]
+    if empty:
+      layers = ", ".join(
+        f"{p!r} (shape {tuple(shapes[p])}, sparsity {per_layer[p]:.6g})" for p in empty
+      )
+      raise ValueError(
+        f"{self.kind}({self.final:g}) leaves no weight in {len(empty)} layer(s): {layers}. "
+        "Lower the sparsity, or keep those layers dense (where=, dense_first=, dense_last=)."
+      )
+    return per_layer
 
 
 def uniform(sparsity: float | Schedule) -> Distribution:

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune import select as select_lib
+from jaxprune import _checks
 from jaxprune import table as table_lib
 from jaxprune import tree as tree_lib
 
@@ -93,17 +93,7 @@ def _check_nonnegative(name: str, value: Any, factory: str, *, hyperparam: bool 
       else ""
     )
     raise TypeError(f"{factory}() takes a number for {name}, got a function{hint}.")
-  if not select_lib.is_concrete(value):
-    return  # a traced hyperparameter (optax.inject_hyperparams under jit)
-  v = np.asarray(value)
-  if isinstance(value, bool) or not (
-    np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)
-  ):
-    raise TypeError(
-      f"{factory}(): {name} must be a number >= 0, got {value!r} ({type(value).__name__})."
-    )
-  if v.ndim != 0 or not np.isfinite(v) or not v >= 0:
-    raise ValueError(f"{factory}(): {name} must be a number >= 0 (finite, scalar), got {value!r}.")
+  _checks.number(value, name, f"{factory}()", low=0.0)
 
 
 def _group_axes(kind: str, ndim: int) -> tuple[int, ...]:

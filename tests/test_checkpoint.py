@@ -38,6 +38,13 @@ def test_keeps_the_newest_and_preserved_steps(tmp_path):
   assert not any(".orbax-checkpoint-tmp" in p.name for p in tmp_path.iterdir())
 
 
+def test_read_only_creates_nothing(tmp_path):
+  """eval / export / shrink / prune read checkpoints: a missing directory is not created."""
+  with pytest.raises(FileNotFoundError, match="No checkpoint in .*none: there is no such dir"):
+    checkpoint.Checkpointer(tmp_path / "none", every=1, keep=1, read_only=True)
+  assert list(tmp_path.iterdir()) == []
+
+
 def test_restore_places_arrays_on_the_template_sharding(tmp_path):
   ckpt = checkpoint.Checkpointer(tmp_path, every=1, keep=1)
   ckpt.save(1, {"w": jnp.ones((4, 2))}, {})

@@ -109,12 +109,32 @@ def test_load_config_overrides():
   ("model.name=vgg", "model.name", "must be one of 'charlm', 'lenet300', 'lenet5', 'resnet20'"),
   ("train.learning_rate=0", "train.learning_rate", "must be a number > 0"),
   ("train.progress=maybe", "train.progress", "cannot set 'maybe'"),
+  ("train.learning_rate=1e999", "train.learning_rate", "must be a number > 0, got inf"),
+  ("regularize.strength=1e999", "regularize.strength", "must be a number >= 0, got inf"),
 ])  # fmt: skip
 def test_bad_overrides_name_the_field(capsys, override, field, message):
   status, out, err = run_main(capsys, f"--config.{override}")
   assert status == 2 and out == ""
   assert err.startswith(f"jaxprune train: error: {field}: ")
   assert message in err
+
+
+RIGL = str(ROOT / "configs" / "lenet300_rigl.py")
+
+
+@pytest.mark.parametrize("overrides, field, message", [
+  (["prune.end=50", "prune.every=100"], "prune.every", "with prune.every = 100 they never move"),
+  (["prune.drop_fraction=0.0"], "prune.drop_fraction", "must be in (0, 1]"),
+  (["prune.distribution='uniform'", "prune.sparsity=0.9999"], "prune.sparsity",
+   "uniform(0.9999) leaves no weight in 1 layer(s): 'fc3/kernel' (shape (100, 10)"),
+  (["prune.method='magnitude'", "prune.schedule='constant'", "prune.sparsity=0.99995"],
+   "prune.sparsity", "erk(0.99995) leaves no weight in 1 layer(s): 'fc3/kernel'"),
+])  # fmt: skip
+def test_sparse_training_hyperparameters_are_checked_in_the_config(overrides, field, message):
+  """The library's checks of rigl / set / erk fire through the config, before any data."""
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.load_config(RIGL, ["data.name=digits", *overrides])
+  assert str(e.value).startswith(f"{field}: ") and message in str(e.value)
 
 
 def test_unknown_field_in_a_config_file(tmp_path, capsys):

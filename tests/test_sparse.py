@@ -213,7 +213,7 @@ def test_drop_fraction_follows_the_cosine_schedule():
 
 def test_dense_first_and_last_and_initial_counts():
   params = make_params()
-  tx = rigl(optax.sgd(0.1), erk(0.9), end=10, dense_first=True, dense_last=True)
+  tx = rigl(optax.sgd(0.1), erk(0.9), end=10, every=5, dense_first=True, dense_last=True)
   masks = tx.init(params).masks
   assert masks["fc1"]["kernel"] is None and masks["fc3"]["kernel"] is None
   assert int(masks["fc2"]["kernel"].sum()) == 128 - round(0.9 * 128)  # one layer: ERK = uniform
@@ -247,7 +247,48 @@ def test_errors_name_the_problem():
   with pytest.raises(TypeError, match="optax GradientTransformation"):
     rigl(0.9, 0.9, end=10)
   with pytest.raises(ValueError, match="drop_fraction"):
-    rigl(optax.sgd(0.1), 0.9, end=10, drop_fraction=1.5)
+    rigl(optax.sgd(0.1), 0.9, end=10, every=5, drop_fraction=1.5)
+
+
+@pytest.mark.parametrize("make", [rigl, set_sparse])
+@pytest.mark.parametrize("kwargs, error, message", [
+  # masks move at every, 2 * every, ... below end: none of those when end <= every
+  ({"end": 50, "every": 100}, ValueError, r"every \(100\) must be smaller than end \(50\)"),
+  ({"end": 100, "every": 100}, ValueError, r"every \(100\) must be smaller than end \(100\)"),
+  ({"end": 100, "every": 0}, ValueError, "every must be an integer >= 1"),
+  ({"end": 100, "every": "10"}, TypeError, r"every must be an integer >= 1 .*got '10'"),
+  ({"end": 100.0, "every": 10}, TypeError, "end must be an integer >= 1"),
+  ({"end": 100, "every": 10, "drop_fraction": 0.0}, ValueError, "drop_fraction must be .* in \\(0, 1\\]"),
+  ({"end": 100, "every": 10, "drop_fraction": float("nan")}, ValueError, "drop_fraction must be"),
+  ({"end": 100, "every": 10, "drop_fraction": "0.3"}, TypeError, "drop_fraction must be"),
+  ({"end": 100, "every": 10, "seed": "0"}, TypeError, "seed must be an integer"),
+  ({"end": 100, "every": 10, "dense_last": "yes"}, TypeError, "dense_last must be True or False"),
+])  # fmt: skip
+def test_hyperparameters_are_checked_where_they_are_given(make, kwargs, error, message):
+  """rigl(..., end=50, every=100) was accepted, and its masks could never move."""
+  with pytest.raises(error, match=rf"^{make.__name__}: {message}"):
+    make(optax.sgd(0.1), 0.9, **kwargs)
+
+
+def test_static_sparse_and_cosine_drop_check_their_arguments():
+  with pytest.raises(TypeError, match="static_sparse: dense_first must be True or False"):
+    static_sparse(optax.sgd(0.1), 0.9, dense_first=1)
+  with pytest.raises(ValueError, match=r"cosine_drop: initial must be a number in \(0, 1\]"):
+    cosine_drop(float("nan"), 10)
+  with pytest.raises(TypeError, match="cosine_drop: end must be an integer >= 1"):
+    cosine_drop(0.3, "10")
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+  ({"warmup": "10", "phase": 5, "end": 30}, TypeError, "acdc: warmup must be an integer >= 0"),
+  ({"warmup": 10, "phase": 0, "end": 30}, ValueError, "acdc: phase must be an integer >= 1"),
+  ({"warmup": 10, "phase": 5, "end": 5}, ValueError, r"acdc: end \(5\) must not come before"),
+])  # fmt: skip
+def test_acdc_checks_its_steps(kwargs, error, message):
+  with pytest.raises(error, match=message):
+    jaxprune.sparse.acdc(0.9, **kwargs)
+  with pytest.raises(ValueError, match=r"acdc: sparsity must be .*got nan"):
+    jaxprune.sparse.acdc(float("nan"), warmup=0, phase=1, end=2)
 
 
 def test_acdc_alternates_sparse_and_dense_phases_inside_masked():

@@ -124,3 +124,34 @@ def test_distribution_errors():
     jaxprune.magnitude(erk(0.9)).sparsity_of("a", 0)
   with pytest.raises(TypeError, match="fixed for the whole run"):
     rigl(optax.sgd(0.1), erk(jaxprune.agp(0.9, 0, 10, 1)), end=10)
+
+
+def test_a_layer_left_with_no_weight_is_an_error():
+  """erk(0.999) on small layers used to prune every weight of every layer, silently."""
+  params = {"a": jnp.ones((4, 3)), "b": jnp.ones((3, 2)), "big": jnp.ones((40, 40))}
+  shapes = {k: v.shape for k, v in params.items()}
+  per_layer = jaxprune.sparse.layer_sparsities("erk", 0.999, shapes)
+  # the reference count: Python's round of the float64 product, per layer
+  sizes = {k: math.prod(shape) for k, shape in shapes.items()}
+  empty = [k for k, s in per_layer.items() if round(s * sizes[k]) == sizes[k]]
+  assert empty == ["a", "b"]
+  message = r"erk\(0.999\) leaves no weight in 2 layer\(s\): 'a' \(shape \(4, 3\)"
+  with pytest.raises(ValueError, match=message):
+    static_sparse(optax.sgd(0.1), erk(0.999)).init(params)
+  with pytest.raises(ValueError, match=message):
+    rigl(optax.sgd(0.1), erk(0.999), end=10, every=5).init(params)
+  with pytest.raises(ValueError, match=message):
+    jaxprune.magnitude(erk(0.999)).resolve(params)
+  # uniform too: 0.95 of 12 weights removes round(11.4) = 11 and keeps one; 0.96 keeps none
+  kept = static_sparse(optax.sgd(0.1), uniform(0.95), where="^a$").init(params).masks["a"]
+  assert int(kept.sum()) == 1
+  with pytest.raises(ValueError, match=r"uniform\(0.96\) leaves no weight in 1 layer\(s\): 'a'"):
+    static_sparse(optax.sgd(0.1), 0.96, where="^a$").init(params)
+
+
+@pytest.mark.parametrize("power, error", [
+  (float("nan"), ValueError), (float("inf"), ValueError), (-1.0, ValueError), ("1", TypeError),
+])  # fmt: skip
+def test_erk_power_is_a_finite_number(power, error):
+  with pytest.raises(error, match="erk: power must be a number >= 0"):
+    erk(0.9, power=power)

@@ -137,3 +137,14 @@ def test_errors():
     ste(optax.sgd(0.1), 0.5)
   with pytest.raises(ValueError, match="one jaxprune.sparse.ste state"):
     ste_params({"w": jnp.ones(2)}, optax.sgd(0.1).init({"w": jnp.ones(2)}))
+
+
+@pytest.mark.parametrize("decay, error", [
+  (float("nan"), ValueError), (float("inf"), ValueError), (-1e-4, ValueError),
+  ("0.1", TypeError), (True, TypeError), (jnp.ones(2), ValueError),
+])  # fmt: skip
+@pytest.mark.parametrize("make", [ste, sr_ste])
+def test_decay_is_checked_where_it_is_given(make, decay, error):
+  """decay=nan made every weight NaN after two steps; "0.1" was a TypeError from inside JAX."""
+  with pytest.raises(error, match=rf"{make.__name__}: decay must be a number >= 0"):
+    make(optax.sgd(0.1), jaxprune.magnitude(0.5), decay=decay)

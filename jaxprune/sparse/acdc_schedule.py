@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jaxprune import _checks
 from jaxprune.schedules import Schedule
 from jaxprune.select import check_sparsity
 
@@ -38,12 +39,10 @@ def acdc(sparsity: float, *, warmup: int, phase: int, end: int) -> Schedule:
     >>> [t for t in range(40) if s.is_update(t)]
     [10, 15, 20, 25, 30]
   """
-  check_sparsity(sparsity)
-  for name, value in (("warmup", warmup), ("phase", phase), ("end", end)):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-      raise ValueError(f"acdc: {name} must be a non-negative integer step, got {value!r}.")
-  if phase <= 0:
-    raise ValueError(f"acdc: phase must be > 0, got {phase}.")
+  check_sparsity(sparsity, "acdc: sparsity")
+  warmup = _checks.integer(warmup, "warmup", "acdc", low=0, what="the first sparse step")
+  phase = _checks.integer(phase, "phase", "acdc", low=1, what="steps per sparse or dense phase")
+  end = _checks.integer(end, "end", "acdc", low=0, what="the start of the final sparse phase")
   if end < warmup:
     raise ValueError(f"acdc: end ({end}) must not come before warmup ({warmup}).")
 

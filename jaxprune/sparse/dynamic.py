@@ -27,10 +27,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
+from jaxprune import _checks
 from jaxprune import masks as masks_lib
 from jaxprune import tree as tree_lib
 from jaxprune.distributions import Distribution, as_distribution
@@ -48,9 +48,8 @@ def cosine_drop(initial: float = 0.3, end: int = 1) -> Callable[[Any], jax.Array
     >>> [round(float(f(t)), 4) for t in (0, 500, 1000)]
     [0.3, 0.15, 0.0]
   """
-  _check_fraction(initial)
-  if isinstance(end, bool) or not isinstance(end, int | np.integer) or end <= 0:
-    raise ValueError(f"end must be a positive integer step, got {end!r}.")
+  _check_fraction(initial, "initial", "cosine_drop")
+  end = _checks.integer(end, "end", "cosine_drop", low=1, what="the step where it reaches 0")
 
   def fraction(step):
     t = jnp.clip(jnp.asarray(step, jnp.float32), 0.0, float(end))
@@ -59,13 +58,15 @@ def cosine_drop(initial: float = 0.3, end: int = 1) -> Callable[[Any], jax.Array
   return fraction
 
 
-def _check_fraction(value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
-    raise TypeError(
-      f"drop_fraction must be a number in [0, 1] or a step -> fraction function, got {value!r}."
-    )
-  if not 0.0 <= float(value) <= 1.0:
-    raise ValueError(f"drop_fraction must be in [0, 1], got {value}.")
+def _check_fraction(value: Any, name: str, fn: str) -> None:
+  """A drop fraction in ``(0, 1]``: at 0 no mask would ever move."""
+  try:
+    _checks.number(value, name, fn, low=0.0, high=1.0, low_open=True)
+  except ValueError as e:
+    raise ValueError(
+      f"{e} The fraction of each layer's active weights dropped and regrown; at 0 the "
+      "masks never move (static_sparse keeps them fixed)."
+    ) from e
 
 
 def _is_mask_tree(sparsity: Any) -> bool:
@@ -164,25 +165,27 @@ def _sparse_trainer(
   name: str,
 ) -> optax.GradientTransformationExtraArgs:
   _check_inner(inner)
-  if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-    raise TypeError(f"{name}: seed must be an int, got {seed!r}.")
+  _checks.integer(seed, "seed", name)
+  _checks.flag(dense_first, "dense_first", name)
+  _checks.flag(dense_last, "dense_last", name)
   layout = _Layout(sparsity, where, dense_first, dense_last, name)
   inner_extra = optax.with_extra_args_support(inner)
   if grow is not None:
-    if isinstance(every, bool) or not isinstance(every, int | np.integer) or every <= 0:
+    every = _checks.integer(every, "every", name, low=1, what="steps between mask updates")
+    end = _checks.integer(
+      end, "end", name, low=1, what="the step from which masks stop changing; RigL: 75% of training"
+    )
+    if every >= end:
       raise ValueError(
-        f"{name}: every must be a positive integer (steps between updates), got {every!r}."
-      )
-    if isinstance(end, bool) or not isinstance(end, int | np.integer) or end <= 0:
-      raise ValueError(
-        f"{name}: end must be the positive step after which masks stop changing (RigL uses 75% "
-        f"of training), got {end!r}."
+        f"{name}: every ({every}) must be smaller than end ({end}): masks move at steps "
+        f"every, 2 * every, ... below end, so with end <= every they never move. Lower "
+        "every or raise end (RigL: every=100, end at 75% of training)."
       )
     if callable(drop_fraction):
       fraction_at = drop_fraction
     else:
-      _check_fraction(drop_fraction)
-      fraction_at = cosine_drop(float(drop_fraction), int(end))
+      _check_fraction(drop_fraction, "drop_fraction", name)
+      fraction_at = cosine_drop(float(drop_fraction), end)
 
   def init(params):
     return MaskedState(

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxprune import _checks
 from jaxprune import tree as tree_lib
 from jaxprune.pruners import Pruner
 from jaxprune.transforms import _check_inner
@@ -96,6 +97,7 @@ def ste(
   """
   _check_inner(inner)
   _check_pruner(pruner, "ste")
+  _checks.number(decay, "decay", "ste", low=0.0)
   inner_extra = optax.with_extra_args_support(inner)
 
   def init(params):
@@ -147,6 +149,7 @@ def sr_ste(
     >>> (updates["w"].ravel() + 0.0).tolist()  # only the pruned 1 and 2 decay
     [-0.5, 0.0, -1.0, 0.0]
   """
+  _checks.number(decay, "decay", "sr_ste", low=0.0)
   return ste(inner, pruner, decay=decay)
 
 

@@ -36,6 +36,7 @@ from jaxprune.train.config import (
 )
 from jaxprune.train.data import Dataset, Split
 from jaxprune.train.data import load as load_dataset
+from jaxprune.train.errors import RunFileError
 from jaxprune.train.evaluate import evaluate_checkpoint
 from jaxprune.train.loop import PhaseResult, TrainResult, TrainState, train
 from jaxprune.train.metrics import MetricsWriter
@@ -56,6 +57,7 @@ __all__ = [
   "DatasetNotPrepared",
   "MetricsWriter",
   "PhaseResult",
+  "RunFileError",
   "Split",
   "TrainResult",
   "TrainState",

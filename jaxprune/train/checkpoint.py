@@ -18,24 +18,37 @@ exactly, the resumed run ends with the same bits as one that was never interrupt
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from jaxprune.train.errors import RunFileError
+
 
 class Checkpointer:
   """Saves and restores a run's state every ``every`` steps, keeping the ``keep`` newest.
 
   Args:
-    directory: where checkpoints go (created if missing; one subdirectory per step).
+    directory: where checkpoints go (created if missing, unless ``read_only``; one
+      subdirectory per step).
     every: save when ``step % every == 0`` (and whenever ``force`` is passed).
     keep: how many of the newest checkpoints stay on disk.
     preserve: steps whose checkpoints are never deleted (the end of a phase that a
       later phase builds on).
+    read_only: only read: the directory must exist, nothing is created, cleaned up or
+      saved (``jaxprune eval``, ``export``, ``shrink``, ``prune``).
+
+  Raises:
+    FileNotFoundError: ``read_only`` and there is no such directory.
+
+  A ``Checkpointer`` is a context manager: ``with Checkpointer(...) as ckpt:`` closes it
+  on every way out (its threads must stop before the interpreter does).
 
   Examples:
     >>> import tempfile, jax.numpy as jnp
@@ -53,24 +66,40 @@ class Checkpointer:
   """
 
   def __init__(
-    self, directory: str | pathlib.Path, *, every: int, keep: int, preserve: Sequence[int] = ()
+    self,
+    directory: str | pathlib.Path,
+    *,
+    every: int,
+    keep: int,
+    preserve: Sequence[int] = (),
+    read_only: bool = False,
   ):
     self.directory = pathlib.Path(directory).absolute()
     self.every = every
+    if read_only and not self.directory.is_dir():
+      raise FileNotFoundError(f"No checkpoint in {self.directory}: there is no such directory.")
     policy = checkpoint_managers.LatestN(keep)
     if preserve:
       policy = checkpoint_managers.AnyPreservationPolicy(
         [policy, checkpoint_managers.CustomSteps(list(preserve))]
       )
     options = ocp.CheckpointManagerOptions(
-      create=True, cleanup_tmp_directories=True, preservation_policy=policy
+      create=not read_only, cleanup_tmp_directories=not read_only, preservation_policy=policy
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    with _errors_raised_not_logged():
+      self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc_info: object) -> None:
+    self.close()
 
   def steps(self) -> list[int]:
     """The steps of the complete checkpoints on disk, oldest first."""
-    self._manager.reload()
-    return sorted(self._manager.all_steps())
+    with _errors_raised_not_logged():
+      self._manager.reload()
+      return sorted(self._manager.all_steps())
 
   def latest(self) -> int | None:
     """The newest complete checkpoint's step, or ``None``."""
@@ -103,6 +132,8 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: when there is no checkpoint (of that step).
+      RunFileError: when the checkpoint cannot be read (damaged, cut short, or of
+        another run's shapes); the message names its directory and step.
     """
     self._manager.wait_until_finished()
     step = self.latest() if step is None else step
@@ -112,17 +143,57 @@ class Checkpointer:
       )
     abstract = jax.tree.map(_abstract, template)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-    restored = self._manager.restore(step, args=args)
-    return restored["state"], dict(restored["meta"])
+    try:
+      with _errors_raised_not_logged():
+        restored = self._manager.restore(step, args=args)
+      return restored["state"], dict(restored["meta"])
+    except Exception as e:  # tensorstore / orbax / JSON errors of a damaged checkpoint
+      raise RunFileError(
+        f"{self.directory / str(step)}: checkpoint of step {step} cannot be read: it is "
+        "damaged or cut short, or was saved by a run with another model or optimizer "
+        f"({_root_cause(e)})"
+      ) from e
 
   def wait(self) -> None:
     """Blocks until every started save is on disk."""
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending saves and releases the manager's threads."""
+    """Waits for pending saves and the start-up cleanup, and releases the manager's threads."""
+    # Orbax's close() does not wait for the cleanup of unfinished checkpoints that the
+    # manager starts in a thread when it opens (only a save does); a thread still running
+    # at interpreter exit prints a traceback after the command has ended.
+    await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:
+      await_cleanup()
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+@contextlib.contextmanager
+def _errors_raised_not_logged() -> Iterator[None]:
+  """Orbax's error logs while it reads checkpoints are off: the errors are raised too.
+
+  Reading a damaged checkpoint, orbax logs the same error (``ERROR:absl:Failed to json
+  parse ...``) each time it reads the file, then raises it; the raised error is reported
+  once, with the checkpoint's path (:class:`RunFileError`).
+  """
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _root_cause(error: BaseException) -> str:
+  """The innermost cause's first line (tensorstore's: which array, which file, what is wrong)."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__  # type: ignore[assignment]
+  lines = str(error).strip().splitlines()
+  reason = f"{type(error).__name__}: {lines[0] if lines else ''}"
+  return reason if len(reason) <= 300 else f"{reason[:300]}..."
 
 
 def _abstract(leaf: Any) -> Any:

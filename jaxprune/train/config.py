@@ -334,6 +334,12 @@ def validate_config(config: Config) -> None:
     )
   if sparse_trainer and p.method != "static" and p.end >= t.steps:
     fail("prune.end", f"set / rigl stop moving masks there: below train.steps ({t.steps}).")
+  if sparse_trainer and p.method != "static" and p.every >= p.end:
+    fail(
+      "prune.every",
+      f"{p.method} moves masks every prune.every steps before prune.end ({p.end}); with "
+      f"prune.every = {p.every} they never move: lower prune.every or raise prune.end.",
+    )
   if p.method != "none" and p.schedule != "constant" and not sparse_trainer:
     if p.schedule in ("agp", "acdc") and p.end < p.begin:
       fail("prune.end", f"must not come before prune.begin ({p.begin}), got {p.end}.")
@@ -472,6 +478,11 @@ def _check_against_model(config: Config) -> None:
   pruner = make_pruner(config)
   if pruner is None:
     return
+  if pruner.distribution is not None:  # per-layer sparsities: every layer keeps a weight
+    try:
+      pruner.resolve(params)
+    except ValueError as e:
+      raise ConfigError(f"prune.sparsity: {e}") from e
   for field, candidate in (
     (
       "prune.structure" if p.structure != "unstructured" else "prune.method",

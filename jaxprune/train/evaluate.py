@@ -15,7 +15,7 @@ import ml_collections
 
 import jaxprune
 from jaxprune.train import config as config_lib
-from jaxprune.train import data, optim
+from jaxprune.train import data, errors, optim
 from jaxprune.train import sharding as sharding_lib
 from jaxprune.train import state as state_lib
 from jaxprune.train import step as step_lib
@@ -49,7 +49,7 @@ def evaluate_checkpoint(
     FileNotFoundError: when the directory holds no (such) checkpoint.
   """
   config_lib.validate_config(config)
-  state_lib.require_checkpoints(config, "evaluate")
+  state_lib.require_checkpoints(config, "evaluate", step)
   ds = dataset or data.from_config(config.data)
   mesh = sharding_lib.make_mesh(config.parallel.devices)
   restored = state_lib.restore(
@@ -63,11 +63,27 @@ def evaluate_checkpoint(
 
 
 def config_from_workdir(workdir: str | pathlib.Path) -> Config:
-  """The validated config of the run in ``workdir`` (its ``config.json``)."""
+  """The validated config of the run in ``workdir`` (its ``config.json``).
+
+  Raises:
+    FileNotFoundError: when there is no ``config.json``.
+    RunFileError: when it is not a JSON object (cut short, or not a run's config).
+    ConfigError: when a field's value is bad.
+  """
   path = pathlib.Path(workdir) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"{path} is missing: not the workdir of a `jaxprune train` run.")
-  config: Config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    values = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise errors.RunFileError(
+      f"{path}: not valid JSON ({e}); the run's config is damaged or cut short."
+    ) from e
+  if not isinstance(values, dict) or not all(isinstance(v, dict) for v in values.values()):
+    raise errors.RunFileError(
+      f"{path}: not the config of a `jaxprune train` run (a JSON object of field groups)."
+    )
+  config: Config = ml_collections.ConfigDict(values)
   for group, values in config_lib.default_config().items():
     if group not in config:  # a group added since the run: its defaults
       config[group] = values

@@ -24,7 +24,7 @@ from jaxprune import export as export_lib
 from jaxprune import fileio
 from jaxprune.table import markdown_table
 from jaxprune.train import config as config_lib
-from jaxprune.train import data
+from jaxprune.train import data, errors
 from jaxprune.train import sharding as sharding_lib
 from jaxprune.train import state as state_lib
 from jaxprune.train.config_type import Config
@@ -122,7 +122,8 @@ def export_checkpoint(
     FileNotFoundError: when the directory holds no (such) checkpoint.
   """
   config_lib.validate_config(config)
-  state_lib.require_checkpoints(config, "export")
+  errors.check_out_dir(out, "out")
+  state_lib.require_checkpoints(config, "export", step)
   ds = dataset or data.from_config(config.data)
   restored = state_lib.restore(config, ds.image_shape, ds.num_classes, step=step, purpose="export")
   state, meta = restored.state, restored.meta

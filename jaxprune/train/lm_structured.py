@@ -53,7 +53,7 @@ from jaxprune import fileio, surgery
 from jaxprune import tree as tree_lib
 from jaxprune.models.decoder import CharLM
 from jaxprune.train import config as config_lib
-from jaxprune.train import data
+from jaxprune.train import data, errors
 from jaxprune.train import prune as prune_lib
 from jaxprune.train import sharding as sharding_lib
 from jaxprune.train import state as state_lib
@@ -342,7 +342,8 @@ def prune_structured(
     FileNotFoundError: no checkpoint there.
   """
   check(config)
-  state_lib.require_checkpoints(config, "prune")
+  errors.check_out_dir(output_dir(config), "posttrain.out")
+  state_lib.require_checkpoints(config, "prune", step)
   started = time.perf_counter()
   p = config.posttrain
   ds = dataset or data.from_config(config.data)

@@ -39,7 +39,7 @@ from jaxprune import tree as tree_lib
 from jaxprune.structures import NM
 from jaxprune.train import checkpoint as checkpoint_lib
 from jaxprune.train import config as config_lib
-from jaxprune.train import data, models
+from jaxprune.train import data, errors, models
 from jaxprune.train import sharding as sharding_lib
 from jaxprune.train import state as state_lib
 from jaxprune.train import step as step_lib
@@ -248,7 +248,8 @@ def prune_checkpoint(
     FileNotFoundError: no checkpoint there.
   """
   check(config)
-  state_lib.require_checkpoints(config, "prune")
+  errors.check_out_dir(output_dir(config), "posttrain.out")
+  state_lib.require_checkpoints(config, "prune", step)
   ds = dataset or data.from_config(config.data)
   restored = state_lib.restore(config, ds.image_shape, ds.num_classes, step=step, purpose="prune")
   host = sharding_lib.to_host(restored.state)

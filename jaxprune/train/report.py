@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from jaxprune import fileio
 from jaxprune.masks import LeafStats, Summary
 from jaxprune.train import metrics as metrics_lib
+from jaxprune.train.errors import RunFileError
 
 SUMMARY_NAME, REPORT_NAME = "summary.json", "report.md"
 PLOTS = {
@@ -187,6 +188,7 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
   Raises:
     FileNotFoundError: when the workdir lacks ``summary.json`` or ``metrics.csv``
       (the run has not finished).
+    RunFileError: when one of them is damaged (cut short); the message names it.
   """
   workdir = pathlib.Path(workdir)
   for name in (SUMMARY_NAME, metrics_lib.CSV_NAME):
@@ -194,9 +196,15 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
       raise FileNotFoundError(
         f"{workdir / name} is missing: not the workdir of a finished `jaxprune train` run."
       )
-  info = json.loads((workdir / SUMMARY_NAME).read_text())
-  records = metrics_lib.read_csv(workdir)
-  summary = summary_from_rows(info["layers"])
+  try:
+    info = json.loads((workdir / SUMMARY_NAME).read_text())
+    summary = summary_from_rows(info["layers"])
+  except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+    raise RunFileError(f"{workdir / SUMMARY_NAME}: damaged or cut short ({e!r}).") from e
+  try:
+    records = metrics_lib.read_csv(workdir)
+  except (ValueError, KeyError, TypeError) as e:
+    raise RunFileError(f"{workdir / metrics_lib.CSV_NAME}: damaged or cut short ({e!r}).") from e
   plot_accuracy_vs_sparsity(records, workdir / PLOTS["accuracy_vs_sparsity"])
   plot_layer_sparsity(summary, workdir / PLOTS["layer_sparsity"])
   plot_training_curves(records, workdir / PLOTS["training_curves"])

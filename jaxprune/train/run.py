@@ -31,6 +31,7 @@ from flax import nnx
 import jaxprune
 from jaxprune import fileio, progress
 from jaxprune.analysis import plot_sensitivity
+from jaxprune.train import checkpoint as checkpoint_lib
 from jaxprune.train import config as config_lib
 from jaxprune.train import data, models, optim, report, structured
 from jaxprune.train import metrics as metrics_lib
@@ -105,7 +106,7 @@ class Run:
     self.workdir = pathlib.Path(t.workdir) if t.workdir else None
     self.primary = jax.process_index() == 0
     self.rethink_steps = (config.rethink.steps or t.steps) if config.rethink.enabled else 0
-    self.ckpt = state_lib.checkpointer(config)
+    self.ckpt: checkpoint_lib.Checkpointer | None = None  # opened by execute, closed there
     self.writer = None
     self.ds = dataset or data.from_config(config.data)
     self.per_epoch = data.steps_per_epoch(self.ds.train, config.data.batch_size)
@@ -319,13 +320,14 @@ class Run:
   def execute(self) -> TrainResult:
     """Trains (or resumes, or just reports a finished run) and writes the outputs."""
     main = self.train_phase()
-    resumed = self._resume(main)
-    resumed_from = None if resumed is None else resumed[1]["global_step"]
-    if self.workdir is not None and self.primary:
-      self.workdir.mkdir(parents=True, exist_ok=True)
-      fileio.write_json(self.workdir / "config.json", config_json(self.config), indent=2)
-      self.writer = metrics_lib.MetricsWriter(self.workdir, resume_step=resumed_from)
-    try:
+    self.ckpt = state_lib.checkpointer(self.config)
+    try:  # the checkpointer is closed on every way out (its threads outlive a failure)
+      resumed = self._resume(main)
+      resumed_from = None if resumed is None else resumed[1]["global_step"]
+      if self.workdir is not None and self.primary:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        fileio.write_json(self.workdir / "config.json", config_json(self.config), indent=2)
+        self.writer = metrics_lib.MetricsWriter(self.workdir, resume_step=resumed_from)
       result = self._execute(main, resumed, resumed_from)
     finally:
       if self.writer is not None:

@@ -19,6 +19,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +33,8 @@ Check = Callable[[Any], str | None]  # a value -> the error message, or None whe
 
 
 def _is_number(value: Any) -> bool:
-  return not isinstance(value, bool) and isinstance(value, int | float)
+  """A finite ``int`` or ``float`` (not a bool, NaN or an infinity)."""
+  return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 def integer(low: int) -> Check:
@@ -72,6 +74,13 @@ def keep_fraction(value: Any) -> str | None:
   if _is_number(value) and 0 < value <= 1:
     return None
   return f"must be in (0, 1] (the fraction of channels kept), got {value!r}."
+
+
+def drop_fraction(value: Any) -> str | None:
+  """A fraction of active weights dropped and regrown, in ``(0, 1]`` (0: masks never move)."""
+  if _is_number(value) and 0 < value <= 1:
+    return None
+  return f"must be in (0, 1] (the fraction of active weights moved; 0 moves none), got {value!r}."
 
 
 def flag(value: Any) -> str | None:
@@ -258,7 +267,9 @@ FIELDS: dict[str, dict[str, Field]] = {
       "uniform | erk: how prune.sparsity is spread over the layers (jaxprune.sparse.erk)",
     ),
     "drop_fraction": Field(
-      0.3, fraction, "set / rigl: f0 of the cosine drop fraction (to 0 at prune.end)"
+      0.3,
+      drop_fraction,
+      "set / rigl: f0 of the cosine drop fraction (to 0 at prune.end), in (0, 1]",
     ),
     "dense_first": Field(False, flag, "never prune the first layer"),
     "dense_last": Field(False, flag, "never prune the last layer"),
@@ -380,10 +391,24 @@ def check_field(field: str, value: Any) -> str | None:
 
 
 def check(config: Config) -> tuple[str, str] | None:
-  """``(field, message)`` of the first field whose value its :class:`Field` rejects."""
+  """``(field, message)`` of the first field whose value its :class:`Field` rejects.
+
+  A field computed from others (an ``ml_collections`` reference: the lottery recipe's
+  ``prune.every`` divides by ``prune.rounds``) that cannot be computed is reported
+  after the fields it may follow, so ``prune.rounds=0`` names ``prune.rounds``.
+  """
+  unresolved = None
   for group, fields in FIELDS.items():
     for name, field in fields.items():
-      message = field.check(config[group][name])
+      try:
+        value = config[group][name]
+      except (ArithmeticError, TypeError, ValueError) as e:
+        unresolved = unresolved or (
+          f"{group}.{name}",
+          f"cannot be computed from the fields it follows ({type(e).__name__}: {e}).",
+        )
+        continue
+      message = field.check(value)
       if message is not None:
         return f"{group}.{name}", message
-  return None
+  return unresolved

@@ -43,7 +43,7 @@ from jaxprune import fileio, surgery
 from jaxprune import tree as tree_lib
 from jaxprune.surgery import rebuild
 from jaxprune.train import config as config_lib
-from jaxprune.train import data, models
+from jaxprune.train import data, errors, models
 from jaxprune.train import sharding as sharding_lib
 from jaxprune.train import state as state_lib
 from jaxprune.train.config import config_json
@@ -239,7 +239,8 @@ def shrink_checkpoint(
     FileNotFoundError: when the directory holds no (such) checkpoint.
   """
   config_lib.validate_config(config)
-  state_lib.require_checkpoints(config, "shrink")
+  errors.check_out_dir(out, "out")
+  state_lib.require_checkpoints(config, "shrink", step)
   ds = dataset or data.from_config(config.data)
   restored = state_lib.restore(config, ds.image_shape, ds.num_classes, step=step, purpose="shrink")
   graphdef, state, meta = restored.graphdef, restored.state, restored.meta

@@ -95,27 +95,64 @@ def checkpoint_dir(config: Config) -> str:
   return str(pathlib.Path(config.train.workdir) / "checkpoints") if config.train.workdir else ""
 
 
-def checkpointer(config: Config) -> checkpoint_lib.Checkpointer | None:
+def checkpointer(config: Config, *, read_only: bool = False) -> checkpoint_lib.Checkpointer | None:
   """The run's :class:`~jaxprune.train.checkpoint.Checkpointer` (``None`` without a dir).
 
   With ``rethink.enabled`` the last checkpoint of the ``train`` phase is never deleted:
-  the ``rethink`` phase starts from its masks.
+  the ``rethink`` phase starts from its masks. ``read_only``: to read a run's
+  checkpoints; nothing is created (``FileNotFoundError`` when the directory is missing).
   """
   directory = checkpoint_dir(config)
   if not directory:
     return None
   c = config.checkpoint
   preserve = (config.train.steps,) if config.rethink.enabled else ()
-  return checkpoint_lib.Checkpointer(directory, every=c.every, keep=c.keep, preserve=preserve)
+  return checkpoint_lib.Checkpointer(
+    directory, every=c.every, keep=c.keep, preserve=preserve, read_only=read_only
+  )
 
 
-def require_checkpoints(config: Config, purpose: str) -> None:
-  """Raises :class:`~jaxprune.train.config.ConfigError` when ``config`` names no run dir."""
-  if not checkpoint_dir(config):
+def checkpoint_steps(config: Config) -> list[int]:
+  """The steps of the run's checkpoints on disk (``[]`` when there are none); creates nothing."""
+  directory = checkpoint_dir(config)
+  if not directory or not pathlib.Path(directory).is_dir():
+    return []
+  ckpt = checkpointer(config, read_only=True)
+  if ckpt is None:  # checkpoint_dir named one
+    return []
+  with ckpt:
+    return ckpt.steps()
+
+
+def require_checkpoints(config: Config, purpose: str, step: int | None = None) -> list[int]:
+  """The steps of the run's checkpoints; raises unless there is one (of ``step``).
+
+  Reads the directory only (creates nothing, loads no data), so a command that needs a
+  checkpoint fails at once.
+
+  Raises:
+    ConfigError: when ``config`` names no checkpoint directory.
+    FileNotFoundError: when the directory is missing or holds no checkpoint, or none
+      of ``step`` (the message lists the steps there).
+  """
+  directory = checkpoint_dir(config)
+  if not directory:
     raise config_lib.ConfigError(
       f"checkpoint.dir: no checkpoints to {purpose}; set checkpoint.dir or train.workdir "
       "to the directory of a run."
     )
+  path = pathlib.Path(directory).absolute()
+  if not path.is_dir():
+    raise FileNotFoundError(f"No checkpoint in {path}: there is no such directory.")
+  steps = checkpoint_steps(config)
+  if not steps:
+    raise FileNotFoundError(f"No checkpoint in {path}: has the run started?")
+  if step is not None and step not in steps:
+    raise FileNotFoundError(
+      f"No checkpoint of step {step} in {path}; its checkpoints are of "
+      f"steps {', '.join(map(str, steps))}."
+    )
+  return steps
 
 
 def restore(
@@ -131,29 +168,21 @@ def restore(
 
   The state is restored onto the template :func:`initial` builds (the optimizer of
   ``config``; ``mesh`` default: ``parallel.devices``), so it comes back with the
-  shardings a run would give it.
+  shardings a run would give it. Nothing is written to the checkpoint directory.
 
   Raises:
     ConfigError: when the config names no checkpoint directory.
     FileNotFoundError: when the directory holds no checkpoint, or none of ``step``
       (the message lists the steps there).
+    RunFileError: when the checkpoint cannot be read (damaged or cut short); the
+      message names its directory and step.
   """
-  require_checkpoints(config, purpose)
+  require_checkpoints(config, purpose, step)
   mesh = sharding_lib.make_mesh(config.parallel.devices) if mesh is None else mesh
-  ckpt = checkpointer(config)
+  ckpt = checkpointer(config, read_only=True)
   if ckpt is None:  # require_checkpoints found a checkpoint dir
     raise RuntimeError(f"no checkpointer for the checkpoint dir of the run to {purpose}.")
-  try:
-    steps = ckpt.steps()
-    if not steps:
-      raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: has the run started?")
-    if step is not None and step not in steps:
-      raise FileNotFoundError(
-        f"No checkpoint of step {step} in {ckpt.directory}; its checkpoints are of "
-        f"steps {', '.join(map(str, steps))}."
-      )
+  with ckpt:
     start = initial(config, optim.make_pruner(config), image_shape, num_classes, mesh)
     state, meta = ckpt.restore(start.state, step)
-  finally:
-    ckpt.close()
   return Restored(start.graphdef, state, meta, ckpt.directory)

@@ -36,7 +36,7 @@ from jaxprune.analysis.sweep import (
   sensitivity,
 )
 from jaxprune.train import config as config_lib
-from jaxprune.train import data, structured
+from jaxprune.train import data, errors, structured
 from jaxprune.train import state as state_lib
 from jaxprune.train import step as step_lib
 from jaxprune.train.config_type import Config
@@ -84,13 +84,7 @@ def _trained_state(
   config: Config, ds: data.Dataset, step: int | None
 ) -> tuple[TrainState, Any, str]:
   """The run's checkpoint, or a model trained here for ``prune.begin`` steps."""
-  ckpt, latest = state_lib.checkpointer(config), None
-  if ckpt is not None:
-    try:
-      latest = ckpt.latest()
-    finally:
-      ckpt.close()
-  if latest is not None:
+  if state_lib.checkpoint_steps(config):
     restored = state_lib.restore(config, ds.image_shape, ds.num_classes, step=step, purpose="sweep")
     meta = restored.meta
     return (
@@ -98,8 +92,6 @@ def _trained_state(
       restored.graphdef,
       f"checkpoint {restored.directory}, {meta['phase']} step {meta['step']}",
     )
-  if step is not None:
-    raise FileNotFoundError(f"--step {step}: the config names no run with checkpoints.")
   config = copy.deepcopy(config)
   steps = max(1, config.prune.begin)
   config.prune.method = "none"
@@ -141,6 +133,9 @@ def run_sweep(
       "--config.prune.method=magnitude."
     )
   config_lib.validate_config(config)
+  errors.check_out_dir(out, "out")
+  if step is not None:
+    state_lib.require_checkpoints(config, "sweep", step)
   ds = dataset or data.from_config(config.data)
   state, graphdef, source = _trained_state(config, ds, step)
   validation = structured.validation_split(config, ds.train)
