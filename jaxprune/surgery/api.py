@@ -53,10 +53,10 @@ def plan(
   if example_input is None:
     raise ValueError("plan() needs an example_input (an array or jax.ShapeDtypeStruct).")
   fn, variables = capture.forward(model, variables, dict(apply_kwargs or {}))
-  return _trace(fn, variables, capture.as_inputs(example_input), "plan")
+  return _trace(fn, variables, capture.as_inputs(example_input), "plan", model)
 
 
-def _trace(fn: Callable, variables: Any, inputs: tuple, caller: str) -> Plan:
+def _trace(fn: Callable, variables: Any, inputs: tuple, caller: str, model: Any) -> Plan:
   """:func:`trace`, with an error about ``example_input`` when the model does not run."""
   for x in inputs:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
@@ -65,9 +65,12 @@ def _trace(fn: Callable, variables: Any, inputs: tuple, caller: str) -> Plan:
         f"for several inputs), got {type(x).__name__}."
       )
   try:
-    return trace(fn, variables, *inputs)
+    the_plan = trace(fn, variables, *inputs)
   except (TypeError, ValueError) as e:
     raise check_lib.example_input_error(caller, inputs, e) from e
+  if isinstance(model, nnx.Module):
+    the_plan = rebuild.tie_head_dims(model, the_plan)
+  return the_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +219,7 @@ def shrink(
   inputs = capture.as_inputs(example_input)
   kwargs = dict(apply_kwargs or {})
   fn, state = capture.forward(model, variables, kwargs)
-  the_plan = _trace(fn, state, inputs, "shrink")
+  the_plan = _trace(fn, state, inputs, "shrink", model)
   remove = dict(remove or {})
   candidates_lib.check_remove(the_plan, remove)
   # The user's masked model: its variables are the reference of the check, run through
@@ -311,6 +314,8 @@ def _build(model, kwargs, the_plan, leaves, treedef, bias_delta, removed) -> tup
     small = nnx.merge(nnx.graphdef(model), new_state)
     widths = rebuild.fix_head_counts(small, the_plan, removed)
     for path, new in rebuild.fix_nnx_attributes(small).items():
+      widths.setdefault(path, {}).update(new)
+    for path, new in rebuild.fix_shape_attributes(small, the_plan).items():
       widths.setdefault(path, {}).update(new)
     small_fn, small_vars = capture.forward(small, None, kwargs)
   else:

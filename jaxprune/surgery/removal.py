@@ -171,7 +171,10 @@ def plan_removal(
           if not chans:
             continue
           axes = (lhs_axis, rhs_axis, consumer.out_axis)
-          reason = _fold(group, chans, rhs_path, axes, runs, values, bias_delta, folded)
+          contracted = tuple(a for a, _ in consumer.pairs)
+          reason = _fold(
+            group, chans, rhs_path, axes, contracted, runs, values, bias_delta, folded
+          )
           if reason is None:
             continue
           silent = []
@@ -190,8 +193,14 @@ def plan_removal(
   return Removal(removed, bias_delta, kept_constant, why_kept)
 
 
-def _fold(group, chans, rhs_path, axes, runs, values, bias_delta, folded) -> str | None:
+def _fold(
+  group, chans, rhs_path, axes, contracted, runs, values, bias_delta, folded
+) -> str | None:
   """Adds ``group``'s constant contribution through one consumer to its bias delta.
+
+  The channels' input must be the same at every position: over the axes the consumer
+  does not contract (``contracted``: all its contracted input axes; a head dim read
+  with the heads by an output projection may differ from head to head).
 
   Returns ``None`` when it was folded (or is zero), else why it cannot be.
   """
@@ -213,8 +222,10 @@ def _fold(group, chans, rhs_path, axes, runs, values, bias_delta, folded) -> str
     if not delta.any():  # the consumer reads nothing of them (its rows are zero)
       deltas.append(None)
       continue
-    part = np.moveaxis(np.take(lhs, index, axis=lhs_axis), lhs_axis, -1)
-    constant_inputs &= _constant_rows(part.reshape(-1, part.shape[-1]))
+    part = np.take(lhs, index, axis=lhs_axis)
+    part = np.moveaxis(part, contracted, tuple(range(-len(contracted), 0)))
+    width = int(np.prod(part.shape[part.ndim - len(contracted) :]))
+    constant_inputs &= _constant_rows(part.reshape(-1, width))
     if out_axis < 0:
       deltas.append(np.zeros((1, 1)))
       continue
