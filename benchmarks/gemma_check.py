@@ -20,8 +20,6 @@ an error included: the point is to see where surgery stands on real code.
 
 from __future__ import annotations
 
-import traceback
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,34 +72,42 @@ def main() -> None:
     )
     try:
       p = surgery.plan(net, variables, example_input=example)
-    except Exception:
-      traceback.print_exc()
+    except Exception as e:
+      print(f"  plan fails: {type(e).__name__}: {e}")
       continue
     for g in p.groups:
       print(f"  {g.name}: {g.kind}, {g.size}, {g.blocked or 'prunable'}")
+    for spec in ({"neurons": 0.25}, {"heads": 0.5, "neurons": 0.25}):
+      print(f"-- {spec}")
+      check(net, variables, p, spec, example, rng)
+
+
+def check(net, variables, p, spec, example, rng) -> None:
+  """Shrinks by ``spec`` and prints the report and the error at other sizes."""
+  try:
+    masks = surgery.channel_masks(p, variables["params"], spec)
+    small = surgery.shrink(net, variables, masks, example_input=example)
+  except Exception as e:
+    print(f"  shrink fails: {type(e).__name__}: {str(e)[:400]}")
+    return
+  print(small.report())
+  print("widths:", small.widths)
+  masked = jax.tree.map(
+    lambda m, x: x if m is None else jnp.where(m, x, 0),
+    masks,
+    variables["params"],
+    is_leaf=lambda m: m is None,
+  )
+  for b, t in ((1, 4), (2, 3), (2, 7)):
+    tokens = jnp.asarray(rng.integers(0, 11, size=(b, t)), jnp.int32)
+    ref = net.apply({"params": masked}, tokens)
     try:
-      masks = surgery.channel_masks(p, variables["params"], {"heads": 0.5, "neurons": 0.25})
-      small = surgery.shrink(net, variables, masks, example_input=example)
-    except Exception:
-      traceback.print_exc()
-      continue
-    print(small.report())
-    print("widths:", small.widths)
-    masked = jax.tree.map(
-      lambda m, x: x if m is None else jnp.where(m, x, 0),
-      masks,
-      variables["params"],
-      is_leaf=lambda m: m is None,
-    )
-    for b, t in ((1, 4), (2, 3), (2, 7)):
-      tokens = jnp.asarray(rng.integers(0, 11, size=(b, t)), jnp.int32)
-      ref = net.apply({"params": masked}, tokens)
-      try:
-        out = small.model.apply(small.variables, tokens)
-        err = float(jnp.abs(ref - out).max())
-        print(f"  batch {b}, length {t}: max |shrunk - masked| = {err:.3g}")
-      except Exception as e:
-        print(f"  batch {b}, length {t}: shrunk model fails: {type(e).__name__}: {e}")
+      out = small.model.apply(small.variables, tokens)
+      print(
+        f"  batch {b}, length {t}: max |shrunk - masked| = {float(jnp.abs(ref - out).max()):.3g}"
+      )
+    except Exception as e:
+      print(f"  batch {b}, length {t}: shrunk model fails: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

@@ -96,11 +96,23 @@ class GemmaRMSNorm(nnx.Module):
     return x * jax.lax.rsqrt(var + 1e-6) * (1 + self.scale[...])
 
 
+def apply_rope(x, positions, base=10_000):
+  """Rotary embeddings the way Gemma writes them: frequencies from ``arange(head_dim)``,
+  the two halves of the head dims mixed."""
+  head_dim = x.shape[-1]
+  timescale = base ** (2 * jnp.arange(0, head_dim // 2) / head_dim)
+  angles = positions[..., None, None] / timescale
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  first, second = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+
 class GemmaAttention(nnx.Module):
   """Head counts read back from the einsums' shapes, as Flax's NNX Gemma does; the
   logits scaled by a fixed ``query_pre_attn_scalar``, as Gemma does."""
 
-  def __init__(self, num_heads, num_kv_heads, head_dim, rngs):
+  def __init__(self, num_heads, num_kv_heads, head_dim, rngs, rope=False):
+    self.rope = rope
     self.query_pre_attn_scalar = head_dim**-0.5
     self.attn_vec_einsum = Einsum("BTNH,NHD->BTD", (num_heads, head_dim, D), rngs)
     if num_heads == num_kv_heads:
@@ -131,8 +143,11 @@ class GemmaAttention(nnx.Module):
     else:
       query = self.q_einsum(x)
       key, value = self.kv_einsum(x)
-    query = query * self.query_pre_attn_scalar
     b, t, kg, h = query.shape
+    if self.rope:
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+      query, key = apply_rope(query, positions), apply_rope(key, positions)
+    query = query * self.query_pre_attn_scalar
     mask = causal(t)[None, :, None, :]
     if self.num_kv_heads != self.num_heads:
       query = query.reshape((b, t, self.num_kv_heads, kg // self.num_kv_heads, h))
@@ -162,10 +177,10 @@ class GemmaFeedForward(nnx.Module):
 
 
 class Gemma(nnx.Module):
-  def __init__(self, rngs, num_heads=4, num_kv_heads=4, head_dim=4, hidden_dim=8):
+  def __init__(self, rngs, num_heads=4, num_kv_heads=4, head_dim=4, hidden_dim=8, rope=False):
     self.input_embedding = nnx.Param(jax.random.normal(rngs.params(), (VOCAB, D)))
     self.pre_attention_norm = GemmaRMSNorm(D, rngs)
-    self.attn = GemmaAttention(num_heads, num_kv_heads, head_dim, rngs)
+    self.attn = GemmaAttention(num_heads, num_kv_heads, head_dim, rngs, rope=rope)
     self.pre_ffw_norm = GemmaRMSNorm(D, rngs)
     self.mlp = GemmaFeedForward(hidden_dim, rngs)
     self.final_norm = GemmaRMSNorm(D, rngs)
@@ -230,6 +245,17 @@ def test_gemma_grouped_query_heads_or_head_dims_update_the_einsum_shapes(remove)
   assert attn.kv_einsum.shape == attn.kv_einsum.w.shape
   assert small.widths["attn/attn_vec_einsum"]["shape"] == attn.attn_vec_einsum.w.shape
   assert_equivalent(model, masks, small)
+
+
+def test_gemma_rotary_frequencies_from_arange_block_head_dims_at_plan_time():
+  model = build(lambda rngs: Gemma(rngs, num_kv_heads=2, rope=True))
+  p = surgery.plan(model, example_input=TOKENS)
+  dims = p.group("attn/head_dim")
+  assert dims.blocked.startswith("`iota`") and "test_surgery_thirdparty.py:" in dims.blocked
+  assert "rotary frequencies" in dims.blocked
+  assert p.group("attn/kv_heads").blocked is None  # heads are not touched by rotary
+  with pytest.raises(ValueError, match="iota"):
+    surgery.shrink(model, remove={"attn/head_dim": [0]}, example_input=TOKENS, head_dim=True)
 
 
 # MaxText (AI-Hypercomputer/maxtext, layers/linears.py and attentions.py).

@@ -247,6 +247,23 @@ def _elementwise(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
   return [labels for _ in out_shapes]
 
 
+@_rule("iota")
+def _iota(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
+  """Values computed from the index along an axis (``arange``): where that axis meets a
+  channel axis (rotary frequencies ``base ** (2 * arange(head_dim // 2) / head_dim)``),
+  slicing the channels would change the values, so they are blocked."""
+  shape, d = out_shapes[0], eqn.params["dimension"]
+  labels: list[Label] = [None] * len(shape)
+  if shape[d] > 1:
+    labels[d] = t.atoms.new(-1, -1, shape[d])
+    t.atoms.block(
+      labels[d],
+      where(eqn) + " (values computed from the index along the channels, e.g. rotary "
+      "frequencies from arange(head_dim): slicing the channels would change them)",
+    )
+  return [labels]
+
+
 @_rule("broadcast_in_dim")
 def _broadcast(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
   labels: list[Label] = [None] * len(out_shapes[0])
