@@ -172,9 +172,7 @@ def plan_removal(
             continue
           axes = (lhs_axis, rhs_axis, consumer.out_axis)
           contracted = tuple(a for a, _ in consumer.pairs)
-          reason = _fold(
-            group, chans, rhs_path, axes, contracted, runs, values, bias_delta, folded
-          )
+          reason = _fold(group, chans, rhs_path, axes, contracted, runs, values, bias_delta, folded)
           if reason is None:
             continue
           silent = []
@@ -193,9 +191,7 @@ def plan_removal(
   return Removal(removed, bias_delta, kept_constant, why_kept)
 
 
-def _fold(
-  group, chans, rhs_path, axes, contracted, runs, values, bias_delta, folded
-) -> str | None:
+def _fold(group, chans, rhs_path, axes, contracted, runs, values, bias_delta, folded) -> str | None:
   """Adds ``group``'s constant contribution through one consumer to its bias delta.
 
   The channels' input must be the same at every position: over the axes the consumer
