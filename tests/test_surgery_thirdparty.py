@@ -58,11 +58,16 @@ def tokens(b, t, seed):
   return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, size=(b, t)), jnp.int32)
 
 
+@nnx.jit
+def run(model, *xs):
+  return model(*xs)
+
+
 def assert_equivalent(model, masks, small, inputs=lambda b, t: (tokens(b, t, t),)):
   ref_model = masked(model, masks)
   for b, t in SIZES:
     xs = inputs(b, t)
-    ref, out = ref_model(*xs), small.model(*xs)
+    ref, out = run(ref_model, *xs), run(small.model, *xs)
     assert out.shape == ref.shape
     scale = max(1.0, float(jnp.abs(ref).max()))
     err = float(jnp.abs(ref - out).max())

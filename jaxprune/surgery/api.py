@@ -331,6 +331,7 @@ class _Mismatch(ValueError):
 def _check(fn, reference, small_fn, small_vars, checks, rtol) -> float:
   """The largest difference between the masked and shrunk models over ``checks``."""
   err = 0.0
+  small_fn, fn = jax.jit(small_fn), jax.jit(fn)  # a program per shape, not per op
   for xs in checks:
     shape = ", ".join(str(tuple(x.shape)) for x in xs)
     try:

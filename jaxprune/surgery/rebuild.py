@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from jaxprune.surgery.planning import tie
+
 
 def _shape(var: Any) -> tuple[int, ...]:
   return tuple(var.get_value().shape)
@@ -87,8 +89,6 @@ def tie_head_dims(model: nnx.Module, plan: Any) -> Any:
   """``plan`` with the q.k and value head dims of every ``nnx.MultiHeadAttention`` tied
   (``MODULE/v_head_dim`` merged into ``MODULE/head_dim``): its query, key and value
   projections share one ``head_dim``, so a dim goes from all three or from none."""
-  from jaxprune.surgery.planning import tie
-
   names = {g.name for g in plan.groups}
   for path, mod in nnx.iter_modules(model):
     if not isinstance(mod, nnx.MultiHeadAttention):

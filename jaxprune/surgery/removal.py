@@ -107,6 +107,10 @@ class Removal:
   why_kept: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
+def _linear(site: capture.Site, eqn: Any) -> bool:
+  return eqn.primitive.name in capture.LINEAR
+
+
 def _captures(plan: Plan, leaves: list[Any], batches: list[list[Any]]) -> list[list[_Call]]:
   """Per input batch, every dot/conv of the model with its inputs and output."""
   out = []
@@ -117,10 +121,18 @@ def _captures(plan: Plan, leaves: list[Any], batches: list[list[Any]]) -> list[l
       for c in capture.param_consumers(traced)
       if c.operand == 1 and c.same_axes
     }
-    _, records = capture.evaluate(
-      traced, leaves, inputs, lambda site, eqn: eqn.primitive.name in capture.LINEAR
+    ran: list[tuple[capture.Site, Any]] = []
+
+    def run(leaves, inputs, traced=traced, ran=ran):
+      _, records = capture.evaluate(traced, leaves, inputs, _linear)
+      ran[:] = [(r.site, r.eqn) for r in records]
+      return [(r.ins, r.outs[0]) for r in records]
+
+    # one compiled program per batch (run eagerly, each equation compiles on its own)
+    values = jax.jit(run)(list(leaves), list(inputs))
+    out.append(
+      [_Call(eqn, list(ins), y, rhs.get(site)) for (site, eqn), (ins, y) in zip(ran, values)]
     )
-    out.append([_Call(r.eqn, r.ins, r.outs[0], rhs.get(r.site)) for r in records])
   return out
 
 
