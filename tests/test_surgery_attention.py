@@ -97,7 +97,7 @@ def test_plan_shows_heads_as_heads_with_unique_names():
   kinds = {g.name: (g.kind, g.size, g.blocked) for g in p.groups}
   assert kinds["attn/heads"] == ("heads", 4, None)
   assert kinds["attn/head_dim"] == ("head_dim", 8, None)
-  assert kinds["attn/v_head_dim"] == ("head_dim", 8, None)
+  assert "attn/v_head_dim" not in kinds  # one head_dim for q, k and v: tied
   assert kinds["up/kernel"] == ("neurons", 24, None)
   heads = p.group("attn/heads")
   assert set(heads.producers) == {

@@ -72,6 +72,8 @@ def _trace(model: Any, fn: Callable, variables: Any, inputs: tuple, caller: str)
     raise check_lib.example_input_error(caller, inputs, e) from e
   if isinstance(model, nn.Module):
     the_plan = linen.rebuild_blocks(fn, the_plan)
+  if isinstance(model, nnx.Module):
+    the_plan = rebuild.tie_head_dims(model, the_plan)
   return the_plan
 
 
@@ -322,6 +324,8 @@ def _build(model, kwargs, the_plan, leaves, treedef, bias_delta, removed) -> tup
     small = nnx.merge(nnx.graphdef(model), new_state)
     widths = rebuild.fix_head_counts(small, the_plan, removed)
     for path, new in rebuild.fix_nnx_attributes(small).items():
+      widths.setdefault(path, {}).update(new)
+    for path, new in rebuild.fix_shape_attributes(small, the_plan).items():
       widths.setdefault(path, {}).update(new)
     small_fn, small_vars = capture.forward(small, None, kwargs)
   else:

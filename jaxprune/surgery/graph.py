@@ -68,12 +68,15 @@ class Atoms:
   # merges from them): (head h, dim d) of a q projection's h * head_dim + d. Its parts
   # are the atoms of those axes, outermost first.
   parts: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
-  # feature axes of one layer output split in several (heads, head_dim): the innermost
-  # (a head dim) and the others (heads)
-  inner: set[int] = dataclasses.field(default_factory=set)
-  outer: set[int] = dataclasses.field(default_factory=set)
-  # atoms on an axis of a dot between two activations (attention): "qk" when contracted
-  attention: dict[int, str] = dataclasses.field(default_factory=dict)
+  # What atoms are to attention (a dot between two activations whose output goes
+  # through a softmax, and the dot of its weights with the values): "qk" (contracted
+  # by q.k: a head dim), "v" (a value's head dim), "heads" (an axis both sides of q.k
+  # keep: a head), "query" (an axis only the query keeps: one query head of every KV
+  # group), "shared" (one atom at several entries of a head axis: a KV head repeated
+  # for its query heads).
+  roles: dict[int, set[str]] = dataclasses.field(default_factory=dict)
+  # the fresh atoms of each reshape that splits an axis in several, per new axis
+  splits: list[list[np.ndarray]] = dataclasses.field(default_factory=list)
 
   def new(self, leaf: int, axis: int, size: int) -> np.ndarray:
     start = len(self.parent)
@@ -98,14 +101,11 @@ class Atoms:
         if rx != ry:
           self.parent[ry] = rx
 
-  def factors(self, sizes: list[int], last: bool) -> list[np.ndarray]:
+  def factors(self, sizes: list[int]) -> list[np.ndarray]:
     """Fresh atoms for the axes a reshape splits an axis into (no array entry of their
-    own); when it splits the last (feature) axis, the new last axis is the innermost."""
+    own)."""
     out = [self.new(-1, -1, n) for n in sizes]
-    for f in out[:-1] if last else out:
-      self.outer.update(f.tolist())
-    if last:
-      self.inner.update(out[-1].tolist())
+    self.splits.append(out)
     return out
 
   def block(self, label: Label, reason: str) -> None:
@@ -132,12 +132,30 @@ def _shape(v: Any) -> Shape:
   return tuple(getattr(v.aval, "shape", ()))
 
 
+class Value(list):
+  """The labels of one value (one per axis) and what it is to attention: ``logits``, the
+  q.k dots (by number) whose output it is, through any op but another dot; ``weights``,
+  those whose softmax it is (their logits went through an ``exp``)."""
+
+  logits: frozenset[int] = frozenset()
+  weights: frozenset[int] = frozenset()
+
+
 class Tracer:
-  """Walks a jaxpr, propagating atom labels and recording unions and blocks."""
+  """Walks a jaxpr, propagating atom labels and recording unions and blocks.
+
+  Attention is read from the dataflow: a dot between two activations that contracts a
+  channel axis of both is a candidate q.k; what it makes of the axes (head dims, heads)
+  is recorded only when its output reaches an ``exp`` (a softmax), and the dot of those
+  softmax weights with another activation marks that one's free axes as value head
+  dims. Any other reshape into two axes, or dot of two activations, makes no heads.
+  """
 
   def __init__(self, atoms: Atoms, paths: tuple[str, ...] = ()):
     self.atoms = atoms
     self.paths = paths
+    self.candidates: list[list[tuple[Label, str]]] = []  # per q.k dot: its roles
+    self.softmaxed: set[int] = set()  # q.k dots whose output went through an exp
 
   def param(self, label: Label) -> str:
     """The path of the array whose atoms ``label`` holds (``""`` if none)."""
@@ -155,10 +173,27 @@ class Tracer:
     out_shapes = [_shape(v) for v in eqn.outvars]
     rule = RULES.get(eqn.primitive.name)
     if rule is not None:
-      return rule(self, eqn, ins, [_shape(v) for v in eqn.invars], out_shapes)
-    if not any(lab is not None for labels in ins for lab in labels):
-      return [[None] * len(s) for s in out_shapes]
-    return self.block_all(eqn, ins)
+      outs = rule(self, eqn, ins, [_shape(v) for v in eqn.invars], out_shapes)
+    elif not any(lab is not None for labels in ins for lab in labels):
+      outs = [[None] * len(s) for s in out_shapes]
+    else:
+      outs = self.block_all(eqn, ins)
+    if eqn.primitive.name in capture.LINEAR:  # the dot rule says what its output is
+      return [o if isinstance(o, Value) else Value(o) for o in outs]
+    logits = frozenset().union(*(getattr(v, "logits", frozenset()) for v in ins))
+    weights = frozenset().union(*(getattr(v, "weights", frozenset()) for v in ins))
+    if eqn.primitive.name == "exp" and logits:
+      for k in logits - self.softmaxed:
+        for label, role in self.candidates[k]:
+          self.mark(label, role)
+      self.softmaxed |= logits
+      logits, weights = frozenset(), weights | logits
+    wrapped = []
+    for labels in outs:
+      value = Value(labels)
+      value.logits, value.weights = logits, weights
+      wrapped.append(value)
+    return wrapped
 
   def block_all(self, eqn: Any, ins: Labels) -> Labels:
     reason = where(eqn)
@@ -171,11 +206,20 @@ class Tracer:
     if lab is not None:
       self.atoms.producer.update(int(x) for x in lab.tolist() if x >= 0)
 
-  def mark_attention(self, lab: Label, role: str) -> None:
-    if lab is not None:
-      for x in lab.tolist():
-        if x >= 0 and self.atoms.attention.get(x) != "qk":
-          self.atoms.attention[x] = role
+  def mark(self, lab: Label, role: str) -> None:
+    """Records ``role`` for the atoms of ``lab`` (and ``"shared"`` for an atom that a
+    head axis holds at several entries: a KV head repeated for its query heads)."""
+    if lab is None:
+      return
+    ids = [x for x in lab.tolist() if x >= 0]
+    for x in ids:
+      self.atoms.roles.setdefault(x, set()).add(role)
+    if role == "heads":
+      seen: set[int] = set()
+      for x in ids:
+        if x in seen:
+          self.atoms.roles[x].add("shared")
+        seen.add(x)
 
 
 # A rule maps (tracer, eqn, input labels, input shapes, output shapes) to output labels.
@@ -201,6 +245,23 @@ def _elementwise(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
     cands = [lab[a] for lab, s in zip(ins, in_shapes) if len(s) == len(out) and s[a] == size]
     labels.append(_merge(t.atoms, cands))
   return [labels for _ in out_shapes]
+
+
+@_rule("iota")
+def _iota(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
+  """Values computed from the index along an axis (``arange``): where that axis meets a
+  channel axis (rotary frequencies ``base ** (2 * arange(head_dim // 2) / head_dim)``),
+  slicing the channels would change the values, so they are blocked."""
+  shape, d = out_shapes[0], eqn.params["dimension"]
+  labels: list[Label] = [None] * len(shape)
+  if shape[d] > 1:
+    labels[d] = t.atoms.new(-1, -1, shape[d])
+    t.atoms.block(
+      labels[d],
+      where(eqn) + " (values computed from the index along the channels, e.g. rotary "
+      "frequencies from arange(head_dim): slicing the channels would change them)",
+    )
+  return [labels]
 
 
 @_rule("broadcast_in_dim")
@@ -240,19 +301,23 @@ def _dot_general(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
     t.mark_producer(rhs[b])
   for a in lfree:
     t.mark_producer(lhs[a])
-  if len(rfree) >= 2 and not _is_activation(rhs):  # a kernel with (heads, head_dim) outputs
-    for b in rfree:
-      if rhs[b] is not None:
-        roles = t.atoms.inner if b == rfree[-1] else t.atoms.outer
-        roles.update(int(x) for x in rhs[b].tolist() if x >= 0)
-  if _is_activation(lhs) and _is_activation(rhs):  # attention: q.k, weights.v
-    for labels, free in ((lhs, lfree), (rhs, rfree)):
-      for a in [*free, *(lb if labels is lhs else rb)]:
-        t.mark_attention(labels[a], "attention")
-    for a, b in zip(lc, rc):
-      t.mark_attention(lhs[a], "qk")
-      t.mark_attention(rhs[b], "qk")
-  return [[lhs[a] for a in lb] + [lhs[a] for a in lfree] + [rhs[b] for b in rfree]]
+  out = Value([lhs[a] for a in lb] + [lhs[a] for a in lfree] + [rhs[b] for b in rfree])
+  if _is_activation(lhs) and _is_activation(rhs):
+    weights = [getattr(x, "weights", frozenset()) & t.softmaxed for x in (lhs, rhs)]
+    sides = ((lhs, lfree, lb, weights[0]), (rhs, rfree, rb, weights[1]))
+    if any(weights):  # softmax weights . values: the values' free axes are head dims
+      for labels, free, batch, w in sides:
+        for a in batch:
+          t.mark(labels[a], "heads")
+        for a in free:
+          t.mark(labels[a], "query" if w else "v")
+    else:  # q.k, if its output goes through a softmax
+      roles = [(lhs[a], "qk") for a in lc] + [(rhs[b], "qk") for b in rc]
+      for labels, free, batch, _ in sides:
+        roles += [(labels[a], "heads") for a in batch] + [(labels[a], "query") for a in free]
+      out.logits = frozenset({len(t.candidates)})
+      t.candidates.append(roles)
+  return [out]
 
 
 @_rule("conv_general_dilated")

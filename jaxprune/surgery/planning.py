@@ -35,7 +35,15 @@ class Group:
       with its query heads, or one query head of every KV group) or ``"head_dim"``
       (one dimension of every head: removed only when asked).
     axis: the first producer's axis.
-    contracted: its channels are contracted by a dot between activations (q.k).
+    contracted: its channels are contracted by q.k (a dot between two activations
+      whose output goes through a softmax).
+    roles: what its channels are to attention, read from the dataflow: ``"qk"``
+      (contracted by q.k), ``"v"`` (a free axis of the values that the softmax weights
+      are applied to), ``"heads"`` (an axis both sides of q.k keep), ``"query"`` (an
+      axis only the query side keeps: grouped-query attention's query heads of each KV
+      group), ``"shared"`` (a head that several query heads read: repeated KV heads),
+      ``"dim"`` (the other axis of a split whose heads attention reads).
+    tied: the groups merged into this one (:func:`tie`), and why.
   """
 
   name: str
@@ -46,6 +54,8 @@ class Group:
   kind: str = "neurons"
   axis: int = -1
   contracted: bool = False
+  roles: frozenset[str] = frozenset()
+  tied: tuple[str, ...] = ()
 
   @property
   def size(self) -> int:
@@ -71,7 +81,8 @@ class Plan:
         status = "removed only when asked: shrink(..., head_dim=True)"
       else:
         status = "prunable"
-      lines.append(f"group {i}: {g.name} ({g.size} {UNITS[g.kind]}, {status})")
+      tied = "".join(f", tied with {t}" for t in g.tied)
+      lines.append(f"group {i}: {g.name} ({g.size} {UNITS[g.kind]}, {status}{tied})")
       for path, axis in g.members:
         n = len(g.channels[0][(path, axis)]) if g.channels else 0
         per = f", {n} per channel" if n > 1 else ""
@@ -84,6 +95,27 @@ class Plan:
       if g.name == name:
         return g
     raise KeyError(f"No group {name!r}; groups: {[g.name for g in self.groups]}")
+
+
+def tie(plan: Plan, name: str, other: str, why: str) -> Plan:
+  """``plan`` with group ``other`` merged into ``name``, channel by channel: channel j
+  of the result slices what channel j of both did (a module that has one size for
+  both, e.g. one ``head_dim`` for q.k and for v). ``why`` says so in ``print(plan)``."""
+  a, b = plan.group(name), plan.group(other)
+  if a.size != b.size:
+    raise ValueError(f"Cannot tie {name!r} ({a.size}) and {other!r} ({b.size}): {why}")
+  merged = dataclasses.replace(
+    a,
+    members=a.members + b.members,
+    producers=tuple(sorted(set(a.producers + b.producers))),
+    channels=tuple({**ca, **cb} for ca, cb in zip(a.channels, b.channels)),
+    blocked=a.blocked or b.blocked,
+    contracted=a.contracted or b.contracted,
+    roles=a.roles | b.roles,
+    tied=(*a.tied, f"{other} ({why})"),
+  )
+  groups = tuple(merged if g.name == name else g for g in plan.groups if g.name != other)
+  return dataclasses.replace(plan, groups=groups)
 
 
 def trace(fn: Callable[..., Any], variables: Any, *example_inputs: Any) -> Plan:
@@ -147,17 +179,44 @@ def _resolve(atoms: Atoms) -> dict[int, tuple[int, ...]]:
   return {r: flat(r) for r in rep}
 
 
-def _kind(atoms: Atoms, members: list[int]) -> str:
-  """What a class of atoms is: ``heads``, ``head_dim``, ``channels`` (conv) or ``neurons``."""
-  if any(a in atoms.inner for a in members):
+def _kind(atoms: Atoms, members: list[int], roles: frozenset[str]) -> str:
+  """What a class of atoms is: ``heads``, ``head_dim``, ``channels`` (conv) or ``neurons``.
+
+  Heads and head dims are what attention makes of them (``roles``, from the dataflow:
+  q.k followed by a softmax), not any reshape into two axes: a gated MLP whose gate and
+  up projections are stacked on an axis of size 2 has neurons.
+  """
+  if roles & {"qk", "v", "dim"}:
     return "head_dim"
-  if any(a in atoms.outer for a in members):
+  if roles & {"heads", "query"}:
     return "heads"
   return "channels" if any(a in atoms.conv for a in members) else "neurons"
 
 
+def _head_dims_by_split(atoms: Atoms, composite: dict[int, tuple[int, ...]]) -> None:
+  """Gives role ``"dim"`` to the other axes of a split into (heads, head_dim) whose heads
+  attention reads: a head dim that rotary embeddings slice (so q.k contracts no labels of
+  it) is still a head dim."""
+  by_class: dict[int, set[str]] = collections.defaultdict(set)
+  for a, rs in atoms.roles.items():
+    by_class[atoms.find(a)] |= rs
+
+  def roles(x: int) -> set[str]:
+    r = atoms.find(x)
+    return set().union(*(by_class[leaf] for leaf in composite.get(r, (r,))))
+
+  for factors in atoms.splits:
+    found = [set().union(*(roles(int(x)) for x in f)) for f in factors]
+    if any(r & {"heads", "query"} for r in found):
+      for f, r in zip(factors, found):
+        if not r & {"heads", "query"}:
+          for x in f.tolist():
+            atoms.roles.setdefault(x, set()).add("dim")
+
+
 def _groups(atoms: Atoms, paths: tuple[str, ...]) -> tuple[Group, ...]:
   composite = _resolve(atoms)
+  _head_dims_by_split(atoms, composite)
   # every atom's leaf classes: itself, or the classes of the parts of its composite class
   classes: dict[int, list[int]] = collections.defaultdict(list)
   # where a class sits in the composites it is part of: heads and head dims of one
@@ -209,7 +268,9 @@ def _groups(atoms: Atoms, paths: tuple[str, ...]) -> tuple[Group, ...]:
         }
       )
     )
-    kind = _kind(atoms, [a for c in chans for a in c])
+    every = [a for c in chans for a in c]
+    roles = frozenset().union(*(atoms.roles.get(a, ()) for a in every))
+    kind = _kind(atoms, every, roles)
     groups.append(
       Group(
         name=paths[first_producer[0]],
@@ -219,7 +280,8 @@ def _groups(atoms: Atoms, paths: tuple[str, ...]) -> tuple[Group, ...]:
         blocked=blocked,
         kind=kind,
         axis=first_producer[1],
-        contracted=any(atoms.attention.get(a) == "qk" for c in chans for a in c),
+        contracted="qk" in roles,
+        roles=roles,
       )
     )
   return tuple(sorted(_names(groups), key=lambda g: tree_lib.natural_key(g.name)))
@@ -241,8 +303,10 @@ def _module(g: Group, shapes: dict[str, tuple[int, ...]] | None = None) -> str:
 
 def _names(groups: list[Group]) -> list[Group]:
   """Unique, stable names: a layer's path for its channels, ``MODULE/heads``,
-  ``MODULE/kv_heads`` + ``MODULE/query_heads`` (grouped-query attention),
-  ``MODULE/head_dim`` (q.k) and ``MODULE/v_head_dim`` for attention."""
+  ``MODULE/kv_heads`` + ``MODULE/query_heads`` (grouped-query attention; ``kv_heads``
+  alone when KV heads are repeated for their query heads), ``MODULE/head_dim`` (q.k)
+  and ``MODULE/v_head_dim`` for attention, all from the groups' roles (not from the
+  params' names)."""
   named = []
   by_module: dict[tuple[str, str], list[Group]] = collections.defaultdict(list)
   for g in groups:
@@ -252,16 +316,16 @@ def _names(groups: list[Group]) -> list[Group]:
       named.append(g)
   for (module, kind), gs in by_module.items():
     prefix = module + "/" if module else ""
+    grouped = any("query" in g.roles for g in gs)
     for g in gs:
       if kind == "head_dim":
-        read = any(m not in g.producers and m[0].endswith("kernel") for m in g.members)
-        suffix = "v_head_dim" if read and not g.contracted else "head_dim"
-      elif len(gs) > 1:
-        most = max(len(h.producers) for h in gs)
-        suffix = "kv_heads" if len(g.producers) == most else "query_heads"
+        suffix = "v_head_dim" if "v" in g.roles and "qk" not in g.roles else "head_dim"
+      elif "query" in g.roles:
+        suffix = "query_heads"
+      elif grouped or "shared" in g.roles:
+        suffix = "kv_heads"
       else:
-        per = {len(idx) for p, a in g.producers for idx in [g.channels[0][(p, a)]]}
-        suffix = "kv_heads" if len(per) > 1 else "heads"
+        suffix = "heads"
       named.append(dataclasses.replace(g, name=prefix + suffix))
   counts = collections.Counter(g.name for g in named)
   out = []

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from jaxprune.surgery.planning import tie
+
 
 def _shape(var: Any) -> tuple[int, ...]:
   return tuple(var.get_value().shape)
@@ -83,21 +85,38 @@ def rescale_queries(model: nnx.Module, plan: Any, leaves: list, removed: dict) -
   return out
 
 
+def tie_head_dims(model: nnx.Module, plan: Any) -> Any:
+  """``plan`` with the q.k and value head dims of every ``nnx.MultiHeadAttention`` tied
+  (``MODULE/v_head_dim`` merged into ``MODULE/head_dim``): its query, key and value
+  projections share one ``head_dim``, so a dim goes from all three or from none."""
+  names = {g.name for g in plan.groups}
+  for path, mod in nnx.iter_modules(model):
+    if not isinstance(mod, nnx.MultiHeadAttention):
+      continue
+    prefix = "/".join(str(k) for k in path)
+    prefix = prefix + "/" if prefix else ""
+    qk, v = prefix + "head_dim", prefix + "v_head_dim"
+    if qk in names and v in names:
+      plan = tie(plan, qk, v, "nnx.MultiHeadAttention has one head_dim for q, k and v")
+  return plan
+
+
 def _default_attention() -> Any:
   from flax.nnx.nn.attention import dot_product_attention
 
   return dot_product_attention
 
 
-HEAD_COUNTS = ("num_heads", "num_kv_heads", "head_dim", "v_head_dim")
+HEAD_COUNTS = ("num_heads", "num_query_heads", "num_kv_heads", "head_dim", "v_head_dim")
 
 
 def fix_head_counts(model: nnx.Module, plan: Any, removed: dict[str, list[int]]) -> dict:
   """Sets the head counts of hand-written attention modules after heads are removed.
 
   The module holding a head group's kernels (``MODULE`` of ``MODULE/heads``) gets its
-  int attributes ``num_heads``, ``num_kv_heads``, ``head_dim`` and ``v_head_dim`` (those
-  it has) scaled by the heads kept, so that code reshaping by them (``x.reshape(b, t,
+  int attributes ``num_heads`` (or MaxText's ``num_query_heads``), ``num_kv_heads``,
+  ``head_dim`` and ``v_head_dim`` (those it has, properties excepted) scaled by the
+  heads kept, so that code reshaping by them (``x.reshape(b, t,
   self.num_heads, self.head_dim)``) runs on the smaller model and the module can be
   rebuilt from the widths (an ``nnx.MultiHeadAttention`` is set from its kernels).
 
@@ -126,16 +145,72 @@ def fix_head_counts(model: nnx.Module, plan: Any, removed: dict[str, list[int]])
 
     scale = {
       "num_heads": ratio("heads", "kv_heads", "query_heads"),
+      "num_query_heads": ratio("heads", "kv_heads", "query_heads"),
       "num_kv_heads": ratio("heads", "kv_heads"),
       "head_dim": ratio("head_dim"),
       "v_head_dim": ratio("v_head_dim"),
     }
     new = {}
     for attr in HEAD_COUNTS:
+      if isinstance(getattr(type(mod), attr, None), property):
+        continue  # derived from other attributes (an einsum layer's shape): set there
       old = getattr(mod, attr, None)
       if isinstance(old, int) and not isinstance(old, bool) and scale[attr] != 1.0:
         new[attr] = int(round(old * scale[attr]))
         setattr(mod, attr, new[attr])
     if new:
       widths[module] = new
+  return widths
+
+
+_FLAX_LAYERS = (
+  nnx.Linear, nnx.LinearGeneral, nnx.MultiHeadAttention, nnx.Conv, nnx.BatchNorm, nnx.LayerNorm,
+  nnx.RMSNorm,
+)  # fmt: skip
+
+
+def _int_tuple(value: Any) -> bool:
+  return (
+    isinstance(value, tuple)
+    and bool(value)
+    and all(isinstance(n, int) and not isinstance(n, bool) for n in value)
+  )
+
+
+def fix_shape_attributes(model: nnx.Module, plan: Any) -> dict[str, dict[str, tuple[int, ...]]]:
+  """Sets the shape tuples a module keeps of its own sliced params; returns them.
+
+  A layer that builds its param from a shape it keeps reads that shape again: an einsum
+  layer's ``shape`` (Gemma's ``Einsum``, whose attention derives ``head_dim`` and the
+  head counts from it), MaxText's ``DenseGeneral.in_features_shape`` (checked against
+  every input) and ``out_features_shape``. A tuple attribute of a module that equals a
+  run of consecutive axes of one of its params' shapes as traced (``plan.shapes``) is
+  set to the same run of the sliced shape, when that run is the only one it matches.
+  (Flax's own layers are set by :func:`fix_nnx_attributes`.)
+  """
+  widths: dict[str, dict[str, tuple[int, ...]]] = {}
+  for path, mod in nnx.iter_modules(model):
+    if isinstance(mod, _FLAX_LAYERS):
+      continue
+    name = "/".join(str(k) for k in path)
+    prefix = name + "/" if name else ""
+    params = {
+      plan.shapes[prefix + k]: _shape(v)
+      for k, v in vars(mod).items()
+      if isinstance(v, nnx.Param) and prefix + k in plan.shapes
+    }
+    new: dict[str, tuple[int, ...]] = {}
+    for attr, value in vars(mod).items():
+      if not _int_tuple(value):
+        continue
+      n = len(value)
+      runs = {
+        now[i : i + n] for old, now in params.items() for i in range(len(old) - n + 1)
+        if old[i : i + n] == value
+      }  # fmt: skip
+      if len(runs) == 1 and (run := runs.pop()) != value:
+        new[attr] = run
+        setattr(mod, attr, run)
+    if new:
+      widths[name] = new
   return widths

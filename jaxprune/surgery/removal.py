@@ -107,6 +107,10 @@ class Removal:
   why_kept: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
+def _linear(site: capture.Site, eqn: Any) -> bool:
+  return eqn.primitive.name in capture.LINEAR
+
+
 def _captures(plan: Plan, leaves: list[Any], batches: list[list[Any]]) -> list[list[_Call]]:
   """Per input batch, every dot/conv of the model with its inputs and output."""
   out = []
@@ -117,10 +121,18 @@ def _captures(plan: Plan, leaves: list[Any], batches: list[list[Any]]) -> list[l
       for c in capture.param_consumers(traced)
       if c.operand == 1 and c.same_axes
     }
-    _, records = capture.evaluate(
-      traced, leaves, inputs, lambda site, eqn: eqn.primitive.name in capture.LINEAR
+    ran: list[tuple[capture.Site, Any]] = []
+
+    def run(leaves, inputs, traced=traced, ran=ran):
+      _, records = capture.evaluate(traced, leaves, inputs, _linear)
+      ran[:] = [(r.site, r.eqn) for r in records]
+      return [(r.ins, r.outs[0]) for r in records]
+
+    # one compiled program per batch (run eagerly, each equation compiles on its own)
+    values = jax.jit(run)(list(leaves), list(inputs))
+    out.append(
+      [_Call(eqn, list(ins), y, rhs.get(site)) for (site, eqn), (ins, y) in zip(ran, values)]
     )
-    out.append([_Call(r.eqn, r.ins, r.outs[0], rhs.get(r.site)) for r in records])
   return out
 
 
@@ -171,7 +183,8 @@ def plan_removal(
           if not chans:
             continue
           axes = (lhs_axis, rhs_axis, consumer.out_axis)
-          reason = _fold(group, chans, rhs_path, axes, runs, values, bias_delta, folded)
+          contracted = tuple(a for a, _ in consumer.pairs)
+          reason = _fold(group, chans, rhs_path, axes, contracted, runs, values, bias_delta, folded)
           if reason is None:
             continue
           silent = []
@@ -190,8 +203,12 @@ def plan_removal(
   return Removal(removed, bias_delta, kept_constant, why_kept)
 
 
-def _fold(group, chans, rhs_path, axes, runs, values, bias_delta, folded) -> str | None:
+def _fold(group, chans, rhs_path, axes, contracted, runs, values, bias_delta, folded) -> str | None:
   """Adds ``group``'s constant contribution through one consumer to its bias delta.
+
+  The channels' input must be the same at every position: over the axes the consumer
+  does not contract (``contracted``: all its contracted input axes; a head dim read
+  with the heads by an output projection may differ from head to head).
 
   Returns ``None`` when it was folded (or is zero), else why it cannot be.
   """
@@ -213,8 +230,10 @@ def _fold(group, chans, rhs_path, axes, runs, values, bias_delta, folded) -> str
     if not delta.any():  # the consumer reads nothing of them (its rows are zero)
       deltas.append(None)
       continue
-    part = np.moveaxis(np.take(lhs, index, axis=lhs_axis), lhs_axis, -1)
-    constant_inputs &= _constant_rows(part.reshape(-1, part.shape[-1]))
+    part = np.take(lhs, index, axis=lhs_axis)
+    part = np.moveaxis(part, contracted, tuple(range(-len(contracted), 0)))
+    width = int(np.prod(part.shape[part.ndim - len(contracted) :]))
+    constant_inputs &= _constant_rows(part.reshape(-1, width))
     if out_axis < 0:
       deltas.append(np.zeros((1, 1)))
       continue

@@ -152,8 +152,7 @@ def _split_or_merge(t: Tracer, lab_in, shape_in, shape_out, group_in, group_out)
         if not (grid[..., k] == f.reshape(view)).all():
           return None
     if factors is None:
-      last = all(n == 1 for n in shape_in[big_in[0] + 1 :])
-      factors = t.atoms.factors(sizes, last)
+      factors = t.atoms.factors(sizes)
       for i, x in enumerate(lab.tolist()):
         if x >= 0:
           idx = np.unravel_index(i, sizes)
