@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxprune import cli
+from jaxprune import cli, posttrain
 from jaxprune.train import config as config_lib
 from jaxprune.train import data, metrics, models, prune, run, text
 from jaxprune.train.transformer import Attention, CharLM
@@ -163,6 +163,23 @@ def test_magnitude_nm_masks_every_block_projection_and_nothing_else():
     groups = np.asarray(mask).reshape(-1, 4, mask.shape[-1]).sum(1)
     assert (groups == 2).all()  # 2 of every 4 consecutive inputs, per output
   assert np.asarray(params["head"]["kernel"][...]).all()
+
+
+def test_owl_in_the_recipe_gives_each_block_its_own_sparsity():
+  config = tiny_config(**{"posttrain.owl": True, "posttrain.sparsity": 0.7})
+  model = models.from_config(config.model, (16,), 20)
+  up = model.blocks[1].mlp.up_proj.kernel
+  up[...] = up[...].at[:2].multiply(100.0)  # outlier scores in block 1: it keeps more
+  batches = [np.random.default_rng(0).integers(0, 20, (4, 16)).astype(np.int32)]
+  _, masks = prune.prune_model(config, model, batches)
+  kept = [float(np.asarray(b["mlp"]["up_proj"]["kernel"]).mean()) for b in masks["blocks"].values()]
+  _, direct = posttrain.prune(model, None, batches, method="wanda", sparsity=0.7, owl=True,
+                              stack=True, where=r"^blocks/")  # fmt: skip
+  for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(direct), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert kept[0] < kept[1] and np.mean(kept) == pytest.approx(0.3, abs=1 / 16)
+  with pytest.raises(config_lib.ConfigError, match=r"^posttrain\.owl: OWL sets each block"):
+    prune.check(tiny_config(**{"posttrain.owl": True, "posttrain.structure": "2:4"}))
 
 
 def test_train_then_prune_from_the_command_line(tmp_path, capsys):

@@ -324,6 +324,19 @@ FIELDS: dict[str, dict[str, Field]] = {
     "blocks": Field(r"^blocks/(\d+)/", text, "sequential: regex whose group names the block"),
     "blocksize": Field(128, integer(1), "sparsegpt: columns per lazy-update block"),
     "dampening": Field(0.01, positive, "sparsegpt: of the mean diagonal of H"),
+    "one_pass": Field(
+      True,
+      flag,
+      "sequential: one pass per block from cached hidden states (embed -> blocks -> head) | "
+      "the traced model up to each block, blocks grouped by posttrain.blocks",
+    ),
+    "owl": Field(
+      False, flag, "wanda | sparsegpt: OWL block sparsities from outlier ratios, mean sparsity"
+    ),
+    "owl_threshold": Field(5.0, positive, "owl: M, outliers above M x a block's mean Wanda score"),
+    "owl_lambda": Field(
+      0.08, at_least_zero("a number"), "owl: block densities span 1 - sparsity +- lambda"
+    ),
     "out": Field("", text, '"": <train.workdir>/<method>_<target>; the pruned checkpoint'),
     "heads": Field(
       0.25, fraction, "flap | taylor: query heads removed (from every KV group, over all blocks)"
