@@ -154,5 +154,5 @@ def drop_blocks(model: nnx.Module, indices: Sequence[int]) -> nnx.Module:
       setattr(new, k, count)
   config = getattr(new, "config", None)
   if config is not None:
-    new.config = _updated_count(config, count)
+    setattr(new, "config", _updated_count(config, count))  # noqa: B010
   return new

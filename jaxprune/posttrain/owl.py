@@ -57,7 +57,7 @@ def outlier_ratios(
 
 
 def sparsities_from_ratios(
-  ratios: Sequence[float], sparsity: float, lam: float = 0.08
+  ratios: Sequence[float] | np.ndarray, sparsity: float, lam: float = 0.08
 ) -> list[float]:
   """OWL's per-block sparsities from outlier ratios ``D_b`` (see the module docstring).
 
