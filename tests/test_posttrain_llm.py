@@ -124,6 +124,8 @@ def test_stack_errors_name_the_problem():
     posttrain.prune(seq, None, [np.ones((2, 4), np.float32)], stack=True)
   with pytest.raises(ValueError, match="blocks= .* or stack=, not both"):
     posttrain.prune(small_lm(), None, batches, stack=True, blocks=BLOCKS)
+  with pytest.raises(ValueError, match=r"No linear layer selected by where='nothing' in the 2"):
+    posttrain.prune(small_lm(depth=2), None, batches, stack=True, where="nothing")
   other = small_lm(depth=2)
   stack = posttrain.Stack(other.embed, list(other.blocks))
   with pytest.raises(ValueError, match=r"Stack block 0 \(Block\) is not a submodule"):

@@ -313,7 +313,7 @@ def prune_stack(
 
     if any(tree_lib.default_where(p, x) and chosen(p, x) for p, x in local.items()):
       example = (hidden.arrays[0],)
-      layers = program.layers(example, chosen)
+      layers = program.layers(example, None if where is None else chosen)
       rel = program.paths
       current = dict(zip(rel, leaves))
       got = program.statistics(leaves, [(x,) for x in hidden.arrays], layers, method == "sparsegpt")
@@ -327,6 +327,11 @@ def prune_stack(
         mask_of[f"{path}/{p}"] = masks[p]
     if i < last:
       hidden = hidden.map(lambda x, leaves=leaves, run=run: run(leaves, x))
+  if not mask_of:
+    raise ValueError(
+      f"No linear layer selected by where={where!r} in the {len(paths)} blocks of the stack "
+      f"({', '.join(paths[:4])}{', ...' if len(paths) > 4 else ''})."
+    )
   return updated, mask_of
 
 
