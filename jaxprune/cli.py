@@ -158,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     "prune.md in posttrain.out (default <train.workdir>/<method>_<target>). With "
     "posttrain.method flap | taylor: remove posttrain.heads of the query heads and "
     "posttrain.neurons of the MLP neurons, shrink, fine-tune and compare perplexity, "
-    "params, FLOPs and latency with the dense model (jaxprune.train.lm_structured).",
+    "params, FLOPs and latency with the dense model (jaxprune.train.lm_structured). With "
+    "posttrain.method shortgpt: remove the posttrain.drop_blocks blocks of lowest Block "
+    "Influence, a shallower model (jaxprune.train.lm_depth).",
     **common,
   )
   prune_cmd.add_argument("--config", required=True, metavar="FILE", help=CONFIG_HELP)
@@ -244,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"--step must be a checkpoint step >= 0, got {args.step}")
   if args.command == "shrink" and args.multiple_of < 1:
     parser.error(f"--multiple-of must be >= 1, got {args.multiple_of}")
-  from jaxprune.train import autopruner, evaluate, lm_structured, report, run, sweep
+  from jaxprune.train import autopruner, evaluate, lm_depth, lm_structured, report, run, sweep
   from jaxprune.train import export as export_lib
   from jaxprune.train import prune as prune_lib
   from jaxprune.train import shrink as shrink_lib
@@ -274,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 0
     if args.command == "prune" and config.posttrain.method in lm_structured.METHODS:
       print(lm_structured.prune_structured(config, step=args.step).report())
+      return 0
+    if args.command == "prune" and config.posttrain.method in lm_depth.METHODS:
+      print(lm_depth.prune_depth(config, step=args.step).report())
       return 0
     if args.command == "prune":
       print(prune_lib.prune_checkpoint(config, step=args.step).report())

@@ -1,5 +1,6 @@
 """The character LM (train.transformer), its text (train.text) and `jaxprune prune`."""
 
+import json
 import re
 import sys
 
@@ -9,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jaxprune
 from jaxprune import cli, posttrain
 from jaxprune.train import config as config_lib
-from jaxprune.train import data, metrics, models, prune, run, text
+from jaxprune.train import data, lm_depth, metrics, models, prune, run, text
 from jaxprune.train.transformer import Attention, CharLM
 
 TINY = {
@@ -204,6 +206,21 @@ def test_train_then_prune_from_the_command_line(tmp_path, capsys):
   with np.load(out_dir / "masks.npz") as masks:
     assert len(masks.files) == 14 and masks["blocks/0/attn/q_proj/kernel"].mean() == 0.5
   assert float(pruned) > 0
+
+  depth_args = ["--config.posttrain.method=shortgpt", "--config.posttrain.drop_blocks=1"]
+  assert cli.main(["prune", "--config", "configs/charlm.py", *args, *depth_args]) == 0
+  out = capsys.readouterr().out
+  removed = int(re.search(r"\| lowest Block Influence removed \((\d)\) \| 1 \|", out).group(1))
+  saved = json.loads((workdir / "shortgpt_1" / "depth.json").read_text())
+  assert saved["config"]["model"]["depth"] == 1 and saved["removed"] == [removed]
+  assert saved["influence"][removed] == min(saved["influence"])
+  config = tiny_config(**{"model.depth": saved["config"]["model"]["depth"]})
+  shallow = models.from_config(config.model, (16,), 103)  # rebuilt from the saved config
+  with np.load(workdir / "shortgpt_1" / "shallow.npz") as arrays:
+    for path, leaf in jaxprune.tree.leaves_with_paths(nnx.state(shallow, nnx.Param)):
+      assert arrays[path].shape == leaf.shape
+  with pytest.raises(config_lib.ConfigError, match=r"^posttrain\.drop_blocks: 2 blocks removed"):
+    lm_depth.check(tiny_config(**{"posttrain.method": "shortgpt", "posttrain.drop_blocks": 2}))
 
 
 def test_an_interrupted_lm_run_resumes_to_the_same_params(tmp_path):
