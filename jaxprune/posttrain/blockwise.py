@@ -256,7 +256,8 @@ class BlockPrograms:
   batch_axis: str | None
   programs: dict[Any, tuple[Program, Any, Callable]] = dataclasses.field(default_factory=dict)
 
-  def of(self, block: nnx.Module) -> tuple[Program, Any, list, Callable]:
+  def of(self, block: nnx.Module) -> tuple[Program, list, Callable]:
+    """``(program, the block's state leaves, run)``: ``run(leaves, x)`` is the block's output."""
     graphdef, state = nnx.split(block)
     entry = self.programs.get(graphdef)
     if entry is None:
@@ -273,7 +274,7 @@ class BlockPrograms:
     leaves = jax.tree.leaves(state)
     if jax.tree.structure(state) != treedef:
       raise ValueError(f"Block {type(block).__name__}: its state changed structure.")
-    return program, graphdef, leaves, run
+    return program, leaves, run
 
 
 def prune_stack(
@@ -305,7 +306,7 @@ def prune_stack(
   mask_of: dict[str, Any] = {}
   last = len(stack.blocks) - 1
   for i, (block, path) in enumerate(zip(stack.blocks, paths)):
-    program, _, leaves, run = programs.of(block)
+    program, leaves, run = programs.of(block)
     local = dict(tree_lib.leaves_with_paths(program.variables))
 
     def chosen(p: str, leaf: Any, path: str = path) -> bool:
@@ -339,7 +340,7 @@ def _check_stack(model: Any, stack: Stack, inputs: tuple, programs: BlockProgram
   """Raises unless ``stack`` reproduces ``model``'s output on ``inputs``."""
   x = stack.prefix(*inputs)
   for block in stack.blocks:
-    _, _, leaves, run = programs.of(block)
+    _, leaves, run = programs.of(block)
     x = run(leaves, x)
   assert stack.suffix is not None
   got = stack.suffix(x)

@@ -73,7 +73,7 @@ def block_influence(
   hidden = blockwise.HiddenCache([the_stack.prefix(*inputs) for inputs in data], budget)
   out = []
   for block in the_stack.blocks:
-    _, _, leaves, run = programs.of(block)
+    _, leaves, run = programs.of(block)
     total, count = 0.0, 0
     outputs = []
     for x in hidden.arrays:
