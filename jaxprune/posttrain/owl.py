@@ -22,7 +22,13 @@ from jaxprune.posttrain.wanda_masks import wanda_scores
 
 
 class Owl(NamedTuple):
-  """OWL's hyperparameters: ``threshold`` (``M``) and ``lam`` (``lambda``)."""
+  """OWL's hyperparameters: ``threshold`` (``M``) and ``lam`` (``lambda``).
+
+  Examples:
+    >>> from jaxprune import posttrain
+    >>> posttrain.Owl(), posttrain.Owl(lam=0.1).lam  # prune(..., owl=posttrain.Owl(...))
+    (Owl(threshold=5.0, lam=0.08), 0.1)
+  """
 
   threshold: float = 5.0
   lam: float = 0.08
@@ -40,6 +46,16 @@ def outlier_ratios(
     groups: the layers (paths as in ``stats``) of each block, e.g. from
       :func:`~jaxprune.posttrain.group_blocks`.
     threshold: ``M``.
+
+  Examples:
+    >>> import jax, numpy as np
+    >>> from flax import nnx
+    >>> from jaxprune import posttrain
+    >>> model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+    >>> x = np.ones((8, 4), np.float32) * np.array([100.0, 1, 1, 1], np.float32)
+    >>> stats = posttrain.calibrate(model, None, [x])
+    >>> posttrain.outlier_ratios(nnx.state(model), stats, [["kernel"]], threshold=2.0)
+    array([0.25])
   """
   found = {
     path: (kernel, st) for path, kernel, st in targets.pairs(params, stats, "outlier_ratios")
