@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     "prune.md in posttrain.out (default <train.workdir>/<method>_<target>). With "
     "posttrain.method flap | taylor: remove posttrain.heads of the query heads and "
     "posttrain.neurons of the MLP neurons, shrink, fine-tune and compare perplexity, "
-    "params, FLOPs and latency with the dense model (jaxprune.train.lm_structured). "
+    "params, FLOPs and latency with the dense model (jaxprune.train.lm_structured). With "
+    "posttrain.method shortgpt: remove the posttrain.drop_blocks blocks of lowest Block "
+    "Influence, a shallower model (jaxprune.train.lm_depth). "
     "With --checkpoint DIR instead: prune a Hugging Face checkpoint (Llama, Mistral, Qwen2, "
     "Qwen3) calibrated on --text with its tokenizer, print the dense and pruned "
     "perplexity and the per-layer sparsity, and write it to --out in the same format "
@@ -342,7 +344,7 @@ _DROPPING = False
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
   """The command of ``args``, after the arguments are parsed and checked."""
-  from jaxprune.train import autopruner, evaluate, lm_structured, report, run, sweep
+  from jaxprune.train import autopruner, evaluate, lm_depth, lm_structured, report, run, sweep
   from jaxprune.train import export as export_lib
   from jaxprune.train import prune as prune_lib
   from jaxprune.train import shrink as shrink_lib
@@ -370,6 +372,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
   if args.command == "prune" and config.posttrain.method in lm_structured.METHODS:
     print(lm_structured.prune_structured(config, step=args.step).report())
+    return 0
+  if args.command == "prune" and config.posttrain.method in lm_depth.METHODS:
+    print(lm_depth.prune_depth(config, step=args.step).report())
     return 0
   if args.command == "prune":
     print(prune_lib.prune_checkpoint(config, step=args.step).report())

@@ -1,5 +1,6 @@
 """The character LM (models.decoder), its text (train.text) and `jaxprune prune`."""
 
+import json
 import re
 import sys
 
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxprune import cli
+import jaxprune
+from jaxprune import cli, posttrain
 from jaxprune.models.decoder import Attention, CharLM
 from jaxprune.train import config as config_lib
-from jaxprune.train import data, metrics, models, prune, run, text
+from jaxprune.train import data, lm_depth, metrics, models, prune, run, text
 
 TINY = {
   "model.dim": 16,
@@ -165,6 +167,23 @@ def test_magnitude_nm_masks_every_block_projection_and_nothing_else():
   assert np.asarray(params["head"]["kernel"][...]).all()
 
 
+def test_owl_in_the_recipe_gives_each_block_its_own_sparsity():
+  config = tiny_config(**{"posttrain.owl": True, "posttrain.sparsity": 0.7})
+  model = models.from_config(config.model, (16,), 20)
+  up = model.blocks[1].mlp.up_proj.kernel
+  up[...] = up[...].at[:2].multiply(100.0)  # outlier scores in block 1: it keeps more
+  batches = [np.random.default_rng(0).integers(0, 20, (4, 16)).astype(np.int32)]
+  _, masks = prune.prune_model(config, model, batches)
+  kept = [float(np.asarray(b["mlp"]["up_proj"]["kernel"]).mean()) for b in masks["blocks"].values()]
+  _, direct = posttrain.prune(model, None, batches, method="wanda", sparsity=0.7, owl=True,
+                              stack=True, where=r"^blocks/")  # fmt: skip
+  for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(direct), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert kept[0] < kept[1] and np.mean(kept) == pytest.approx(0.3, abs=1 / 16)
+  with pytest.raises(config_lib.ConfigError, match=r"^posttrain\.owl: OWL sets each block"):
+    prune.check(tiny_config(**{"posttrain.owl": True, "posttrain.structure": "2:4"}))
+
+
 def test_train_then_prune_from_the_command_line(tmp_path, capsys):
   workdir = tmp_path / "run"
   args = [f"--config.{k}={v}" for k, v in TINY.items()] + [f"--config.train.workdir={workdir}"]
@@ -187,6 +206,21 @@ def test_train_then_prune_from_the_command_line(tmp_path, capsys):
   with np.load(out_dir / "masks.npz") as masks:
     assert len(masks.files) == 14 and masks["blocks/0/attn/q_proj/kernel"].mean() == 0.5
   assert float(pruned) > 0
+
+  depth_args = ["--config.posttrain.method=shortgpt", "--config.posttrain.drop_blocks=1"]
+  assert cli.main(["prune", "--config", "configs/charlm.py", *args, *depth_args]) == 0
+  out = capsys.readouterr().out
+  removed = int(re.search(r"\| lowest Block Influence removed \((\d)\) \| 1 \|", out).group(1))
+  saved = json.loads((workdir / "shortgpt_1" / "depth.json").read_text())
+  assert saved["config"]["model"]["depth"] == 1 and saved["removed"] == [removed]
+  assert saved["influence"][removed] == min(saved["influence"])
+  config = tiny_config(**{"model.depth": saved["config"]["model"]["depth"]})
+  shallow = models.from_config(config.model, (16,), 103)  # rebuilt from the saved config
+  with np.load(workdir / "shortgpt_1" / "shallow.npz") as arrays:
+    for path, leaf in jaxprune.tree.leaves_with_paths(nnx.state(shallow, nnx.Param)):
+      assert arrays[path].shape == leaf.shape
+  with pytest.raises(config_lib.ConfigError, match=r"^posttrain\.drop_blocks: 2 blocks removed"):
+    lm_depth.check(tiny_config(**{"posttrain.method": "shortgpt", "posttrain.drop_blocks": 2}))
 
 
 def test_an_interrupted_lm_run_resumes_to_the_same_params(tmp_path):

@@ -6,7 +6,11 @@
   masks (and, for SparseGPT, updated weights); :func:`wanda_mask` and
   :func:`sparsegpt_layer` do one ``[inputs, outputs]`` kernel.
 * :func:`prune`: model + calibration batches -> pruned params and masks, block by block
-  (each block calibrated on the outputs of the already-pruned blocks) or in one pass.
+  (each block calibrated on the outputs of the already-pruned blocks; one pass per
+  block from cached hidden states for a :class:`Stack` of blocks) or in one pass;
+  uniform sparsity, one per block, or OWL's (:func:`owl_sparsities`).
+* :func:`block_influence`, :func:`drop_blocks`: depth pruning (ShortGPT): remove the
+  blocks that change their input least, for a really shorter model.
 
 Examples:
   >>> import jax, jax.numpy as jnp, jaxprune
@@ -22,20 +26,30 @@ Examples:
   >>> nnx.update(model, params)
 """
 
+from jaxprune.posttrain.blockwise import Stack, group_blocks, stack_of
 from jaxprune.posttrain.calibration import calibrate
+from jaxprune.posttrain.depth import block_influence, drop_blocks
 from jaxprune.posttrain.layers import Layer, linear_layers
-from jaxprune.posttrain.sequential import group_blocks, prune
+from jaxprune.posttrain.owl import Owl, outlier_ratios, owl_sparsities
+from jaxprune.posttrain.sequential import prune
 from jaxprune.posttrain.sparsegpt_solver import sparsegpt, sparsegpt_layer
 from jaxprune.posttrain.stats import InputStats
 from jaxprune.posttrain.wanda_masks import wanda, wanda_mask
 
 __all__ = [
+  "block_influence",
   "calibrate",
+  "drop_blocks",
   "group_blocks",
   "InputStats",
   "Layer",
   "linear_layers",
+  "outlier_ratios",
+  "Owl",
+  "owl_sparsities",
   "prune",
+  "Stack",
+  "stack_of",
   "sparsegpt",
   "sparsegpt_layer",
   "wanda",

@@ -13,8 +13,10 @@ the papers) are pruned with ``posttrain.method``:
 
 to ``posttrain.sparsity`` or the N:M ``posttrain.structure`` (along each kernel's
 inputs). With ``posttrain.sequential`` the layers are calibrated block by block on the
-outputs of the blocks already pruned (:func:`jaxprune.posttrain.prune` with
-``blocks=posttrain.blocks``). The dense and the pruned model are evaluated on the
+outputs of the blocks already pruned (:func:`jaxprune.posttrain.prune`): one pass per
+block from cached hidden states (``posttrain.one_pass``, ``stack=True``), or the traced
+model up to each block (``blocks=posttrain.blocks``). ``posttrain.owl`` gives each block
+OWL's sparsity from the outlier ratio of its Wanda scores (mean ``posttrain.sparsity``). The dense and the pruned model are evaluated on the
 validation split (perplexity for a language model); the pruned state is saved as a
 checkpoint with its masks (``masks.npz``) and a report (``prune.md``).
 """
@@ -119,6 +121,12 @@ def check(config: Config) -> None:
         "widen it, narrow posttrain.layers, or set posttrain.sequential=False."
       )
   _, nm = target(config)
+  if p.owl and (nm is not None or not p.sequential or p.method == "magnitude"):
+    raise config_lib.ConfigError(
+      "posttrain.owl: OWL sets each block's sparsity for wanda or sparsegpt, block by block "
+      f"(posttrain.sequential=True), unstructured; got method {p.method}, structure "
+      f"{p.structure}, sequential {p.sequential}."
+    )
   for path, kernel_shape in kernels.items():
     if nm is not None and kernel_shape[0] % nm.m:
       raise config_lib.ConfigError(
@@ -156,6 +164,7 @@ def prune_model(config: Config, model: nnx.Module, batches: list[np.ndarray]) ->
     masks = pruner.masks(params)
     return jaxprune.apply_mask(params, masks), masks
   options = {"blocksize": p.blocksize, "dampening": p.dampening} if p.method == "sparsegpt" else {}
+  one_pass = p.sequential and p.one_pass
   return posttrain.prune(
     model,
     None,
@@ -163,7 +172,9 @@ def prune_model(config: Config, model: nnx.Module, batches: list[np.ndarray]) ->
     method=p.method,
     sparsity=None if nm else sparsity,
     structure=nm,
-    blocks=p.blocks if p.sequential else None,
+    blocks=p.blocks if p.sequential and not one_pass else None,
+    stack=True if one_pass else None,
+    owl=posttrain.Owl(p.owl_threshold, p.owl_lambda) if p.owl else False,
     where=selected(p.layers),
     **options,
   )

@@ -320,10 +320,11 @@ FIELDS: dict[str, dict[str, Field]] = {
   "posttrain": {
     "method": Field(
       "sparsegpt",
-      choice("magnitude", "wanda", "sparsegpt", "flap", "taylor"),
+      choice("magnitude", "wanda", "sparsegpt", "flap", "taylor", "shortgpt"),
       "jaxprune prune: magnitude (per layer) | wanda | sparsegpt (jaxprune.posttrain) | "
       "flap | taylor: heads and MLP neurons removed, a smaller model "
-      "(jaxprune.train.lm_structured)",
+      "(jaxprune.train.lm_structured) | shortgpt: the blocks of lowest Block Influence "
+      "removed, a shallower model (jaxprune.train.lm_depth)",
     ),
     "sparsity": Field(0.5, fraction, "unstructured: the fraction removed (per layer / output)"),
     "structure": Field("unstructured", nm_or_unstructured, "unstructured | N:M, e.g. 2:4, 4:8"),
@@ -335,11 +336,25 @@ FIELDS: dict[str, dict[str, Field]] = {
     "blocks": Field(r"^blocks/(\d+)/", text, "sequential: regex whose group names the block"),
     "blocksize": Field(128, integer(1), "sparsegpt: columns per lazy-update block"),
     "dampening": Field(0.01, positive, "sparsegpt: of the mean diagonal of H"),
+    "one_pass": Field(
+      True,
+      flag,
+      "sequential: one pass per block from cached hidden states (embed -> blocks -> head) | "
+      "the traced model up to each block, blocks grouped by posttrain.blocks",
+    ),
+    "owl": Field(
+      False, flag, "wanda | sparsegpt: OWL block sparsities from outlier ratios, mean sparsity"
+    ),
+    "owl_threshold": Field(5.0, positive, "owl: M, outliers above M x a block's mean Wanda score"),
+    "owl_lambda": Field(
+      0.08, at_least_zero("a number"), "owl: block densities span 1 - sparsity +- lambda"
+    ),
     "out": Field("", text, '"": <train.workdir>/<method>_<target>; the pruned checkpoint'),
     "heads": Field(
       0.25, fraction, "flap | taylor: query heads removed (from every KV group, over all blocks)"
     ),
     "neurons": Field(0.25, fraction, "flap | taylor: MLP neurons removed (over all blocks)"),
+    "drop_blocks": Field(1, integer(1), "shortgpt: blocks removed (lowest Block Influence)"),
     "finetune_steps": Field(100, integer(0), "flap | taylor: Adam steps of the smaller model"),
     "finetune_learning_rate": Field(1e-3, positive, "flap | taylor: cosine-decayed from this"),
     "latency_rounds": Field(20, integer(1), "flap | taylor: interleaved timing rounds"),
