@@ -87,21 +87,26 @@ def _suffix(x: jax.Array) -> jax.Array:
 
 
 def _locate(counts: jax.Array, need: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The last bin ``b`` with ``sum(counts[b:]) >= need`` (0 if none), and ``sum(counts[b+1:])``.
+  """Per row of ``counts``: the last bin ``b`` with ``sum(counts[b:]) >= need`` (0 if none)
+  and ``sum(counts[b+1:])``.
 
-  ``counts`` (int32, length a power of 4) is searched as a square grid: suffix sums of
-  the row totals, then of the one row that holds ``b`` (no scan over all bins: cheap to
-  run and to compile).
+  ``counts`` is ``(groups, 4**j)`` int32 and ``need`` ``(groups,)``. Each row is searched
+  as a square grid: suffix sums of the grid's row totals, then of the one grid row that
+  holds ``b`` (no scan over all bins: cheap to run and to compile).
   """
-  side = 1 << ((counts.size.bit_length() - 1) // 2)
-  grid = counts.reshape(side, side)
-  totals = jnp.sum(grid, axis=1)
-  rows = _suffix(totals)  # rows[r] = #(in rows >= r)
-  r = jnp.maximum(jnp.sum(rows >= need, dtype=jnp.int32) - 1, 0)
-  row = lax.dynamic_index_in_dim(grid, r, keepdims=False)
-  within = _suffix(row) + (rows[r] - totals[r])
-  c = jnp.maximum(jnp.sum(within >= need, dtype=jnp.int32) - 1, 0)
-  return r * side + c, within[c] - row[c]
+  groups, bins = counts.shape
+  side = 1 << ((bins.bit_length() - 1) // 2)
+  grid = counts.reshape(groups, side, side)
+  totals = jnp.sum(grid, axis=2)
+  rows = _suffix(totals)  # rows[g, r] = #(in grid rows >= r)
+  need = need[:, None]
+  r = jnp.maximum(jnp.sum(rows >= need, axis=1, dtype=jnp.int32) - 1, 0)[:, None]
+  row = jnp.take_along_axis(grid, r[:, :, None], axis=1)[:, 0]
+  later = jnp.take_along_axis(rows - totals, r, axis=1)
+  within = _suffix(row) + later
+  c = jnp.maximum(jnp.sum(within >= need, axis=1, dtype=jnp.int32) - 1, 0)[:, None]
+  above = jnp.take_along_axis(within - row, c, axis=1)
+  return (r * side + c)[:, 0], above[:, 0]
 
 
 def _flipped_positions(size: int, offset: int) -> jax.Array:
@@ -110,19 +115,28 @@ def _flipped_positions(size: int, offset: int) -> jax.Array:
 
 
 def keep_topk(keys: list[jax.Array], k: jax.Array) -> list[jax.Array]:
-  """Flat bool masks keeping exactly the k largest keys over all arrays.
+  """Flat bool masks keeping exactly the k largest keys over all arrays."""
+  return keep_topk_groups(keys, [0] * len(keys), jnp.reshape(jnp.asarray(k, jnp.int32), (1,)))
+
+
+def keep_topk_groups(keys: list[jax.Array], groups: list[int], k: jax.Array) -> list[jax.Array]:
+  """Flat bool masks keeping exactly the ``k[g]`` largest keys of each group ``g``.
+
+  ``groups[i]`` is the group of ``keys[i]``: one group of all arrays is a global top-k,
+  one group per array a top-k per array, all in one selection.
 
   Radix select over 16-bit digits of the pair (key, position), compared as one 64-bit
-  number whose low half is the bitwise complement of the flat position (over all
-  arrays, in order): every pair is distinct, so the k-th largest pair splits kept from
-  pruned exactly, and among equal keys the lower position ranks higher. Each digit is
-  one histogram pass over the candidates (the entries whose higher digits match those
-  found so far); the passes over the position's digits run only when the k-th key has
-  more copies than the places left (ties to break). The passes are one ``while_loop``
-  body, compiled once.
+  number whose low half is the bitwise complement of the flat position (over the
+  group's arrays, in order): every pair is distinct, so each group's k-th largest pair
+  splits kept from pruned exactly, and among equal keys the lower position ranks
+  higher. Each digit is one histogram pass over the candidates (the entries whose
+  higher digits match those found so far), all groups at once; the passes over the
+  position's digits run only when some group's k-th key has more copies than places
+  left (ties to break). The passes are one ``while_loop`` body, compiled once.
   """
   k = jnp.asarray(k, jnp.int32)
-  offsets = [sum(u.size for u in keys[:i]) for i in range(len(keys))]
+  n_groups = max(groups) + 1
+  offsets = [sum(u.size for u, h in zip(keys[:i], groups) if h == g) for i, g in enumerate(groups)]
   full, half = jnp.uint32(0xFFFFFFFF), jnp.uint32(0xFFFF0000)
 
   def body(state):
@@ -130,31 +144,34 @@ def keep_topk(keys: list[jax.Array], k: jax.Array) -> list[jax.Array]:
     key_mask = jnp.where(d >= 2, full, jnp.where(d == 1, half, jnp.uint32(0)))
     pos_mask = jnp.where(d == 3, half, jnp.uint32(0))
     shift = jnp.where(d % 2 == 0, _DIGIT, 0).astype(jnp.uint32)
-    hists = []
-    for u, o in zip(keys, offsets):
+    hists = [[] for _ in range(n_groups)]
+    for u, g, o in zip(keys, groups, offsets):
       v = _flipped_positions(u.size, o)  # computed in the pass, never stored
-      candidate = ((u & key_mask) == key_prefix) & ((v & pos_mask) == pos_prefix)
+      candidate = ((u & key_mask) == key_prefix[g]) & ((v & pos_mask) == pos_prefix[g])
       digit = ((jnp.where(d < 2, u, v) >> shift) & 0xFFFF).astype(jnp.int32)
-      hists.append(_histogram(jnp.where(candidate, digit, _BINS), _BINS))
-    counts = _total(hists)
+      hists[g].append(_histogram(jnp.where(candidate, digit, _BINS), _BINS))
+    counts = jnp.stack([_total(h) for h in hists])
     b, above = _locate(counts, need)
+    equal = jnp.take_along_axis(counts, b[:, None], axis=1)[:, 0]
     bits = b.astype(jnp.uint32) << shift
     key_prefix = jnp.where(d < 2, key_prefix | bits, key_prefix)
     pos_prefix = jnp.where(d < 2, pos_prefix, pos_prefix | bits)
-    return d + 1, key_prefix, pos_prefix, need - above, counts[b]
+    return d + 1, key_prefix, pos_prefix, need - above, equal
 
   def more(state):
     d, _, _, need, equal = state
-    return (d < 2) | ((d < 4) & (need < equal))
+    return (d < 2) | ((d < 4) & jnp.any(need < equal))
 
-  zero = jnp.uint32(0)
-  start = (jnp.int32(0), zero, zero, jnp.maximum(k, 1), jnp.int32(0))
+  zeros = jnp.zeros(n_groups, jnp.uint32)
+  start = (jnp.int32(0), zeros, zeros, jnp.maximum(k, 1), jnp.zeros(n_groups, jnp.int32))
   d, t, pos, _, _ = lax.while_loop(more, body, start)
-  # Stopped after the key's digits: every copy of t is kept (no position bound).
-  pos = jnp.where(d == 2, zero, pos)
+  # Stopped after the key's digits: every copy of t is kept (no position bound). A group
+  # whose copies all fit while another breaks ties keeps them all too: its position
+  # passes select all its copies of t.
+  pos = jnp.where(d == 2, zeros, pos)
   return [
-    ((u > t) | ((u == t) & (_flipped_positions(u.size, o) >= pos))) & (k > 0)
-    for u, o in zip(keys, offsets)
+    ((u > t[g]) | ((u == t[g]) & (_flipped_positions(u.size, o) >= pos[g]))) & (k[g] > 0)
+    for u, g, o in zip(keys, groups, offsets)
   ]
 
 
@@ -217,8 +234,8 @@ def _topk_by_count(
 ) -> list[jax.Array]:
   keys = [sortable_keys(s) for s in scores]
   if scope == "layer":
-    flat = [keep_topk([u], u.size - jnp.clip(r, 0, u.size)) for u, r in zip(keys, removed)]
-    flat = [f[0] for f in flat]
+    k = jnp.stack([u.size - jnp.clip(r, 0, u.size) for u, r in zip(keys, removed)])
+    flat = keep_topk_groups(keys, list(range(len(keys))), k)
   else:
     total = sum(u.size for u in keys)
     flat = keep_topk(keys, total - jnp.clip(removed[0], 0, total))
