@@ -144,12 +144,21 @@ def keep_topk_groups(keys: list[jax.Array], groups: list[int], k: jax.Array) -> 
     key_mask = jnp.where(d >= 2, full, jnp.where(d == 1, half, jnp.uint32(0)))
     pos_mask = jnp.where(d == 3, half, jnp.uint32(0))
     shift = jnp.where(d % 2 == 0, _DIGIT, 0).astype(jnp.uint32)
-    hists = [[] for _ in range(n_groups)]
-    for u, g, o in zip(keys, groups, offsets):
-      v = _flipped_positions(u.size, o)  # computed in the pass, never stored
-      candidate = ((u & key_mask) == key_prefix[g]) & ((v & pos_mask) == pos_prefix[g])
-      digit = ((jnp.where(d < 2, u, v) >> shift) & 0xFFFF).astype(jnp.int32)
-      hists[g].append(_histogram(jnp.where(candidate, digit, _BINS), _BINS))
+
+    def histograms(by_position: bool) -> list[list[jax.Array]]:
+      hists = [[] for _ in range(n_groups)]
+      for u, g, o in zip(keys, groups, offsets):
+        candidate = (u & key_mask) == key_prefix[g]
+        if by_position:  # positions computed in the pass, never stored
+          v = _flipped_positions(u.size, o)
+          candidate = candidate & ((v & pos_mask) == pos_prefix[g])
+          digit = ((v >> shift) & 0xFFFF).astype(jnp.int32)
+        else:
+          digit = ((u >> shift) & 0xFFFF).astype(jnp.int32)
+        hists[g].append(_histogram(jnp.where(candidate, digit, _BINS), _BINS))
+      return hists
+
+    hists = lax.cond(d < 2, lambda: histograms(False), lambda: histograms(True))
     counts = jnp.stack([_total(h) for h in hists])
     b, above = _locate(counts, need)
     equal = jnp.take_along_axis(counts, b[:, None], axis=1)[:, 0]
