@@ -6,8 +6,9 @@ selection costs a few linear passes instead of an ``O(n log n)`` argsort. Ties a
 threshold are broken deterministically: the lower flat index (row-major, and for the
 global scope the earlier leaf) is kept; two more passes, over the digits of the
 position, run only when the threshold has more copies than places left. Masks equal
-those of a stable descending argsort exactly. The passes share one compiled loop body,
-so a selector compiles in about half the time of one with a pass per digit.
+those of a stable descending argsort exactly. The passes are one compiled loop (a
+branch for the key's digits, one for the position's), so a selector compiles in about
+half the time of one with a pass per digit.
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def keep_topk_groups(keys: list[jax.Array], groups: list[int], k: jax.Array) -> 
   higher. Each digit is one histogram pass over the candidates (the entries whose
   higher digits match those found so far), all groups at once; the passes over the
   position's digits run only when some group's k-th key has more copies than places
-  left (ties to break). The passes are one ``while_loop`` body, compiled once.
+  left (ties to break). The passes are one ``while_loop``: its body compiles a branch for
+  the key's digits and one for the position's, whatever the number of passes.
   """
   k = jnp.asarray(k, jnp.int32)
   n_groups = max(groups) + 1
