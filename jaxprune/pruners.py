@@ -274,9 +274,13 @@ class Pruner:
       removed = _removed(self.schedule, total, step)
       result.update(zip(pooled, topk_by_count([scores[p] for p in pooled], [removed], "global")))
       layerwise = overridden
-    for p in layerwise:
-      schedule = self.schedule_of(p)
-      result[p] = structure.select(scores[p], lambda n, s=schedule: _removed(s, n, step))
+    if structure.poolable and layerwise:  # ranked groups: one selection for all layers
+      removed = [_removed(self.schedule_of(p), int(jnp.size(scores[p])), step) for p in layerwise]
+      result.update(zip(layerwise, topk_by_count([scores[p] for p in layerwise], removed, "layer")))
+    else:
+      for p in layerwise:
+        schedule = self.schedule_of(p)
+        result[p] = structure.select(scores[p], lambda n, s=schedule: _removed(s, n, step))
     result = {p: structure.expand(result[p], tuple(jnp.shape(by_path[p]))) for p in paths}
     if step is not None:
       result = {p: self._hold(p, m, step, prev_of.get(p)) for p, m in result.items()}

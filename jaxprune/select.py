@@ -4,8 +4,11 @@ Exact top-k without sorting. Scores are mapped to order-preserving ``uint32`` ke
 and the k-th largest key is found with two 16-bit histogram passes (radix select), so
 selection costs a few linear passes instead of an ``O(n log n)`` argsort. Ties at the
 threshold are broken deterministically: the lower flat index (row-major, and for the
-global scope the earlier leaf) is kept. Masks equal those of a stable descending
-argsort exactly.
+global scope the earlier leaf) is kept; two more passes, over the digits of the
+position, run only when the threshold has more copies than places left. Masks equal
+those of a stable descending argsort exactly. The passes are one compiled loop (a
+branch for the key's digits, one for the position's), so a selector compiles in about
+half the time of one with a pass per digit.
 """
 
 from __future__ import annotations
@@ -19,8 +22,6 @@ from jax import core as jax_core
 from jax import lax
 
 from jaxprune import tree as tree_lib
-
-_BINS = 1 << 16
 
 
 def check_sparsity(sparsity: Any, name: str = "sparsity") -> None:
@@ -55,8 +56,10 @@ def sortable_keys(scores: jax.Array) -> jax.Array:
   return jnp.where(jnp.isnan(x), jnp.uint32(0xFFFFFFFF), u)  # NaN (either sign) ranks first
 
 
-_ROW = 1024  # block size of the tie cutoff search
+_DIGIT = 16  # bits per radix digit: two digits make a key
+_BINS = 1 << _DIGIT
 _CHUNKS = 4  # independent partial histograms: XLA:CPU runs independent ops in parallel
+_CHUNKED = 1 << 18  # arrays at least this long are histogrammed in _CHUNKS parts
 
 
 def _total(arrays: list[jax.Array]) -> jax.Array:
@@ -67,63 +70,120 @@ def _total(arrays: list[jax.Array]) -> jax.Array:
 
 
 def _histogram(idx: jax.Array, length: int) -> jax.Array:
-  parts = _CHUNKS if idx.size >= (1 << 18) else 1
+  """Counts of the int32 ``idx`` in ``[0, length)``; indices outside are dropped."""
+  parts = _CHUNKS if idx.size >= _CHUNKED else 1
   step = -(-idx.size // parts)
-  return _total([jnp.bincount(idx[i * step : (i + 1) * step], length=length) for i in range(parts)])
+  zeros = jnp.zeros(length, jnp.int32)
+  return _total(
+    [zeros.at[idx[i * step : (i + 1) * step]].add(1, mode="drop") for i in range(parts)]
+  )
 
 
-def _at_or_above(counts: jax.Array) -> jax.Array:
-  return jnp.cumsum(counts[::-1])[::-1]  # [b] = #(key bin >= b)
+def _suffix(x: jax.Array) -> jax.Array:
+  """``out[i] = sum(x[..., i:])`` of a short int32 vector: one small reduction, no scan."""
+  n = x.shape[-1]
+  i = lax.broadcasted_iota(jnp.int32, (n, n), 0)
+  j = lax.broadcasted_iota(jnp.int32, (n, n), 1)
+  return jnp.sum(jnp.where(j >= i, x[..., None, :], 0), axis=-1)
 
 
-def _nth_true(eq: jax.Array, j: jax.Array) -> jax.Array:
-  """Flat index of the j-th ``True`` (``j >= 1``) by blocked counting, not a full cumsum."""
-  rows = jnp.pad(eq, (0, (-eq.size) % _ROW)).reshape(-1, _ROW)
-  cum = jnp.cumsum(jnp.sum(rows, axis=1, dtype=jnp.int32))
-  r = jnp.sum(cum < j, dtype=jnp.int32)
-  before = jnp.where(r > 0, cum[jnp.maximum(r - 1, 0)], 0)
-  within = jnp.cumsum(lax.dynamic_index_in_dim(rows, r, keepdims=False), dtype=jnp.int32)
-  return r * _ROW + jnp.sum(within < j - before, dtype=jnp.int32)
+def _locate(counts: jax.Array, need: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per row of ``counts``: the last bin ``b`` with ``sum(counts[b:]) >= need`` (0 if none)
+  and ``sum(counts[b+1:])``.
+
+  ``counts`` is ``(groups, 4**j)`` int32 and ``need`` ``(groups,)``. Each row is searched
+  as a square grid: suffix sums of the grid's row totals, then of the one grid row that
+  holds ``b`` (no scan over all bins: cheap to run and to compile).
+  """
+  groups, bins = counts.shape
+  side = 1 << ((bins.bit_length() - 1) // 2)
+  grid = counts.reshape(groups, side, side)
+  totals = jnp.sum(grid, axis=2)
+  rows = _suffix(totals)  # rows[g, r] = #(in grid rows >= r)
+  need = need[:, None]
+  r = jnp.maximum(jnp.sum(rows >= need, axis=1, dtype=jnp.int32) - 1, 0)[:, None]
+  row = jnp.take_along_axis(grid, r[:, :, None], axis=1)[:, 0]
+  later = jnp.take_along_axis(rows - totals, r, axis=1)
+  within = _suffix(row) + later
+  c = jnp.maximum(jnp.sum(within >= need, axis=1, dtype=jnp.int32) - 1, 0)[:, None]
+  above = jnp.take_along_axis(within - row, c, axis=1)
+  return (r * side + c)[:, 0], above[:, 0]
+
+
+def _flipped_positions(size: int, offset: int) -> jax.Array:
+  """``~(offset + arange(size))`` as uint32: larger for earlier positions."""
+  return ~(lax.iota(jnp.uint32, size) + jnp.uint32(offset))
 
 
 def keep_topk(keys: list[jax.Array], k: jax.Array) -> list[jax.Array]:
-  """Flat bool masks keeping exactly the k largest keys over all arrays.
+  """Flat bool masks keeping exactly the k largest keys over all arrays."""
+  return keep_topk_groups(keys, [0] * len(keys), jnp.reshape(jnp.asarray(k, jnp.int32), (1,)))
 
-  Two histogram passes find the k-th largest key ``t`` (its high 16 bits, then its low
-  16 bits among the keys in that bin); the counts of keys above ``t`` and equal to it
-  come from the same histograms. Ties at ``t`` keep the lowest indices.
+
+def keep_topk_groups(keys: list[jax.Array], groups: list[int], k: jax.Array) -> list[jax.Array]:
+  """Flat bool masks keeping exactly the ``k[g]`` largest keys of each group ``g``.
+
+  ``groups[i]`` is the group of ``keys[i]``: one group of all arrays is a global top-k,
+  one group per array a top-k per array, all in one selection.
+
+  Radix select over 16-bit digits of the pair (key, position), compared as one 64-bit
+  number whose low half is the bitwise complement of the flat position (over the
+  group's arrays, in order): every pair is distinct, so each group's k-th largest pair
+  splits kept from pruned exactly, and among equal keys the lower position ranks
+  higher. Each digit is one histogram pass over the candidates (the entries whose
+  higher digits match those found so far), all groups at once; the passes over the
+  position's digits run only when some group's k-th key has more copies than places
+  left (ties to break). The passes are one ``while_loop``: its body compiles a branch for
+  the key's digits and one for the position's, whatever the number of passes.
   """
   k = jnp.asarray(k, jnp.int32)
-  kk = jnp.maximum(k, 1)
-  hi = [(u >> 16).astype(jnp.int32) for u in keys]
-  counts = _total([_histogram(h, _BINS) for h in hi])
-  at_or_above = _at_or_above(counts)
-  b = jnp.maximum(jnp.sum(at_or_above >= kk, dtype=jnp.int32) - 1, 0)
-  above_bin = at_or_above[b] - counts[b]
-  lo = [jnp.where(h == b, (u & 0xFFFF).astype(jnp.int32), _BINS) for u, h in zip(keys, hi)]
-  per_leaf = [_histogram(low, _BINS + 1)[:_BINS] for low in lo]
-  counts = _total(per_leaf)
-  at_or_above = _at_or_above(counts)
-  b2 = jnp.maximum(jnp.sum(at_or_above >= kk - above_bin, dtype=jnp.int32) - 1, 0)
-  t = (b.astype(jnp.uint32) << 16) | b2.astype(jnp.uint32)
-  need = k - (above_bin + at_or_above[b2] - counts[b2])  # ties at t to keep
-  ties = [c[b2] for c in per_leaf]
+  n_groups = max(groups) + 1
+  offsets = [sum(u.size for u, h in zip(keys[:i], groups) if h == g) for i, g in enumerate(groups)]
+  full, half = jnp.uint32(0xFFFFFFFF), jnp.uint32(0xFFFF0000)
 
-  def all_ties(keys):
-    return [u >= t for u in keys]
+  def body(state):
+    d, key_prefix, pos_prefix, need, _ = state
+    key_mask = jnp.where(d >= 2, full, jnp.where(d == 1, half, jnp.uint32(0)))
+    pos_mask = jnp.where(d == 3, half, jnp.uint32(0))
+    shift = jnp.where(d % 2 == 0, _DIGIT, 0).astype(jnp.uint32)
 
-  def first_ties(keys):
-    out, before = [], jnp.int32(0)
-    for u, n_eq in zip(keys, ties):
-      j = jnp.clip(need - before, 0, n_eq)
-      eq = u == t
-      cut = jnp.where(j > 0, _nth_true(eq, jnp.maximum(j, 1)), -1)
-      out.append((u > t) | (eq & (jnp.arange(u.size) <= cut)))
-      before = before + n_eq
-    return out
+    def histograms(by_position: bool) -> list[list[jax.Array]]:
+      hists = [[] for _ in range(n_groups)]
+      for u, g, o in zip(keys, groups, offsets):
+        candidate = (u & key_mask) == key_prefix[g]
+        if by_position:  # positions computed in the pass, never stored
+          v = _flipped_positions(u.size, o)
+          candidate = candidate & ((v & pos_mask) == pos_prefix[g])
+          digit = ((v >> shift) & 0xFFFF).astype(jnp.int32)
+        else:
+          digit = ((u >> shift) & 0xFFFF).astype(jnp.int32)
+        hists[g].append(_histogram(jnp.where(candidate, digit, _BINS), _BINS))
+      return hists
 
-  masks = lax.cond(need == sum(ties), all_ties, first_ties, keys)
-  return [m & (k > 0) for m in masks]
+    hists = lax.cond(d < 2, lambda: histograms(False), lambda: histograms(True))
+    counts = jnp.stack([_total(h) for h in hists])
+    b, above = _locate(counts, need)
+    equal = jnp.take_along_axis(counts, b[:, None], axis=1)[:, 0]
+    bits = b.astype(jnp.uint32) << shift
+    key_prefix = jnp.where(d < 2, key_prefix | bits, key_prefix)
+    pos_prefix = jnp.where(d < 2, pos_prefix, pos_prefix | bits)
+    return d + 1, key_prefix, pos_prefix, need - above, equal
+
+  def more(state):
+    d, _, _, need, equal = state
+    return (d < 2) | ((d < 4) & jnp.any(need < equal))
+
+  zeros = jnp.zeros(n_groups, jnp.uint32)
+  start = (jnp.int32(0), zeros, zeros, jnp.maximum(k, 1), jnp.zeros(n_groups, jnp.int32))
+  d, t, pos, _, _ = lax.while_loop(more, body, start)
+  # Stopped after the key's digits: every copy of t is kept (no position bound). A group
+  # whose copies all fit while another breaks ties keeps them all too: its position
+  # passes select all its copies of t.
+  pos = jnp.where(d == 2, zeros, pos)
+  return [
+    ((u > t[g]) | ((u == t[g]) & (_flipped_positions(u.size, o) >= pos[g]))) & (k[g] > 0)
+    for u, g, o in zip(keys, groups, offsets)
+  ]
 
 
 def is_concrete(x: Any) -> bool:
@@ -185,8 +245,8 @@ def _topk_by_count(
 ) -> list[jax.Array]:
   keys = [sortable_keys(s) for s in scores]
   if scope == "layer":
-    flat = [keep_topk([u], u.size - jnp.clip(r, 0, u.size)) for u, r in zip(keys, removed)]
-    flat = [f[0] for f in flat]
+    k = jnp.stack([u.size - jnp.clip(r, 0, u.size) for u, r in zip(keys, removed)])
+    flat = keep_topk_groups(keys, list(range(len(keys))), k)
   else:
     total = sum(u.size for u in keys)
     flat = keep_topk(keys, total - jnp.clip(removed[0], 0, total))

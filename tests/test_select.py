@@ -185,3 +185,53 @@ def test_denormal_scores_rank_above_zero():
   # XLA:CPU flushes denormals in float compares; the keys are built from the bits.
   m = jaxprune.topk_mask({"w": jnp.array([0.0, 1e-45, -0.0, 0.0])}, 0.75)["w"]
   assert m.tolist() == [False, True, False, False]
+
+
+def ranked_mask(flat: np.ndarray, k: int) -> np.ndarray:
+  """Reference with NaN first (either sign), then by value (-0.0 == 0.0), then position."""
+  x = np.asarray(flat, np.float64).ravel()
+  nan = np.isnan(x)
+  order = np.lexsort((np.arange(x.size), -np.where(nan, 0.0, x), ~nan))
+  keep = np.zeros(x.size, bool)
+  keep[order[:k]] = True
+  return keep
+
+
+SPECIAL = st.sampled_from([0.0, -0.0, 1.0, 2.0, np.nan, -np.inf, np.inf, 1e-45])
+LAYER_SHAPES = [(3, 5), (7,), (16, 16)]  # fixed: one compiled selection for all examples
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+  scores=st.tuples(
+    *[
+      hnp.arrays(np.float32, s, elements=SPECIAL | st.floats(-4, 4, width=32)) for s in LAYER_SHAPES
+    ]
+  ),
+  sparsity=st.floats(0, 0.999),
+)
+def test_property_layer_scope_selects_every_leaf_in_one_pass(scores, sparsity):
+  masks = select.topk_leaves([jnp.asarray(s) for s in scores], sparsity, "layer")
+  for s, m in zip(scores, masks):
+    k = s.size - round(sparsity * s.size)
+    np.testing.assert_array_equal(np.asarray(m).ravel(), ranked_mask(s, k))
+
+
+def test_layer_scope_one_leaf_breaks_ties_the_other_keeps_all_copies():
+  a, b = select.topk_by_count([jnp.ones(6), jnp.array([3.0, 1.0, 2.0, 0.0])], [3, 2], "layer")
+  assert a.tolist() == [True] * 3 + [False] * 3
+  assert b.tolist() == [True, False, True, False]
+
+
+def test_large_ties_cut_beyond_the_first_position_digit():
+  # 300,000 scores (histograms in parts; positions above 2**16) of five values, NaN and
+  # signed zeros among them: the cut falls deep inside one value's ~60,000 copies.
+  rng = np.random.default_rng(0)
+  x = rng.choice(np.array([np.nan, 1.0, 0.0, -0.0, -1.0], np.float32), size=300_000)
+  for removed in (100_000, 250_001):
+    (m,) = select.topk_by_count([jnp.asarray(x)], [removed], "layer")
+    np.testing.assert_array_equal(np.asarray(m), ranked_mask(x, x.size - removed))
+  a, b = jnp.asarray(x[:120_000]), jnp.asarray(x[120_000:])
+  m = select.topk_by_count([a, b], [150_000], "global")
+  got = np.concatenate([np.asarray(v) for v in m])
+  np.testing.assert_array_equal(got, ranked_mask(x, x.size - 150_000))
