@@ -181,6 +181,29 @@ def test_nanogpt_heads_and_mlp_shrunk_equals_masked_with_n_head_set():
   assert_equivalent(model, variables, masks, small, lambda b, t: (tokens(b, t, 10 * b + t),))
 
 
+def test_every_block_of_a_causal_stack_is_attention_with_a_batch_of_one():
+  """The causal mask (``iota``) labels the positions axes of the logits and the
+  weights . values dot passes them on to the residual stream: with the example's batch
+  of one squeezed away, every axis of the next block's q and k carries labels. They are
+  still activations (computed from the inputs), so each block has its heads, q.k head
+  dims and value head dims, not three groups of neurons per fused projection."""
+  model = GPT(n_layer=3)
+  p = surgery.plan(model, filled(model, jnp.zeros((1, 4), jnp.int32)), example_input=TOKENS)
+  attention = [
+    (g.name, g.kind, g.size, sorted(g.roles)) for g in p.groups if g.kind in ("heads", "head_dim")
+  ]
+  assert attention == [
+    group
+    for i in range(3)
+    for group in (
+      (f"params/h_{i}/attn/c_attn/head_dim", "head_dim", HEAD_DIM, ["dim", "qk"]),
+      (f"params/h_{i}/attn/heads", "heads", HEADS, ["heads"]),
+      (f"params/h_{i}/attn/v_head_dim", "head_dim", HEAD_DIM, ["dim", "v"]),
+    )
+  ]
+  assert not [g.name for g in p.groups if "/attn/c_attn/kernel" in g.name]  # no q/k/v neurons
+
+
 def test_nanogpt_input_width_split_is_blocked_at_plan_time_with_the_line():
   """``reshape(B, T, n_head, C // n_head)`` with C the residual width: no field sets
   it, so the heads cannot go; the plan says so and where, before any shrink."""

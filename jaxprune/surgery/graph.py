@@ -135,10 +135,19 @@ def _shape(v: Any) -> Shape:
 class Value(list):
   """The labels of one value (one per axis) and what it is to attention: ``logits``, the
   q.k dots (by number) whose output it is, through any op but another dot; ``weights``,
-  those whose softmax it is (their logits went through an ``exp``)."""
+  those whose softmax it is (their logits went through an ``exp``); ``data``, whether it
+  is computed from the model's inputs (an activation, whatever labels its axes carry)."""
 
   logits: frozenset[int] = frozenset()
   weights: frozenset[int] = frozenset()
+  data: bool = False
+
+  @classmethod
+  def input(cls, ndim: int) -> Value:
+    """The labels of a model input: no axis labeled, computed from the data."""
+    value = cls([None] * ndim)
+    value.data = True
+    return value
 
 
 class Tracer:
@@ -178,8 +187,12 @@ class Tracer:
       outs = [[None] * len(s) for s in out_shapes]
     else:
       outs = self.block_all(eqn, ins)
+    data = any(getattr(v, "data", False) for v in ins)
     if eqn.primitive.name in capture.LINEAR:  # the dot rule says what its output is
-      return [o if isinstance(o, Value) else Value(o) for o in outs]
+      values = [o if isinstance(o, Value) else Value(o) for o in outs]
+      for value in values:
+        value.data = data
+      return list(values)
     logits = frozenset().union(*(getattr(v, "logits", frozenset()) for v in ins))
     weights = frozenset().union(*(getattr(v, "weights", frozenset()) for v in ins))
     if eqn.primitive.name == "exp" and logits:
@@ -191,7 +204,7 @@ class Tracer:
     wrapped = []
     for labels in outs:
       value = Value(labels)
-      value.logits, value.weights = logits, weights
+      value.logits, value.weights, value.data = logits, weights, data
       wrapped.append(value)
     return wrapped
 
@@ -283,8 +296,14 @@ def _reduction(t: Tracer, eqn, ins, in_shapes, out_shapes) -> Labels:
 
 
 def _is_activation(labels: list[Label]) -> bool:
-  """A value with an unlabeled axis (batch, positions): not a param."""
-  return any(lab is None for lab in labels)
+  """A value computed from the model's inputs, or with an unlabeled axis (batch,
+  positions; a param broadcast over the batch, as latent queries are): not a param.
+
+  Labels alone do not tell: a causal mask built with ``iota`` labels the positions axes
+  of the logits, the weights . values dot passes the query positions on to the residual
+  stream, and with a batch of one squeezed away every axis of the next block's q and k
+  is labeled."""
+  return getattr(labels, "data", False) or any(lab is None for lab in labels)
 
 
 @_rule("dot_general")

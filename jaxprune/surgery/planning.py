@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxprune import tree as tree_lib
 from jaxprune.surgery import capture
-from jaxprune.surgery.graph import Atoms, Tracer
+from jaxprune.surgery.graph import Atoms, Tracer, Value
 
 # What one channel of a group of each kind is called in ``print(plan)`` and reports.
 UNITS = {"neurons": "channels", "channels": "channels", "heads": "heads", "head_dim": "head dims"}
@@ -137,7 +137,7 @@ def trace(fn: Callable[..., Any], variables: Any, *example_inputs: Any) -> Plan:
   for i, x in enumerate(avals[: len(paths)]):
     floating = jnp.issubdtype(x.dtype, jnp.floating)
     in_labels.append([atoms.new(i, a, n) if floating else None for a, n in enumerate(x.shape)])
-  in_labels += [[None] * len(x.shape) for x in avals[len(paths) :]]
+  in_labels += [Value.input(len(x.shape)) for x in avals[len(paths) :]]
   outs = Tracer(atoms, paths).run(closed.jaxpr, in_labels)
   for labels in outs:
     for lab in labels:
