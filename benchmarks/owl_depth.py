@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxprune import posttrain
+from jaxprune import fileio, posttrain
 from jaxprune.train import config as config_lib
 from jaxprune.train import data, prune
 from jaxprune.train import sharding as sharding_lib
@@ -154,7 +154,7 @@ def main() -> None:
   ]
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text("\n".join(lines) + "\n")
+  fileio.write_text(out, "\n".join(lines) + "\n")
   print("\n".join(lines))
 
 

@@ -291,7 +291,9 @@ def test_block_influence_matches_numpy_and_drop_blocks_skips_them():
   for i in kept:
     x = model.blocks[i](x)
   np.testing.assert_allclose(short(tokens), model.head(model.norm(x)), atol=1e-6)
-  with pytest.raises(ValueError, match=r"indices \[1, 1\] must be distinct blocks of CharLM, 0..3"):
+  with pytest.raises(
+    ValueError, match=r"indices \[1, 1\] must be distinct blocks of Decoder, 0..3"
+  ):
     posttrain.drop_blocks(model, [1, 1])
   with pytest.raises(ValueError, match="removing all 4 blocks"):
     posttrain.drop_blocks(model, [0, 1, 2, 3])

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import pathlib
 import time
@@ -31,7 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxprune import posttrain
+from jaxprune import fileio, posttrain
 from jaxprune import tree as tree_lib
 from jaxprune.train import config as config_lib
 from jaxprune.train import data
@@ -183,7 +182,7 @@ def _save(result: DepthResult, model: nnx.Module) -> None:
   out.mkdir(parents=True, exist_ok=True)
   params = nnx.state(model, nnx.Param)
   arrays = {p: np.asarray(x) for p, x in tree_lib.leaves_with_paths(params)}
-  np.savez(out / NPZ_NAME, **cast(dict[str, Any], arrays))
+  fileio.savez(out / NPZ_NAME, cast(dict[str, Any], arrays))
   numbers = {
     "influence": result.influence,
     "removed": result.removed,
@@ -191,5 +190,7 @@ def _save(result: DepthResult, model: nnx.Module) -> None:
     "depth": list(result.depth),
     "config": config_lib.config_json(result.config),
   }
-  (out / JSON_NAME).write_text(json.dumps(numbers, indent=2, default=str))
-  (out / REPORT_NAME).write_text(f"# Depth pruning of charlm (ShortGPT)\n\n{result.report()}\n")
+  fileio.write_json(out / JSON_NAME, numbers, indent=2, default=str)
+  fileio.write_text(
+    out / REPORT_NAME, f"# Depth pruning of charlm (ShortGPT)\n\n{result.report()}\n"
+  )
