@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeGuard
 
@@ -25,6 +26,7 @@ from flax import linen as nn
 
 from jaxprune.surgery import capture
 from jaxprune.surgery.planning import UNITS, Plan, trace
+from jaxprune.surgery.rebuild import kept_ratio
 from jaxprune.surgery.removal import kept_indices
 from jaxprune.surgery.source import exception_line, where
 
@@ -94,13 +96,7 @@ def _head_counts(obj: Any, sizes: Mapping[str, tuple[int, int]]) -> dict[str, An
   """New values of the head-count fields of ``obj`` (a module, or a config dataclass in
   one of its fields), scaled by the heads kept (``sizes``: ``{kind: (new, old)}``)."""
 
-  def ratio(*kinds: str) -> float:
-    r = 1.0
-    for kind in kinds:
-      new, old = sizes.get(kind, (1, 1))
-      r *= new / old
-    return r
-
+  ratio = functools.partial(kept_ratio, sizes)
   scale = {
     "heads": ratio("heads", "kv_heads", "query_heads"),
     "kv": ratio("heads", "kv_heads"),

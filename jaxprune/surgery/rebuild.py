@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from flax import nnx
 
 from jaxprune.surgery.planning import tie
+
+
+def kept_ratio(sizes: Mapping[str, tuple[int, int]], *kinds: str) -> float:
+  """The product of ``new / old`` over the group ``kinds`` in ``sizes`` (``{kind: (new,
+  old)}``; a kind not there counts 1): how much a head count made of them shrinks."""
+  r = 1.0
+  for kind in kinds:
+    new, old = sizes.get(kind, (1, 1))
+    r *= new / old
+  return r
 
 
 def _shape(var: Any) -> tuple[int, ...]:
@@ -136,13 +148,7 @@ def fix_head_counts(model: nnx.Module, plan: Any, removed: dict[str, list[int]])
     if mod is None or isinstance(mod, nnx.MultiHeadAttention):
       continue
 
-    def ratio(*kinds: str, sizes: dict = sizes) -> float:
-      r = 1.0
-      for kind in kinds:
-        new, old = sizes.get(kind, (1, 1))
-        r *= new / old
-      return r
-
+    ratio = functools.partial(kept_ratio, sizes)
     scale = {
       "num_heads": ratio("heads", "kv_heads", "query_heads"),
       "num_query_heads": ratio("heads", "kv_heads", "query_heads"),
