@@ -365,3 +365,35 @@ def test_prune_blocks_magnitude_per_layer_and_n_m():
   np.testing.assert_array_equal(
     np.asarray(model.blocks[0].mlp.down_proj.kernel[...]), before["blocks/0/mlp/down_proj/kernel"]
   )
+
+
+def test_one_pass_on_a_tied_checkpoint_equals_the_traced_path():
+  """The command's one pass per block (Decoder.stack: embed -> blocks -> tied logits) gives
+  the Wanda masks of the traced block-by-block path, with one progress line per block."""
+  tokens = np.random.default_rng(0).integers(0, 64, (2, 2, 7)).astype(np.int32)
+  batches = [tokens[0], tokens[1]]
+  model, checkpoint = hf.load_hf(FIXTURES / "qwen3")
+  assert checkpoint.config.tie_embeddings
+  lines = []
+  hf_prune.prune_blocks(
+    model, batches, method="wanda", sparsity=0.5, structure=None, log=lines.append
+  )
+  assert [line.split(":")[0] for line in lines] == ["block 1/2", "block 2/2"]
+  one_pass = {p: np.asarray(v) for p, v in jaxprune.tree.leaves_with_paths(nnx.state(model))}
+  reference, _ = hf.load_hf(FIXTURES / "qwen3")
+  calls = []
+  traced, _ = jaxprune.posttrain.prune(
+    reference,
+    None,
+    batches,
+    method="wanda",
+    sparsity=0.5,
+    blocks=["^blocks/0/", "^blocks/1/"],
+    where=lambda path, leaf: path.startswith("blocks/") and path.endswith("kernel"),
+    progress=lambda done, total: calls.append((done, total)),
+  )
+  assert calls == [(1, 2), (2, 2)]
+  for path, w in jaxprune.tree.leaves_with_paths(traced):
+    if path.startswith("blocks/") and path.endswith("kernel"):
+      np.testing.assert_array_equal(one_pass[path] == 0, np.asarray(w) == 0, err_msg=path)
+      assert (one_pass[path] == 0).mean() == 0.5, path

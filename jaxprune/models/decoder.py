@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxprune.posttrain.blockwise import Stack
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -352,6 +354,12 @@ class Decoder(nnx.Module):
     """The last hidden states ``(B, T, dim)`` -> logits: final norm, then head or tied embedding."""
     x = self.norm(x)
     return self.embed.attend(x) if self.tie_embeddings else self.head(x)
+
+  def stack(self) -> Stack:
+    """Its forward pass as embed -> blocks -> :meth:`logits`, for one-pass-per-block
+    post-training pruning (``posttrain.prune(model, stack=True)``; tied embeddings
+    included)."""
+    return Stack(self.embed, list(self.blocks), self.logits)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     x = self.embed(tokens)

@@ -290,6 +290,7 @@ def prune_stack(
   cache_bytes: float | None,
   mesh: Mesh | None = None,
   batch_axis: str | None = None,
+  progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
   """``({path: updated leaf}, {path: mask})`` over the model's paths, one pass per block.
 
@@ -328,6 +329,8 @@ def prune_stack(
         mask_of[f"{path}/{p}"] = masks[p]
     if i < last:
       hidden = hidden.map(lambda x, leaves=leaves, run=run: run(leaves, x))
+    if progress is not None:
+      progress(i + 1, last + 1)
   if not mask_of:
     raise ValueError(
       f"No linear layer selected by where={where!r} in the {len(paths)} blocks of the stack "

@@ -10,7 +10,7 @@ one number, one per block, or OWL's outlier-weighted distribution.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -62,6 +62,7 @@ def prune(
   mesh: Mesh | None = None,
   batch_axis: str | None = None,
   cache_bytes: float | None = None,
+  progress: Callable[[int, int], None] | None = None,
   **options: Any,
 ) -> tuple[Any, Any]:
   """Prunes a model's linear layers from calibration data with Wanda or SparseGPT.
@@ -114,6 +115,8 @@ def prune(
     mesh, batch_axis: split the batches over a data-parallel mesh axis
       (:func:`~jaxprune.posttrain.calibrate`).
     cache_bytes: ``stack``: the most bytes of hidden states kept on the device.
+    progress: called as ``progress(done, total)`` after each block (or group of
+      ``blocks``) is pruned, e.g. to print a line per block.
     **options: ``blocksize=`` and ``dampening=`` for SparseGPT.
 
   Returns:
@@ -174,15 +177,18 @@ def prune(
     updated, mask_of = blockwise.prune_stack(
       model, the_stack, data, method=method, sparsities=sparsities, structure=structure,
       where=where, options=options, cache_bytes=cache_bytes, mesh=mesh, batch_axis=batch_axis,
+      progress=progress,
     )  # fmt: skip
     current.update(updated)
   else:
-    for group, s in zip(groups, sparsities):
+    for i, (group, s) in enumerate(zip(groups, sparsities)):
       got = program.statistics([current[p] for p in paths], data, group, method == "sparsegpt")
       kernels = {p: current[p] for p in group}
       updated, masks = solve_group(method, kernels, got, s, structure, options)
       current.update(updated)
       mask_of.update(masks)
+      if progress is not None:
+        progress(i + 1, len(groups))
   new_variables = jax.tree.unflatten(treedef, [current[p] for p in paths])
   if isinstance(model, nnx.Module):
     graphdef, _ = nnx.split(model)

@@ -167,8 +167,9 @@ def prune_blocks(
 ) -> None:
   """Prunes ``model`` in place block by block, logging one line per block.
 
-  ``wanda`` / ``sparsegpt``: :func:`jaxprune.posttrain.prune` on block ``i``'s kernels,
-  calibrated on ``batches`` through blocks ``0..i-1`` as already pruned. ``magnitude``:
+  ``wanda`` / ``sparsegpt``: :func:`jaxprune.posttrain.prune` with ``stack=True``: the
+  hidden states of ``batches`` cached at block 0's input, each block calibrated on them,
+  pruned and re-run to give the next block's inputs (one pass per block). ``magnitude``:
   the smallest ``|w|`` per layer. ``sparsity`` is ignored with an N:M ``structure``.
 
   Raises:
@@ -188,33 +189,39 @@ def prune_blocks(
           f"{np.shape(leaf)[0]}; exclude it with --layers or choose another M."
         )
   depth = len(model.blocks)
-  for i in range(depth):
-    start = time.perf_counter()
-    prefix = f"blocks/{i}/"
-    mine = [p for p in chosen if p.startswith(prefix)]
-    if not mine:
-      log(f"block {i + 1}/{depth}: no selected layers")
-      continue
-    where = lambda path, leaf, mine=mine: path in mine  # noqa: E731
-    if method == "magnitude":
-      params = nnx.state(model, nnx.Param)
-      pruner = jaxprune.magnitude(sparsity, where=where, structure=structure)
-      params = jaxprune.apply_mask(params, pruner.masks(params))
+  mine = [[p for p in chosen if p.startswith(f"blocks/{i}/")] for i in range(depth)]
+  clock = [time.perf_counter()]
+
+  def progress(done: int, total: int) -> None:
+    now = time.perf_counter()
+    if mine[done - 1]:
+      log(f"block {done}/{total}: {method} on {len(mine[done - 1])} layers, {now - clock[0]:.1f} s")
     else:
-      params, _ = posttrain.prune(
-        model,
-        None,
-        batches,
-        method=method,
-        sparsity=None if structure else sparsity,
-        structure=structure,
-        blocks=[f"^{re.escape(prefix)}"],
-        where=where,
-        **options,
-      )
+      log(f"block {done}/{total}: no selected layers")
+    clock[0] = now
+
+  if method != "magnitude":  # one pass per block from cached hidden states
+    params, _ = posttrain.prune(
+      model,
+      None,
+      batches,
+      method=method,
+      sparsity=None if structure else sparsity,
+      structure=structure,
+      stack=True,
+      where=lambda path, leaf: path in chosen,
+      progress=progress,
+      **options,
+    )
     nnx.update(model, jax.block_until_ready(params))
-    seconds = time.perf_counter() - start
-    log(f"block {i + 1}/{depth}: {method} on {len(mine)} layers, {seconds:.1f} s")
+    return
+  for i in range(depth):
+    if mine[i]:
+      params = nnx.state(model, nnx.Param)
+      where = lambda path, leaf, ours=mine[i]: path in ours  # noqa: E731
+      pruner = jaxprune.magnitude(sparsity, where=where, structure=structure)
+      nnx.update(model, jax.block_until_ready(jaxprune.apply_mask(params, pruner.masks(params))))
+    progress(i + 1, depth)
 
 
 @dataclasses.dataclass(frozen=True)
