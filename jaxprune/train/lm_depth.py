@@ -112,11 +112,7 @@ def check(config: Config) -> None:
 
 def output_dir(config: Config) -> pathlib.Path | None:
   """``posttrain.out``, else ``<train.workdir>/shortgpt_<n>``, else ``None``."""
-  if config.posttrain.out:
-    return pathlib.Path(config.posttrain.out)
-  if not config.train.workdir:
-    return None
-  return pathlib.Path(config.train.workdir) / f"shortgpt_{config.posttrain.drop_blocks}"
+  return prune_lib.posttrain_out(config, f"shortgpt_{config.posttrain.drop_blocks}")
 
 
 def shorter_config(config: Config, n_blocks: int) -> Config:

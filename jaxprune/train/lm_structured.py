@@ -206,11 +206,7 @@ def check(config: Config) -> None:
 
 def output_dir(config: Config) -> pathlib.Path | None:
   """``posttrain.out``, else ``<train.workdir>/<method>_structured``, else ``None``."""
-  if config.posttrain.out:
-    return pathlib.Path(config.posttrain.out)
-  if not config.train.workdir:
-    return None
-  return pathlib.Path(config.train.workdir) / f"{config.posttrain.method}_structured"
+  return prune_lib.posttrain_out(config, f"{config.posttrain.method}_structured")
 
 
 def channel_scores(

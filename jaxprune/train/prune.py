@@ -233,14 +233,20 @@ class PruneResult:
     return "\n".join(lines)
 
 
-def output_dir(config: Config) -> pathlib.Path | None:
-  """``posttrain.out``, else ``<train.workdir>/<method>_<target>``, else ``None``."""
+def posttrain_out(config: Config, name: str) -> pathlib.Path | None:
+  """``posttrain.out``, else ``<train.workdir>/<name>``, else ``None`` (every prune recipe's
+  output folder)."""
   if config.posttrain.out:
     return pathlib.Path(config.posttrain.out)
   if not config.train.workdir:
     return None
-  name = f"{config.posttrain.method}_{target_name(config).replace(':', 'of').replace('%', '')}"
   return pathlib.Path(config.train.workdir) / name
+
+
+def output_dir(config: Config) -> pathlib.Path | None:
+  """``posttrain.out``, else ``<train.workdir>/<method>_<target>``, else ``None``."""
+  target = target_name(config).replace(":", "of").replace("%", "")
+  return posttrain_out(config, f"{config.posttrain.method}_{target}")
 
 
 def prune_checkpoint(
