@@ -189,3 +189,23 @@ def test_report_of_a_cut_summary_is_one_line_naming_it(run, tmp_path, capsys):
   status, _, err = call(capsys, "report", str(copy))
   assert_one_line(status, err, f"jaxprune report: error: {copy / 'summary.json'}: damaged")
   assert {p: p.stat().st_mtime_ns for p in copy.iterdir()} == before
+
+
+def test_depth_pruning_checks_its_output_folder_before_any_work(tmp_path, capsys, monkeypatch):
+  """posttrain.method=shortgpt with posttrain.out a file: one line, before the checkpoint
+  is looked for or data loaded (as the other prune recipes)."""
+  monkeypatch.setattr(data, "load", lambda *a, **k: pytest.fail("data loaded before the check"))
+  existing = tmp_path / "depth.md"
+  existing.write_text("")
+  status, _, err = call(
+    capsys,
+    "prune",
+    "--config",
+    str(ROOT / "configs" / "charlm.py"),
+    "--config.posttrain.method=shortgpt",
+    "--config.posttrain.drop_blocks=1",
+    f"--config.posttrain.out={existing}",
+    f"--config.train.workdir={tmp_path / 'missing'}",
+  )
+  assert_one_line(status, err, f"jaxprune prune: error: posttrain.out {existing}: ")
+  assert files(tmp_path) == {"depth.md"}

@@ -33,7 +33,7 @@ from flax import nnx
 from jaxprune import fileio, posttrain
 from jaxprune import tree as tree_lib
 from jaxprune.train import config as config_lib
-from jaxprune.train import data
+from jaxprune.train import data, errors
 from jaxprune.train import prune as prune_lib
 from jaxprune.train import sharding as sharding_lib
 from jaxprune.train import state as state_lib
@@ -139,7 +139,8 @@ def prune_depth(
     FileNotFoundError: no checkpoint there.
   """
   check(config)
-  state_lib.require_checkpoints(config, "prune")
+  errors.check_out_dir(output_dir(config), "posttrain.out")
+  state_lib.require_checkpoints(config, "prune", step)
   started = time.perf_counter()
   ds = dataset or data.from_config(config.data)
   restored = state_lib.restore(config, ds.image_shape, ds.num_classes, step=step, purpose="prune")
