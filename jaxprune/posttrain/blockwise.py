@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 
 from jaxprune import tree as tree_lib
 from jaxprune.posttrain.calibration import Program
+from jaxprune.posttrain import sharded
 from jaxprune.posttrain.layers import Layer
 from jaxprune.posttrain.sparsegpt_solver import sparsegpt
 from jaxprune.posttrain.stats import InputStats
@@ -254,6 +255,7 @@ class BlockPrograms:
 
   mesh: Mesh | None
   batch_axis: str | None
+  param_axis: str | None = None
   programs: dict[Any, tuple[Program, Any, Callable]] = dataclasses.field(default_factory=dict)
 
   def of(self, block: nnx.Module) -> tuple[Program, list, Callable]:
@@ -261,20 +263,38 @@ class BlockPrograms:
     graphdef, state = nnx.split(block)
     entry = self.programs.get(graphdef)
     if entry is None:
-      program = Program.of(block, None, None, self.mesh, self.batch_axis)
+      program = Program.of(block, None, None, self.mesh, self.batch_axis, self.param_axis)
       treedef = jax.tree.structure(program.variables)
       fn = program.fn
 
       def run(leaves, x, treedef=treedef, fn=fn):
         return fn(jax.tree.unflatten(treedef, leaves), x)
 
-      entry = (program, treedef, jax.jit(run))
+      if self.mesh is None:
+        compiled = jax.jit(run)
+      else:  # the next block's inputs stay split over the batch axis
+        assert self.batch_axis is not None
+        compiled = jax.jit(run, out_shardings=sharded.batch_sharding(self.mesh, self.batch_axis))
+      entry = (program, treedef, compiled)
       self.programs[graphdef] = entry
     program, treedef, run = entry
     leaves = jax.tree.leaves(state)
     if jax.tree.structure(state) != treedef:
       raise ValueError(f"Block {type(block).__name__}: its state changed structure.")
     return program, leaves, run
+
+
+  def place(self, x: Any) -> Any:
+    """Hidden states split along their leading axis over the batch axis (with a mesh)."""
+    if self.mesh is None:
+      return x
+    assert self.batch_axis is not None
+    sharded.check_batch((x,), self.mesh, self.batch_axis)
+    return jax.device_put(x, sharded.batch_sharding(self.mesh, self.batch_axis))
+
+  def prefix(self, stack: Stack, inputs: tuple) -> Any:
+    """The hidden states at block 0's input, split over the batch axis (with a mesh)."""
+    return self.place(stack.prefix(*(self.place(x) for x in inputs)))
 
 
 def prune_stack(
@@ -290,6 +310,7 @@ def prune_stack(
   cache_bytes: float | None,
   mesh: Mesh | None = None,
   batch_axis: str | None = None,
+  param_axis: str | None = None,
   progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
   """``({path: updated leaf}, {path: mask})`` over the model's paths, one pass per block.
@@ -299,10 +320,10 @@ def prune_stack(
   paths = block_paths(model, stack.blocks)
   pred = tree_lib.as_predicate(where)
   budget = default_cache_bytes() if cache_bytes is None else cache_bytes
-  programs = BlockPrograms(mesh, batch_axis)
+  programs = BlockPrograms(mesh, batch_axis, param_axis)
   if stack.suffix is not None:
     _check_stack(model, stack, data[0], programs)
-  hidden = HiddenCache([stack.prefix(*inputs) for inputs in data], budget)
+  hidden = HiddenCache([programs.prefix(stack, inputs) for inputs in data], budget)
   updated: dict[str, Any] = {}
   mask_of: dict[str, Any] = {}
   last = len(stack.blocks) - 1
@@ -317,18 +338,22 @@ def prune_stack(
       example = (hidden.arrays[0],)
       layers = program.layers(example, None if where is None else chosen)
       rel = program.paths
+      leaves = program.place_leaves(leaves, example)
       current = dict(zip(rel, leaves))
       got = program.statistics(leaves, [(x,) for x in hidden.arrays], layers, method == "sparsegpt")
       new, masks = solve_group(
         method, {p: current[p] for p in layers}, got, sparsities[i], structure, options
       )
+      if mesh is not None:  # the solves' outputs on their weights' shardings
+        new = {p: jax.device_put(x, current[p].sharding) for p, x in new.items()}
+        masks = {p: jax.device_put(x, current[p].sharding) for p, x in masks.items()}
       current.update(new)
       leaves = [current[p] for p in rel]
       for p in layers:
         updated[f"{path}/{p}"] = new[p]
         mask_of[f"{path}/{p}"] = masks[p]
     if i < last:
-      hidden = hidden.map(lambda x, leaves=leaves, run=run: run(leaves, x))
+      hidden = hidden.map(lambda x, leaves=leaves, run=run: run(leaves, programs.place(x)))
     if progress is not None:
       progress(i + 1, last + 1)
   if not mask_of:

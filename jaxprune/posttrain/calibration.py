@@ -6,7 +6,8 @@ einsum projections), found by exact path; the inputs of those equations are reco
 while the traced program runs under ``jax.jit`` and reduced there to
 :class:`~jaxprune.posttrain.stats.InputStats` (float32 sums), so no Flax class is
 patched and no activation leaves the device. With a mesh, batches are split over a data
-axis and the sums are all-reduced by the compiler.
+axis, the weights over their output features (:mod:`~jaxprune.posttrain.sharded`), and
+the sums are all-reduced by the compiler.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxprune import tree as tree_lib
+from jaxprune.posttrain import sharded
 from jaxprune.posttrain import stats as stats_lib
 from jaxprune.posttrain.stats import InputStats
 from jaxprune.surgery import capture
@@ -38,15 +40,18 @@ class Program:
   Attributes:
     fn: ``fn(variables, *inputs)``, the eval-mode forward pass.
     variables: the variables traced (an NNX state or Linen variables).
-    mesh: a mesh to split batches over (``batch_axis``), or ``None``.
+    mesh: a mesh to split batches over (``batch_axis``) and weights over
+      (``param_axis``), or ``None``.
   """
 
   fn: Callable[..., Any]
   variables: Any
   mesh: Mesh | None = None
   batch_axis: str | None = None
+  param_axis: str | None = None
   _traced: dict = dataclasses.field(default_factory=dict)
   _compiled: dict = dataclasses.field(default_factory=dict)
+  _shardings: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
   def of(
@@ -56,11 +61,12 @@ class Program:
     apply_kwargs: Mapping[str, Any] | None = None,
     mesh: Mesh | None = None,
     batch_axis: str | None = None,
+    param_axis: str | None = None,
   ) -> Program:
+    if mesh is not None:
+      batch_axis, param_axis = sharded.check_axes(mesh, batch_axis, param_axis)
     fn, variables = capture.forward(model, variables, dict(apply_kwargs or {}))
-    if mesh is not None and batch_axis not in mesh.axis_names:
-      raise ValueError(f"batch_axis={batch_axis!r} is not an axis of the mesh {mesh.axis_names}.")
-    return cls(fn, variables, mesh, batch_axis)
+    return cls(fn, variables, mesh, batch_axis, param_axis)
 
   @property
   def paths(self) -> list[str]:
@@ -170,13 +176,37 @@ class Program:
         self._compiled[key] = jax.jit(run, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
     return self._compiled[key]
 
-  def place(self, leaves: list, inputs: tuple) -> tuple[list, tuple]:
-    """Leaves replicated and inputs split along ``batch_axis`` over the mesh (if any)."""
+  def leaf_shardings(self, inputs: tuple) -> list[NamedSharding] | None:
+    """Each variable's sharding over the mesh (:func:`~jaxprune.posttrain.sharded.leaf_spec`:
+    linear weights split along their output features, found by tracing on ``inputs``), or
+    ``None`` without a mesh."""
     if self.mesh is None:
-      return leaves, inputs
-    replicated = NamedSharding(self.mesh, PartitionSpec())
-    split = NamedSharding(self.mesh, PartitionSpec(self.batch_axis))
-    return jax.device_put(leaves, replicated), jax.device_put(inputs, split)
+      return None
+    traced, found = self.traced(inputs)
+    if id(traced) not in self._shardings:
+      assert self.param_axis is not None
+      leaves = jax.tree.leaves(self.variables)
+      self._shardings[id(traced)] = sharded.leaf_shardings(
+        self.paths, leaves, found, self.mesh, self.param_axis
+      )
+    return self._shardings[id(traced)]
+
+  def place_leaves(self, leaves: list, inputs: tuple) -> list:
+    """``leaves`` (the variables' leaves, or updated ones) placed on the mesh, if any."""
+    shardings = self.leaf_shardings(inputs)
+    return leaves if shardings is None else jax.device_put(leaves, shardings)
+
+  def place_batch(self, inputs: Any) -> Any:
+    """A batch (any pytree) split along its leading axis over ``batch_axis``, if a mesh."""
+    if self.mesh is None:
+      return inputs
+    assert self.batch_axis is not None
+    sharded.check_batch(inputs, self.mesh, self.batch_axis)
+    return jax.device_put(inputs, sharded.batch_sharding(self.mesh, self.batch_axis))
+
+  def place(self, leaves: list, inputs: tuple) -> tuple[list, tuple]:
+    """Leaves split over ``param_axis`` and inputs along ``batch_axis`` (with a mesh)."""
+    return self.place_leaves(leaves, inputs), self.place_batch(inputs)
 
   def statistics(
     self, leaves: list, batches: Sequence[tuple], layers: Iterable[str], hessian: bool
@@ -212,6 +242,7 @@ def calibrate(
   apply_kwargs: Mapping[str, Any] | None = None,
   mesh: Mesh | None = None,
   batch_axis: str | None = None,
+  param_axis: str | None = None,
 ) -> dict[str, InputStats]:
   """Input statistics of every linear layer of the dense model (one pass over the batches).
 
@@ -228,8 +259,11 @@ def calibrate(
     hessian: also collect ``X^T X`` (SparseGPT); ``False`` keeps only the norms (Wanda).
     apply_kwargs: keyword arguments of the forward pass.
     mesh: a ``jax.sharding.Mesh``; batches are split along ``batch_axis`` (their leading
-      axis) and the statistics all-reduced; variables are replicated.
-    batch_axis: the mesh axis of the data (needed with ``mesh``).
+      axis) and the statistics all-reduced (they come back replicated); each linear
+      weight is split over ``param_axis`` along its output features
+      (:mod:`~jaxprune.posttrain.sharded`).
+    batch_axis: the mesh axis of the data (default: the mesh's axis, if it has one).
+    param_axis: the mesh axis the weights are split over (default ``batch_axis``: FSDP).
 
   Returns:
     ``{path: InputStats}`` per layer, paths as in the model's variables (Linen:
@@ -243,7 +277,7 @@ def calibrate(
       skipped with a warning listing them.
   """
   data = check_batches(batches, "calibrate")
-  program = Program.of(model, variables, apply_kwargs, mesh, batch_axis)
+  program = Program.of(model, variables, apply_kwargs, mesh, batch_axis, param_axis)
   layers = program.layers(data[0], where)
   leaves = jax.tree.leaves(program.variables)
   return program.statistics(leaves, data, layers, hessian)

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from jaxprune import tree as tree_lib
 from jaxprune.posttrain import blockwise
 from jaxprune.posttrain import owl as owl_lib
+from jaxprune.posttrain import sharded
 from jaxprune.posttrain.blockwise import Stack, group_blocks, solve_group
 from jaxprune.posttrain.calibration import Program, check_batches
 from jaxprune.posttrain.sparsegpt_solver import check_options
@@ -61,6 +62,7 @@ def prune(
   apply_kwargs: Mapping[str, Any] | None = None,
   mesh: Mesh | None = None,
   batch_axis: str | None = None,
+  param_axis: str | None = None,
   cache_bytes: float | None = None,
   progress: Callable[[int, int], None] | None = None,
   **options: Any,
@@ -112,8 +114,15 @@ def prune(
     where: which layers (regexes or a predicate over exact paths; default every float
       kernel read by a ``dot_general``), within the blocks when given.
     apply_kwargs: keyword arguments of the forward pass (not with ``stack``).
-    mesh, batch_axis: split the batches over a data-parallel mesh axis
-      (:func:`~jaxprune.posttrain.calibrate`).
+    mesh, batch_axis, param_axis: run over a ``jax.sharding.Mesh``
+      (:mod:`~jaxprune.posttrain.sharded`): batches split along ``batch_axis`` (default:
+      the mesh's one axis), every linear weight split over ``param_axis`` (default
+      ``batch_axis``) along its output features, statistics all-reduced, the Wanda and
+      SparseGPT solves run on each device's output columns. An NNX model's variables
+      are first moved onto the mesh in place (values unchanged), so no device holds the
+      whole model; the returned params and masks keep these shardings. Batches must
+      split evenly (with several processes: global arrays from
+      ``jax.make_array_from_process_local_data``, see ``docs/multi_host.md``).
     cache_bytes: ``stack``: the most bytes of hidden states kept on the device.
     progress: called as ``progress(done, total)`` after each block (or group of
       ``blocks``) is pruned, e.g. to print a line per block.
@@ -153,7 +162,9 @@ def prune(
     if apply_kwargs:
       raise ValueError("prune: stack= calls each block as x = block(x); apply_kwargs not taken.")
   data = check_batches(batches, "prune")
-  program = Program.of(model, variables, apply_kwargs, mesh, batch_axis)
+  program = Program.of(model, variables, apply_kwargs, mesh, batch_axis, param_axis)
+  if mesh is not None:
+    _place_model(model, program, data)
   if stack is not None and stack is not False:
     the_stack = blockwise.stack_of(model) if stack is True else stack
     assert isinstance(the_stack, Stack)
@@ -176,8 +187,8 @@ def prune(
   if the_stack is not None:
     updated, mask_of = blockwise.prune_stack(
       model, the_stack, data, method=method, sparsities=sparsities, structure=structure,
-      where=where, options=options, cache_bytes=cache_bytes, mesh=mesh, batch_axis=batch_axis,
-      progress=progress,
+      where=where, options=options, cache_bytes=cache_bytes, mesh=mesh,
+      batch_axis=program.batch_axis, param_axis=program.param_axis, progress=progress,
     )  # fmt: skip
     current.update(updated)
   else:
@@ -185,6 +196,8 @@ def prune(
       got = program.statistics([current[p] for p in paths], data, group, method == "sparsegpt")
       kernels = {p: current[p] for p in group}
       updated, masks = solve_group(method, kernels, got, s, structure, options)
+      if mesh is not None:  # the solves' outputs on their weights' shardings
+        updated, masks = (_placed_like(program, data[0], t) for t in (updated, masks))
       current.update(updated)
       mask_of.update(masks)
       if progress is not None:
@@ -200,6 +213,29 @@ def prune(
   flat_params, params_def = jax.tree_util.tree_flatten_with_path(params)
   masks = [stripped.get(tree_lib.strip_collection(tree_lib.path_str(k))) for k, _ in flat_params]
   return params, jax.tree.unflatten(params_def, masks)
+
+
+def _place_model(model: Any, program: Program, data: list[tuple]) -> None:
+  """Moves the traced variables onto the program's mesh (and an NNX model's own, in place).
+
+  Raises:
+    ValueError: a batch whose leading axis does not split over the batch axis.
+  """
+  assert program.mesh is not None and program.batch_axis is not None
+  for inputs in data:
+    sharded.check_batch(inputs, program.mesh, program.batch_axis)
+  leaves, treedef = jax.tree.flatten(program.variables)
+  program.variables = jax.tree.unflatten(treedef, program.place_leaves(leaves, data[0]))
+  if isinstance(model, nnx.Module):
+    nnx.update(model, program.variables)
+
+
+def _placed_like(program: Program, inputs: tuple, tree: dict[str, Any]) -> dict[str, Any]:
+  """``{path: array}`` on the shardings of the program's variables at those paths."""
+  shardings = program.leaf_shardings(inputs)
+  assert shardings is not None
+  of = dict(zip(program.paths, shardings))
+  return {p: jax.device_put(x, of[p]) for p, x in tree.items()}
 
 
 def _owl(
