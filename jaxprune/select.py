@@ -46,7 +46,13 @@ def check_sparsity(sparsity: Any, name: str = "sparsity") -> None:
 
 def sortable_keys(scores: jax.Array) -> jax.Array:
   """Flat ``uint32`` keys whose unsigned order is the float order of ``scores``."""
-  x = jnp.ravel(scores).astype(jnp.float32)
+  return jnp.ravel(element_keys(scores))
+
+
+def element_keys(scores: jax.Array) -> jax.Array:
+  """:func:`sortable_keys` in the shape of ``scores`` (element-wise: a sharded array stays
+  sharded, where flattening would gather it)."""
+  x = jnp.asarray(scores).astype(jnp.float32)
   i = lax.bitcast_convert_type(x, jnp.int32)
   # -0.0 -> +0.0 on the bits: a float compare would also zero denormals (XLA:CPU flushes
   # them), ranking 1e-45 equal to 0.

@@ -9,6 +9,9 @@
   (each block calibrated on the outputs of the already-pruned blocks; one pass per
   block from cached hidden states for a :class:`Stack` of blocks) or in one pass;
   uniform sparsity, one per block, or OWL's (:func:`owl_sparsities`).
+* Over a ``jax.sharding.Mesh`` (``prune(..., mesh=mesh)``, :mod:`~jaxprune.posttrain.sharded`):
+  weights split along their output features (FSDP), calibration batches along the data
+  axis, statistics all-reduced; the masks and weights of one device.
 * :func:`block_influence`, :func:`drop_blocks`: depth pruning (ShortGPT): remove the
   blocks that change their input least, for a really shorter model.
 

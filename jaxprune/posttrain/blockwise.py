@@ -29,8 +29,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxprune import tree as tree_lib
-from jaxprune.posttrain.calibration import Program
 from jaxprune.posttrain import sharded
+from jaxprune.posttrain.calibration import Program
 from jaxprune.posttrain.layers import Layer
 from jaxprune.posttrain.sparsegpt_solver import sparsegpt
 from jaxprune.posttrain.stats import InputStats
@@ -242,10 +242,12 @@ class HiddenCache:
 
 
 def _compare_output(got: Any, expected: Any) -> float:
-  got, expected = (np.asarray(jnp.asarray(x, jnp.float32)) for x in (got, expected))
+  """The largest difference relative to the largest ``|expected|``, reduced on the devices
+  (arrays split over several hosts are never copied to one)."""
+  got, expected = (jnp.asarray(x, jnp.float32) for x in (got, expected))
   if got.shape != expected.shape:
     return float("inf")
-  return float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
+  return float(jnp.max(jnp.abs(got - expected))) / max(float(jnp.max(jnp.abs(expected))), 1e-30)
 
 
 @dataclasses.dataclass
@@ -282,7 +284,6 @@ class BlockPrograms:
     if jax.tree.structure(state) != treedef:
       raise ValueError(f"Block {type(block).__name__}: its state changed structure.")
     return program, leaves, run
-
 
   def place(self, x: Any) -> Any:
     """Hidden states split along their leading axis over the batch axis (with a mesh)."""

@@ -18,9 +18,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxprune import tree as tree_lib
-from jaxprune.posttrain import blockwise
+from jaxprune.posttrain import blockwise, sharded
 from jaxprune.posttrain import owl as owl_lib
-from jaxprune.posttrain import sharded
 from jaxprune.posttrain.blockwise import Stack, group_blocks, solve_group
 from jaxprune.posttrain.calibration import Program, check_batches
 from jaxprune.posttrain.sparsegpt_solver import check_options

@@ -34,9 +34,7 @@ from jaxprune import tree as tree_lib
 from jaxprune.surgery.linear import Layer
 
 
-def check_axes(
-  mesh: Mesh, batch_axis: str | None, param_axis: str | None
-) -> tuple[str, str]:
+def check_axes(mesh: Mesh, batch_axis: str | None, param_axis: str | None) -> tuple[str, str]:
   """``(batch_axis, param_axis)`` checked against ``mesh``.
 
   ``batch_axis`` defaults to the mesh's axis when it has exactly one; ``param_axis`` to

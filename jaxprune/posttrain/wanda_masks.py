@@ -26,11 +26,13 @@ def per_output_mask(scores: jax.Array, n_removed: int) -> jax.Array:
 
   Ties keep the lower input index (a stable descending order), as :mod:`jaxprune.select`.
   """
-  n_in, n_out = scores.shape
-  keys = select.sortable_keys(scores).reshape(scores.shape)
+  n_in = scores.shape[0]
+  # Column by column only (no flattening, no scatter), so columns split over a mesh stay
+  # split: an input's rank in its column is where the sorted order puts it.
+  keys = select.element_keys(scores)
   order = jnp.argsort(~keys, axis=0, stable=True)  # ~ reverses the unsigned order
-  kept = order[: n_in - n_removed]
-  return jnp.zeros(scores.shape, bool).at[kept, jnp.arange(n_out)[None, :]].set(True)
+  rank = jnp.argsort(order, axis=0)
+  return rank < n_in - n_removed
 
 
 @functools.partial(jax.jit, static_argnames=("nm",))
