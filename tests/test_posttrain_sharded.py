@@ -29,6 +29,7 @@ from jaxprune.posttrain import sharded
 from jaxprune.surgery.linear import Layer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+BLOCKS = r"^blocks/(\d+)/"
 
 
 def _layer(shape, in_axes):
@@ -134,26 +135,32 @@ def _on_8_devices(dump: str) -> dict:
     ("sparsegpt", jaxprune.n_m(2, 4), "stack"),
     ("sparsegpt", None, "traced"),
   ]
+
+  def stack(model, first):  # the first run checks the stack against the model, the
+    # others skip that check (no suffix): it costs a whole-model compile per run
+    return True if first else posttrain.Stack(model.embed, list(model.blocks))
+
   references = {}
-  for method, structure, path in cases:
+  for i, (method, structure, path) in enumerate(cases):
     options = {"blocksize": 16} if method == "sparsegpt" else {}
     kwargs = dict(method=method, structure=structure, **options)
     key = (method, structure)
     if key not in references:  # one device, one pass per block
-      references[key] = posttrain.prune(make(), None, batches, stack=True, **kwargs)
+      ref_model = make()
+      references[key] = posttrain.prune(
+        ref_model, None, batches, stack=stack(ref_model, i == 0), **kwargs
+      )
     ref_params, ref_masks = references[key]
-    kwargs.update({"stack": True} if path == "stack" else {"blocks": r"^blocks/(\d+)/"})
     model = make()
+    kwargs.update({"stack": stack(model, i == 0)} if path == "stack" else {"blocks": BLOCKS})
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
       params, masks = posttrain.prune(model, None, batches, mesh=mesh, **kwargs)
-    scale = max(float(np.max(np.abs(np.asarray(x)))) for x in jax.tree.leaves(ref_params))
     name = f"{method}/{'2:4' if structure else '50%'}/{path}"
     report["runs"][name] = {
       "masks_equal": _masks_equal(ref_masks, masks),
       "n_masks": sum(m is not None for m in jax.tree.leaves(masks, is_leaf=lambda x: x is None)),
       "max_weight_diff": _max_diff(ref_params, params),
-      "max_abs_weight": scale,
       "devices_holding": len(sharded.device_bytes(params)),
       "params_device_fraction": _device_fraction(params),
       "model_device_fraction": _device_fraction(nnx.state(model)),  # moved in place
@@ -198,17 +205,21 @@ def test_sharded_prune_equals_one_device():
     report = json.loads(proc.stdout.strip().splitlines()[-1])
   for name, run in report["runs"].items():
     assert run["masks_equal"] and run["n_masks"] == 2 * 7, (name, run)  # q k v o gate up down
-    # float32 sums all-reduced in another order: ~1e-6 of the largest weight
-    assert run["max_weight_diff"] <= 1e-6 * run["max_abs_weight"], (name, run)
+    # The statistics are float32 sums added in another order (per device, then
+    # all-reduced): SparseGPT's weights move by ~2e-6 (weights up to ~1), as much as on
+    # one device with the same rows in 16 batches of 2 instead of 2 of 16 (measured
+    # 2.0e-6 at 50%, 2.3e-6 at 2:4); Wanda's weights are only masked: exact.
+    limit = 5e-6 if name.startswith("sparsegpt") else 0.0
+    assert run["max_weight_diff"] <= limit, (name, run["max_weight_diff"])
     assert run["devices_holding"] == 8 and run["warnings"] == [], (name, run)
     # every weight is split: only the norms (5 x 32 floats) are on every device
     assert run["params_device_fraction"] <= 1 / 8 + 0.01, (name, run)
     assert run["model_device_fraction"] <= 1 / 8 + 0.01, (name, run)
     layout = run["layout"]
-    assert layout["blocks/0/attn/k_proj/kernel"] == "PartitionSpec(None, 'data')", layout
-    assert layout["blocks/1/mlp/down_proj/kernel"] == "PartitionSpec(None, 'data')", layout
-    assert layout["embed/embedding"] == "PartitionSpec(None, 'data')", layout
-    assert layout["norm/scale"] == "PartitionSpec()", layout
+    assert layout["blocks/0/attn/k_proj/kernel"] == "P(None, 'data')", layout
+    assert layout["blocks/1/mlp/down_proj/kernel"] == "P(None, 'data')", layout
+    assert layout["embed/embedding"] == "P(None, 'data')", layout
+    assert layout["norm/scale"] == "P()", layout
   # The solves gather no weight: N:M and Wanda none at all; SparseGPT's unstructured
   # mask, chosen over a block of 16 input rows and all outputs, gathers that block's
   # scores only ([16, n_out]), never an [n_in, n_out] weight.
@@ -216,10 +227,10 @@ def test_sharded_prune_equals_one_device():
   assert any("solve" in m for m in gathered) and any("mask" in m for m in gathered), gathered
   for module, shapes in gathered.items():
     for shape in shapes:
-      assert "solve" in module and re.fullmatch(r"f32\[16,\d+\]\{.*\}", shape), (module, shape)
+      assert "solve" in module and re.fullmatch(r"[uf]32\[16,\d+\]\{.*\}", shape), (module, shape)
   # a weight whose output axis does not divide by 8 stays whole, with a warning
-  assert report["odd_layout"]["layers/0/kernel"] == "PartitionSpec()"
-  assert report["odd_layout"]["layers/1/kernel"] == "PartitionSpec(None, 'data')"
+  assert report["odd_layout"]["layers/0/kernel"] == "P()"
+  assert report["odd_layout"]["layers/1/kernel"] == "P(None, 'data')"
   assert (
     len(report["odd_warnings"]) == 1 and "layers/0/kernel (16, 12)" in report["odd_warnings"][0]
   )

@@ -222,12 +222,15 @@ def default_cache_bytes() -> float:
 class HiddenCache:
   """The calibration hidden states at one block boundary, one array per batch.
 
-  On the device while their total size is within ``budget`` bytes; otherwise as numpy
-  arrays on the host, each batch sent to the device when a block reads it.
+  On the devices while the most bytes they take on one device (all of them on one
+  device; a share of them when split over a mesh) is within ``budget``; otherwise as
+  numpy arrays on the host, each batch sent to the devices when a block reads it.
   """
 
   def __init__(self, arrays: list[Any], budget: float):
-    self.on_host = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in arrays) > budget
+    per_device = sharded.device_bytes(arrays)
+    total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in arrays)
+    self.on_host = (max(per_device.values()) if per_device else total) > budget
     self.arrays = [self._keep(x) for x in arrays]
 
   def _keep(self, x: Any) -> Any:

@@ -122,7 +122,7 @@ def prune(
       whole model; the returned params and masks keep these shardings. Batches must
       split evenly (with several processes: global arrays from
       ``jax.make_array_from_process_local_data``, see ``docs/multi_host.md``).
-    cache_bytes: ``stack``: the most bytes of hidden states kept on the device.
+    cache_bytes: ``stack``: the most bytes of hidden states kept on one device.
     progress: called as ``progress(done, total)`` after each block (or group of
       ``blocks``) is pruned, e.g. to print a line per block.
     **options: ``blocksize=`` and ``dampening=`` for SparseGPT.

@@ -76,9 +76,9 @@ def leaf_spec(leaf: Any, layer: Layer | str | None, axis: str, size: int) -> Par
     >>> from jaxprune.surgery.linear import Layer
     >>> w = np.zeros((16, 32))  # read as einsum("bi,oi->bo"): inputs on axis 1
     >>> leaf_spec(w, Layer("w", (16, 32), (1,), (), ()), "data", 8)
-    PartitionSpec('data', None)
+    P('data', None)
     >>> leaf_spec(np.zeros((12, 64)), None, "data", 8), leaf_spec(np.zeros(64), None, "data", 8)
-    (PartitionSpec(None, 'data'), PartitionSpec())
+    (P(None, 'data'), P())
   """
   shape = tuple(getattr(leaf, "shape", ()))
   if size == 1 or len(shape) < 2:
