@@ -139,8 +139,12 @@ def prune(
       nothing, ``blocks`` and ``stack`` together, a stack that does not
       reproduce the model, NaN / inf in a layer's calibration inputs (naming the layer and the input
       feature), a bad ``blocksize`` / ``dampening``, and the errors of :func:`wanda` /
-      :func:`sparsegpt` (each naming the layer).
-    TypeError: options other than SparseGPT's ``blocksize`` and ``dampening``.
+      :func:`sparsegpt` (each naming the layer); with ``mesh``: an axis the mesh does
+      not have (listing its axes), or a batch whose leading size does not split over
+      ``batch_axis`` (naming its shape). A weight whose output axis does not divide is
+      kept whole on every device, with a warning naming it.
+    TypeError: options other than SparseGPT's ``blocksize`` and ``dampening``; a
+      ``mesh`` that is not a ``jax.sharding.Mesh``.
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
