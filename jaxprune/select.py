@@ -61,7 +61,7 @@ _BINS = 1 << _DIGIT
 # Each pass walks a long array in blocks of this many entries (a loop): the keys,
 # digits and positions of one block stay in cache, and no array as long as the scores
 # is ever allocated (on XLA:CPU a fresh 40 MB temporary costs more than the pass).
-_BLOCK = 1 << 18
+_BLOCK = 1 << 19
 
 
 def _blocks(n: int) -> tuple[int, int]:
