@@ -62,6 +62,14 @@ _BINS = 1 << _DIGIT
 # digits and positions of one block stay in cache, and no array as long as the scores
 # is ever allocated (on XLA:CPU a fresh 40 MB temporary costs more than the pass).
 _BLOCK = 1 << 19
+_PARTS = 2  # partial histograms per pass
+
+
+def _total(arrays: list[jax.Array]) -> jax.Array:
+  out = arrays[0]
+  for a in arrays[1:]:
+    out = out + a
+  return out
 
 
 def _blocks(n: int) -> tuple[int, int]:
@@ -164,7 +172,7 @@ def keep_topk_groups(
     shift = jnp.where(d % 2 == 0, _DIGIT, 0).astype(jnp.uint32)
 
     def histograms(by_position: bool) -> jax.Array:
-      counts = jnp.zeros(dropped, jnp.int32)
+      counts = (jnp.zeros(dropped, jnp.int32),) * _PARTS
       for x, g, o in zip(keys, groups, offsets):
 
         def add(block, start, counts, g=g, o=o):
@@ -177,10 +185,14 @@ def keep_topk_groups(
           else:
             digit = ((u >> shift) & 0xFFFF).astype(jnp.int32)
           idx = jnp.where(candidate, digit + g * _BINS, dropped)
-          return counts.at[idx].add(1, mode="drop")
+          # Two independent scatters (halves of the block): XLA:CPU runs them in parallel.
+          half = -(-idx.size // _PARTS)
+          return tuple(
+            c.at[idx[i * half : (i + 1) * half]].add(1, mode="drop") for i, c in enumerate(counts)
+          )
 
         counts = _scan_blocks(x, add, counts)
-      return counts
+      return _total(list(counts))
 
     counts = lax.cond(d < 2, lambda: histograms(False), lambda: histograms(True))
     counts = counts.reshape(n_groups, _BINS)
