@@ -8,7 +8,8 @@ global scope the earlier leaf) is kept; two more passes, over the digits of the
 position, run only when the threshold has more copies than places left. Masks equal
 those of a stable descending argsort exactly. The passes are one compiled loop (a
 branch for the key's digits, one for the position's), so a selector compiles in about
-half the time of one with a pass per digit.
+half the time of one with a pass per digit. Each pass walks the scores in blocks and
+computes their keys there: no array as long as the scores is stored.
 """
 
 from __future__ import annotations
