@@ -110,7 +110,7 @@ def main() -> None:
   results = []
   for ties in (False, True):
     for n in sizes:
-      rounds = args.rounds or (3 if args.quick else (5 if n >= 10_000_000 else 15))
+      rounds = args.rounds or (3 if args.quick else (5 if n >= 10_000_000 else 9))
       for scope in ("layer", "global"):
         r = run_case(n, scope, ties, rounds)
         print(

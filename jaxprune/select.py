@@ -8,7 +8,8 @@ global scope the earlier leaf) is kept; two more passes, over the digits of the
 position, run only when the threshold has more copies than places left. Masks equal
 those of a stable descending argsort exactly. The passes are one compiled loop (a
 branch for the key's digits, one for the position's), so a selector compiles in about
-half the time of one with a pass per digit.
+half the time of one with a pass per digit. Each pass walks the scores in blocks and
+computes their keys there: no array as long as the scores is stored.
 """
 
 from __future__ import annotations
@@ -64,8 +65,11 @@ def element_keys(scores: jax.Array) -> jax.Array:
 
 _DIGIT = 16  # bits per radix digit: two digits make a key
 _BINS = 1 << _DIGIT
-_CHUNKS = 4  # independent partial histograms: XLA:CPU runs independent ops in parallel
-_CHUNKED = 1 << 18  # arrays at least this long are histogrammed in _CHUNKS parts
+# Each pass walks a long array in blocks of this many entries (a loop): the keys,
+# digits and positions of one block stay in cache, and no array as long as the scores
+# is ever allocated (on XLA:CPU a fresh 40 MB temporary costs more than the pass).
+_BLOCK = 1 << 19
+_PARTS = 2  # partial histograms per pass
 
 
 def _total(arrays: list[jax.Array]) -> jax.Array:
@@ -75,14 +79,25 @@ def _total(arrays: list[jax.Array]) -> jax.Array:
   return out
 
 
-def _histogram(idx: jax.Array, length: int) -> jax.Array:
-  """Counts of the int32 ``idx`` in ``[0, length)``; indices outside are dropped."""
-  parts = _CHUNKS if idx.size >= _CHUNKED else 1
-  step = -(-idx.size // parts)
-  zeros = jnp.zeros(length, jnp.int32)
-  return _total(
-    [zeros.at[idx[i * step : (i + 1) * step]].add(1, mode="drop") for i in range(parts)]
-  )
+def _blocks(n: int) -> tuple[int, int]:
+  """``(full, step)``: ``full`` loop blocks of ``step`` entries, then a static tail."""
+  return (n // _BLOCK, _BLOCK) if n > _BLOCK else (0, n)
+
+
+def _scan_blocks(x: jax.Array, fn, init):
+  """``fn(block, start, acc)`` over consecutive blocks of the flat ``x``, then its tail."""
+  full, step = _blocks(x.size)
+  acc = init
+  if full:
+
+    def body(i, acc):
+      start = i * step
+      return fn(lax.dynamic_slice(x, (start,), (step,)), start.astype(jnp.uint32), acc)
+
+    acc = lax.fori_loop(0, full, body, acc)
+  if full * step < x.size:
+    acc = fn(x[full * step :], jnp.uint32(full * step), acc)
+  return acc
 
 
 def _suffix(x: jax.Array) -> jax.Array:
@@ -116,9 +131,13 @@ def _locate(counts: jax.Array, need: jax.Array) -> tuple[jax.Array, jax.Array]:
   return (r * side + c)[:, 0], above[:, 0]
 
 
-def _flipped_positions(size: int, offset: int) -> jax.Array:
+def _flipped_positions(size: int, offset: Any) -> jax.Array:
   """``~(offset + arange(size))`` as uint32: larger for earlier positions."""
   return ~(lax.iota(jnp.uint32, size) + jnp.uint32(offset))
+
+
+def _identity(u: jax.Array) -> jax.Array:
+  return u
 
 
 def keep_topk(keys: list[jax.Array], k: jax.Array) -> list[jax.Array]:
@@ -126,11 +145,15 @@ def keep_topk(keys: list[jax.Array], k: jax.Array) -> list[jax.Array]:
   return keep_topk_groups(keys, [0] * len(keys), jnp.reshape(jnp.asarray(k, jnp.int32), (1,)))
 
 
-def keep_topk_groups(keys: list[jax.Array], groups: list[int], k: jax.Array) -> list[jax.Array]:
+def keep_topk_groups(
+  keys: list[jax.Array], groups: list[int], k: jax.Array, to_key=_identity
+) -> list[jax.Array]:
   """Flat bool masks keeping exactly the ``k[g]`` largest keys of each group ``g``.
 
   ``groups[i]`` is the group of ``keys[i]``: one group of all arrays is a global top-k,
-  one group per array a top-k per array, all in one selection.
+  one group per array a top-k per array, all in one selection. ``to_key`` maps a block
+  of an array to its ``uint32`` keys (elementwise; by default the arrays are the keys):
+  the selection calls it in every pass instead of storing the keys.
 
   Radix select over 16-bit digits of the pair (key, position), compared as one 64-bit
   number whose low half is the bitwise complement of the flat position (over the
@@ -140,12 +163,14 @@ def keep_topk_groups(keys: list[jax.Array], groups: list[int], k: jax.Array) -> 
   higher digits match those found so far), all groups at once; the passes over the
   position's digits run only when some group's k-th key has more copies than places
   left (ties to break). The passes are one ``while_loop``: its body compiles a branch for
-  the key's digits and one for the position's, whatever the number of passes.
+  the key's digits and one for the position's, whatever the number of passes. Each
+  pass walks the arrays in blocks (see ``_BLOCK``).
   """
   k = jnp.asarray(k, jnp.int32)
   n_groups = max(groups) + 1
   offsets = [sum(u.size for u, h in zip(keys[:i], groups) if h == g) for i, g in enumerate(groups)]
   full, half = jnp.uint32(0xFFFFFFFF), jnp.uint32(0xFFFF0000)
+  dropped = n_groups * _BINS  # out of range: a scatter drops it
 
   def body(state):
     d, key_prefix, pos_prefix, need, _ = state
@@ -153,21 +178,31 @@ def keep_topk_groups(keys: list[jax.Array], groups: list[int], k: jax.Array) -> 
     pos_mask = jnp.where(d == 3, half, jnp.uint32(0))
     shift = jnp.where(d % 2 == 0, _DIGIT, 0).astype(jnp.uint32)
 
-    def histograms(by_position: bool) -> list[list[jax.Array]]:
-      hists = [[] for _ in range(n_groups)]
-      for u, g, o in zip(keys, groups, offsets):
-        candidate = (u & key_mask) == key_prefix[g]
-        if by_position:  # positions computed in the pass, never stored
-          v = _flipped_positions(u.size, o)
-          candidate = candidate & ((v & pos_mask) == pos_prefix[g])
-          digit = ((v >> shift) & 0xFFFF).astype(jnp.int32)
-        else:
-          digit = ((u >> shift) & 0xFFFF).astype(jnp.int32)
-        hists[g].append(_histogram(jnp.where(candidate, digit, _BINS), _BINS))
-      return hists
+    def histograms(by_position: bool) -> jax.Array:
+      counts = (jnp.zeros(dropped, jnp.int32),) * _PARTS
+      for x, g, o in zip(keys, groups, offsets):
 
-    hists = lax.cond(d < 2, lambda: histograms(False), lambda: histograms(True))
-    counts = jnp.stack([_total(h) for h in hists])
+        def add(block, start, counts, g=g, o=o):
+          u = to_key(block)
+          candidate = (u & key_mask) == key_prefix[g]
+          if by_position:  # positions computed in the pass, never stored
+            v = _flipped_positions(u.size, start + jnp.uint32(o))
+            candidate = candidate & ((v & pos_mask) == pos_prefix[g])
+            digit = ((v >> shift) & 0xFFFF).astype(jnp.int32)
+          else:
+            digit = ((u >> shift) & 0xFFFF).astype(jnp.int32)
+          idx = jnp.where(candidate, digit + g * _BINS, dropped)
+          # Two independent scatters (halves of the block): XLA:CPU runs them in parallel.
+          half = -(-idx.size // _PARTS)
+          return tuple(
+            c.at[idx[i * half : (i + 1) * half]].add(1, mode="drop") for i, c in enumerate(counts)
+          )
+
+        counts = _scan_blocks(x, add, counts)
+      return _total(list(counts))
+
+    counts = lax.cond(d < 2, lambda: histograms(False), lambda: histograms(True))
+    counts = counts.reshape(n_groups, _BINS)
     b, above = _locate(counts, need)
     equal = jnp.take_along_axis(counts, b[:, None], axis=1)[:, 0]
     bits = b.astype(jnp.uint32) << shift
@@ -186,10 +221,13 @@ def keep_topk_groups(keys: list[jax.Array], groups: list[int], k: jax.Array) -> 
   # whose copies all fit while another breaks ties keeps them all too: its position
   # passes select all its copies of t.
   pos = jnp.where(d == 2, zeros, pos)
-  return [
-    ((u > t[g]) | ((u == t[g]) & (_flipped_positions(u.size, o) >= pos[g]))) & (k[g] > 0)
-    for u, g, o in zip(keys, groups, offsets)
-  ]
+  out = []
+  for x, g, o in zip(keys, groups, offsets):
+    u = to_key(x)
+    out.append(
+      ((u > t[g]) | ((u == t[g]) & (_flipped_positions(u.size, o) >= pos[g]))) & (k[g] > 0)
+    )
+  return out
 
 
 def is_concrete(x: Any) -> bool:
@@ -249,13 +287,15 @@ def topk_by_count(scores: list[jax.Array], removed: list[Any], scope: str) -> li
 def _topk_by_count(
   scores: list[jax.Array], removed: list[jax.Array], scope: str
 ) -> list[jax.Array]:
-  keys = [sortable_keys(s) for s in scores]
+  flat_scores = [jnp.ravel(s) for s in scores]
   if scope == "layer":
-    k = jnp.stack([u.size - jnp.clip(r, 0, u.size) for u, r in zip(keys, removed)])
-    flat = keep_topk_groups(keys, list(range(len(keys))), k)
+    k = jnp.stack([u.size - jnp.clip(r, 0, u.size) for u, r in zip(flat_scores, removed)])
+    groups = list(range(len(flat_scores)))
   else:
-    total = sum(u.size for u in keys)
-    flat = keep_topk(keys, total - jnp.clip(removed[0], 0, total))
+    total = sum(u.size for u in flat_scores)
+    k = jnp.reshape(total - jnp.clip(removed[0], 0, total), (1,))
+    groups = [0] * len(flat_scores)
+  flat = keep_topk_groups(flat_scores, groups, k, to_key=sortable_keys)
   return [m.reshape(jnp.shape(s)) for m, s in zip(flat, scores)]
 
 

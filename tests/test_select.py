@@ -235,3 +235,43 @@ def test_large_ties_cut_beyond_the_first_position_digit():
   m = select.topk_by_count([a, b], [150_000], "global")
   got = np.concatenate([np.asarray(v) for v in m])
   np.testing.assert_array_equal(got, ranked_mask(x, x.size - 150_000))
+
+
+BLOCKED_SHAPES = [(37,), (3, 8), (9,)]  # with a block of 8: a tail, exact blocks, one tail
+
+
+@jax.jit
+def _blocked_masks(scores, ks_layer, k_global):
+  flat = [jnp.ravel(s) for s in scores]
+  layer = select.keep_topk_groups(flat, [0, 1, 2], ks_layer, to_key=select.sortable_keys)
+  pooled = select.keep_topk_groups(flat, [0, 0, 0], k_global, to_key=select.sortable_keys)
+  return layer, pooled
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+  scores=st.tuples(
+    *[
+      hnp.arrays(np.float32, s, elements=SPECIAL | st.sampled_from([0.5, -0.5]))
+      for s in BLOCKED_SHAPES
+    ]
+  ),
+  fractions=st.tuples(*[st.floats(0, 1)] * 4),
+)
+def test_property_passes_in_blocks_equal_the_reference(scores, fractions):
+  # Blocks of 8 entries: the loop over blocks, the tail, and the position offsets of
+  # later blocks and later leaves are all exercised on small arrays with many ties.
+  sizes = [int(np.prod(s)) for s in BLOCKED_SHAPES]
+  ks = [round(f * n) for f, n in zip(fractions, sizes)]  # 0 and n included
+  k_global = round(fractions[3] * sum(sizes))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(select, "_BLOCK", 8)  # read when the selection is traced (once)
+    layer, pooled = _blocked_masks(
+      [jnp.asarray(s) for s in scores], jnp.array(ks, jnp.int32), jnp.array([k_global], jnp.int32)
+    )
+  for s, m, k in zip(scores, layer, ks):
+    np.testing.assert_array_equal(np.asarray(m), ranked_mask(s, k))
+  got = np.concatenate([np.asarray(m) for m in pooled])
+  np.testing.assert_array_equal(
+    got, ranked_mask(np.concatenate([s.ravel() for s in scores]), k_global)
+  )

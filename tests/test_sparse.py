@@ -16,6 +16,7 @@ import pytest
 
 import jaxprune
 from jaxprune.sparse import cosine_drop, erk, rigl, set_sparse, static_sparse
+from jaxprune.sparse.dynamic import regrowth_scores
 
 SHAPES = {"fc1": (20, 16), "fc2": (16, 8), "fc3": (8, 3)}
 KERNELS = [f"{k}/kernel" for k in SHAPES]
@@ -158,8 +159,33 @@ def test_rigl_grows_the_largest_gradients_among_inactive_with_deterministic_ties
   assert want.sum() == mask0.sum()
 
 
+def numpy_regrowth_scores(key, shape) -> np.ndarray:
+  """The documented counter hash (lowbias32 of ``j * 0x9E3779B9 + bits(key)``), in numpy."""
+  s = np.uint64(int(jax.random.bits(key, (), jnp.uint32)))
+  m = np.uint64(0xFFFFFFFF)
+  x = (np.arange(int(np.prod(shape)), dtype=np.uint64) * np.uint64(0x9E3779B9) + s) & m
+  x ^= x >> np.uint64(16)
+  x = (x * np.uint64(0x7FEB352D)) & m
+  x ^= x >> np.uint64(15)
+  x = (x * np.uint64(0x846CA68B)) & m
+  x ^= x >> np.uint64(16)
+  return ((x >> np.uint64(9)).astype(np.float64) / 2.0**23).reshape(shape)
+
+
+def test_set_growth_scores_are_uniform_and_distinct_per_layer_and_step():
+  key = jax.random.key(0)
+  a = np.asarray(regrowth_scores(jax.random.fold_in(key, 0), (1000, 100)))
+  b = np.asarray(regrowth_scores(jax.random.fold_in(key, 1), (1000, 100)))
+  assert a.dtype == np.float32 and a.min() >= 0.0 and a.max() < 1.0
+  np.testing.assert_array_equal(a, numpy_regrowth_scores(jax.random.fold_in(key, 0), (1000, 100)))
+  assert abs(a.mean() - 0.5) < 0.005 and abs((a < 0.1).mean() - 0.1) < 0.005
+  assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.01  # another layer: unrelated
+  assert abs(np.corrcoef(a.ravel()[:-1], a.ravel()[1:])[0, 1]) < 0.01  # neighbours too
+
+
 def test_set_growth_is_reproducible_from_its_key():
-  """SET grows by ``uniform(fold_in(fold_in(key(seed), t), i))``: the documented draw."""
+  """SET grows by ``regrowth_scores(fold_in(fold_in(key(seed), t), i))``: the documented
+  hash, recomputed here in numpy."""
   rng = np.random.default_rng(0)
   mask0 = {"a": rng.random((6, 10)) < 0.4, "b": rng.random((5, 4)) < 0.4}
   params = {
@@ -184,7 +210,7 @@ def test_set_growth_is_reproducible_from_its_key():
   fraction = float(cosine_drop(0.5, 10)(2))
   key = jax.random.fold_in(jax.random.key(7), 2)
   for i, k in enumerate(["a", "b"]):
-    scores = np.asarray(jax.random.uniform(jax.random.fold_in(key, i), mask0[k].shape))
+    scores = numpy_regrowth_scores(jax.random.fold_in(key, i), mask0[k].shape)
     want = regrow_reference(mask0[k], np.asarray(params[k]), scores, fraction)
     np.testing.assert_array_equal(first[k], want)
     np.testing.assert_array_equal(again[k], first[k])

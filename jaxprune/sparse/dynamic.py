@@ -112,6 +112,35 @@ class _Layout:
     return jax.tree.unflatten(treedef, [chosen.get(tree_lib.path_str(k)) for k, _ in flat])
 
 
+def regrowth_scores(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """SET's random growth scores: uniform in ``[0, 1)`` from a counter hash, no RNG loop.
+
+  ``s = jax.random.bits(key, (), uint32)``; entry ``j`` (flat, row-major) hashes
+  ``x = j * 0x9E3779B9 + s`` (mod 2**32) with the lowbias32 mix (``x ^= x >> 16;
+  x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16``), a bijection of
+  ``uint32``, and keeps its top 23 bits as the mantissa of a float in ``[1, 2)``, minus 1
+  (as ``jax.random.uniform`` maps bits). One elementwise pass that fuses: threefry over a
+  layer compiles on XLA:CPU to a loop that copies two ``uint32`` arrays of the layer's size
+  per draw (43 MB per SET update on a 5.36M-weight MLP).
+
+  Examples:
+    >>> import jax
+    >>> from jaxprune.sparse.dynamic import regrowth_scores
+    >>> s = regrowth_scores(jax.random.key(0), (100, 10))
+    >>> s.shape, bool((s >= 0).all() & (s < 1).all())
+    ((100, 10), True)
+  """
+  s = jax.random.bits(key, (), jnp.uint32)
+  x = lax.iota(jnp.uint32, math.prod(shape)) * jnp.uint32(0x9E3779B9) + s
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  x = x ^ (x >> 16)
+  one = lax.bitcast_convert_type((x >> 9) | jnp.uint32(0x3F800000), jnp.float32)
+  return (one - 1.0).reshape(shape)
+
+
 def _kept_counts(masks: list[jax.Array], layout: _Layout) -> list[Any]:
   """Active weights per sparse leaf: from the shapes, or counted when masks were given.
 
@@ -211,9 +240,7 @@ def _sparse_trainer(
       def refresh(ms, step):
         if grow == "random":
           key = jax.random.fold_in(jax.random.key(seed), step)
-          scores = [
-            jax.random.uniform(jax.random.fold_in(key, i), m.shape) for i, m in enumerate(ms)
-          ]
+          scores = [regrowth_scores(jax.random.fold_in(key, i), m.shape) for i, m in enumerate(ms)]
         else:
           scores = [jnp.abs(g) for g in gs]
         return _regrow(ms, ps, scores, active, fraction_at(step))
@@ -316,8 +343,9 @@ def set_sparse(
   """SET (Mocanu et al. 2018): drop the smallest ``|w|``, regrow as many at random.
 
   Growth at step ``t`` in layer ``i`` (the ``i``-th sparse leaf in flattening order)
-  ranks ``jax.random.uniform(fold_in(fold_in(key(seed), t), i), shape)``, so it is
-  reproducible from ``seed``.
+  ranks ``regrowth_scores(fold_in(fold_in(key(seed), t), i), shape)`` (uniform in
+  ``[0, 1)`` from a counter hash: :func:`jaxprune.sparse.dynamic.regrowth_scores`), so it
+  is reproducible from ``seed``.
 
   Args:{common}{dynamic}
 
