@@ -14,7 +14,7 @@ TYPECHECK_STRICT ?= 1
 # of pip's CPU time; Python compiles the modules a run imports, when it first imports them.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --no-compile --upgrade pip
 	$(PY) -m pip install --quiet --no-compile -e '.[dev]'
 	touch $(STAMP)
 
