@@ -10,12 +10,10 @@ TYPECHECK_STRICT ?= 1
 
 .PHONY: demo test lint typecheck format bench clean
 
-# --no-compile: byte-compiling every installed module (tensorflow, jax, scipy, ...) is most
-# of pip's CPU time; Python compiles the modules a run imports, when it first imports them.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-compile --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -e '.[dev]'
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
