@@ -9,12 +9,14 @@ column); then row by row ``err = (w_i - q_i) / U_ii`` and ``W[i:] -= U[i, i:]^T 
 inside the block; later blocks are updated once per block, ``W[i2:] -= U[i1:i2,
 i2:]^T Err``.
 
-The whole solve is one compiled function per kernel shape: the Cholesky factors, then
-the blocks in a few segments (``lax.fori_loop`` over a segment's blocks, whose lazy
-update covers the rest of the segment; one matmul per segment updates the later
-segments, so the lazy updates cost about ``1 + 1/n_segments`` times the exact
-triangular work while only ``n_segments`` copies of the loop are compiled), and the rows
-inside a block (``lax.fori_loop``).
+The whole solve is one compiled function per kernel shape (and pattern): ``U`` from one
+Cholesky and a triangular inverse (:func:`inverse_cholesky`), then one loop over the
+blocks, the same for every block (a partial last block is padded). A block first gathers
+the updates of all earlier blocks, ``W[i1:i2] - U[:i1, i1:i2]^T Err[:i1]``, in matmuls of
+512 earlier rows (the original's lazy batch updates, applied when the block is reached);
+inside the block, rows are taken one by one in sub-blocks of 16 rows (each row's update
+reaches the later rows of its sub-block) and one matmul per sub-block updates the rest of
+the block.
 """
 
 from __future__ import annotations
