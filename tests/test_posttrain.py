@@ -139,6 +139,23 @@ def test_sparsegpt_equals_the_float64_row_by_row_reference(target, monkeypatch):
   np.testing.assert_allclose(new, ref_w, atol=2e-5 * np.abs(ref_w).max())
 
 
+def test_inverse_cholesky_in_levels_equals_float64(monkeypatch):
+  """U (upper, H'^-1 = U^T U) from the blocked triangular inverse: 30 inputs in leaves of
+  8 (padded to 32, two levels of joins), a dead input, against NumPy in float64."""
+  from jaxprune.posttrain import sparsegpt_solver
+
+  monkeypatch.setattr(sparsegpt_solver, "_LEAF", 8)
+  x = np.random.default_rng(6).normal(size=(90, 30)) * np.exp(np.linspace(-1, 1, 30))
+  x[:, 4] = 0
+  h = 2 / 90 * x.T @ x
+  u, dead = sparsegpt_solver.inverse_cholesky(jnp.asarray(h, jnp.float32), 0.01)
+  h[4, 4] = 1
+  h += 0.01 * np.mean(np.diagonal(h)) * np.eye(30)
+  ref = np.linalg.cholesky(np.linalg.inv(h)).T
+  np.testing.assert_allclose(u, ref, atol=1e-5 * np.abs(ref).max())
+  assert np.asarray(dead).tolist() == [i == 4 for i in range(30)]
+
+
 def test_sparsegpt_compiles_one_block_loop():
   """One loop over the blocks, a partial last block included (it is padded): not a copy
   of the loop per segment of blocks (and one more for the partial block)."""
