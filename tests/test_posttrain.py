@@ -89,6 +89,91 @@ def test_sparsegpt_single_pruned_row_is_the_obs_update(p):
   np.testing.assert_array_equal(kept, mask)
 
 
+def numpy_sparsegpt(w, h, sparsity=0.5, nm=None, mask=None, blocksize=128, dampening=0.01):
+  """The paper's algorithm in float64 NumPy, row by row, every later row updated at once."""
+  w, h = w.astype(np.float64), h.astype(np.float64)
+  n_in, n_out = w.shape
+  dead = np.diagonal(h) == 0
+  h[dead, dead] = 1
+  w[dead] = 0
+  h += dampening * np.mean(np.diagonal(h)) * np.eye(n_in)
+  u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
+  keep = np.ones(w.shape, bool)
+  counts = block_counts(n_in, n_out, sparsity, blocksize)
+  for b, i1 in enumerate(range(0, n_in, blocksize)):
+    i2 = min(i1 + blocksize, n_in)
+    if mask is not None:
+      keep[i1:i2] = mask[i1:i2]
+    elif nm is None:  # the block's counts[b] smallest w^2 / U_ii^2
+      score = (w[i1:i2] ** 2 / np.diagonal(u)[i1:i2, None] ** 2).ravel()
+      flat = np.ones(score.size, bool)
+      flat[np.argsort(score, kind="stable")[: counts[b]]] = False
+      keep[i1:i2] = flat.reshape(i2 - i1, n_out)
+    for i in range(i1, i2):
+      if nm is not None and (i - i1) % nm[1] == 0:
+        g = w[i : i + nm[1]] ** 2 / np.diagonal(u)[i : i + nm[1], None] ** 2
+        keep[i : i + nm[1]] = numpy_topk_per_column(g, nm[1] - nm[0])
+      q = np.where(keep[i], w[i], 0.0)
+      err = (w[i] - q) / u[i, i]
+      w[i:] -= u[i, i:, None] * err[None, :]
+      w[i] = q
+  return w, keep
+
+
+@pytest.mark.parametrize("target", ["50%", "2:4"])
+def test_sparsegpt_equals_the_float64_row_by_row_reference(target, monkeypatch):
+  """72 inputs in blocks of 32 (the last one partial, padded), 16-row sub-blocks, earlier
+  errors gathered in 32-row matmuls: the masks and weights of the plain algorithm."""
+  from jaxprune.posttrain import sparsegpt_solver
+
+  monkeypatch.setattr(sparsegpt_solver, "_CHUNK_ROWS", 32)
+  sparsegpt_solver._solve.clear_cache()
+  x, w = correlated_layer(seed=5, n_in=72, n_out=6, tokens=400, rank=16)
+  h = hessian_of(x)
+  nm = (2, 4) if target == "2:4" else None
+  structure = jaxprune.n_m(*nm) if nm else None
+  new, kept = posttrain.sparsegpt_layer(jnp.asarray(w), h, 0.5, structure=structure, blocksize=32)
+  sparsegpt_solver._solve.clear_cache()  # compiled with the patched chunk size
+  ref_w, ref_keep = numpy_sparsegpt(w, np.asarray(h), 0.5, nm, blocksize=32)
+  np.testing.assert_array_equal(kept, ref_keep)
+  np.testing.assert_allclose(new, ref_w, atol=2e-5 * np.abs(ref_w).max())
+
+
+def test_inverse_cholesky_in_levels_equals_float64(monkeypatch):
+  """U (upper, H'^-1 = U^T U) from the blocked triangular inverse: 30 inputs in leaves of
+  8 (padded to 32, two levels of joins), a dead input, against NumPy in float64."""
+  from jaxprune.posttrain import sparsegpt_solver
+
+  monkeypatch.setattr(sparsegpt_solver, "_LEAF", 8)
+  x = np.random.default_rng(6).normal(size=(90, 30)) * np.exp(np.linspace(-1, 1, 30))
+  x[:, 4] = 0
+  h = 2 / 90 * x.T @ x
+  u, dead = sparsegpt_solver.inverse_cholesky(jnp.asarray(h, jnp.float32), 0.01)
+  h[4, 4] = 1
+  h += 0.01 * np.mean(np.diagonal(h)) * np.eye(30)
+  ref = np.linalg.cholesky(np.linalg.inv(h)).T
+  np.testing.assert_allclose(u, ref, atol=1e-5 * np.abs(ref).max())
+  assert np.asarray(dead).tolist() == [i == 4 for i in range(30)]
+
+
+def test_sparsegpt_compiles_one_block_loop():
+  """One loop over the blocks, a partial last block included (it is padded): not a copy
+  of the loop per segment of blocks (and one more for the partial block)."""
+  from jaxprune.posttrain import sparsegpt_solver
+
+  w, h = jnp.zeros((95, 7)), jnp.eye(95)
+  removed = jnp.zeros(3, jnp.int32)
+  for nm, group in ((None, 1), (jaxprune.n_m(1, 5), 5)):
+    jaxpr = jax.make_jaxpr(
+      lambda w, h, r, nm=nm, group=group: sparsegpt_solver._solve(
+        w, h, r, None, jnp.float32(0.01), nm=nm, blocksize=40, group=group
+      )
+    )(w, h, removed)
+    (solve,) = [e for e in jaxpr.eqns if e.primitive.name in ("pjit", "jit")]
+    loops = [e for e in solve.params["jaxpr"].eqns if e.primitive.name in ("while", "scan")]
+    assert len(loops) == 1
+
+
 # --- Reconstruction on a layer with correlated, log-normally scaled inputs ----------
 
 ERRORS = {}

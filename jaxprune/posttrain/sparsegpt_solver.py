@@ -9,12 +9,14 @@ column); then row by row ``err = (w_i - q_i) / U_ii`` and ``W[i:] -= U[i, i:]^T 
 inside the block; later blocks are updated once per block, ``W[i2:] -= U[i1:i2,
 i2:]^T Err``.
 
-The whole solve is one compiled function per kernel shape: the Cholesky factors, then
-the blocks in a few segments (``lax.fori_loop`` over a segment's blocks, whose lazy
-update covers the rest of the segment; one matmul per segment updates the later
-segments, so the lazy updates cost about ``1 + 1/n_segments`` times the exact
-triangular work while only ``n_segments`` copies of the loop are compiled), and the rows
-inside a block (``lax.fori_loop``).
+The whole solve is one compiled function per kernel shape (and pattern): ``U`` from one
+Cholesky and a triangular inverse (:func:`inverse_cholesky`), then one loop over the
+blocks, the same for every block (a partial last block is padded). A block first gathers
+the updates of all earlier blocks, ``W[i1:i2] - U[:i1, i1:i2]^T Err[:i1]``, in matmuls of
+512 earlier rows (the original's lazy batch updates, applied when the block is reached);
+inside the block, rows are taken one by one in sub-blocks of 16 rows (each row's update
+reaches the later rows of its sub-block) and one matmul per sub-block updates the rest of
+the block.
 """
 
 from __future__ import annotations
@@ -33,103 +35,184 @@ from jaxprune.posttrain.stats import InputStats
 from jaxprune.structures import NM
 
 _HIGHEST = lax.Precision.HIGHEST
+_LEAF = 512  # largest diagonal blocks inverted by a triangular solve in _lower_inverse
+
+
+def _lower_inverse(m: jax.Array) -> jax.Array:
+  """``m^-1`` of a lower triangular ``[n, n]`` ``m``, ``n`` a multiple of ``2^levels``.
+
+  The ``2^levels`` diagonal blocks are inverted in one batched triangular solve; then,
+  level by level, each pair of neighbouring spans is joined,
+  ``[[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]``, all pairs of a level in
+  two batched matmuls: about ``n^3 / 3`` multiply-adds and a few ops to compile.
+  """
+  n = m.shape[0]
+  p = n // _leaf_size(n)
+  size = n // p
+  blocks = jnp.stack([m[i * size : (i + 1) * size, i * size : (i + 1) * size] for i in range(p)])
+  eye = jnp.broadcast_to(jnp.eye(size, dtype=m.dtype), blocks.shape)
+  inv = lax.linalg.triangular_solve(blocks, eye, left_side=True, lower=True)
+  while p > 1:
+    lower_left = jnp.stack([
+      m[(2 * i + 1) * size : (2 * i + 2) * size, 2 * i * size : (2 * i + 1) * size]
+      for i in range(p // 2)
+    ])  # fmt: skip
+    a_inv, c_inv = inv[0::2], inv[1::2]
+    b = -jnp.matmul(c_inv, jnp.matmul(lower_left, a_inv, precision=_HIGHEST), precision=_HIGHEST)
+    top = jnp.concatenate([a_inv, jnp.zeros_like(a_inv)], axis=2)
+    inv = jnp.concatenate([top, jnp.concatenate([b, c_inv], axis=2)], axis=1)
+    p, size = p // 2, size * 2
+  return inv[0]
+
+
+def _leaf_size(n: int) -> int:
+  """``n / 2^levels`` for the fewest levels that make it at most ``_LEAF`` (``n`` padded)."""
+  levels = max(0, int(np.ceil(np.log2(max(n, 1) / _LEAF))))
+  return -(-n // 2**levels)
 
 
 def inverse_cholesky(hessian: jax.Array, dampening: float) -> tuple[jax.Array, jax.Array]:
   """``(U, dead)``: the upper Cholesky factor of ``(H')^-1`` and the dead inputs.
 
   ``H'`` is ``hessian`` with ``H_jj = 1`` where ``H_jj = 0`` and ``dampening * mean(diag)``
-  added to the diagonal.
+  added to the diagonal. With ``P`` the reversal of the inputs and ``P H' P = M M^T``
+  (lower ``M``), ``H' = K K^T`` with the upper ``K = P M P``, so ``H'^-1 = (K^-1)^T K^-1``
+  and ``U = K^-1 = P M^-1 P``: one Cholesky and one triangular inverse.
   """
   h = hessian.astype(jnp.float32)
   n = h.shape[0]
   dead = jnp.diagonal(h) == 0
   h = h + jnp.diag(dead.astype(jnp.float32))
   h = h + dampening * jnp.mean(jnp.diagonal(h)) * jnp.eye(n, dtype=jnp.float32)
-  lower = jnp.linalg.cholesky(h)
-  h_inv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(n, dtype=jnp.float32))
-  return jnp.linalg.cholesky(h_inv).T, dead
+  lower = jnp.linalg.cholesky(h[::-1, ::-1])
+  pad = _leaf_size(n) * (-(-n // _leaf_size(n))) - n  # identity rows: inverse identity
+  if pad:
+    lower = jnp.pad(lower, ((0, pad), (0, pad)))
+    lower = lower + jnp.diag((jnp.arange(n + pad) >= n).astype(jnp.float32))
+  return _lower_inverse(lower)[:n, :n][::-1, ::-1], dead
 
 
-def _block(w1, u1, removed, fixed, nm: NM | None, group: int):
-  """One block ``[b, n_out]``: its mask, its pruned weights ``Q`` and errors ``Err``."""
-  b = w1.shape[0]
+_SUB_ROWS = 16  # rows of a block updated one by one before one matmul updates the block
+_CHUNK_ROWS = 512  # rows of earlier errors per matmul when a block gathers its updates
+
+
+def _sub_rows(blocksize: int, group: int) -> int:
+  """Rows per sub-block: the largest divisor of ``blocksize`` that is a multiple of
+  ``group`` and at most ``max(_SUB_ROWS, group)``."""
+  return max(
+    s
+    for s in range(group, blocksize + 1, group)
+    if blocksize % s == 0 and s <= max(_SUB_ROWS, group)
+  )
+
+
+def _block(w1, u1, removed, fixed, valid, nm: NM | None, group: int):
+  """One block ``[b, n_out]``: its pruned weights ``Q``, errors ``Err`` and mask.
+
+  Rows are taken one by one inside sub-blocks of a few rows (each row's update reaches
+  only the later rows of its sub-block); then one matmul brings the sub-block's errors
+  to the rest of the block.
+  """
+  b, n_out = w1.shape
+  sub = _sub_rows(b, group)
   d = jnp.diagonal(u1)
   if fixed is None and nm is None:
-    score = jnp.square(w1) / jnp.square(d)[:, None]
+    score = jnp.where(valid[:, None], jnp.square(w1) / jnp.square(d)[:, None], jnp.inf)
     keys = select.sortable_keys(score)
     fixed = select.keep_topk([keys], keys.size - removed)[0].reshape(w1.shape)
+  u1_t = u1.T  # lower: u1_t[r, i] = U[i, r], zero for r < i
 
-  def body(g, carry):
-    w1, err1, mask1 = carry
-    lo = g * group
-    if fixed is None:
-      assert nm is not None  # without N:M the mask was chosen above, for the whole block
-      rows = lax.dynamic_slice_in_dim(w1, lo, group)
-      d_rows = lax.dynamic_slice_in_dim(d, lo, group)
-      keep = nm.keep(jnp.square(rows) / jnp.square(d_rows)[:, None], jnp.int32(nm.n))
-    else:
-      keep = lax.dynamic_slice_in_dim(fixed, lo, group)
-    for k in range(group):  # row i's update reaches every later row of the block
-      i = lo + k
-      w_i = lax.dynamic_index_in_dim(w1, i, keepdims=False)
-      q = jnp.where(keep[k], w_i, 0.0)
-      err = (w_i - q) / d[i]
-      u_i = lax.dynamic_index_in_dim(u1, i, keepdims=False)
-      w1 = lax.dynamic_update_index_in_dim(w1 - u_i[:, None] * err[None, :], q, i, 0)
-      err1 = lax.dynamic_update_index_in_dim(err1, err, i, 0)
-    mask1 = lax.dynamic_update_slice_in_dim(mask1, keep, lo, 0)
-    return w1, err1, mask1
+  def body(s, carry):
+    w1, q1, err1, mask1 = carry
+    lo = s * sub
+    ws = lax.dynamic_slice_in_dim(w1, lo, sub)
+    us = lax.dynamic_slice(u1, (lo, lo), (sub, sub))
+    ds = lax.dynamic_slice_in_dim(d, lo, sub)
+    keep = None if fixed is None else lax.dynamic_slice_in_dim(fixed, lo, sub)
+    qs, errs, keeps = [], [], []
+    for k in range(sub):
+      if fixed is None and k % group == 0:
+        assert nm is not None  # without N:M the mask was chosen above, for the whole block
+        rows = ws[k : k + group]
+        keeps.append(
+          nm.keep(jnp.square(rows) / jnp.square(ds[k : k + group])[:, None], jnp.int32(nm.n))
+        )
+      keep_k = keep[k] if keep is not None else keeps[-1][k % group]
+      w_k = ws[k]
+      q = jnp.where(keep_k, w_k, 0.0)
+      err = (w_k - q) / ds[k]
+      if k + 1 < sub:
+        ws = ws.at[k + 1 :].add(-us[k, k + 1 :, None] * err[None, :])
+      qs.append(q)
+      errs.append(err)
+    err_s = jnp.stack(errs)
+    u_cols = lax.dynamic_slice_in_dim(u1_t, lo, sub, axis=1)
+    w1 = w1 - jnp.matmul(u_cols, err_s, precision=_HIGHEST)
+    q1 = lax.dynamic_update_slice_in_dim(q1, jnp.stack(qs), lo, 0)
+    err1 = lax.dynamic_update_slice_in_dim(err1, err_s, lo, 0)
+    kept = keep if keep is not None else jnp.concatenate(keeps)
+    mask1 = lax.dynamic_update_slice_in_dim(mask1, kept, lo, 0)
+    return w1, q1, err1, mask1
 
-  init = (w1, jnp.zeros_like(w1), jnp.zeros(w1.shape, bool))
-  return lax.fori_loop(0, b // group, body, init)
+  init = (w1, jnp.zeros_like(w1), jnp.zeros_like(w1), jnp.zeros(w1.shape, bool))
+  _, q1, err1, mask1 = lax.fori_loop(0, b // sub, body, init)
+  return q1, err1, mask1
 
 
-def _segments(n_in: int, blocksize: int, n_segments: int) -> list[tuple[int, int, int]]:
-  """``(start, blocks, size)``: runs of equal blocks, about ``n_in / n_segments`` rows each."""
-  full = n_in // blocksize
-  per = -(-full // n_segments) if full else 0
-  out = [(s * blocksize, min(per, full - s), blocksize) for s in range(0, full, per or 1)]
-  if n_in % blocksize:
-    out.append((full * blocksize, 1, n_in % blocksize))
-  return out
+@functools.partial(jax.jit, static_argnames=("nm", "blocksize", "group"))
+def _solve(kernel, hessian, removed, fixed, dampening, *, nm, blocksize, group):
+  """The whole solve, one compiled function per kernel shape (and N:M / fixed mask).
 
-
-@functools.partial(jax.jit, static_argnames=("nm", "blocksize", "group", "n_segments"))
-def _solve(kernel, hessian, removed, fixed, dampening, *, nm, blocksize, group, n_segments=4):
+  One loop over the blocks, the same for every block (a last partial block is padded:
+  zero weights, identity rows of ``U``, its padding kept): each block first gathers the
+  updates of all earlier blocks, ``W0[i1:i2] - U[:i1, i1:i2]^T Err[:i1]``, in matmuls of
+  ``_CHUNK_ROWS`` earlier rows (errors of later rows are still zero), then is solved.
+  """
   w = kernel.astype(jnp.float32)
-  n_in = w.shape[0]
+  n_in, n_out = w.shape
   u, dead = inverse_cholesky(hessian, dampening)
   w = jnp.where(dead[:, None], 0.0, w)
-  masks = []
-  for start, n_blocks, size in _segments(n_in, blocksize, n_segments):
-    end = start + n_blocks * size
-    u_seg = u[start:end, start:end]
-    first = start // blocksize
+  b = blocksize
+  n_blocks = -(-n_in // b)
+  n_pad = n_blocks * b
+  chunk = b * max(1, min(n_blocks, _CHUNK_ROWS // b))
+  n_err = -(-n_pad // chunk) * chunk
+  if n_pad > n_in:
+    w = jnp.pad(w, ((0, n_pad - n_in), (0, 0)))
+    u = jnp.pad(u, ((0, n_pad - n_in), (0, n_pad - n_in)))
+    u = u + jnp.diag((jnp.arange(n_pad) >= n_in).astype(jnp.float32))
+    if fixed is not None:
+      fixed = jnp.pad(fixed, ((0, n_pad - n_in), (0, 0)), constant_values=True)
+  u_t = jnp.pad(u.T, ((0, 0), (0, n_err - n_pad)))  # lower: u_t[r, i] = U[i, r]
+  valid = jnp.arange(n_pad) < n_in
 
-    def step(b, carry, u_seg=u_seg, size=size, first=first, start=start):
-      w_seg, err_seg, mask_seg = carry
-      i1 = b * size
-      w1 = lax.dynamic_slice_in_dim(w_seg, i1, size)
-      u1 = lax.dynamic_slice(u_seg, (i1, i1), (size, size))
-      fixed1 = None if fixed is None else lax.dynamic_slice_in_dim(fixed, start + i1, size)
-      q1, err1, m1 = _block(w1, u1, removed[first + b], fixed1, nm, group)
-      # Lazy update of the segment's later rows (U is upper triangular: earlier rows get
-      # zeros; the block's own rows are then overwritten by q1).
-      u_rows = lax.dynamic_slice_in_dim(u_seg, i1, size)
-      w_seg = w_seg - jnp.matmul(u_rows.T, err1, precision=_HIGHEST)
-      w_seg = lax.dynamic_update_slice_in_dim(w_seg, q1, i1, 0)
-      err_seg = lax.dynamic_update_slice_in_dim(err_seg, err1, i1, 0)
-      return w_seg, err_seg, lax.dynamic_update_slice_in_dim(mask_seg, m1, i1, 0)
+  def step(j, carry):
+    q, err, mask = carry
+    i1 = j * b
 
-    w_seg = w[start:end]
-    init = (w_seg, jnp.zeros_like(w_seg), jnp.zeros(w_seg.shape, bool))
-    q_seg, err_seg, mask_seg = lax.fori_loop(0, n_blocks, step, init)
-    w = w.at[start:end].set(q_seg)
-    if end < n_in:  # later segments: one matmul per segment
-      w = w.at[end:].add(-jnp.matmul(u[start:end, end:].T, err_seg, precision=_HIGHEST))
-    masks.append(mask_seg)
-  return w.astype(kernel.dtype), jnp.concatenate(masks), jnp.all(jnp.isfinite(u))
+    def gather(c, acc):
+      e = lax.dynamic_slice_in_dim(err, c * chunk, chunk)
+      u_c = lax.dynamic_slice(u_t, (i1, c * chunk), (b, chunk))
+      return acc + jnp.matmul(u_c, e, precision=_HIGHEST)
+
+    done = jnp.zeros((b, n_out), jnp.float32)
+    done = lax.fori_loop(0, (i1 + chunk - 1) // chunk, gather, done)
+    w1 = lax.dynamic_slice_in_dim(w, i1, b) - done
+    u1 = lax.dynamic_slice(u, (i1, i1), (b, b))
+    fixed1 = None if fixed is None else lax.dynamic_slice_in_dim(fixed, i1, b)
+    valid1 = lax.dynamic_slice_in_dim(valid, i1, b)
+    q1, err1, m1 = _block(w1, u1, removed[j], fixed1, valid1, nm, group)
+    q = lax.dynamic_update_slice_in_dim(q, q1, i1, 0)
+    err = lax.dynamic_update_slice_in_dim(err, err1, i1, 0)
+    return q, err, lax.dynamic_update_slice_in_dim(mask, m1, i1, 0)
+
+  init = (
+    jnp.zeros((n_pad, n_out), jnp.float32),
+    jnp.zeros((n_err, n_out), jnp.float32),
+    jnp.zeros((n_pad, n_out), bool),
+  )
+  q, _, mask = lax.fori_loop(0, n_blocks, step, init)
+  return q[:n_in].astype(kernel.dtype), mask[:n_in], jnp.all(jnp.isfinite(u))
 
 
 def block_counts(n_in: int, n_out: int, sparsity: float, blocksize: int) -> np.ndarray:
