@@ -11,7 +11,10 @@ round). Variants, all at 90% sparsity of the three kernels:
   update_start_step=0, update_end_step=10**6)`` (cubic, as AGP);
 * SET / RigL every 100: jaxprune ``set_sparse`` / ``rigl(adam, 0.9, end=10**6,
   every=100)`` (drop fraction 0.3); jaxpruner ``SET`` / ``RigL`` with
-  ``PeriodicSchedule(update_freq=100, update_end_step=10**6)`` (drop fraction 0.3).
+  ``PeriodicSchedule(update_freq=100, update_start_step=0, update_end_step=10**6)``
+  (drop fraction 0.3); their biases get sparsity 0 rather than ``None`` (masks of all
+  ones): with ``None`` masks their mask update fails on this jax (``jax.tree.map`` no
+  longer takes ``None`` as a prefix of an array).
 
 Each library is used as its README shows: jaxprune's transform alone; jaxpruner's
 ``wrap_optax(adam)`` and ``post_gradient_update(params, state)`` after
@@ -100,14 +103,22 @@ def variants(params, batches, jp) -> dict[str, Trainer]:
   if jp is None:
     return out
   uniform = functools.partial(jp.sparsity_distributions.uniform, sparsity=0.9)
-  periodic = jp.PeriodicSchedule(update_freq=SPARSE_EVERY, update_end_step=END)
+
+  # SET/RigL map over (masks, scores) with the masks first: a None mask (jaxpruner's
+  # default for 1-D params) is an error in jax.tree.map on this jax (deprecated since jax
+  # 0.4.29: None is a prefix only of None), so the biases get sparsity 0 (an all-ones
+  # mask) instead of None.
+  def biases_at_0(params):
+    return jax.tree.map(lambda p: 0.9 if p.ndim > 1 else 0.0, params)
+
+  periodic = jp.PeriodicSchedule(update_freq=SPARSE_EVERY, update_start_step=0, update_end_step=END)
   theirs = {
     "jaxpruner AGP every 10": jp.MagnitudePruning(
       sparsity_distribution_fn=uniform,
       scheduler=jp.PolynomialSchedule(update_freq=EVERY, update_start_step=0, update_end_step=END),
     ),
-    "jaxpruner SET every 100": jp.SET(sparsity_distribution_fn=uniform, scheduler=periodic),
-    "jaxpruner RigL every 100": jp.RigL(sparsity_distribution_fn=uniform, scheduler=periodic),
+    "jaxpruner SET every 100": jp.SET(sparsity_distribution_fn=biases_at_0, scheduler=periodic),
+    "jaxpruner RigL every 100": jp.RigL(sparsity_distribution_fn=biases_at_0, scheduler=periodic),
   }
   out.update({n: JaxprunerTrainer(u, params, batches) for n, u in theirs.items()})
   return out

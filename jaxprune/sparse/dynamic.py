@@ -105,20 +105,20 @@ class _Layout:
     shapes = {p: tuple(jnp.shape(by_path[p])) for p in paths}
     sparsities = self.distribution.sparsities(shapes)
     removed = [n_pruned(math.prod(shapes[p]), sparsities[p]) for p in paths]
-    masks = _random_masks(seed, jnp.asarray(removed, jnp.int32), tuple(shapes[p] for p in paths))
+    # the selection is its own (cached) computation, shared with magnitude masks of
+    # the same shapes
+    masks = topk_by_shape(_random_scores(seed, tuple(shapes[p] for p in paths)), removed)
     chosen = dict(zip(paths, masks))
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     return jax.tree.unflatten(treedef, [chosen.get(tree_lib.path_str(k)) for k, _ in flat])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _random_masks(seed: int, removed: jax.Array, shapes: tuple[tuple[int, ...], ...]):
-  """Uniform random scores per leaf (key: ``fold_in(key(seed), i)``) and exactly
-  ``removed[i]`` of leaf ``i`` pruned: one compiled computation for all leaves (eager
-  ``jax.random.uniform`` compiles a threefry program per shape)."""
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _random_scores(seed: int, shapes: tuple[tuple[int, ...], ...]) -> list[jax.Array]:
+  """``uniform(fold_in(key(seed), i), shapes[i])`` for every leaf in one compiled
+  computation (eager ``jax.random.uniform`` compiles a threefry program per shape)."""
   key = jax.random.key(seed)
-  scores = [jax.random.uniform(jax.random.fold_in(key, i), s) for i, s in enumerate(shapes)]
-  return topk_by_shape(scores, [removed[i] for i in range(len(shapes))])
+  return [jax.random.uniform(jax.random.fold_in(key, i), s) for i, s in enumerate(shapes)]
 
 
 def _kept_counts(masks: list[jax.Array], layout: _Layout) -> list[Any]:
