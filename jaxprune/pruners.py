@@ -21,6 +21,7 @@ from jaxprune import scores as scores_lib
 from jaxprune import select as select_lib
 from jaxprune import structures as structures_lib
 from jaxprune import tree as tree_lib
+from jaxprune._by_shape import topk_by_shape
 from jaxprune.distributions import Distribution
 from jaxprune.schedules import Schedule, as_schedule, from_levels
 from jaxprune.select import check_sparsity, topk_by_count
@@ -276,7 +277,7 @@ class Pruner:
       layerwise = overridden
     if structure.poolable and layerwise:  # ranked groups: one selection for all layers
       removed = [_removed(self.schedule_of(p), int(jnp.size(scores[p])), step) for p in layerwise]
-      result.update(zip(layerwise, topk_by_count([scores[p] for p in layerwise], removed, "layer")))
+      result.update(zip(layerwise, topk_by_shape([scores[p] for p in layerwise], removed)))
     else:
       for p in layerwise:
         schedule = self.schedule_of(p)

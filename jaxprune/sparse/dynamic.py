@@ -21,6 +21,7 @@ weights that left go to exactly 0. Only the masks pass through ``lax.cond``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -33,9 +34,10 @@ from jax import lax
 from jaxprune import _checks
 from jaxprune import masks as masks_lib
 from jaxprune import tree as tree_lib
+from jaxprune._by_shape import topk_by_shape
 from jaxprune.distributions import Distribution, as_distribution
 from jaxprune.schedules import Schedule
-from jaxprune.select import n_pruned, topk_by_count
+from jaxprune.select import n_pruned
 from jaxprune.transforms import MaskedState, _check_inner, _zero_pruned
 
 
@@ -102,12 +104,11 @@ class _Layout:
     by_path = dict(tree_lib.leaves_with_paths(params))
     shapes = {p: tuple(jnp.shape(by_path[p])) for p in paths}
     sparsities = self.distribution.sparsities(shapes)
-    key = jax.random.key(seed)
-    scores = [
-      jax.random.uniform(jax.random.fold_in(key, i), shapes[p]) for i, p in enumerate(paths)
-    ]
     removed = [n_pruned(math.prod(shapes[p]), sparsities[p]) for p in paths]
-    chosen = dict(zip(paths, topk_by_count(scores, removed, "layer")))
+    # the selection is its own (cached) computation, shared with magnitude masks of
+    # the same shapes
+    masks = topk_by_shape(_random_scores(seed, tuple(shapes[p] for p in paths)), removed)
+    chosen = dict(zip(paths, masks))
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     return jax.tree.unflatten(treedef, [chosen.get(tree_lib.path_str(k)) for k, _ in flat])
 
@@ -141,6 +142,14 @@ def regrowth_scores(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return (one - 1.0).reshape(shape)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _random_scores(seed: int, shapes: tuple[tuple[int, ...], ...]) -> list[jax.Array]:
+  """``uniform(fold_in(key(seed), i), shapes[i])`` for every leaf in one compiled
+  computation (eager ``jax.random.uniform`` compiles a threefry program per shape)."""
+  key = jax.random.key(seed)
+  return [jax.random.uniform(jax.random.fold_in(key, i), s) for i, s in enumerate(shapes)]
+
+
 def _kept_counts(masks: list[jax.Array], layout: _Layout) -> list[Any]:
   """Active weights per sparse leaf: from the shapes, or counted when masks were given.
 
@@ -169,14 +178,14 @@ def _regrow(
   keep_scores = [
     jnp.where(m, jnp.abs(p).astype(jnp.float32), -jnp.inf) for m, p in zip(masks, params)
   ]
-  survivors = topk_by_count(
-    keep_scores, [m.size - (a - d) for m, a, d in zip(masks, active, drops)], "layer"
+  survivors = topk_by_shape(
+    keep_scores, [m.size - (a - d) for m, a, d in zip(masks, active, drops)]
   )
   scores = [
     jnp.where(s, jnp.inf, jnp.nan_to_num(g.astype(jnp.float32), nan=0.0, posinf=0.0))
     for s, g in zip(survivors, grow_scores)
   ]
-  return topk_by_count(scores, [m.size - a for m, a in zip(masks, active)], "layer")
+  return topk_by_shape(scores, [m.size - a for m, a in zip(masks, active)])
 
 
 def _sparse_trainer(
