@@ -51,22 +51,21 @@ QUICK = DecoderConfig(512, dim=64, depth=2, num_heads=8, num_kv_heads=2, mlp_dim
 
 
 def random_model(config: DecoderConfig, dtype: Any = jnp.bfloat16, seed: int = 0) -> Decoder:
-  """A random model of ``config`` whose params are drawn directly in ``dtype``, one at a time.
+  """A random model of ``config`` whose params are made in ``dtype`` one at a time.
 
-  Kernels and embeddings ``N(0, 0.02)`` (Llama's initializer range), norm scales 1.
+  Kernels and embeddings ``N(0, 0.02)`` (Llama's initializer range), norm scales 1. Drawn
+  by NumPy (a float32 copy of one param at a time, no JAX program compiled per shape), so
+  the float32 model never exists.
   """
   graphdef, state = nnx.split(nnx.eval_shape(lambda: config.make(nnx.Rngs(0))))
-  key = jax.random.key(seed)
+  rng = np.random.default_rng(seed)
 
   def draw(path: Any, leaf: Any) -> jax.Array:
-    name = tree_lib.path_str(path)
-    if name.endswith("scale"):
+    if tree_lib.path_str(path).endswith("scale"):
       return jnp.ones(leaf.shape, dtype)
-    k = jax.random.fold_in(key, hash(name) % (2**31))
-    return 0.02 * jax.random.normal(k, leaf.shape, dtype)
+    return jnp.asarray(0.02 * rng.standard_normal(leaf.shape, np.float32), dtype)
 
-  state = jax.tree_util.tree_map_with_path(draw, state)
-  return nnx.merge(graphdef, state)
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
 
 
 def _load() -> str:
@@ -89,8 +88,16 @@ def device_peak_gib() -> float | None:
   return stats["peak_bytes_in_use"] / 2**30
 
 
-def run_method(config: DecoderConfig, method: str, args: argparse.Namespace) -> dict[str, Any]:
-  """Builds the model, prunes it with ``method`` and checks it; the measurements as a dict."""
+def run_method(
+  config: DecoderConfig,
+  method: str,
+  sequences: int,
+  seq: int,
+  batch: int,
+  json_path: str | None = None,
+) -> dict[str, Any]:
+  """Builds the model, prunes it with ``method`` and checks it; the measurements as a dict
+  (also written to ``json_path`` after each block, so an interrupted run keeps its blocks)."""
   start = time.perf_counter()
   model = random_model(config)
   jax.block_until_ready(nnx.state(model))
@@ -98,8 +105,8 @@ def run_method(config: DecoderConfig, method: str, args: argparse.Namespace) -> 
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   rss_model = peak_rss_gib()
   rng = np.random.default_rng(0)
-  tokens = rng.integers(0, config.vocab_size, (args.sequences, args.seq)).astype(np.int32)
-  batches = [tokens[i : i + args.batch] for i in range(0, len(tokens), args.batch)]
+  tokens = rng.integers(0, config.vocab_size, (sequences, seq)).astype(np.int32)
+  batches = [tokens[i : i + batch] for i in range(0, len(tokens), batch)]
   lines: list[tuple[str, float]] = []
   base = {"method": method, "params": params, "depth": config.depth, "load": _load()}
   clock = [time.perf_counter()]
@@ -109,9 +116,9 @@ def run_method(config: DecoderConfig, method: str, args: argparse.Namespace) -> 
     lines.append((line, now - clock[0]))
     clock[0] = now
     print(f"{method}: {line} (rss peak {peak_rss_gib():.2f} GiB)", flush=True)
-    if args.json:  # what is done so far survives an interrupted run
+    if json_path:  # what is done so far survives an interrupted run
       partial = {**base, "block_s": [s for _, s in lines], "peak_rss_gib": peak_rss_gib()}
-      fileio.write_text(args.json, json.dumps(partial))
+      fileio.write_text(json_path, json.dumps(partial))
 
   start = time.perf_counter()
   hf_prune.prune_blocks(model, batches, method=method, sparsity=0.5, structure=None, log=log)
@@ -211,13 +218,13 @@ def main() -> None:
   if args.report:
     results = [json.loads(Path(f).read_text()) for f in args.report]
   elif args.method:
-    result = run_method(config, args.method, args)
+    result = run_method(config, args.method, args.sequences, args.seq, args.batch, args.json)
     print(json.dumps(result), flush=True)
     if args.json:
       fileio.write_text(args.json, json.dumps(result))
     return
   elif args.quick:
-    results = [run_method(config, method, args) for method in METHODS]
+    results = [run_method(config, m, args.sequences, args.seq, args.batch) for m in METHODS]
   else:
     results = []
     for method in METHODS:  # one process per method: each peak memory is that method's
