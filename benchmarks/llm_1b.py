@@ -109,6 +109,7 @@ def run_method(
   batches = [tokens[i : i + batch] for i in range(0, len(tokens), batch)]
   lines: list[tuple[str, float]] = []
   base = {"method": method, "params": params, "depth": config.depth, "load": _load()}
+  base["build_s"] = built
   clock = [time.perf_counter()]
 
   def log(line: str) -> None:
@@ -159,8 +160,8 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
   lines = [
     "# A 1B-parameter decoder pruned end to end (benchmarks/llm_1b.py)",
     "",
-    f"Random TinyLlama-shaped Decoder ({depth} blocks of dim 2048, MLP 5632, 32/4 heads, "
-    f"vocab 32000; {results[0]['params'] / 1e9:.2f}B params) in bfloat16, 50% unstructured, "
+    "Random TinyLlama-shaped Decoder (blocks of dim 2048, MLP 5632, 32/4 heads, vocab "
+    "32000; 22 blocks = 1.10B params) in bfloat16, 50% unstructured, "
     f"calibrated on {args.sequences} random sequences x {args.seq} tokens (batches of "
     f"{args.batch}), through `jaxprune.train.hf_prune.prune_blocks` (what `jaxprune prune "
     "--checkpoint` runs: `posttrain.prune(stack=True)`, one pass per block). "
@@ -170,16 +171,18 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     "|" + "---|" * len(header),
     *("| " + " | ".join(r) + " |" for r in rows),
     "",
-    "| method | blocks done | total (s) | median block (s) | peak RSS (GiB) | device peak (GiB) "
-    "| kernels | sparsity min / max | logits finite | load average (1/5/15 min) |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+    "| method | params | blocks done | build (s) | total (s) | median block (s) | "
+    "peak RSS (GiB) | device peak (GiB) | kernels | sparsity min / max | logits finite | "
+    "load average (1/5/15 min) |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in results:
     done = len(r["block_s"])
     finished = "total_s" in r
     device = r.get("device_peak_gib")
     lines.append(
-      f"| {r['method']} | {done} / {r['depth']} | "
+      f"| {r['method']} | {r['params'] / 1e9:.2f}B | {done} / {r['depth']} | "
+      f"{r.get('build_s', float('nan')):.0f} | "
       f"{r['total_s'] if finished else sum(r['block_s']):.0f} | "
       f"{np.median(r['block_s'][1:] or r['block_s']):.1f} | {r['peak_rss_gib']:.2f} | "
       f"{'-' if device is None else f'{device:.2f}'} | {r.get('layers', '-')} | "
@@ -189,10 +192,11 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
   lines += [
     "",
     "Block 1's time includes compiling the block programs (shared by all blocks) and the "
-    "check that embed -> blocks -> logits reproduces the model (one full forward pass); "
+    "check that embed -> blocks -> logits reproduces the model (on one example); "
     "the median leaves it out. The last block is not re-run (its output is not needed). "
-    f"Peak RSS is the whole process's (the model alone: {2 * results[0]['params'] / 2**30:.2f} "
-    "GiB in bfloat16). Rerun: `python benchmarks/llm_1b.py`.",
+    "Peak RSS is the whole process's (a 1.10B model alone: 2.05 GiB in bfloat16). "
+    "Rerun: `python benchmarks/llm_1b.py` (each method in its own process, one after "
+    "the other).",
   ]
   return "\n".join(lines) + "\n"
 
