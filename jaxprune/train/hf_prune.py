@@ -117,8 +117,9 @@ def config_arguments(config: ml_collections.ConfigDict) -> list[str]:
     >>> from jaxprune.train import hf_prune
     >>> config = hf_prune.default_config()
     >>> config.update(checkpoint="llama", text="wiki.txt", out="pruned", structure="2:4")
-    >>> hf_prune.config_arguments(config)[:8]
-    ['--checkpoint', 'llama', '--text', 'wiki.txt', '--method', 'wanda', '--structure', '2:4']
+    >>> argv = hf_prune.config_arguments(config)  # fields in sorted order
+    >>> argv[:4], argv[argv.index("--structure") :][:2]
+    (['--batch-size', '8', '--calibration', '128'], ['--structure', '2:4'])
   """
   known = ["checkpoint", *option_defaults()]
   argv = []
