@@ -110,6 +110,7 @@ def run_method(
   lines: list[tuple[str, float]] = []
   base = {"method": method, "params": params, "depth": config.depth, "load": _load()}
   base["build_s"] = built
+  base["tokens"] = f"{sequences} x {seq} (batches of {batch})"
   clock = [time.perf_counter()]
 
   def log(line: str) -> None:
@@ -162,8 +163,8 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     "",
     "Random TinyLlama-shaped Decoder (blocks of dim 2048, MLP 5632, 32/4 heads, vocab "
     "32000; 22 blocks = 1.10B params) in bfloat16, 50% unstructured, "
-    f"calibrated on {args.sequences} random sequences x {args.seq} tokens (batches of "
-    f"{args.batch}), through `jaxprune.train.hf_prune.prune_blocks` (what `jaxprune prune "
+    "calibrated on random token ids (sequences x tokens per method below), "
+    "through `jaxprune.train.hf_prune.prune_blocks` (what `jaxprune prune "
     "--checkpoint` runs: `posttrain.prune(stack=True)`, one pass per block). "
     f"Backend: {jax.default_backend()} ({os.cpu_count()} CPUs).",
     "",
@@ -171,17 +172,19 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     "|" + "---|" * len(header),
     *("| " + " | ".join(r) + " |" for r in rows),
     "",
-    "| method | params | blocks done | build (s) | total (s) | median block (s) | "
+    "| method | params | calibration | blocks done | build (s) | total (s) | median block (s) | "
     "peak RSS (GiB) | device peak (GiB) | kernels | sparsity min / max | logits finite | "
     "load average (1/5/15 min) |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in results:
     done = len(r["block_s"])
     finished = "total_s" in r
     device = r.get("device_peak_gib")
     lines.append(
-      f"| {r['method']} | {r['params'] / 1e9:.2f}B | {done} / {r['depth']} | "
+      f"| {r['method']} | {r['params'] / 1e9:.2f}B | "
+      f"{r.get('tokens', f'{args.sequences} x {args.seq} (batches of {args.batch})')} | "
+      f"{done} / {r['depth']} | "
       f"{r.get('build_s', float('nan')):.0f} | "
       f"{r['total_s'] if finished else sum(r['block_s']):.0f} | "
       f"{np.median(r['block_s'][1:] or r['block_s']):.1f} | {r['peak_rss_gib']:.2f} | "
