@@ -14,7 +14,11 @@ One command, six parts, one markdown file (``benchmarks/results/accelerator-<bac
 5. 2:4: ``jaxprune.export.nm_matmul`` vs a dense matmul (where JAX has a sparse N:M
    dot; else the table says so);
 6. sparse export: a Dense layer's matmul, dense vs BCOO (``jaxprune.export``) vs the
-   shrunk layer (the kept outputs only), at 50/90/99% sparsity.
+   shrunk layer (the kept outputs only), at 50/90/99% sparsity;
+7. a 1B decoder pruned end to end (``benchmarks/llm_1b.py`` in this process: a random
+   TinyLlama-shaped Decoder in bfloat16, Wanda then SparseGPT at 50%, one pass per block):
+   time per block, total, peak host and device memory, exact 50% per kernel, finite logits.
+   ``--quick``: one tiny block, Wanda only.
 
 ``--quick`` runs every part at tiny sizes (seconds on a CPU; ``make test`` runs it, so
 the script cannot rot) and writes nothing unless ``--out`` is given.
@@ -33,6 +37,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import llm_1b
 import numpy as np
 import optax
 import timing
@@ -40,9 +45,10 @@ from flax import nnx
 
 import jaxprune
 from jaxprune import export, fileio, surgery
+from jaxprune.models.decoder import DecoderConfig
 from jaxprune.posttrain import sparsegpt_layer
 
-PARTS = ("masked_step", "topk", "surgery", "sparsegpt", "nm", "sparse")
+PARTS = ("masked_step", "topk", "surgery", "sparsegpt", "nm", "sparse", "llm_1b")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +71,17 @@ class Sizes:
   sparse_dims: tuple[int, int, int] = (256, 4096, 4096)
   window: int = 10
   rounds: int = 7
+  lm1b_config: DecoderConfig = llm_1b.TINYLLAMA
+  lm1b_methods: tuple[str, ...] = llm_1b.METHODS
+  lm1b_tokens: tuple[int, int, int] = (8, 256, 8)  # sequences, tokens each, per batch
 
 
 QUICK = Sizes(
   cnn_blocks=(1,), cnn_width=4, cnn_image=16, cnn_batch=2, lm_layers=1, lm_dim=16,
   lm_heads=2, lm_vocab=64, lm_seq=8, lm_batch=2, topk_sizes=(10_000,), sparsegpt_dim=128,
   nm_dims=(8, 64, 32), sparse_dims=(8, 256, 128), window=2, rounds=1,
+  lm1b_config=dataclasses.replace(llm_1b.QUICK, depth=1), lm1b_methods=("wanda",),
+  lm1b_tokens=(2, 8, 2),
 )  # fmt: skip
 
 
@@ -386,6 +397,35 @@ def part_sparse(s: Sizes) -> str:
   )
 
 
+def part_llm_1b(sizes: Sizes) -> str:
+  """benchmarks/llm_1b.py's run, each method on a fresh model in this process."""
+  rows = []
+  for method in sizes.lm1b_methods:
+    r = llm_1b.run_method(sizes.lm1b_config, method, *sizes.lm1b_tokens)
+    assert r["finite_logits"] and r["sparsity_min"] == r["sparsity_max"] == 0.5, r
+    device = "-" if r["device_peak_gib"] is None else f"{r['device_peak_gib']:.2f}"
+    blocks = r["block_s"]
+    rows.append(
+      f"| {method} | {r['params'] / 1e9:.2f}B | {len(blocks)} | {blocks[0]:.2f} | "
+      f"{np.median(blocks[1:] or blocks):.2f} | {r['total_s']:.1f} | "
+      f"{r['peak_rss_gib']:.2f} | {device} |"
+    )
+  n, t, b = sizes.lm1b_tokens
+  return "\n".join(
+    [
+      f"Random {sizes.lm1b_config.depth}-block Decoder (dim {sizes.lm1b_config.dim}, MLP "
+      f"{sizes.lm1b_config.mlp_dim}) in bfloat16, 50% unstructured, {n} x {t} random tokens "
+      f"(batches of {b}); block 1 includes compiling and the stack check; peaks are the "
+      "process's so far (earlier parts included).",
+      "",
+      "| method | params | blocks | block 1 (s) | median block (s) | total (s) | "
+      "peak RSS (GiB) | device peak (GiB) |",
+      "|---|---|---|---|---|---|---|---|",
+      *rows,
+    ]
+  )
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
@@ -407,10 +447,11 @@ def main() -> None:
     "masked_step": "Masked-step overhead", "topk": "Global exact top-k",
     "surgery": "Surgery: latency vs FLOPs", "sparsegpt": "SparseGPT, one layer",
     "nm": "2:4 sparse matmul", "sparse": "Sparse export: dense vs BCOO vs shrunk",
+    "llm_1b": "A 1B decoder pruned end to end",
   }  # fmt: skip
   functions = {
     "masked_step": part_masked_step, "topk": part_topk, "surgery": part_surgery,
-    "sparsegpt": part_sparsegpt, "nm": part_nm, "sparse": part_sparse,
+    "sparsegpt": part_sparsegpt, "nm": part_nm, "sparse": part_sparse, "llm_1b": part_llm_1b,
   }  # fmt: skip
   sections = []
   for part in parts:

@@ -9,6 +9,7 @@
   jaxprune prune --config configs/charlm_wanda.py  # one-shot Wanda / SparseGPT / magnitude
   jaxprune prune --config configs/charlm_structured.py  # heads + neurons out: a smaller LM
   jaxprune prune --checkpoint llama --text wiki.txt --method wanda --sparsity 0.5 --out pruned
+  jaxprune prune --config configs/hf_prune.py --config.method=sparsegpt  # the same, from a file
   jaxprune report runs/agp                  # regenerate runs/agp/report.md and plots
 
 Any config field can be overridden with ``--config.FIELD=VALUE`` (or ``--config.FIELD
@@ -270,6 +271,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"--step must be a checkpoint step >= 0, got {args.step}")
   if args.command == "shrink" and args.multiple_of < 1:
     parser.error(f"--multiple-of must be >= 1, got {args.multiple_of}")
+  read = None
+  if args.command == "prune" and args.config:
+    try:
+      read = config_lib.read_config(args.config)
+      if hf_prune.is_config(read):
+        args = _checkpoint_form(parser, args, read, overrides)
+        overrides, read = [], None
+    except (config_lib.ConfigError, OSError) as e:
+      if args.debug:
+        raise
+      parser.exit(2, f"jaxprune prune: error: {_one_line(e)}\n")
   if getattr(args, "checkpoint", None):
     if overrides:
       parser.error("--config.FIELD overrides go with --config FILE, not --checkpoint")
@@ -288,11 +300,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error("--config.FIELD overrides go with --config FILE, not --workdir")
   _drop_abandoned_reads_reports()
   try:
-    return _run(args, overrides)
+    return _run(args, overrides, read)
   except (config_lib.ConfigError, errors.RunFileError, OSError) as e:
     if args.debug:
       raise
     parser.exit(2, f"jaxprune {args.command}: error: {_one_line(e)}\n")
+
+
+def _checkpoint_form(
+  parser: argparse.ArgumentParser, args: argparse.Namespace, config: Config, overrides: list[str]
+) -> argparse.Namespace:
+  """The arguments of ``prune --checkpoint`` that a config file of its form (with overrides)
+  gives, parsed by ``parser`` as if typed: the flag form's defaults, choices and checks.
+
+  Raises:
+    ConfigError: an unknown field, a bad override.
+  """
+  defaults = hf_prune.option_defaults()
+  typed = [dest for dest, default in defaults.items() if getattr(args, dest) != default]
+  if typed:
+    dest = typed[0]
+    parser.error(
+      f"--{dest.replace('_', '-')} goes with --checkpoint; with --config set config.{dest} "
+      f"in the file or --config.{dest}=VALUE"
+    )
+  for assignment in overrides:
+    config_lib.apply_override(config, assignment)
+  try:
+    argv = hf_prune.config_arguments(config)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from e
+  return parser.parse_args(["prune", *argv, *(["--debug"] if args.debug else [])])
 
 
 def _from_orbax(error: BaseException | None, obj: object = None) -> bool:
@@ -342,8 +380,9 @@ def _drop_abandoned_reads_reports() -> None:
 _DROPPING = False
 
 
-def _run(args: argparse.Namespace, overrides: list[str]) -> int:
-  """The command of ``args``, after the arguments are parsed and checked."""
+def _run(args: argparse.Namespace, overrides: list[str], read: Config | None = None) -> int:
+  """The command of ``args``, after the arguments are parsed and checked (``read``: the
+  config file's ``get_config()``, when it was read already)."""
   from jaxprune.train import autopruner, evaluate, lm_depth, lm_structured, report, run, sweep
   from jaxprune.train import export as export_lib
   from jaxprune.train import prune as prune_lib
@@ -355,6 +394,8 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
   if getattr(args, "workdir", None):
     config = evaluate.config_from_workdir(args.workdir)
+  elif read is not None:
+    config = config_lib.configure(read, overrides)
   else:
     config = config_lib.load_config(args.config, overrides)
   if args.command == "eval":

@@ -31,7 +31,9 @@ def test_accelerator_benchmark_quick_runs_every_part(tmp_path):
     "SparseGPT, one layer",
     "2:4 sparse matmul",
     "Sparse export: dense vs BCOO vs shrunk",
+    "A 1B decoder pruned end to end",
   ):
     assert f"### {title}" in text
   assert "quick (tiny sizes: a smoke run, not a measurement)" in text
   assert text.count("| fixed masks |") == 2 and text.count("| AGP every 10 |") == 2
+  assert "| wanda | 0.00B | 1 |" in text  # the 1B part's code path on one tiny block

@@ -397,3 +397,65 @@ def test_one_pass_on_a_tied_checkpoint_equals_the_traced_path():
     if path.startswith("blocks/") and path.endswith("kernel"):
       np.testing.assert_array_equal(one_pass[path] == 0, np.asarray(w) == 0, err_msg=path)
       assert (one_pass[path] == 0).mean() == 0.5, path
+
+
+def test_prune_config_form_is_the_flag_form(capsys, tmp_path):
+  """configs/hf_prune.py (with overrides) parses to the flags' arguments and writes the same
+  checkpoint and report."""
+  from jaxprune import cli
+  from jaxprune.train import config as config_lib
+
+  parser = cli.build_parser()
+  flags = ["prune", "--checkpoint", str(FIXTURES / "llama3")]
+  flags += ["--text", str(FIXTURES / "calibration.txt"), "--out", "runs/llama3_wanda_50"]
+  flags += ["--method", "wanda", "--seq-len", "16", "--calibration", "8"]
+  from_file = cli._checkpoint_form(
+    parser,
+    parser.parse_args(["prune", "--config", str(ROOT / "configs" / "hf_prune.py")]),
+    config_lib.read_config(ROOT / "configs" / "hf_prune.py"),
+    [],
+  )
+  assert vars(from_file) == vars(parser.parse_args(flags))
+  reports = []
+  for form, out in (("flags", tmp_path / "a"), ("config", tmp_path / "b")):
+    if form == "flags":
+      argv = [*flags[:-6], "--out", str(out), "--method", "magnitude", "--structure", "2:4"]
+      argv += ["--seq-len", "16", "--calibration", "8"]
+    else:
+      argv = ["prune", "--config", str(ROOT / "configs" / "hf_prune.py")]
+      argv += [f"--config.out={out}", "--config.method=magnitude", "--config.structure", "2:4"]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    reports.append([x for x in lines if not x.startswith(("time", "pruned checkpoint", "block"))])
+  assert reports[0] == reports[1]
+  assert "| magnitude | 2:4 (50.0% measured) |" in "\n".join(reports[0])
+  a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+  assert a.keys() == b.keys()
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_prune_config_form_errors_are_the_flag_forms(capsys, tmp_path):
+  from jaxprune import cli
+
+  config = ["prune", "--config", str(ROOT / "configs" / "hf_prune.py")]
+  cases = [
+    (["--config.sparsity=1.5"], "error: --sparsity must be in [0, 1), got 1.5"),
+    (["--config.method=foo"], "argument --method: invalid choice: 'foo'"),
+    (["--config.structure=2:4", "--config.sparsity=0.6"], "not allowed with argument"),
+    (["--config.sparsty=0.5"], "sparsty: unknown config field (did you mean 'sparsity'?)"),
+    (["--method", "sparsegpt"], "--method goes with --checkpoint; with --config set config.method"),
+  ]
+  for extra, message in cases:
+    with pytest.raises(SystemExit) as e:
+      cli.main([*config, *extra])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err, extra
+  (tmp_path / "extra.py").write_text(
+    "from jaxprune.train import hf_prune\n\n\ndef get_config():\n"
+    "  config = hf_prune.default_config()\n  config.checkpoint = 'x'\n  config.steps = 3\n"
+    "  return config\n"
+  )
+  with pytest.raises(SystemExit):
+    cli.main(["prune", "--config", str(tmp_path / "extra.py")])
+  assert "config.steps: not an option of jaxprune prune --checkpoint" in capsys.readouterr().err

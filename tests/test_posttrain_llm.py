@@ -2,6 +2,8 @@
 block evaluations counted, host cache), bfloat16, OWL's per-block sparsity and depth
 pruning (block influence, drop_blocks), against NumPy references."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,10 +51,11 @@ def test_one_pass_per_block_equals_the_traced_block_by_block_path():
 
 class Counter:
   def __init__(self):
-    self.n = 0
+    self.n, self.rows = 0, 0
 
-  def tick(self):
+  def tick(self, rows=0):
     self.n += 1
+    self.rows += rows
 
 
 class Counting(nnx.Module):
@@ -62,7 +65,7 @@ class Counting(nnx.Module):
     self.inner, self.counter = inner, counter
 
   def __call__(self, x):
-    jax.debug.callback(self.counter.tick)
+    jax.debug.callback(functools.partial(self.counter.tick, x.shape[0]))
     return self.inner(x)
 
 
@@ -95,6 +98,16 @@ def test_hidden_cache_goes_to_the_host_over_budget():
   host = blockwise.HiddenCache(arrays, budget=23)
   assert host.on_host and all(isinstance(x, np.ndarray) for x in host.arrays)
   assert all(isinstance(x, np.ndarray) for x in host.map(lambda x: x * 2).arrays)
+
+
+def test_the_stack_check_runs_the_model_on_one_example_not_the_batch():
+  counter, depth, n_batches = Counter(), 3, 2
+  model = CountedLM(depth, counter, nnx.Rngs(0))
+  batches = token_batches(n_batches)  # 4 rows each
+  posttrain.prune(model, None, batches, method="wanda", stack=True)  # with suffix: checked
+  jax.effects_barrier()
+  assert counter.n == (2 * depth - 1) * n_batches + 2 * depth  # + the stack and the model
+  assert counter.rows == (2 * depth - 1) * n_batches * 4 + 2 * depth * 1
 
 
 class Scaled(nnx.Module):

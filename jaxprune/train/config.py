@@ -46,7 +46,9 @@ __all__ = [
   "config_json",
   "default_config",
   "digits_convnet_config",
+  "configure",
   "load_config",
+  "read_config",
   "make_learning_rate",
   "make_optimizer",
   "make_pruner",
@@ -225,6 +227,24 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     >>> config.data.name, config.prune.schedule
     ('digits', 'agp')
   """
+  return configure(read_config(path), overrides)
+
+
+def configure(config: Config, overrides: Sequence[str] = ()) -> Config:
+  """``config`` (as :func:`read_config` gives it) with ``overrides`` applied, validated."""
+  for assignment in overrides:
+    apply_override(config, assignment)
+  validate_config(config)
+  return config
+
+
+def read_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The ``ConfigDict`` that a config file's ``get_config()`` returns, not yet validated.
+
+  Raises:
+    FileNotFoundError: when there is no such file.
+    ConfigError: for a file without ``get_config``, or one returning no ``ConfigDict``.
+  """
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"No config file {str(path)!r}.")
@@ -238,9 +258,6 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
   config = module.get_config()
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict.")
-  for assignment in overrides:
-    apply_override(config, assignment)
-  validate_config(config)
   return config
 
 

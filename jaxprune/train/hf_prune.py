@@ -2,6 +2,7 @@
 
   jaxprune prune --checkpoint llama-dir --text wiki.txt --method wanda --sparsity 0.5 --out pruned
   jaxprune prune --checkpoint llama-dir --text wiki.txt --method sparsegpt --structure 2:4 --out pruned
+  jaxprune prune --config configs/hf_prune.py --config.method=sparsegpt --config.out=pruned
 
 The checkpoint (:func:`jaxprune.models.hf.load_hf`: Llama, Mistral, Qwen2, Qwen3) is read
 in ``--dtype``; the text is tokenised with the checkpoint's ``tokenizer.json`` (the
@@ -14,6 +15,12 @@ papers) are pruned block by block with :func:`jaxprune.posttrain.prune` (``wanda
 ``magnitude``, with a progress line per block. The pruned model is written to ``--out``
 in the checkpoint's own format (:func:`jaxprune.models.hf.save_hf`: same tensor names,
 shapes, dtypes and config).
+
+The config form: a file whose ``get_config()`` returns :func:`default_config` with its
+fields set, one per option, named as the flags with ``_`` for ``-`` (``checkpoint``,
+``text``, ``method``, ``sparsity`` or ``structure``, ``out``, ``seq_len``, ...).
+:func:`config_arguments` turns it, after ``--config.FIELD=VALUE`` overrides, into the
+flag form's arguments, which the command parses and checks as if they were typed.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -69,6 +77,63 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
   )
   group.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
   group.add_argument("--seed", type=int, default=0, help="picks the calibration windows")
+
+
+def option_defaults() -> dict[str, Any]:
+  """``{dest: default}`` of the ``--checkpoint`` form's options (:func:`add_arguments`)."""
+  parser = argparse.ArgumentParser(add_help=False)
+  add_arguments(parser)
+  return {a.dest: a.default for a in parser._actions}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The config form's fields: ``checkpoint`` and every option of the flag form, at its default.
+
+  ``None`` is an option not given (``text``, ``out``, ``eval_text``, ``sparsity``, ``structure``).
+
+  Examples:
+    >>> from jaxprune.train import hf_prune
+    >>> config = hf_prune.default_config()
+    >>> config.method, config.seq_len, config.structure
+    ('wanda', 128, None)
+  """
+  return ml_collections.ConfigDict({"checkpoint": None, **option_defaults()})
+
+
+def is_config(config: ml_collections.ConfigDict) -> bool:
+  """Whether a config is the config form of ``--checkpoint`` (its ``checkpoint`` is a path,
+  not the training configs' group of fields)."""
+  return "checkpoint" in config and not isinstance(config["checkpoint"], ml_collections.ConfigDict)
+
+
+def config_arguments(config: ml_collections.ConfigDict) -> list[str]:
+  """The flag form's arguments that say what ``config`` says (``None`` fields left out).
+
+  Raises:
+    ValueError: a field that is no option of the command (naming it and the known ones),
+      a group of fields, or no ``checkpoint``.
+
+  Examples:
+    >>> from jaxprune.train import hf_prune
+    >>> config = hf_prune.default_config()
+    >>> config.update(checkpoint="llama", text="wiki.txt", out="pruned", structure="2:4")
+    >>> argv = hf_prune.config_arguments(config)  # fields in sorted order
+    >>> argv[:4], argv[argv.index("--structure") :][:2]
+    (['--batch-size', '8', '--calibration', '128'], ['--structure', '2:4'])
+  """
+  known = ["checkpoint", *option_defaults()]
+  argv = []
+  for name, value in config.items():
+    if name not in known:
+      raise ValueError(f"config.{name}: not an option of jaxprune prune --checkpoint; known: "
+                       f"{', '.join(known)}.")  # fmt: skip
+    if isinstance(value, ml_collections.ConfigDict):
+      raise ValueError(f"config.{name}: a value is needed, not a group of fields.")
+    if value is not None:
+      argv += [f"--{name.replace('_', '-')}", str(value)]
+  if config.get("checkpoint") is None:
+    raise ValueError("config.checkpoint: no Hugging Face checkpoint directory given.")
+  return argv
 
 
 def check_arguments(args: argparse.Namespace) -> str | None:
