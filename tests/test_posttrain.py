@@ -1,11 +1,5 @@
 """posttrain: Wanda and SparseGPT against closed forms and NumPy references; calibration
-of NNX and Linen models (also block by block, and over 8 simulated devices)."""
-
-import json
-import os
-import pathlib
-import subprocess
-import sys
+of NNX and Linen models (also block by block; over 8 simulated devices: test_posttrain_sharded.py)."""
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -22,8 +16,6 @@ import jaxprune
 from jaxprune import posttrain
 from jaxprune.posttrain.sparsegpt_solver import block_counts
 from jaxprune.posttrain.stats import InputStats
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def correlated_layer(seed=0, n_in=256, n_out=128, tokens=2048, rank=32, noise=0.3, sigma=1.0):
@@ -526,53 +518,3 @@ def test_non_float_kernels_are_skipped_and_named():
     ValueError, match=r"No float linear layer selected by where='q'.*\[\'fc/kernel'\].*'q': 'int8'"
   ):
     posttrain.calibrate(model, None, [x], where="q")
-
-
-# --- Data parallel: 8 simulated devices ------------------------------------------------
-
-
-def _on_8_devices() -> dict:
-  from jax.sharding import Mesh
-
-  model = MLP(nnx.Rngs(0))
-  batches = [np.random.default_rng(i).normal(size=(64, 8)).astype(np.float32) for i in range(2)]
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  one = posttrain.calibrate(model, None, batches)
-  many = posttrain.calibrate(model, None, batches, mesh=mesh, batch_axis="data")
-  diff = max(
-    float(np.max(np.abs(np.asarray(a) - np.asarray(b)) / (1 + np.abs(np.asarray(a)))))
-    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many))
-  )
-  s = many["fc2/kernel"].xtx.sharding
-  params, masks = posttrain.prune(
-    model, None, batches, blocks=["fc1", "fc2"], mesh=mesh, batch_axis="data"
-  )
-  ref_params, _ = posttrain.prune(model, None, batches, blocks=["fc1", "fc2"])
-  return {
-    "devices": len(jax.devices()),
-    "max_rel_diff": diff,
-    "replicated": bool(s.is_fully_replicated),
-    "prune_diff": float(
-      max(
-        np.abs(np.asarray(a) - np.asarray(b)).max()
-        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params))
-      )
-    ),
-  }
-
-
-def test_data_parallel_statistics_equal_one_device():
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-  proc = subprocess.run(
-    [sys.executable, __file__], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  report = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert report["devices"] == 8 and report["replicated"]
-  assert report["max_rel_diff"] < 1e-5, report
-  assert report["prune_diff"] < 1e-4, report
-
-
-if __name__ == "__main__":
-  print(json.dumps(_on_8_devices()))

@@ -171,6 +171,18 @@ def _on_8_devices(dump: str) -> dict:
       "warnings": [str(w.message) for w in caught],
     }
   report["collectives"] = _collectives(dump)
+  # the statistics themselves: all-reduced over the batch axis, replicated, equal to one
+  # device's (float32 sums in another order)
+  one = posttrain.calibrate(make(), None, batches)
+  many = posttrain.calibrate(make(), None, batches, mesh=mesh)
+  report["stats_max_rel_diff"] = max(
+    float(np.max(np.abs(np.asarray(a) - np.asarray(b)) / (1 + np.abs(np.asarray(a)))))
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many))
+  )
+  report["stats_layers"] = len(many)
+  report["stats_replicated"] = all(
+    leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(many)
+  )
   with pytest.raises(ValueError, match=r"shape \(12, 12\) cannot be split .* mesh axis 'data'"):
     posttrain.prune(make(), None, [batches[0][:12]], method="wanda", stack=True, mesh=mesh)
   odd = nnx.Sequential(nnx.Linear(16, 12, rngs=nnx.Rngs(0)), nnx.Linear(12, 16, rngs=nnx.Rngs(1)))
@@ -236,6 +248,10 @@ def check(report: dict) -> None:
     for shape in shapes:
       assert "solve" in module and re.fullmatch(r"[uf]32\[16,\d+\]\{.*\}", shape), (module, shape)
   # a weight whose output axis does not divide by 8 stays whole, with a warning
+  # 7 linears per block and the output head; the blocks' inputs are computed sharded too
+  # (float32 matmuls split over devices), so the statistics move by ~1e-5 relative
+  assert report["stats_layers"] == 2 * 7 + 1 and report["stats_replicated"], report
+  assert report["stats_max_rel_diff"] < 1e-4, report["stats_max_rel_diff"]
   assert report["odd_layout"]["layers/0/kernel"] == "P()"
   assert report["odd_layout"]["layers/1/kernel"] == "P(None, 'data')"
   assert (

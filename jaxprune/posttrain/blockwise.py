@@ -369,14 +369,16 @@ def prune_stack(
 
 
 def _check_stack(model: Any, stack: Stack, inputs: tuple, programs: BlockPrograms) -> None:
-  """Raises unless ``stack`` reproduces ``model``'s output on the first example of ``inputs``.
+  """Raises unless ``stack`` reproduces ``model``'s output on the first example of ``inputs``
+  (over a mesh: the first example per device along the batch axis, which must split).
 
   One example (the leading axis of every input cut to 1), not the batch: the check runs
   the model twice (stack and whole), which on a whole batch costs half a pruning pass
   over one more batch (a 1B model: minutes on a CPU); whether the composition is the
   model's does not depend on the batch size.
   """
-  inputs = tuple(x[:1] if np.ndim(x) else x for x in inputs)
+  rows = 1 if programs.mesh is None else programs.mesh.shape[programs.batch_axis]
+  inputs = tuple(x[:rows] if np.ndim(x) else x for x in inputs)  # over a mesh: one per device
   x = stack.prefix(*inputs)
   for block in stack.blocks:
     _, leaves, run = programs.of(block)
