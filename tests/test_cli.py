@@ -4,6 +4,7 @@ import pytest
 
 from jaxprune import cli
 from jaxprune.train import config as config_lib
+from jaxprune.train import hf_prune
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 AGP = str(ROOT / "configs" / "lenet300_agp.py")
@@ -45,6 +46,11 @@ RECIPES = sorted((ROOT / "configs").glob("*.py"))
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_loads_and_validates(path):
+  raw = config_lib.read_config(path)
+  if hf_prune.is_config(raw):  # `jaxprune prune --config`: the flag form's arguments
+    args = cli.build_parser().parse_args(["prune", *hf_prune.config_arguments(raw)])
+    assert hf_prune.check_arguments(args) is None and args.checkpoint
+    return
   config = config_lib.load_config(path)
   assert config.train.steps > 0
 

@@ -13,11 +13,12 @@ from jaxprune.train import data, loop, metrics, models, optim, report, structure
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # autopruner has its own runner; charlm_{magnitude,wanda,sparsegpt} are `jaxprune prune`
-# recipes over charlm's run (tests/test_charlm.py runs them).
+# recipes over charlm's run (tests/test_charlm.py runs them); hf_prune is `jaxprune prune
+# --config` over a Hugging Face checkpoint (tests/test_hf.py runs it).
 RECIPES = sorted(
   p
   for p in (ROOT / "configs").glob("*.py")
-  if p.stem != "autopruner" and not p.stem.startswith("charlm_")
+  if p.stem not in ("autopruner", "hf_prune") and not p.stem.startswith("charlm_")
 )
 
 # --- pruner from config ---------------------------------------------------------------

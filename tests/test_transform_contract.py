@@ -24,6 +24,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_sparse import numpy_regrowth_scores  # the documented SET draw, in numpy
 
 import jaxprune
 from jaxprune import regularizers, sparse, sparsify, transforms
@@ -223,7 +224,7 @@ class RegrowSgdRef:
       key = jax.random.fold_in(jax.random.key(SEED), t)
       for i, k in enumerate(KERNELS):
         if self.grow == "random":
-          scores = np.asarray(jax.random.uniform(jax.random.fold_in(key, i), masks[k].shape))
+          scores = numpy_regrowth_scores(jax.random.fold_in(key, i), masks[k].shape)
         else:
           scores = np.abs(grads[k])
         new[k] = regrow(masks[k], params[k], scores, 0.5)
