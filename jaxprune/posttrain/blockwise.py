@@ -290,11 +290,7 @@ class BlockPrograms:
 
   def place(self, x: Any) -> Any:
     """Hidden states split along their leading axis over the batch axis (with a mesh)."""
-    if self.mesh is None:
-      return x
-    assert self.batch_axis is not None
-    sharded.check_batch((x,), self.mesh, self.batch_axis)
-    return jax.device_put(x, sharded.batch_sharding(self.mesh, self.batch_axis))
+    return sharded.split_batch(x, self.mesh, self.batch_axis)
 
   def prefix(self, stack: Stack, inputs: tuple) -> Any:
     """The hidden states at block 0's input, split over the batch axis (with a mesh)."""
@@ -349,8 +345,7 @@ def prune_stack(
         method, {p: current[p] for p in layers}, got, sparsities[i], structure, options
       )
       if mesh is not None:  # the solves' outputs on their weights' shardings
-        new = {p: jax.device_put(x, current[p].sharding) for p, x in new.items()}
-        masks = {p: jax.device_put(x, current[p].sharding) for p, x in masks.items()}
+        new, masks = sharded.put_like(new, current), sharded.put_like(masks, current)
       current.update(new)
       leaves = [current[p] for p in rel]
       for p in layers:

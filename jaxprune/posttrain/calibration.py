@@ -198,11 +198,7 @@ class Program:
 
   def place_batch(self, inputs: Any) -> Any:
     """A batch (any pytree) split along its leading axis over ``batch_axis``, if a mesh."""
-    if self.mesh is None:
-      return inputs
-    assert self.batch_axis is not None
-    sharded.check_batch(inputs, self.mesh, self.batch_axis)
-    return jax.device_put(inputs, sharded.batch_sharding(self.mesh, self.batch_axis))
+    return sharded.split_batch(inputs, self.mesh, self.batch_axis)
 
   def place(self, leaves: list, inputs: tuple) -> tuple[list, tuple]:
     """Leaves split over ``param_axis`` and inputs along ``batch_axis`` (with a mesh)."""

@@ -200,7 +200,7 @@ def prune(
       kernels = {p: current[p] for p in group}
       updated, masks = solve_group(method, kernels, got, s, structure, options)
       if mesh is not None:  # the solves' outputs on their weights' shardings
-        updated, masks = (_placed_like(program, data[0], t) for t in (updated, masks))
+        updated, masks = sharded.put_like(updated, current), sharded.put_like(masks, current)
       current.update(updated)
       mask_of.update(masks)
       if progress is not None:
@@ -231,14 +231,6 @@ def _place_model(model: Any, program: Program, data: list[tuple]) -> None:
   program.variables = jax.tree.unflatten(treedef, program.place_leaves(leaves, data[0]))
   if isinstance(model, nnx.Module):
     nnx.update(model, program.variables)
-
-
-def _placed_like(program: Program, inputs: tuple, tree: dict[str, Any]) -> dict[str, Any]:
-  """``{path: array}`` on the shardings of the program's variables at those paths."""
-  shardings = program.leaf_shardings(inputs)
-  assert shardings is not None
-  of = dict(zip(program.paths, shardings))
-  return {p: jax.device_put(x, of[p]) for p, x in tree.items()}
 
 
 def _owl(

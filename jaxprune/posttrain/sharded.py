@@ -138,6 +138,26 @@ def batch_sharding(mesh: Mesh, axis: str) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(axis))
 
 
+def split_batch(inputs: Any, mesh: Mesh | None, axis: str | None) -> Any:
+  """``inputs`` (any pytree) split along their leading axis over ``axis``; unchanged
+  without a mesh.
+
+  Raises:
+    ValueError: an input whose leading axis does not split (:func:`check_batch`).
+  """
+  if mesh is None:
+    return inputs
+  assert axis is not None
+  check_batch(inputs, mesh, axis)
+  return jax.device_put(inputs, batch_sharding(mesh, axis))
+
+
+def put_like(tree: Mapping[str, Any], like: Mapping[str, Any]) -> dict[str, Any]:
+  """``{path: x}`` of ``tree`` placed on the sharding of ``like[path]`` (a solve's outputs
+  on their weights' shardings)."""
+  return {p: jax.device_put(x, like[p].sharding) for p, x in tree.items()}
+
+
 def device_bytes(tree: Any) -> dict[str, int]:
   """``{device: bytes}`` that the arrays of ``tree`` occupy on each device (the sum of
   their addressable shards), to measure how params are spread over a mesh.
