@@ -100,7 +100,9 @@ def sharded_run() -> dict:
 
 
 def run_on_8_devices() -> dict:
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  # The tests' quick-compile flags (conftest) stay; 8 simulated devices are added to them.
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+  env = {**os.environ, "XLA_FLAGS": flags.strip()}
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run(
     [sys.executable, __file__], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
