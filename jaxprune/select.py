@@ -70,6 +70,8 @@ _BINS = 1 << _DIGIT
 # is ever allocated (on XLA:CPU a fresh 40 MB temporary costs more than the pass).
 _BLOCK = 1 << 19
 _PARTS = 2  # partial histograms per pass
+# Arrays this small are joined and scanned as one (when there are several of them).
+_SMALL = _BLOCK
 
 
 def _total(arrays: list[jax.Array]) -> jax.Array:
@@ -162,52 +164,70 @@ def keep_topk_groups(
   higher. Each digit is one histogram pass over the candidates (the entries whose
   higher digits match those found so far), all groups at once; the passes over the
   position's digits run only when some group's k-th key has more copies than places
-  left (ties to break). The passes are one ``while_loop``: its body compiles a branch for
-  the key's digits and one for the position's, whatever the number of passes. Each
-  pass walks the arrays in blocks (see ``_BLOCK``).
+  left (ties to break). The passes are one ``while_loop`` whose body compiles one
+  histogram pass per array, whatever the number of passes (a pass takes its digit from
+  the key or from the position). Each pass walks the arrays in blocks (see ``_BLOCK``);
+  arrays smaller than ``_SMALL`` together are joined into one (their keys stored, a few
+  MB at most) and scanned as one array: one pass compiled for all of them.
   """
   k = jnp.asarray(k, jnp.int32)
   n_groups = max(groups) + 1
   offsets = [sum(u.size for u, h in zip(keys[:i], groups) if h == g) for i, g in enumerate(groups)]
   full, half = jnp.uint32(0xFFFFFFFF), jnp.uint32(0xFFFF0000)
   dropped = n_groups * _BINS  # out of range: a scatter drops it
+  small = [i for i, x in enumerate(keys) if x.size <= _SMALL]
+  if len(small) < 2 or sum(keys[i].size for i in small) > _SMALL:
+    small = []
+  # Per pass: (array, to_key, group (int, or per-entry int32), flipped positions or
+  # (group, offset) to compute them from).
+  joined = None
+  if small:
+    joined = (
+      jnp.concatenate([jnp.ravel(to_key(keys[i])) for i in small]),
+      jnp.concatenate([jnp.full(keys[i].size, groups[i], jnp.int32) for i in small]),
+      jnp.concatenate([_flipped_positions(keys[i].size, offsets[i]) for i in small]),
+    )
+  large = [i for i in range(len(keys)) if i not in small]
 
   def body(state):
     d, key_prefix, pos_prefix, need, _ = state
     key_mask = jnp.where(d >= 2, full, jnp.where(d == 1, half, jnp.uint32(0)))
     pos_mask = jnp.where(d == 3, half, jnp.uint32(0))
     shift = jnp.where(d % 2 == 0, _DIGIT, 0).astype(jnp.uint32)
+    by_key = d < 2
 
-    def histograms(by_position: bool) -> jax.Array:
-      counts = (jnp.zeros(dropped, jnp.int32),) * _PARTS
-      for x, g, o in zip(keys, groups, offsets):
+    def indices(u, v, g):
+      candidate = ((u & key_mask) == key_prefix[g]) & ((v & pos_mask) == pos_prefix[g])
+      digit = ((jnp.where(by_key, u, v) >> shift) & 0xFFFF).astype(jnp.int32)
+      return jnp.where(candidate, digit + g * _BINS, dropped)
 
-        def add(block, start, counts, g=g, o=o):
-          u = to_key(block)
-          candidate = (u & key_mask) == key_prefix[g]
-          if by_position:  # positions computed in the pass, never stored
-            v = _flipped_positions(u.size, start + jnp.uint32(o))
-            candidate = candidate & ((v & pos_mask) == pos_prefix[g])
-            digit = ((v >> shift) & 0xFFFF).astype(jnp.int32)
-          else:
-            digit = ((u >> shift) & 0xFFFF).astype(jnp.int32)
-          idx = jnp.where(candidate, digit + g * _BINS, dropped)
-          # Two independent scatters (halves of the block): XLA:CPU runs them in parallel.
-          half = -(-idx.size // _PARTS)
-          return tuple(
-            c.at[idx[i * half : (i + 1) * half]].add(1, mode="drop") for i, c in enumerate(counts)
-          )
+    def scatter(counts, idx):
+      # Independent scatters (parts of the block): XLA:CPU runs them in parallel.
+      parts = len(counts)
+      size = -(-idx.size // parts)
+      return tuple(
+        c.at[idx[i * size : (i + 1) * size]].add(1, mode="drop") for i, c in enumerate(counts)
+      )
 
-        counts = _scan_blocks(x, add, counts)
-      return _total(list(counts))
+    counts = (jnp.zeros(dropped, jnp.int32),) * _PARTS
+    if joined is not None:
+      u, g, v = joined
+      counts = scatter(counts, indices(u, v, g))
+    for i in large:
+      x, g, o = keys[i], groups[i], offsets[i]
 
-    counts = lax.cond(d < 2, lambda: histograms(False), lambda: histograms(True))
-    counts = counts.reshape(n_groups, _BINS)
+      def add(block, start, counts, g=g, o=o):
+        u = to_key(block)
+        v = _flipped_positions(u.size, start + jnp.uint32(o))
+        return scatter(counts, indices(u, v, g))
+
+      counts = _scan_blocks(x, add, counts)
+    counts = _total(list(counts)).reshape(n_groups, _BINS)
     b, above = _locate(counts, need)
     equal = jnp.take_along_axis(counts, b[:, None], axis=1)[:, 0]
     bits = b.astype(jnp.uint32) << shift
-    key_prefix = jnp.where(d < 2, key_prefix | bits, key_prefix)
-    pos_prefix = jnp.where(d < 2, pos_prefix, pos_prefix | bits)
+    key_prefix = jnp.where(by_key, key_prefix | bits, key_prefix)
+    pos_prefix = jnp.where(by_key, pos_prefix, pos_prefix | bits)
     return d + 1, key_prefix, pos_prefix, need - above, equal
 
   def more(state):
