@@ -238,17 +238,23 @@ def test_large_ties_cut_beyond_the_first_position_digit():
 
 
 BLOCKED_SHAPES = [(37,), (3, 8), (9,)]  # with a block of 8: a tail, exact blocks, one tail
+# Entries joined into one pass: none (every array in blocks), or the last two arrays
+# (24 + 9 = 33 entries, one pass; the first in blocks after them in the same loop body).
+JOINED = {"blocked": 0, "joined": 33}
 
 
-@jax.jit
-def _blocked_masks(scores, ks_layer, k_global):
+def _masks_in_blocks(scores, ks_layer, k_global):
   flat = [jnp.ravel(s) for s in scores]
   layer = select.keep_topk_groups(flat, [0, 1, 2], ks_layer, to_key=select.sortable_keys)
   pooled = select.keep_topk_groups(flat, [0, 0, 0], k_global, to_key=select.sortable_keys)
   return layer, pooled
 
 
-@settings(max_examples=25, deadline=None)
+_blocked_masks = {name: jax.jit(_masks_in_blocks) for name in JOINED}  # traced once each
+
+
+@pytest.mark.parametrize("joined", list(JOINED))
+@settings(max_examples=15, deadline=None)
 @given(
   scores=st.tuples(
     *[
@@ -258,15 +264,17 @@ def _blocked_masks(scores, ks_layer, k_global):
   ),
   fractions=st.tuples(*[st.floats(0, 1)] * 4),
 )
-def test_property_passes_in_blocks_equal_the_reference(scores, fractions):
+def test_property_passes_in_blocks_equal_the_reference(joined, scores, fractions):
   # Blocks of 8 entries: the loop over blocks, the tail, and the position offsets of
-  # later blocks and later leaves are all exercised on small arrays with many ties.
+  # later blocks and later leaves are all exercised on small arrays with many ties;
+  # "joined" scans two arrays as one (group and position per entry) next to the blocks.
   sizes = [int(np.prod(s)) for s in BLOCKED_SHAPES]
   ks = [round(f * n) for f, n in zip(fractions, sizes)]  # 0 and n included
   k_global = round(fractions[3] * sum(sizes))
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(select, "_BLOCK", 8)  # read when the selection is traced (once)
-    layer, pooled = _blocked_masks(
+    patch.setattr(select, "_SMALL", JOINED[joined])
+    layer, pooled = _blocked_masks[joined](
       [jnp.asarray(s) for s in scores], jnp.array(ks, jnp.int32), jnp.array([k_global], jnp.int32)
     )
   for s, m, k in zip(scores, layer, ks):
@@ -275,3 +283,43 @@ def test_property_passes_in_blocks_equal_the_reference(scores, fractions):
   np.testing.assert_array_equal(
     got, ranked_mask(np.concatenate([s.ravel() for s in scores]), k_global)
   )
+
+
+def test_joined_arrays_all_tied_keep_the_first_positions_for_every_k():
+  # Four arrays scanned as one pass (default _SMALL), every score equal: the position
+  # passes decide everything; k = 0, k = n and cuts inside each array, layer and global.
+  shapes = [(5, 3), (4,), (2, 2, 2), (7,)]
+  sizes = [int(np.prod(s)) for s in shapes]
+  scores = [jnp.full(s, 2.0) for s in shapes]
+  flat = [jnp.ravel(s) for s in scores]
+  select_jit = jax.jit(
+    lambda ks, groups: select.keep_topk_groups(flat, groups, ks, to_key=select.sortable_keys),
+    static_argnums=1,
+  )
+  for ks in ([0, 0, 0, 0], sizes, [1, 3, 0, 6], [15, 1, 8, 0]):
+    masks = select_jit(jnp.array(ks, jnp.int32), (0, 1, 2, 3))
+    for m, n, k in zip(masks, sizes, ks):
+      assert np.asarray(m).tolist() == [True] * k + [False] * (n - k)
+  total = sum(sizes)
+  for k in (0, 1, 16, 20, total - 1, total):
+    masks = select_jit(jnp.array([k], jnp.int32), (0, 0, 0, 0))
+    assert np.concatenate([np.asarray(m) for m in masks]).tolist() == [True] * k + [False] * (
+      total - k
+    )
+
+
+def test_locate_equals_a_numpy_suffix_search():
+  rng = np.random.default_rng(1)
+  counts = rng.integers(0, 3, (3, 256)).astype(np.int32)
+  counts[1, 40:] = 0  # everything in the lowest bins
+  counts[2] = 0
+  counts[2, 255] = 5
+  locate = jax.jit(select._locate)
+  for need in ([1, 1, 1], [0, 7, 5], [100, 50, 6], [10**6, 10**6, 10**6], [300, 3, 4]):
+    b, above = locate(jnp.asarray(counts), jnp.array(need, jnp.int32))
+    for g in range(3):
+      suffix = np.cumsum(counts[g, ::-1])[::-1]  # suffix[i] = sum(counts[g, i:])
+      hits = np.nonzero(suffix >= need[g])[0]
+      expect = int(hits[-1]) if len(hits) else 0
+      assert int(b[g]) == expect, (g, need[g])
+      assert int(above[g]) == int(counts[g, expect + 1 :].sum())
