@@ -8,10 +8,9 @@ global scope the earlier leaf) is kept; two more passes, over the digits of the
 position, run only when the threshold has more copies than places left. Masks equal
 those of a stable descending argsort exactly. The passes are one compiled loop whose
 body holds one histogram pass per array (a pass takes its digit from the key or from
-the position), and small arrays share one pass: on XLA:CPU compile time goes with the
-number of kernels, so the selector is written to have few. Each pass walks the scores
-in blocks and computes their keys there: no array as long as the scores is stored
-(arrays joined into one pass are small).
+the position): on XLA:CPU compile time goes with the number of kernels, so the
+selector is written to have few. Each pass walks the scores in blocks and computes
+their keys there: no array as long as the scores is stored.
 """
 
 from __future__ import annotations
@@ -72,8 +71,6 @@ _BINS = 1 << _DIGIT
 # is ever allocated (on XLA:CPU a fresh 40 MB temporary costs more than the pass).
 _BLOCK = 1 << 19
 _PARTS = 2  # partial histograms per pass
-# Arrays this small are joined and scanned as one (when there are several of them).
-_SMALL = _BLOCK
 
 
 def _total(arrays: list[jax.Array]) -> jax.Array:
@@ -172,36 +169,15 @@ def keep_topk_groups(
   position's digits run only when some group's k-th key has more copies than places
   left (ties to break). The passes are one ``while_loop`` whose body holds one
   histogram pass per array, whatever the number of passes (a pass takes its digit from
-  the key or from the position). Each pass walks an array in blocks (see ``_BLOCK``);
-  arrays of at most ``_SMALL`` entries together are joined into one (their keys stored,
-  a few MB at most) and scanned as one array: one pass compiled for all of them.
+  the key or from the position). Each pass walks an array in blocks (see ``_BLOCK``).
   """
   k = jnp.asarray(k, jnp.int32)
   n_groups = max(groups) + 1
   offsets = [sum(u.size for u, h in zip(keys[:i], groups) if h == g) for i, g in enumerate(groups)]
   full, half = jnp.uint32(0xFFFFFFFF), jnp.uint32(0xFFFF0000)
   dropped = n_groups * _BINS  # out of range: a scatter drops it
-  small, joined_size = [], 0
-  for i, x in enumerate(keys):
-    if joined_size + x.size <= _SMALL:
-      small.append(i)
-      joined_size += x.size
-  if len(small) < 2:
-    small = []
-  large = [i for i in range(len(keys)) if i not in small]
   # Few entries in all: one histogram per pass (parts pay off on long arrays only).
-  parts = 1 if sum(x.size for x in keys) <= _SMALL else _PARTS
-  joined = None
-  if small:  # (keys, group, flipped position) per entry, computed once
-    if len({keys[i].dtype for i in small}) == 1:  # one key computation for all
-      u = to_key(jnp.concatenate([jnp.ravel(keys[i]) for i in small]))
-    else:
-      u = jnp.concatenate([jnp.ravel(to_key(keys[i])) for i in small])
-    joined = (
-      u,
-      jnp.concatenate([jnp.full(keys[i].size, groups[i], jnp.int32) for i in small]),
-      jnp.concatenate([_flipped_positions(keys[i].size, offsets[i]) for i in small]),
-    )
+  parts = 1 if sum(x.size for x in keys) <= _BLOCK else _PARTS
 
   def body(state):
     d, prefix, need, _ = state  # prefix[0]: the key's digits found, prefix[1]: the position's
@@ -211,9 +187,12 @@ def keep_topk_groups(
     shift = jnp.where(d % 2 == 0, _DIGIT, 0).astype(jnp.uint32)
 
     def indices(u, v, g):
-      candidate = ((u & key_mask) == prefix[0, g]) & ((v & pos_mask) == prefix[1, g])
-      digit = ((jnp.where(by_key, u, v) >> shift) & 0xFFFF).astype(jnp.int32)
-      return jnp.where(candidate, digit + g * _BINS, dropped)
+      if v is None:  # a pass over the key's digits
+        candidate, digit = (u & key_mask) == prefix[0, g], u >> shift
+      else:
+        candidate = ((u & key_mask) == prefix[0, g]) & ((v & pos_mask) == prefix[1, g])
+        digit = jnp.where(by_key, u, v) >> shift
+      return jnp.where(candidate, (digit & 0xFFFF).astype(jnp.int32) + g * _BINS, dropped)
 
     def scatter(counts, idx):
       # Independent scatters (parts of the block): XLA:CPU runs them in parallel.
@@ -223,16 +202,22 @@ def keep_topk_groups(
       )
 
     counts = (jnp.zeros(dropped, jnp.int32),) * parts
-    if joined is not None:
-      u, g, v = joined
-      counts = scatter(counts, indices(u, v, g))
-    for i in large:
+    for x, g, o in zip(keys, groups, offsets):
 
-      def add(block, start, counts, g=groups[i], o=offsets[i]):
+      def add(block, start, counts, g=g, o=o, by_position=True):
         u = to_key(block)
-        return scatter(counts, indices(u, _flipped_positions(u.size, start + jnp.uint32(o)), g))
+        v = _flipped_positions(u.size, start + jnp.uint32(o)) if by_position else None
+        return scatter(counts, indices(u, v, g))
 
-      counts = _scan_blocks(keys[i], add, counts)
+      if x.size > _BLOCK:  # long: the key passes skip the positions (a tenth of the time)
+        counts = lax.cond(
+          by_key,
+          lambda c, x=x, add=add: _scan_blocks(x, functools.partial(add, by_position=False), c),
+          lambda c, x=x, add=add: _scan_blocks(x, add, c),
+          counts,
+        )
+      else:  # one pass for both kinds of digit: fewer kernels, and cheap at this size
+        counts = _scan_blocks(x, add, counts)
     counts = _total(list(counts)).reshape(n_groups, _BINS)
     b, above = _locate(counts, need)
     equal = jnp.take_along_axis(counts, b[:, None], axis=1)[:, 0]

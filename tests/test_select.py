@@ -238,23 +238,17 @@ def test_large_ties_cut_beyond_the_first_position_digit():
 
 
 BLOCKED_SHAPES = [(37,), (3, 8), (9,)]  # with a block of 8: a tail, exact blocks, one tail
-# Entries joined into one pass: none (every array in blocks), or the last two arrays
-# (24 + 9 = 33 entries, one pass; the first in blocks after them in the same loop body).
-JOINED = {"blocked": 0, "joined": 33}
 
 
-def _masks_in_blocks(scores, ks_layer, k_global):
+@jax.jit
+def _blocked_masks(scores, ks_layer, k_global):
   flat = [jnp.ravel(s) for s in scores]
   layer = select.keep_topk_groups(flat, [0, 1, 2], ks_layer, to_key=select.sortable_keys)
   pooled = select.keep_topk_groups(flat, [0, 0, 0], k_global, to_key=select.sortable_keys)
   return layer, pooled
 
 
-_blocked_masks = {name: jax.jit(_masks_in_blocks) for name in JOINED}  # traced once each
-
-
-@pytest.mark.parametrize("joined", list(JOINED))
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
   scores=st.tuples(
     *[
@@ -264,17 +258,15 @@ _blocked_masks = {name: jax.jit(_masks_in_blocks) for name in JOINED}  # traced 
   ),
   fractions=st.tuples(*[st.floats(0, 1)] * 4),
 )
-def test_property_passes_in_blocks_equal_the_reference(joined, scores, fractions):
+def test_property_passes_in_blocks_equal_the_reference(scores, fractions):
   # Blocks of 8 entries: the loop over blocks, the tail, and the position offsets of
-  # later blocks and later leaves are all exercised on small arrays with many ties;
-  # "joined" scans two arrays as one (group and position per entry) next to the blocks.
+  # later blocks and later leaves are all exercised on small arrays with many ties.
   sizes = [int(np.prod(s)) for s in BLOCKED_SHAPES]
   ks = [round(f * n) for f, n in zip(fractions, sizes)]  # 0 and n included
   k_global = round(fractions[3] * sum(sizes))
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(select, "_BLOCK", 8)  # read when the selection is traced (once)
-    patch.setattr(select, "_SMALL", JOINED[joined])
-    layer, pooled = _blocked_masks[joined](
+    layer, pooled = _blocked_masks(
       [jnp.asarray(s) for s in scores], jnp.array(ks, jnp.int32), jnp.array([k_global], jnp.int32)
     )
   for s, m, k in zip(scores, layer, ks):
@@ -285,9 +277,9 @@ def test_property_passes_in_blocks_equal_the_reference(joined, scores, fractions
   )
 
 
-def test_joined_arrays_all_tied_keep_the_first_positions_for_every_k():
-  # Four arrays scanned as one pass (default _SMALL), every score equal: the position
-  # passes decide everything; k = 0, k = n and cuts inside each array, layer and global.
+def test_all_tied_arrays_keep_the_first_positions_for_every_k():
+  # Four small arrays (one histogram per pass), every score equal: the position passes
+  # decide everything; k = 0, k = n and cuts inside each array, layer and global.
   shapes = [(5, 3), (4,), (2, 2, 2), (7,)]
   sizes = [int(np.prod(s)) for s in shapes]
   scores = [jnp.full(s, 2.0) for s in shapes]
