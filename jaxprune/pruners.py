@@ -266,8 +266,8 @@ class Pruner:
       [prev_of.get(p) for p in paths],
       step_value,
     )
-    for path, s in zip(paths, raw):
-      _check_finite_scores(path, s)
+    for path, r, s in zip(paths, raw, ranked):
+      _check_finite_scores(path, s if r is None else r)
     scores = dict(zip(paths, ranked))
 
     overridden = [p for p in paths if any(tree_lib.matches(o, p) for o in self.overrides)]
@@ -308,17 +308,18 @@ class Pruner:
 
 
 def _leaf_scores_eager(score, structure, seed, params, grads, previous, step):
-  """Per pruned leaf: its raw scores (for the finite check) and the scores ranked (pooled
-  into groups; ``-inf`` where ``previous`` pruned)."""
+  """Per pruned leaf: the scores ranked (pooled into groups; ``-inf`` where ``previous``
+  pruned) and the raw scores for the finite check (``None`` where they are the ranked ones:
+  no second copy)."""
   base_key = jax.random.fold_in(jax.random.key(seed), jnp.asarray(step, jnp.int32))
   raw, ranked = [], []
   for i, (param, grad, prev) in enumerate(zip(params, grads, previous)):
     s = score(param, grad, jax.random.fold_in(base_key, i))
-    raw.append(s)
-    s = structure.group_scores(s)
+    r = structure.group_scores(s)
     if prev is not None:
-      s = jnp.where(structure.group_mask(prev), s.astype(jnp.float32), -jnp.inf)
-    ranked.append(s)
+      r = jnp.where(structure.group_mask(prev), r.astype(jnp.float32), -jnp.inf)
+    raw.append(None if r is s else s)
+    ranked.append(r)
   return raw, ranked
 
 
