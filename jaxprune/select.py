@@ -202,22 +202,29 @@ def keep_topk_groups(
       )
 
     counts = (jnp.zeros(dropped, jnp.int32),) * parts
-    for x, g, o in zip(keys, groups, offsets):
 
-      def add(block, start, counts, g=g, o=o, by_position=True):
-        u = to_key(block)
-        v = _flipped_positions(u.size, start + jnp.uint32(o)) if by_position else None
-        return scatter(counts, indices(u, v, g))
+    def passes(counts, long: bool, by_position: bool):
+      for x, g, o in zip(keys, groups, offsets):
+        if (x.size > _BLOCK) != long:
+          continue
 
-      if x.size > _BLOCK:  # long: the key passes skip the positions (a tenth of the time)
-        counts = lax.cond(
-          by_key,
-          lambda c, x=x, add=add: _scan_blocks(x, functools.partial(add, by_position=False), c),
-          lambda c, x=x, add=add: _scan_blocks(x, add, c),
-          counts,
-        )
-      else:  # one pass for both kinds of digit: fewer kernels, and cheap at this size
+        def add(block, start, counts, g=g, o=o):
+          u = to_key(block)
+          v = _flipped_positions(u.size, start + jnp.uint32(o)) if by_position else None
+          return scatter(counts, indices(u, v, g))
+
         counts = _scan_blocks(x, add, counts)
+      return counts
+
+    # Short arrays: one pass for both kinds of digit (fewer kernels, cheap at this size).
+    counts = passes(counts, long=False, by_position=True)
+    if any(x.size > _BLOCK for x in keys):  # long ones: key passes skip the positions
+      counts = lax.cond(
+        by_key,
+        lambda c: passes(c, long=True, by_position=False),
+        lambda c: passes(c, long=True, by_position=True),
+        counts,
+      )
     counts = _total(list(counts)).reshape(n_groups, _BINS)
     b, above = _locate(counts, need)
     equal = jnp.take_along_axis(counts, b[:, None], axis=1)[:, 0]

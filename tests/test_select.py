@@ -237,7 +237,9 @@ def test_large_ties_cut_beyond_the_first_position_digit():
   np.testing.assert_array_equal(got, ranked_mask(x, x.size - 150_000))
 
 
-BLOCKED_SHAPES = [(37,), (3, 8), (9,)]  # with a block of 8: a tail, exact blocks, one tail
+# With a block of 12: three blocks and a tail, two exact blocks, and one short array (one
+# pass for key and position digits, next to the long ones' key-only passes).
+BLOCKED_SHAPES = [(37,), (3, 8), (9,)]
 
 
 @jax.jit
@@ -259,13 +261,13 @@ def _blocked_masks(scores, ks_layer, k_global):
   fractions=st.tuples(*[st.floats(0, 1)] * 4),
 )
 def test_property_passes_in_blocks_equal_the_reference(scores, fractions):
-  # Blocks of 8 entries: the loop over blocks, the tail, and the position offsets of
+  # Blocks of 12 entries: the loop over blocks, the tail, and the position offsets of
   # later blocks and later leaves are all exercised on small arrays with many ties.
   sizes = [int(np.prod(s)) for s in BLOCKED_SHAPES]
   ks = [round(f * n) for f, n in zip(fractions, sizes)]  # 0 and n included
   k_global = round(fractions[3] * sum(sizes))
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(select, "_BLOCK", 8)  # read when the selection is traced (once)
+    patch.setattr(select, "_BLOCK", 12)  # read when the selection is traced (once)
     layer, pooled = _blocked_masks(
       [jnp.asarray(s) for s in scores], jnp.array(ks, jnp.int32), jnp.array([k_global], jnp.int32)
     )
