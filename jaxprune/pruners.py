@@ -252,20 +252,23 @@ class Pruner:
       tree_lib.check_same_structure(params, previous)
       prev_of = dict(tree_lib.leaves_with_paths(previous, is_leaf=tree_lib.is_none))
     step_value = 0 if step is None else step
-    base_key = jax.random.fold_in(jax.random.key(self.seed), jnp.asarray(step_value, jnp.int32))
     structure = self.structure
-    scores = {}
-    for i, path in enumerate(paths):
+    for path in paths:
       if jnp.size(by_path[path]) == 0:
         raise ValueError(f"The param {path!r} has no entries (shape {jnp.shape(by_path[path])}).")
       structure.check(path, tuple(jnp.shape(by_path[path])))
-      s = self.score(by_path[path], grad_of.get(path), jax.random.fold_in(base_key, i))
-      _check_finite_scores(path, s)
-      s = structure.group_scores(s)
-      if prev_of.get(path) is not None:
-        kept = structure.group_mask(prev_of[path])
-        s = jnp.where(kept, s.astype(jnp.float32), -jnp.inf)
-      scores[path] = s
+    raw, ranked = _leaf_scores(
+      self.score,
+      structure,
+      self.seed,
+      [by_path[p] for p in paths],
+      [grad_of.get(p) for p in paths],
+      [prev_of.get(p) for p in paths],
+      step_value,
+    )
+    for path, r, s in zip(paths, raw, ranked):
+      _check_finite_scores(path, s if r is None else r)
+    scores = dict(zip(paths, ranked))
 
     overridden = [p for p in paths if any(tree_lib.matches(o, p) for o in self.overrides)]
     pooled = [p for p in paths if p not in overridden]
@@ -302,6 +305,36 @@ class Pruner:
   def _to_tree(params: Any, by_path: dict[str, jax.Array]) -> Any:
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     return jax.tree.unflatten(treedef, [by_path.get(tree_lib.path_str(k)) for k, _ in flat])
+
+
+def _leaf_scores_eager(score, structure, seed, params, grads, previous, step):
+  """Per pruned leaf: the scores ranked (pooled into groups; ``-inf`` where ``previous``
+  pruned) and the raw scores for the finite check (``None`` where they are the ranked ones:
+  no second copy)."""
+  base_key = jax.random.fold_in(jax.random.key(seed), jnp.asarray(step, jnp.int32))
+  raw, ranked = [], []
+  for i, (param, grad, prev) in enumerate(zip(params, grads, previous)):
+    s = score(param, grad, jax.random.fold_in(base_key, i))
+    r = structure.group_scores(s)
+    if prev is not None:
+      r = jnp.where(structure.group_mask(prev), r.astype(jnp.float32), -jnp.inf)
+    raw.append(None if r is s else s)
+    ranked.append(r)
+  return raw, ranked
+
+
+# One compiled program for all leaves' scores (cached per score function, structure,
+# seed and leaf shapes): called outside jit, the ops above would each compile on their
+# own, once per leaf shape, which costs more than the selection's compile on small models.
+_leaf_scores_jit = jax.jit(_leaf_scores_eager, static_argnums=(0, 1, 2))
+
+
+def _leaf_scores(score, structure, seed, params, grads, previous, step):
+  try:
+    hash((score, structure, seed))
+  except TypeError:  # a custom score or structure that cannot key a compile cache
+    return _leaf_scores_eager(score, structure, seed, params, grads, previous, step)
+  return _leaf_scores_jit(score, structure, seed, params, grads, previous, step)
 
 
 def _check_finite_scores(path: str, scores: jax.Array) -> None:

@@ -6,10 +6,11 @@ selection costs a few linear passes instead of an ``O(n log n)`` argsort. Ties a
 threshold are broken deterministically: the lower flat index (row-major, and for the
 global scope the earlier leaf) is kept; two more passes, over the digits of the
 position, run only when the threshold has more copies than places left. Masks equal
-those of a stable descending argsort exactly. The passes are one compiled loop (a
-branch for the key's digits, one for the position's), so a selector compiles in about
-half the time of one with a pass per digit. Each pass walks the scores in blocks and
-computes their keys there: no array as long as the scores is stored.
+those of a stable descending argsort exactly. The passes are one compiled loop whose
+body holds one histogram pass per array (a pass takes its digit from the key or from
+the position): on XLA:CPU compile time goes with the number of kernels, so the
+selector is written to have few. Each pass walks the scores in blocks and computes
+their keys there: no array as long as the scores is stored.
 """
 
 from __future__ import annotations
@@ -100,12 +101,13 @@ def _scan_blocks(x: jax.Array, fn, init):
   return acc
 
 
-def _suffix(x: jax.Array) -> jax.Array:
-  """``out[i] = sum(x[..., i:])`` of a short int32 vector: one small reduction, no scan."""
-  n = x.shape[-1]
+def _upper(n: int) -> jax.Array:
+  """``(n, n)`` int32, 1 where the row >= the column: ``x @ _upper(n)`` are the suffix sums
+  of ``x`` (a dot compiles to one kernel; a sum over a masked square or a cumsum to
+  several)."""
   i = lax.broadcasted_iota(jnp.int32, (n, n), 0)
   j = lax.broadcasted_iota(jnp.int32, (n, n), 1)
-  return jnp.sum(jnp.where(j >= i, x[..., None, :], 0), axis=-1)
+  return (i >= j).astype(jnp.int32)
 
 
 def _locate(counts: jax.Array, need: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -114,19 +116,22 @@ def _locate(counts: jax.Array, need: jax.Array) -> tuple[jax.Array, jax.Array]:
 
   ``counts`` is ``(groups, 4**j)`` int32 and ``need`` ``(groups,)``. Each row is searched
   as a square grid: suffix sums of the grid's row totals, then of the one grid row that
-  holds ``b`` (no scan over all bins: cheap to run and to compile).
+  holds ``b`` (no scan over all bins: cheap to run). Sums are int32 dots (with ones, or
+  with ``_upper``): on XLA:CPU each compiles to one kernel, where a reduction compiles
+  to two (its operand and itself), and compile time goes with the number of kernels.
   """
   groups, bins = counts.shape
   side = 1 << ((bins.bit_length() - 1) // 2)
   grid = counts.reshape(groups, side, side)
-  totals = jnp.sum(grid, axis=2)
-  rows = _suffix(totals)  # rows[g, r] = #(in grid rows >= r)
+  ones, upper = jnp.ones(side, jnp.int32), _upper(side)
+  totals = jnp.dot(grid, ones)
+  rows = jnp.dot(totals, upper)  # rows[g, r] = #(in grid rows >= r)
   need = need[:, None]
-  r = jnp.maximum(jnp.sum(rows >= need, axis=1, dtype=jnp.int32) - 1, 0)[:, None]
+  r = jnp.maximum(jnp.dot((rows >= need).astype(jnp.int32), ones) - 1, 0)[:, None]
   row = jnp.take_along_axis(grid, r[:, :, None], axis=1)[:, 0]
   later = jnp.take_along_axis(rows - totals, r, axis=1)
-  within = _suffix(row) + later
-  c = jnp.maximum(jnp.sum(within >= need, axis=1, dtype=jnp.int32) - 1, 0)[:, None]
+  within = jnp.dot(row, upper) + later
+  c = jnp.maximum(jnp.dot((within >= need).astype(jnp.int32), ones) - 1, 0)[:, None]
   above = jnp.take_along_axis(within - row, c, axis=1)
   return (r * side + c)[:, 0], above[:, 0]
 
@@ -162,65 +167,90 @@ def keep_topk_groups(
   higher. Each digit is one histogram pass over the candidates (the entries whose
   higher digits match those found so far), all groups at once; the passes over the
   position's digits run only when some group's k-th key has more copies than places
-  left (ties to break). The passes are one ``while_loop``: its body compiles a branch for
-  the key's digits and one for the position's, whatever the number of passes. Each
-  pass walks the arrays in blocks (see ``_BLOCK``).
+  left (ties to break). The passes are one ``while_loop`` whose body holds one
+  histogram pass per array, whatever the number of passes (a pass takes its digit from
+  the key or from the position). Each pass walks an array in blocks (see ``_BLOCK``).
   """
   k = jnp.asarray(k, jnp.int32)
   n_groups = max(groups) + 1
   offsets = [sum(u.size for u, h in zip(keys[:i], groups) if h == g) for i, g in enumerate(groups)]
   full, half = jnp.uint32(0xFFFFFFFF), jnp.uint32(0xFFFF0000)
   dropped = n_groups * _BINS  # out of range: a scatter drops it
+  # Few entries in all: one histogram per pass (parts pay off on long arrays only).
+  parts = 1 if sum(x.size for x in keys) <= _BLOCK else _PARTS
 
   def body(state):
-    d, key_prefix, pos_prefix, need, _ = state
+    d, prefix, need, _ = state  # prefix[0]: the key's digits found, prefix[1]: the position's
+    by_key = d < 2
     key_mask = jnp.where(d >= 2, full, jnp.where(d == 1, half, jnp.uint32(0)))
     pos_mask = jnp.where(d == 3, half, jnp.uint32(0))
     shift = jnp.where(d % 2 == 0, _DIGIT, 0).astype(jnp.uint32)
 
-    def histograms(by_position: bool) -> jax.Array:
-      counts = (jnp.zeros(dropped, jnp.int32),) * _PARTS
+    def indices(u, v, g):
+      if v is None:  # a pass over the key's digits
+        candidate, digit = (u & key_mask) == prefix[0, g], u >> shift
+      else:
+        candidate = ((u & key_mask) == prefix[0, g]) & ((v & pos_mask) == prefix[1, g])
+        digit = jnp.where(by_key, u, v) >> shift
+      return jnp.where(candidate, (digit & 0xFFFF).astype(jnp.int32) + g * _BINS, dropped)
+
+    def scatter(counts, idx):
+      # Independent scatters (parts of the block): XLA:CPU runs them in parallel.
+      size = -(-idx.size // len(counts))
+      return tuple(
+        c.at[idx[i * size : (i + 1) * size]].add(1, mode="drop") for i, c in enumerate(counts)
+      )
+
+    counts = (jnp.zeros(dropped, jnp.int32),) * parts
+
+    def passes(counts, long: bool, by_position: bool):
       for x, g, o in zip(keys, groups, offsets):
+        if (x.size > _BLOCK) != long:
+          continue
 
         def add(block, start, counts, g=g, o=o):
           u = to_key(block)
-          candidate = (u & key_mask) == key_prefix[g]
-          if by_position:  # positions computed in the pass, never stored
-            v = _flipped_positions(u.size, start + jnp.uint32(o))
-            candidate = candidate & ((v & pos_mask) == pos_prefix[g])
-            digit = ((v >> shift) & 0xFFFF).astype(jnp.int32)
-          else:
-            digit = ((u >> shift) & 0xFFFF).astype(jnp.int32)
-          idx = jnp.where(candidate, digit + g * _BINS, dropped)
-          # Two independent scatters (halves of the block): XLA:CPU runs them in parallel.
-          half = -(-idx.size // _PARTS)
-          return tuple(
-            c.at[idx[i * half : (i + 1) * half]].add(1, mode="drop") for i, c in enumerate(counts)
-          )
+          v = _flipped_positions(u.size, start + jnp.uint32(o)) if by_position else None
+          return scatter(counts, indices(u, v, g))
 
         counts = _scan_blocks(x, add, counts)
-      return _total(list(counts))
+      return counts
 
-    counts = lax.cond(d < 2, lambda: histograms(False), lambda: histograms(True))
-    counts = counts.reshape(n_groups, _BINS)
+    # Short arrays: one pass for both kinds of digit (fewer kernels, cheap at this size).
+    counts = passes(counts, long=False, by_position=True)
+    if any(x.size > _BLOCK for x in keys):  # long ones: key passes skip the positions
+      counts = lax.cond(
+        by_key,
+        lambda c: passes(c, long=True, by_position=False),
+        lambda c: passes(c, long=True, by_position=True),
+        counts,
+      )
+    counts = _total(list(counts)).reshape(n_groups, _BINS)
     b, above = _locate(counts, need)
     equal = jnp.take_along_axis(counts, b[:, None], axis=1)[:, 0]
-    bits = b.astype(jnp.uint32) << shift
-    key_prefix = jnp.where(d < 2, key_prefix | bits, key_prefix)
-    pos_prefix = jnp.where(d < 2, pos_prefix, pos_prefix | bits)
-    return d + 1, key_prefix, pos_prefix, need - above, equal
+    found = jnp.where(
+      lax.broadcasted_iota(jnp.int32, (2, 1), 0) == (~by_key).astype(jnp.int32),
+      b.astype(jnp.uint32) << shift,
+      jnp.uint32(0),
+    )
+    return d + 1, prefix | found, need - above, equal
 
   def more(state):
-    d, _, _, need, equal = state
+    d, _, need, equal = state
     return (d < 2) | ((d < 4) & jnp.any(need < equal))
 
-  zeros = jnp.zeros(n_groups, jnp.uint32)
-  start = (jnp.int32(0), zeros, zeros, jnp.maximum(k, 1), jnp.zeros(n_groups, jnp.int32))
-  d, t, pos, _, _ = lax.while_loop(more, body, start)
+  start = (
+    jnp.int32(0),
+    jnp.zeros((2, n_groups), jnp.uint32),
+    jnp.maximum(k, 1),
+    jnp.zeros(n_groups, jnp.int32),
+  )
+  d, prefix, _, _ = lax.while_loop(more, body, start)
+  t = prefix[0]
   # Stopped after the key's digits: every copy of t is kept (no position bound). A group
   # whose copies all fit while another breaks ties keeps them all too: its position
   # passes select all its copies of t.
-  pos = jnp.where(d == 2, zeros, pos)
+  pos = jnp.where(d == 2, jnp.uint32(0), prefix[1])
   out = []
   for x, g, o in zip(keys, groups, offsets):
     u = to_key(x)

@@ -1,3 +1,7 @@
+import dataclasses
+import logging
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -262,3 +266,51 @@ def test_traced_nan_target_keeps_previous_masks_and_above_one_prunes_all():
   assert int(m["w"].sum()) == 8  # step 0 pruned half; NaN steps left the masks alone
   above = jaxprune.magnitude(jaxprune.schedule(lambda t: jnp.where(t >= 1, 1.5, 0.5)))
   assert int(_run_masked(above, params, 2)["w"].sum()) == 0  # clipped to 1: documented
+
+
+def test_masks_outside_jit_compile_all_leaves_scores_as_one_program():
+  # Shapes no other test uses: an op-by-op score (abs, the PRNG fold-ins) would compile
+  # per leaf shape; the scores of all leaves compile as one program instead.
+  params = {"a": jax.random.normal(jax.random.key(0), (13, 6)), "b": jnp.ones((6, 17))}
+  params["b"] = params["b"].at[2, 3].set(5.0)
+  names = []
+
+  class Names(logging.Handler):
+    def emit(self, record):
+      found = re.match(r"Compiling jit\((\w+)\)", record.getMessage())
+      if found:
+        names.append(found.group(1))
+
+  handler, logger = Names(), logging.getLogger("jax._src.interpreters.pxla")
+  logger.addHandler(handler)
+  try:
+    with jax.log_compiles():
+      masks = jaxprune.magnitude(0.5).masks(params)
+  finally:
+    logger.removeHandler(handler)
+  assert names.count("_leaf_scores_eager") == 1
+  assert not {"abs", "_threefry_fold_in"} & set(names), names
+  for k in params:
+    expected = np.zeros(params[k].size, bool)
+    expected[
+      np.argsort(-np.abs(np.asarray(params[k])).ravel(), kind="stable")[: params[k].size // 2]
+    ] = True
+    np.testing.assert_array_equal(np.asarray(masks[k]).ravel(), expected)
+
+
+class _UnhashableScore:
+  """A score function object that cannot key a compile cache (``__eq__``, no hash)."""
+
+  __hash__ = None  # type: ignore[assignment]
+
+  def __eq__(self, other):
+    return isinstance(other, _UnhashableScore)
+
+  def __call__(self, param, grad, key):
+    return jnp.abs(param)
+
+
+def test_an_unhashable_score_function_is_applied_op_by_op():
+  params = {"w": jnp.array([[3.0, -1.0], [0.5, -4.0]])}
+  pruner = dataclasses.replace(jaxprune.magnitude(0.5), score=_UnhashableScore())
+  assert pruner.masks(params)["w"].tolist() == [[True, False], [False, True]]

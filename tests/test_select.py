@@ -237,7 +237,9 @@ def test_large_ties_cut_beyond_the_first_position_digit():
   np.testing.assert_array_equal(got, ranked_mask(x, x.size - 150_000))
 
 
-BLOCKED_SHAPES = [(37,), (3, 8), (9,)]  # with a block of 8: a tail, exact blocks, one tail
+# With a block of 12: three blocks and a tail, two exact blocks, and one short array (one
+# pass for key and position digits, next to the long ones' key-only passes).
+BLOCKED_SHAPES = [(37,), (3, 8), (9,)]
 
 
 @jax.jit
@@ -259,13 +261,13 @@ def _blocked_masks(scores, ks_layer, k_global):
   fractions=st.tuples(*[st.floats(0, 1)] * 4),
 )
 def test_property_passes_in_blocks_equal_the_reference(scores, fractions):
-  # Blocks of 8 entries: the loop over blocks, the tail, and the position offsets of
+  # Blocks of 12 entries: the loop over blocks, the tail, and the position offsets of
   # later blocks and later leaves are all exercised on small arrays with many ties.
   sizes = [int(np.prod(s)) for s in BLOCKED_SHAPES]
   ks = [round(f * n) for f, n in zip(fractions, sizes)]  # 0 and n included
   k_global = round(fractions[3] * sum(sizes))
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(select, "_BLOCK", 8)  # read when the selection is traced (once)
+    patch.setattr(select, "_BLOCK", 12)  # read when the selection is traced (once)
     layer, pooled = _blocked_masks(
       [jnp.asarray(s) for s in scores], jnp.array(ks, jnp.int32), jnp.array([k_global], jnp.int32)
     )
@@ -275,3 +277,43 @@ def test_property_passes_in_blocks_equal_the_reference(scores, fractions):
   np.testing.assert_array_equal(
     got, ranked_mask(np.concatenate([s.ravel() for s in scores]), k_global)
   )
+
+
+def test_all_tied_arrays_keep_the_first_positions_for_every_k():
+  # Four small arrays (one histogram per pass), every score equal: the position passes
+  # decide everything; k = 0, k = n and cuts inside each array, layer and global.
+  shapes = [(5, 3), (4,), (2, 2, 2), (7,)]
+  sizes = [int(np.prod(s)) for s in shapes]
+  scores = [jnp.full(s, 2.0) for s in shapes]
+  flat = [jnp.ravel(s) for s in scores]
+  select_jit = jax.jit(
+    lambda ks, groups: select.keep_topk_groups(flat, groups, ks, to_key=select.sortable_keys),
+    static_argnums=1,
+  )
+  for ks in ([0, 0, 0, 0], sizes, [1, 3, 0, 6], [15, 1, 8, 0]):
+    masks = select_jit(jnp.array(ks, jnp.int32), (0, 1, 2, 3))
+    for m, n, k in zip(masks, sizes, ks):
+      assert np.asarray(m).tolist() == [True] * k + [False] * (n - k)
+  total = sum(sizes)
+  for k in (0, 1, 16, 20, total - 1, total):
+    masks = select_jit(jnp.array([k], jnp.int32), (0, 0, 0, 0))
+    assert np.concatenate([np.asarray(m) for m in masks]).tolist() == [True] * k + [False] * (
+      total - k
+    )
+
+
+def test_locate_equals_a_numpy_suffix_search():
+  rng = np.random.default_rng(1)
+  counts = rng.integers(0, 3, (3, 256)).astype(np.int32)
+  counts[1, 40:] = 0  # everything in the lowest bins
+  counts[2] = 0
+  counts[2, 255] = 5
+  locate = jax.jit(select._locate)
+  for need in ([1, 1, 1], [0, 7, 5], [100, 50, 6], [10**6, 10**6, 10**6], [300, 3, 4]):
+    b, above = locate(jnp.asarray(counts), jnp.array(need, jnp.int32))
+    for g in range(3):
+      suffix = np.cumsum(counts[g, ::-1])[::-1]  # suffix[i] = sum(counts[g, i:])
+      hits = np.nonzero(suffix >= need[g])[0]
+      expect = int(hits[-1]) if len(hits) else 0
+      assert int(b[g]) == expect, (g, need[g])
+      assert int(above[g]) == int(counts[g, expect + 1 :].sum())
