@@ -30,7 +30,7 @@ def ssl_config(**prune):
   return config
 
 
-def train_cli(workdirs: dict[str, pathlib.Path]) -> dict[str, dict]:
+def train_cli(workdirs: dict[pathlib.Path, list[str]]) -> dict[str, dict]:
   """Runs ``jaxprune train`` on the SSL recipe once per ``{workdir: overrides}``, all in
   one subprocess (one jax start); returns each run's summary.json.
 
