@@ -124,10 +124,10 @@ def masked(
     ...                                   {"w": True, "b": False})
     >>> inner = optax.chain(optax.scale_by_adam(), decay_weights_only, optax.scale(-1e-3))
     >>> tx = jaxprune.masked(inner, jaxprune.magnitude(jaxprune.agp(0.5, 0, 10, 5)))
-    >>> state = tx.init(params)
+    >>> state, update = tx.init(params), jax.jit(tx.update)
     >>> for _ in range(11):
     ...   grads = jax.tree.map(jnp.ones_like, params)
-    ...   updates, state = tx.update(grads, state, params)
+    ...   updates, state = update(grads, state, params)
     ...   params = optax.apply_updates(params, updates)
     >>> (params["w"] == 0).sum().item(), jaxprune.masks_of(state)["w"].sum().item()
     (3, 3)

@@ -29,10 +29,12 @@ settings.load_profile("ci")
 # the tail of the other's queue, so a long test collected late can be all that runs at the
 # end. Tests stay grouped by module, in their own order: module fixtures are set up once.
 SLOW_FIRST = (
-  "test_packaging.py",
+  "test_posttrain_sharded.py",  # one 8-device subprocess of ~90 s under load
   "test_structured_recipes.py",
   "test_accelerator_benchmark.py",
+  "test_packaging.py",
   "test_checkpoint.py",
+  "test_sharding.py",
   "test_notebooks.py",
   "test_sparse_recipes.py",
 )

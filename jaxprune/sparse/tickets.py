@@ -82,10 +82,10 @@ def lottery(
     >>> params = {"w": jnp.arange(1.0, 7.0).reshape(2, 3)}
     >>> pruner = jaxprune.magnitude(jaxprune.iterative([(3, 0.5)]))
     >>> tx = sparse.lottery(optax.sgd(0.1), pruner, rewind=1)
-    >>> state = tx.init(params)
+    >>> state, update = tx.init(params), jax.jit(tx.update)
     >>> grads = {"w": jnp.array([[1.0, -1, 1], [-1, 1, -1]])}
     >>> for _ in range(4):  # step 3 keeps the 3 largest |w| and rewinds them to step 1
-    ...   updates, state = tx.update(grads, state, params)
+    ...   updates, state = update(grads, state, params)
     ...   params = optax.apply_updates(params, updates)
     >>> [round(w, 3) for w in params["w"].ravel().tolist()]  # w at step 1: w - 0.1 * g
     [0.0, 0.0, 0.0, 4.1, 4.9, 6.1]
