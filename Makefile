@@ -35,14 +35,8 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix jaxprune tests benchmarks configs
 	$(PY) -m ruff format jaxprune tests benchmarks configs
 
-# pytest workers: one more than this project's 2 cores. Tests spend time waiting (notebook
-# kernels and subprocesses starting, the packaging test on the package index), and a third
-# worker fills it: the suite took 467 s with -n 3 against 565 s with -n 2, back to back on
-# an idle 2-core machine. Override with make test PYTEST_WORKERS=N.
-PYTEST_WORKERS ?= 3
-
 test: lint typecheck
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal -q
+	$(PY) -m pytest -n 2 --dist worksteal -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/topk.py

@@ -25,8 +25,8 @@ settings.register_profile(
 settings.load_profile("ci")
 
 # The longest tests first (each of these modules holds a test of 20-60 s on 2 cores). With
-# `-n N --dist worksteal` each worker takes its share of the collection in order and steals from
-# the tail of another's queue, so a long test collected late can be all that runs at the
+# `-n 2 --dist worksteal` each worker takes half of the collection in order and steals from
+# the tail of the other's queue, so a long test collected late can be all that runs at the
 # end. Tests stay grouped by module, in their own order: module fixtures are set up once.
 SLOW_FIRST = (
   "test_posttrain_sharded.py",  # one 8-device subprocess of ~90 s under load
