@@ -1,4 +1,6 @@
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -303,3 +305,14 @@ def test_every_field_has_one_schema_entry():
     assert sorted(config[group]) == sorted(fields)
     for name, field in fields.items():
       assert field.help and field.check(config[group][name]) is None, f"{group}.{name}"
+
+
+def test_the_command_line_starts_without_plotting_or_sparse_export_libraries():
+  # Every `jaxprune ...` process pays its imports: matplotlib (0.6 s) only when a report
+  # draws, jax.experimental.sparse (0.4 s, with scipy.sparse) only on export.
+  code = (
+    "import sys, jaxprune.cli; "
+    "print(sorted({'matplotlib', 'jax.experimental.sparse', 'scipy.sparse'} & set(sys.modules)))"
+  )
+  ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert ran.stdout.strip() == "[]", ran.stdout + ran.stderr

@@ -167,8 +167,8 @@ schedule_kinds = st.one_of(
 def test_property_every_schedule_reaches_final_by_end_and_never_exceeds_it(kind, extra):
   s, end = kind
   final = np.float32(s.final)
-  steps = np.arange(0, end + extra + 1)
-  values = np.asarray(jax.vmap(s.sparsity)(jnp.asarray(steps)))
+  # one length for every example (end + extra <= 240): each op compiles once, not per example
+  values = np.asarray(jax.vmap(s.sparsity)(jnp.arange(256)))[: end + extra + 1]
   assert values.max() <= final
   assert (values[end:] == final).all()
   assert bool(s.is_update(end))

@@ -9,22 +9,31 @@ stay dense here.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import sparse
 
 from jaxprune import masks as masks_lib
 from jaxprune import tree as tree_lib
 from jaxprune.surgery import capture
 
-FORMATS = {"bcoo": sparse.BCOO, "bcsr": sparse.BCSR}
+FORMATS = ("bcoo", "bcsr")  # the names of jax.experimental.sparse's BCOO and BCSR
+
+
+def _sparse() -> Any:
+  """``jax.experimental.sparse``, imported on first use: it imports scipy.sparse, 0.4 s of
+  every ``import jaxprune`` that never exports."""
+  return importlib.import_module("jax.experimental.sparse")
 
 
 def _is_sparse(x: Any) -> bool:
-  return isinstance(x, sparse.JAXSparse)
+  # a sparse array exists only once jax.experimental.sparse is imported
+  module = sys.modules.get("jax.experimental.sparse")
+  return module is not None and isinstance(x, module.JAXSparse)
 
 
 def to_sparse(
@@ -76,7 +85,7 @@ def to_sparse(
         "kernels stay dense)."
       )
     nse = int(np.count_nonzero(np.asarray(x)))
-    return FORMATS[format].fromdense(x, nse=nse)
+    return getattr(_sparse(), format.upper()).fromdense(x, nse=nse)
 
   return jax.tree_util.tree_map_with_path(one, params)
 
@@ -110,7 +119,7 @@ def sparse_apply(fn: Callable[..., Any]) -> Callable[..., Any]:
 
   def wrapped(params: Any, *args: Any) -> Any:
     for path, leaf in tree_lib.leaves_with_paths(params, is_leaf=_is_sparse):
-      if isinstance(leaf, sparse.BCSR):
+      if isinstance(leaf, _sparse().BCSR):
         raise TypeError(
           f"sparse_apply: {path!r} is BCSR, which jax.experimental.sparse multiplies only "
           "as the left operand (a Flax kernel is the right one: x @ W); export it with "
@@ -127,7 +136,7 @@ def sparse_apply(fn: Callable[..., Any]) -> Callable[..., Any]:
     def program(*flat):
       return capture.interpret(closed.jaxpr, flat, _bind, consts=closed.consts)
 
-    out = sparse.sparsify(program)(*leaves)
+    out = _sparse().sparsify(program)(*leaves)
     return jax.tree.unflatten(jax.tree.structure(shapes), out)
 
   return wrapped
