@@ -13,7 +13,6 @@ import optax
 import pytest
 from flax import linen as nn
 from flax import nnx
-from xla_cache import reuse_identical_compiles  # noqa: F401 (autouse)
 
 import jaxprune
 from jaxprune import surgery

@@ -2,15 +2,16 @@
 
 Tests build the same programs again and again under new Python closures: a fresh
 ``jax.jit(tx.update)`` per test, ``lax.cond`` in eager code (its branches are traced anew at
-every call, so eager dispatch recompiles them), a model's forward pass traced by each
-``surgery.plan`` / ``shrink``. jit's in-memory cache is keyed on the function object, so
-each of these recompiles. JAX's persistent compilation cache is keyed on the lowered module
-itself (debug info stripped), so with it pointed at a temporary directory every test still
-traces and lowers its own program and runs the executable XLA built for it; only the
-compile of a module identical to one compiled earlier in the module is skipped.
+every call, so eager dispatch recompiles them). jit's in-memory cache is keyed on the
+function object, so each of these recompiles. JAX's persistent compilation cache is keyed
+on the lowered module itself (debug info stripped), so with it pointed at a temporary
+directory every test still traces and lowers its own program and runs the executable XLA
+built for it; only the compile of a module identical to one compiled earlier is skipped.
 
 Use: ``from xla_cache import reuse_identical_compiles  # noqa: F401`` in a test module
-(the fixture is autouse). The settings are restored when the module's tests end.
+(the fixture is autouse). The settings are restored when the module's tests end. It pays
+only where programs repeat: writing each executable to the cache costs time, and on the
+surgery modules (distinct shapes, few repeats) it was neutral or slower.
 """
 
 import jax
