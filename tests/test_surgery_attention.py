@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen, nnx
-from xla_cache import reuse_identical_compiles  # noqa: F401 (autouse)
 
 from jaxprune import surgery
 from jaxprune import tree as tree_lib
