@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from xla_cache import reuse_identical_compiles  # noqa: F401 (autouse)
 
 import jaxprune
 from jaxprune import export

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from test_checkpoint import Interrupted, Interrupting  # a run dying after N batches
+from xla_cache import reuse_identical_compiles  # noqa: F401 (autouse)
 
 import jaxprune
 from jaxprune import sparse

@@ -25,6 +25,7 @@ import optax
 import pytest
 from flax import nnx
 from test_sparse import numpy_regrowth_scores  # the documented SET draw, in numpy
+from xla_cache import reuse_identical_compiles  # noqa: F401 (autouse)
 
 import jaxprune
 from jaxprune import regularizers, sparse, sparsify, transforms

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from xla_cache import reuse_identical_compiles  # noqa: F401 (autouse)
 
 import jaxprune
 
