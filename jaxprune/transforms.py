@@ -145,22 +145,28 @@ def masked(
       count=jnp.zeros([], jnp.int32),
     )
 
+  def refresh_or_keep(params, updates, masks, step):
+    def refresh(masks, step):
+      return pruner.masks(params, updates, step=step, previous=masks)
+
+    # The step is an operand, not a constant closed over: inside the cond it is traced,
+    # with or without jit, so the pruner takes one code path in both.
+    return lax.cond(pruner.is_update(step), refresh, lambda masks, _: masks, masks, step)
+
+  # Jitted once per transform: called outside jit (an eager training loop), a cond of fresh
+  # branch closures would compile again at every step; inside the caller's jit it inlines.
+  refresh_or_keep = jax.jit(refresh_or_keep)
+
   def update(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("jaxprune.masked needs the params: call tx.update(grads, state, params).")
     step = state.count
-
-    def refresh(masks, step):
-      return pruner.masks(params, updates, step=step, previous=masks)
-
     masks, inner_state = state.masks, state.inner_state
     if fixed is None:
       # Only the masks go through the cond: a cond over the optimizer state too would
       # copy all of it (e.g. Adam's moments) on every step. The zeroing below is a
       # no-op except right after an update and fuses into the inner update.
-      # The step is an operand, not a constant closed over: inside the cond it is traced,
-      # with or without jit, so the pruner takes one code path in both.
-      masks = lax.cond(pruner.is_update(step), refresh, lambda masks, _: masks, masks, step)
+      masks = refresh_or_keep(params, updates, masks, step)
       inner_state = _zero_pruned(inner, inner_state, masks)
     grads = masks_lib.apply_mask(updates, masks)
     inner_updates, inner_state = inner_extra.update(

@@ -230,6 +230,25 @@ def _sparse_trainer(
       inner.init(params), layout.initial_masks(params, seed), jnp.zeros([], jnp.int32)
     )
 
+  def new_masks(ms, ps, gs, step):
+    """The masks after step ``step``: regrown on an update step, else ``ms``."""
+    active = _kept_counts(ms, layout)
+
+    def refresh(ms, step):
+      if grow == "random":
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        scores = [regrowth_scores(jax.random.fold_in(key, i), m.shape) for i, m in enumerate(ms)]
+      else:
+        scores = [jnp.abs(g) for g in gs]
+      return _regrow(ms, ps, scores, active, fraction_at(step))
+
+    is_update = (step > 0) & (step < end) & (step % every == 0)
+    return lax.cond(is_update, refresh, lambda ms, _: list(ms), ms, step)
+
+  # Jitted once per transform: called outside jit (an eager training loop), a cond of fresh
+  # branch closures would compile again at every step; inside the caller's jit it inlines.
+  new_masks = jax.jit(new_masks)
+
   def update(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(
@@ -244,18 +263,7 @@ def _sparse_trainer(
       flat_grads = treedef.flatten_up_to(updates)
       ms = [flat_masks[i] for i in live]
       ps, gs = [flat_params[i] for i in live], [flat_grads[i] for i in live]
-      active = _kept_counts(ms, layout)
-
-      def refresh(ms, step):
-        if grow == "random":
-          key = jax.random.fold_in(jax.random.key(seed), step)
-          scores = [regrowth_scores(jax.random.fold_in(key, i), m.shape) for i, m in enumerate(ms)]
-        else:
-          scores = [jnp.abs(g) for g in gs]
-        return _regrow(ms, ps, scores, active, fraction_at(step))
-
-      is_update = (step > 0) & (step < end) & (step % every == 0)
-      new = lax.cond(is_update, refresh, lambda ms, _: list(ms), ms, step)
+      new = new_masks(ms, ps, gs if grow == "gradient" else [], step)
       out, kept = list(flat_masks), list(flat_masks)
       for i, m_old, m_new in zip(live, ms, new):
         out[i], kept[i] = m_new, m_old & m_new
