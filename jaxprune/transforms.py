@@ -16,6 +16,7 @@ from jax import lax
 from jaxprune import masks as masks_lib
 from jaxprune import tree as tree_lib
 from jaxprune.pruners import Pruner
+from jaxprune.select import is_concrete
 
 
 class MaskedState(NamedTuple):
@@ -153,9 +154,10 @@ def masked(
     # with or without jit, so the pruner takes one code path in both.
     return lax.cond(pruner.is_update(step), refresh, lambda masks, _: masks, masks, step)
 
-  # Jitted once per transform: called outside jit (an eager training loop), a cond of fresh
-  # branch closures would compile again at every step; inside the caller's jit it inlines.
-  refresh_or_keep = jax.jit(refresh_or_keep)
+  # Called outside jit (an eager training loop), a cond of fresh branch closures would
+  # compile again at every step: eagerly it runs jitted, once per transform. Inside the
+  # caller's jit it is traced inline (a nested jit lowers slower: 0.43 -> 0.55 s a step).
+  refresh_or_keep_jit = jax.jit(refresh_or_keep)
 
   def update(updates, state, params=None, **extra_args):
     if params is None:
@@ -166,7 +168,8 @@ def masked(
       # Only the masks go through the cond: a cond over the optimizer state too would
       # copy all of it (e.g. Adam's moments) on every step. The zeroing below is a
       # no-op except right after an update and fuses into the inner update.
-      masks = refresh_or_keep(params, updates, masks, step)
+      refresh = refresh_or_keep_jit if is_concrete(step) else refresh_or_keep
+      masks = refresh(params, updates, masks, step)
       inner_state = _zero_pruned(inner, inner_state, masks)
     grads = masks_lib.apply_mask(updates, masks)
     inner_updates, inner_state = inner_extra.update(

@@ -37,7 +37,7 @@ from jaxprune import tree as tree_lib
 from jaxprune._by_shape import topk_by_shape
 from jaxprune.distributions import Distribution, as_distribution
 from jaxprune.schedules import Schedule
-from jaxprune.select import n_pruned
+from jaxprune.select import is_concrete, n_pruned
 from jaxprune.transforms import MaskedState, _check_inner, _zero_pruned
 
 
@@ -245,9 +245,9 @@ def _sparse_trainer(
     is_update = (step > 0) & (step < end) & (step % every == 0)
     return lax.cond(is_update, refresh, lambda ms, _: list(ms), ms, step)
 
-  # Jitted once per transform: called outside jit (an eager training loop), a cond of fresh
-  # branch closures would compile again at every step; inside the caller's jit it inlines.
-  new_masks = jax.jit(new_masks)
+  # Eagerly jitted, once per transform (a cond of fresh branch closures would compile again
+  # at every step); traced inline inside the caller's jit (a nested jit lowers slower).
+  new_masks_jit = jax.jit(new_masks)
 
   def update(updates, state, params=None, **extra_args):
     if params is None:
@@ -263,7 +263,8 @@ def _sparse_trainer(
       flat_grads = treedef.flatten_up_to(updates)
       ms = [flat_masks[i] for i in live]
       ps, gs = [flat_params[i] for i in live], [flat_grads[i] for i in live]
-      new = new_masks(ms, ps, gs if grow == "gradient" else [], step)
+      regrow = new_masks_jit if is_concrete(step) else new_masks
+      new = regrow(ms, ps, gs if grow == "gradient" else [], step)
       out, kept = list(flat_masks), list(flat_masks)
       for i, m_old, m_new in zip(live, ms, new):
         out[i], kept[i] = m_new, m_old & m_new
