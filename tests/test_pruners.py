@@ -1,11 +1,10 @@
 import dataclasses
-import logging
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_log import compiled
 from flax import nnx
 
 import jaxprune
@@ -273,23 +272,10 @@ def test_masks_outside_jit_compile_all_leaves_scores_as_one_program():
   # per leaf shape; the scores of all leaves compile as one program instead.
   params = {"a": jax.random.normal(jax.random.key(0), (13, 6)), "b": jnp.ones((6, 17))}
   params["b"] = params["b"].at[2, 3].set(5.0)
-  names = []
-
-  class Names(logging.Handler):
-    def emit(self, record):
-      found = re.match(r"Compiling jit\((\w+)\)", record.getMessage())
-      if found:
-        names.append(found.group(1))
-
-  handler, logger = Names(), logging.getLogger("jax._src.interpreters.pxla")
-  logger.addHandler(handler)
-  try:
-    with jax.log_compiles():
-      masks = jaxprune.magnitude(0.5).masks(params)
-  finally:
-    logger.removeHandler(handler)
-  assert names.count("_leaf_scores_eager") == 1
-  assert not {"abs", "_threefry_fold_in"} & set(names), names
+  with compiled() as names:
+    masks = jaxprune.magnitude(0.5).masks(params)
+  assert names.count("jit(_leaf_scores_eager)") == 1, names
+  assert not {"jit(abs)", "jit(_threefry_fold_in)"} & set(names), names
   for k in params:
     expected = np.zeros(params[k].size, bool)
     expected[

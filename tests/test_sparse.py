@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from compile_log import compiled
 
 import jaxprune
 from jaxprune.sparse import cosine_drop, erk, rigl, set_sparse, static_sparse
@@ -339,9 +340,6 @@ def test_acdc_alternates_sparse_and_dense_phases_inside_masked():
 def test_eager_updates_compile_nothing_after_the_first_steps():
   # Outside jit, a lax.cond of branch closures made at each call compiled again at every
   # step (about 1 s each): the mask update of each transform is jitted once per transform.
-  import logging
-  import re
-
   params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(6, 5)), jnp.float32)}
   grads = {"w": jnp.ones((6, 5))}
   transforms = {
@@ -349,26 +347,11 @@ def test_eager_updates_compile_nothing_after_the_first_steps():
     "set": set_sparse(optax.sgd(0.1), 0.5, end=6, every=2),
     "rigl": rigl(optax.sgd(0.1), 0.5, end=6, every=2),
   }
-  compiled = []
-
-  class Names(logging.Handler):
-    def emit(self, record):
-      found = re.match(r"Compiling (\S+)", record.getMessage())
-      if found:
-        compiled.append(found.group(1))
-
-  logger = logging.getLogger("jax._src.interpreters.pxla")
   for name, tx in transforms.items():
     state, p = tx.init(params), params
     for step in range(5):  # updates at steps 2 and 4
-      handler = Names()
-      if step >= 2:
-        logger.addHandler(handler)
-      try:
-        with jax.log_compiles():
-          updates, state = tx.update(grads, state, p)
-      finally:
-        logger.removeHandler(handler)
+      with compiled() as names:
+        updates, state = tx.update(grads, state, p)
+      assert step < 2 or names == [], (name, step, names)
       p = optax.apply_updates(p, updates)
-    assert compiled == [], (name, compiled)
     assert int(jaxprune.masks_of(state)["w"].sum()) == 15, name
