@@ -346,6 +346,9 @@ def test_eager_updates_compile_nothing_after_the_first_steps():
     "masked": jaxprune.masked(optax.sgd(0.1), jaxprune.magnitude(jaxprune.agp(0.5, 0, 4, 2))),
     "set": set_sparse(optax.sgd(0.1), 0.5, end=6, every=2),
     "rigl": rigl(optax.sgd(0.1), 0.5, end=6, every=2),
+    "lottery": jaxprune.sparse.lottery(
+      optax.sgd(0.1), jaxprune.magnitude(jaxprune.iterative([(2, 0.3), (4, 0.5)])), rewind=1
+    ),
   }
   for name, tx in transforms.items():
     state, p = tx.init(params), params
