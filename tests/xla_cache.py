@@ -1,9 +1,9 @@
 """A module-scoped fixture: XLA compiles each byte-identical program once per test module.
 
 Tests build the same programs again and again under new Python closures: a fresh
-``jax.jit(tx.update)`` per test, ``lax.cond`` in eager code (its branches are traced anew at
-every call, so eager dispatch recompiles them). jit's in-memory cache is keyed on the
-function object, so each of these recompiles. JAX's persistent compilation cache is keyed
+``jax.jit(tx.update)`` per test, Linen and nnx.State trees that flatten to the same
+arrays. jit's in-memory cache is keyed on the function object, so each of these
+recompiles. JAX's persistent compilation cache is keyed
 on the lowered module itself (debug info stripped), so with it pointed at a temporary
 directory every test still traces and lowers its own program and runs the executable XLA
 built for it; only the compile of a module identical to one compiled earlier is skipped.

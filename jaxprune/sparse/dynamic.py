@@ -37,8 +37,8 @@ from jaxprune import tree as tree_lib
 from jaxprune._by_shape import topk_by_shape
 from jaxprune.distributions import Distribution, as_distribution
 from jaxprune.schedules import Schedule
-from jaxprune.select import is_concrete, n_pruned
-from jaxprune.transforms import MaskedState, _check_inner, _zero_pruned
+from jaxprune.select import n_pruned
+from jaxprune.transforms import MaskedState, _check_inner, _jit_when_eager, _zero_pruned
 
 
 def cosine_drop(initial: float = 0.3, end: int = 1) -> Callable[[Any], jax.Array]:
@@ -230,6 +230,7 @@ def _sparse_trainer(
       inner.init(params), layout.initial_masks(params, seed), jnp.zeros([], jnp.int32)
     )
 
+  @_jit_when_eager  # an eager update would compile the cond of fresh closures every step
   def new_masks(ms, ps, gs, step):
     """The masks after step ``step``: regrown on an update step, else ``ms``."""
     active = _kept_counts(ms, layout)
@@ -245,10 +246,6 @@ def _sparse_trainer(
     is_update = (step > 0) & (step < end) & (step % every == 0)
     return lax.cond(is_update, refresh, lambda ms, _: list(ms), ms, step)
 
-  # Eagerly jitted, once per transform (a cond of fresh branch closures would compile again
-  # at every step); traced inline inside the caller's jit (a nested jit lowers slower).
-  new_masks_jit = jax.jit(new_masks)
-
   def update(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(
@@ -263,8 +260,7 @@ def _sparse_trainer(
       flat_grads = treedef.flatten_up_to(updates)
       ms = [flat_masks[i] for i in live]
       ps, gs = [flat_params[i] for i in live], [flat_grads[i] for i in live]
-      regrow = new_masks_jit if is_concrete(step) else new_masks
-      new = regrow(ms, ps, gs if grow == "gradient" else [], step)
+      new = new_masks(ms, ps, gs if grow == "gradient" else [], step)
       out, kept = list(flat_masks), list(flat_masks)
       for i, m_old, m_new in zip(live, ms, new):
         out[i], kept[i] = m_new, m_old & m_new

@@ -24,8 +24,7 @@ from jax import lax
 
 from jaxprune import tree as tree_lib
 from jaxprune.pruners import Pruner
-from jaxprune.select import is_concrete
-from jaxprune.transforms import MaskedState, _check_inner, _zero_pruned, masked
+from jaxprune.transforms import MaskedState, _check_inner, _jit_when_eager, _zero_pruned, masked
 
 
 class LotteryState(NamedTuple):
@@ -114,11 +113,9 @@ def lottery(
   def update(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("sparse.lottery needs the params: call tx.update(grads, state, params).")
-    # Called outside jit (an eager loop), the conds below, of fresh branch closures, would
-    # compile again at every step: eagerly the update runs jitted, once per transform.
-    run = traced_update_jit if is_concrete(state.masked.count) else traced_update
-    return run(updates, state, params, **extra_args)
+    return traced_update(updates, state, params, **extra_args)
 
+  @_jit_when_eager  # an eager update would compile its conds of fresh closures every step
   def traced_update(updates, state, params, **extra_args):
     step = state.masked.count
     rewind_params, rewind_inner = lax.cond(
@@ -150,7 +147,5 @@ def lottery(
     )
     new_masked = MaskedState(inner_state, new_masked.masks, new_masked.count)
     return new_updates, LotteryState(new_masked, rewind_params, rewind_inner)
-
-  traced_update_jit = jax.jit(traced_update)
 
   return optax.GradientTransformationExtraArgs(init, update)
