@@ -146,18 +146,26 @@ def regrow_reference(mask, w, grow_scores, fraction):
 
 
 def test_rigl_grows_the_largest_gradients_among_inactive_with_deterministic_ties():
-  """One update step, against the NumPy rule; the gradients have many exact ties."""
-  params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(6, 10)), jnp.float32)}
-  mask0 = np.random.default_rng(1).random((6, 10)) < 0.5
-  params = {"w": jnp.where(mask0, params["w"], 0.0)}
-  grads = {"w": jnp.asarray(np.random.default_rng(2).integers(0, 3, size=(6, 10)), jnp.float32)}
-  tx = rigl(optax.sgd(0.0), {"w": jnp.asarray(mask0)}, end=10, every=1, drop_fraction=lambda t: 0.5)
+  """One update step, against the NumPy rule, per layer; the gradients have many exact
+  ties. Two layers share a shape (one cond per shape group) and one does not."""
+  rng = np.random.default_rng(0)
+  shapes = {"a": (6, 10), "b": (5, 4), "c": (6, 10)}
+  mask0 = {k: rng.random(s) < 0.5 for k, s in shapes.items()}
+  params = {
+    k: jnp.asarray(np.where(mask0[k], rng.normal(size=s), 0.0), jnp.float32)
+    for k, s in shapes.items()
+  }
+  grads = {k: jnp.asarray(rng.integers(0, 3, size=s), jnp.float32) for k, s in shapes.items()}
+  masks = jax.tree.map(jnp.asarray, mask0)
+  tx = rigl(optax.sgd(0.0), masks, end=10, every=1, drop_fraction=lambda t: 0.5)
   state = tx.init(params)
   state = state._replace(count=jnp.int32(1))  # an update step
   _, state = jax.jit(tx.update)(grads, state, params)
-  want = regrow_reference(mask0, np.asarray(params["w"]), np.abs(np.asarray(grads["w"])), 0.5)
-  np.testing.assert_array_equal(np.asarray(state.masks["w"]), want)
-  assert want.sum() == mask0.sum()
+  for k in shapes:
+    want = regrow_reference(mask0[k], np.asarray(params[k]), np.abs(np.asarray(grads[k])), 0.5)
+    np.testing.assert_array_equal(np.asarray(state.masks[k]), want, err_msg=k)
+    assert want.sum() == mask0[k].sum()
+    assert (want != mask0[k]).any(), k  # the layer's mask moved
 
 
 def numpy_regrowth_scores(key, shape) -> np.ndarray:
@@ -188,7 +196,9 @@ def test_set_growth_is_reproducible_from_its_key():
   """SET grows by ``regrowth_scores(fold_in(fold_in(key(seed), t), i))``: the documented
   hash, recomputed here in numpy."""
   rng = np.random.default_rng(0)
+  # "a" and "c" share a shape (one cond for both): each still draws with its leaf index
   mask0 = {"a": rng.random((6, 10)) < 0.4, "b": rng.random((5, 4)) < 0.4}
+  mask0["c"] = rng.random((6, 10)) < 0.4
   params = {
     k: jnp.where(m, jnp.asarray(rng.normal(size=m.shape), jnp.float32), 0.0)
     for k, m in mask0.items()
@@ -210,7 +220,7 @@ def test_set_growth_is_reproducible_from_its_key():
   first, again, other = run(7), run(7), run(8)
   fraction = float(cosine_drop(0.5, 10)(2))
   key = jax.random.fold_in(jax.random.key(7), 2)
-  for i, k in enumerate(["a", "b"]):
+  for i, k in enumerate(["a", "b", "c"]):
     scores = numpy_regrowth_scores(jax.random.fold_in(key, i), mask0[k].shape)
     want = regrow_reference(mask0[k], np.asarray(params[k]), scores, fraction)
     np.testing.assert_array_equal(first[k], want)
