@@ -9,12 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from compile_log import compiled
 from flax import nnx
 
 import jaxprune
 from jaxprune import posttrain
 from jaxprune.models.decoder import CharLM
 from jaxprune.posttrain import blockwise
+from jaxprune.posttrain import calibration as calibration_lib
 from jaxprune.train import data
 
 BLOCKS = r"^blocks/(\d+)/"
@@ -206,6 +208,36 @@ def test_bfloat16_pruning_is_within_one_percent_of_float32(trained):
   dense, p32, p16 = (perplexity(m, test) for m in (model, pruned_full, pruned_half))
   assert p32 > 1.02 * dense  # the pruning did something
   assert abs(p16 / p32 - 1) < 0.01, (dense, p32, p16)
+
+
+def test_pruning_again_compiles_nothing_and_equals_a_fresh_compile():
+  """Programs are kept across calls, keyed by what they compute (the graph definition,
+  state structure and dtypes): a sparsity sweep compiles once, and a model of the same
+  structure in another dtype gets its own programs. Each result equals the one compiled
+  from scratch (the caches emptied)."""
+  model, batches = small_lm(depth=2, seed=4), token_batches(2)
+  half = as_dtype(model, jnp.bfloat16)
+
+  def sweep():
+    return [
+      leaves_np(posttrain.prune(m, None, batches, method="wanda", sparsity=s, **where)[1])
+      for m in (model, half)
+      for s in (0.5, 0.75)
+      for where in ({"stack": True}, {"blocks": BLOCKS})
+    ]
+
+  first = sweep()
+  with compiled() as names:
+    again = sweep()
+  assert names == []
+  blockwise._RUNS.clear()
+  calibration_lib._STATS.clear()
+  fresh = sweep()
+  for a, b, c in zip(first, again, fresh, strict=True):
+    for x, y, z in zip(a, b, c, strict=True):
+      np.testing.assert_array_equal(x, z)
+      np.testing.assert_array_equal(y, z)
+  assert not all((x == y).all() for x, y in zip(first[0], first[4]))  # f32 and bf16 differ
 
 
 # --- OWL ------------------------------------------------------------------------------------

@@ -253,6 +253,41 @@ def _compare_output(got: Any, expected: Any) -> float:
   return float(jnp.max(jnp.abs(got - expected))) / max(float(jnp.max(jnp.abs(expected))), 1e-30)
 
 
+# Compiled block forward passes kept across calls (a sparsity sweep, OWL, calling prune()
+# again): keyed by what the program is a function of, the block's graph definition and
+# state structure and the mesh, so no block's weights are held. Oldest out past the bound.
+_RUNS: dict[Any, Callable] = {}
+_MAX_RUNS = 32
+
+
+def _block_runner(
+  key: Any | None, fn: Callable, treedef: Any, mesh: Mesh | None, batch_axis: str | None
+) -> Callable:
+  """``jit(run)`` with ``run(leaves, *x) = fn(unflatten(treedef, leaves), *x)``, one per
+  ``key`` (a new one each call for ``None``).
+
+  ``fn`` is a block's (or a model's) eval-mode forward pass
+  (:func:`~jaxprune.surgery.capture.forward`), a function of its graph definition only:
+  every module of an equal ``key`` gives the same program.
+  """
+  compiled = None if key is None else _RUNS.get(key)
+  if compiled is None:
+
+    def run(leaves, *x):
+      return fn(jax.tree.unflatten(treedef, leaves), *x)
+
+    if mesh is None:
+      compiled = jax.jit(run)
+    else:  # the next block's inputs stay split over the batch axis
+      assert batch_axis is not None
+      compiled = jax.jit(run, out_shardings=sharded.batch_sharding(mesh, batch_axis))
+    if key is not None:
+      while len(_RUNS) >= _MAX_RUNS:
+        del _RUNS[next(iter(_RUNS))]
+      _RUNS[key] = compiled
+  return compiled
+
+
 @dataclasses.dataclass
 class BlockPrograms:
   """Each block's traced program and its compiled forward pass, shared by blocks of one
@@ -270,16 +305,8 @@ class BlockPrograms:
     if entry is None:
       program = Program.of(block, None, None, self.mesh, self.batch_axis, self.param_axis)
       treedef = jax.tree.structure(program.variables)
-      fn = program.fn
-
-      def run(leaves, x, treedef=treedef, fn=fn):
-        return fn(jax.tree.unflatten(treedef, leaves), x)
-
-      if self.mesh is None:
-        compiled = jax.jit(run)
-      else:  # the next block's inputs stay split over the batch axis
-        assert self.batch_axis is not None
-        compiled = jax.jit(run, out_shardings=sharded.batch_sharding(self.mesh, self.batch_axis))
+      key = None if program.key is None else (program.key, self.mesh, self.batch_axis)
+      compiled = _block_runner(key, program.fn, treedef, self.mesh, self.batch_axis)
       entry = (program, treedef, compiled)
       self.programs[graphdef] = entry
     program, treedef, run = entry
@@ -381,7 +408,9 @@ def _check_stack(model: Any, stack: Stack, inputs: tuple, programs: BlockProgram
   assert stack.suffix is not None
   got = stack.suffix(x)
   reference = Program.of(model)
-  expected = jax.jit(reference.fn)(reference.variables, *inputs)
+  leaves, treedef = jax.tree.flatten(reference.variables)
+  key = None if reference.key is None else (reference.key, None, None)
+  expected = _block_runner(key, reference.fn, treedef, None, None)(leaves, *inputs)
   error = _compare_output(got, expected)
   if not error <= 1e-2:
     raise ValueError(

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxprune import tree as tree_lib
@@ -33,6 +34,26 @@ def as_inputs(batch: Any) -> tuple:
   return tuple(batch) if isinstance(batch, tuple) else (batch,)
 
 
+# Statistics programs kept across calls, for models with a ``Program.key`` (oldest out).
+_STATS: dict[Any, Callable] = {}
+_MAX_STATS = 32
+
+
+def _key(model: Any, variables: Any, apply_kwargs: Mapping[str, Any] | None) -> Any:
+  """What an NNX model's forward pass is a function of (its graph definition, state
+  structure and call keywords), hashable; ``None`` where it cannot be told (Linen, or
+  keywords that cannot be hashed): such programs are compiled per :class:`Program`."""
+  if not isinstance(model, nnx.Module):
+    return None
+  graphdef = nnx.graphdef(model)
+  key = (graphdef, jax.tree.structure(variables), tuple(sorted((apply_kwargs or {}).items())))
+  try:
+    hash(key)
+  except TypeError:
+    return None
+  return key
+
+
 @dataclasses.dataclass
 class Program:
   """A model's forward pass, traced per input shape, and its linear layers.
@@ -42,6 +63,9 @@ class Program:
     variables: the variables traced (an NNX state or Linen variables).
     mesh: a mesh to split batches over (``batch_axis``) and weights over
       (``param_axis``), or ``None``.
+    key: what ``fn`` is a function of, hashable (an NNX model's graph definition, state
+      structure and call keywords), or ``None``: programs of an equal key are equal, so
+      their compiled statistics are kept across calls.
   """
 
   fn: Callable[..., Any]
@@ -49,6 +73,7 @@ class Program:
   mesh: Mesh | None = None
   batch_axis: str | None = None
   param_axis: str | None = None
+  key: Any = None
   _traced: dict = dataclasses.field(default_factory=dict)
   _compiled: dict = dataclasses.field(default_factory=dict)
   _shardings: dict = dataclasses.field(default_factory=dict)
@@ -66,7 +91,7 @@ class Program:
     if mesh is not None:
       batch_axis, param_axis = sharded.check_axes(mesh, batch_axis, param_axis)
     fn, variables = capture.forward(model, variables, dict(apply_kwargs or {}))
-    return cls(fn, variables, mesh, batch_axis, param_axis)
+    return cls(fn, variables, mesh, batch_axis, param_axis, _key(model, variables, apply_kwargs))
 
   @property
   def paths(self) -> list[str]:
@@ -151,8 +176,15 @@ class Program:
 
   def _stats_fn(self, inputs: tuple, paths: tuple[str, ...], hessian: bool) -> Callable:
     traced, found = self.traced(inputs)
-    key = (id(traced), paths, hessian)
-    if key not in self._compiled:
+    if self.key is None:
+      key, compiled = (id(traced), paths, hessian), self._compiled
+    else:  # kept across calls (prune() again, a sweep): the same model's program is equal
+      avals = tuple((jax.numpy.shape(x), jax.numpy.result_type(x)) for x in jax.tree.leaves(inputs))
+      leaf_avals = tuple((x.shape, x.dtype) for x in jax.tree.leaves(self.variables))
+      key, compiled = (self.key, leaf_avals, avals, paths, hessian, self.mesh), _STATS
+      while key not in compiled and len(compiled) >= _MAX_STATS:
+        del compiled[next(iter(compiled))]
+    if key not in compiled:
       layers = [layer for p in paths if isinstance(layer := found[p], Layer)]
       if len(layers) != len(paths):
         raise ValueError(
@@ -171,10 +203,10 @@ class Program:
         }
 
       if self.mesh is None:
-        self._compiled[key] = jax.jit(run)
+        compiled[key] = jax.jit(run)
       else:
-        self._compiled[key] = jax.jit(run, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
-    return self._compiled[key]
+        compiled[key] = jax.jit(run, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+    return compiled[key]
 
   def leaf_shardings(self, inputs: tuple) -> list[NamedSharding] | None:
     """Each variable's sharding over the mesh (:func:`~jaxprune.posttrain.sharded.leaf_spec`:

@@ -20,11 +20,13 @@ def wanda_scores(kernel: jax.Array, norms: jax.Array) -> jax.Array:
   return jnp.abs(kernel.astype(jnp.float32)) * norms.astype(jnp.float32)[:, None]
 
 
-@functools.partial(jax.jit, static_argnames=("n_removed",))
-def per_output_mask(scores: jax.Array, n_removed: int) -> jax.Array:
+@jax.jit
+def per_output_mask(scores: jax.Array, n_removed: Any) -> jax.Array:
   """Keeps the ``n_in - n_removed`` largest scores of every column (output) of ``[n_in, n_out]``.
 
   Ties keep the lower input index (a stable descending order), as :mod:`jaxprune.select`.
+  ``n_removed`` is an int or int32 scalar, traced: one compiled program per shape serves
+  every sparsity (a sparsity sweep, or OWL's per-block sparsities).
   """
   n_in = scores.shape[0]
   # Column by column only (no flattening, no scatter), so columns split over a mesh stay
@@ -61,7 +63,7 @@ def wanda_mask(
   if nm is not None:
     targets.check_nm(nm, "kernel", kernel.shape[0])
     return _nm_mask(scores, nm)
-  return per_output_mask(scores, int(select.n_pruned(kernel.shape[0], s)))
+  return per_output_mask(scores, jnp.int32(select.n_pruned(kernel.shape[0], s)))
 
 
 def wanda(
