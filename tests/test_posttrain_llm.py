@@ -240,6 +240,13 @@ def test_pruning_again_compiles_nothing_and_equals_a_fresh_compile():
   assert not all((x == y).all() for x, y in zip(first[0], first[4]))  # f32 and bf16 differ
 
 
+def test_the_program_cache_is_bounded_oldest_out():
+  cache = calibration_lib.ProgramCache(size=2)
+  for key in "abc":
+    assert cache.put(key, len) is len
+  assert list(cache) == ["b", "c"]
+
+
 # --- OWL ------------------------------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from jaxprune import tree as tree_lib
 from jaxprune.posttrain import sharded
-from jaxprune.posttrain.calibration import Program
+from jaxprune.posttrain.calibration import Program, ProgramCache
 from jaxprune.posttrain.layers import Layer
 from jaxprune.posttrain.sparsegpt_solver import sparsegpt
 from jaxprune.posttrain.stats import InputStats
@@ -256,8 +256,7 @@ def _compare_output(got: Any, expected: Any) -> float:
 # Compiled block forward passes kept across calls (a sparsity sweep, OWL, calling prune()
 # again): keyed by what the program is a function of, the block's graph definition and
 # state structure and the mesh, so no block's weights are held. Oldest out past the bound.
-_RUNS: dict[Any, Callable] = {}
-_MAX_RUNS = 32
+_RUNS = ProgramCache()
 
 
 def _block_runner(
@@ -282,9 +281,7 @@ def _block_runner(
       assert batch_axis is not None
       compiled = jax.jit(run, out_shardings=sharded.batch_sharding(mesh, batch_axis))
     if key is not None:
-      while len(_RUNS) >= _MAX_RUNS:
-        del _RUNS[next(iter(_RUNS))]
-      _RUNS[key] = compiled
+      _RUNS.put(key, compiled)
   return compiled
 
 

@@ -34,9 +34,23 @@ def as_inputs(batch: Any) -> tuple:
   return tuple(batch) if isinstance(batch, tuple) else (batch,)
 
 
-# Statistics programs kept across calls, for models with a ``Program.key`` (oldest out).
-_STATS: dict[Any, Callable] = {}
-_MAX_STATS = 32
+class ProgramCache(dict):
+  """Compiled programs kept across calls, by a key of what they compute; past ``size``
+  entries the oldest goes (a program holds no weights, only its compiled code)."""
+
+  def __init__(self, size: int = 32):
+    super().__init__()
+    self.size = size
+
+  def put(self, key: Any, program: Callable) -> Callable:
+    while len(self) >= self.size:
+      del self[next(iter(self))]
+    self[key] = program
+    return program
+
+
+# Statistics programs of models with a ``Program.key``.
+_STATS = ProgramCache()
 
 
 def _key(model: Any, variables: Any, apply_kwargs: Mapping[str, Any] | None) -> Any:
@@ -182,8 +196,6 @@ class Program:
       avals = tuple((jax.numpy.shape(x), jax.numpy.result_type(x)) for x in jax.tree.leaves(inputs))
       leaf_avals = tuple((x.shape, x.dtype) for x in jax.tree.leaves(self.variables))
       key, compiled = (self.key, leaf_avals, avals, paths, hessian, self.mesh), _STATS
-      while key not in compiled and len(compiled) >= _MAX_STATS:
-        del compiled[next(iter(compiled))]
     if key not in compiled:
       layers = [layer for p in paths if isinstance(layer := found[p], Layer)]
       if len(layers) != len(paths):
@@ -203,9 +215,13 @@ class Program:
         }
 
       if self.mesh is None:
-        compiled[key] = jax.jit(run)
+        program = jax.jit(run)
       else:
-        compiled[key] = jax.jit(run, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+        program = jax.jit(run, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+      if compiled is _STATS:
+        _STATS.put(key, program)
+      else:
+        compiled[key] = program
     return compiled[key]
 
   def leaf_shardings(self, inputs: tuple) -> list[NamedSharding] | None:
