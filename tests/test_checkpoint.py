@@ -38,6 +38,24 @@ def test_keeps_the_newest_and_preserved_steps(tmp_path):
   assert not any(".orbax-checkpoint-tmp" in p.name for p in tmp_path.iterdir())
 
 
+def test_meta_is_what_it_was_when_save_was_called(tmp_path):
+  """A save is asynchronous: the training loop goes on appending to the history it passed
+  as meta. The checkpoint holds the history of its own step (a later record in it was
+  logged twice after a resume: a flaky lottery resume test under load)."""
+  ckpt = checkpoint.Checkpointer(tmp_path, every=1, keep=3)
+  history = [{"step": 1}]
+  meta = {"history": history, "extra": {"window": [1.0]}}
+  ckpt.save(1, {"w": jnp.ones(3)}, meta)
+  history.append({"step": 2})  # what the loop does right after
+  meta["extra"]["window"].append(2.0)
+  ckpt.wait()
+  _, got = ckpt.restore({"w": jnp.ones(3)})
+  assert got == {"history": [{"step": 1}], "extra": {"window": [1.0]}}
+  with pytest.raises(TypeError, match="meta of checkpoint 2 .* JSON"):
+    ckpt.save(2, {"w": jnp.ones(3)}, {"array": np.ones(2)})
+  ckpt.close()
+
+
 def test_read_only_creates_nothing(tmp_path):
   """eval / export / shrink / prune read checkpoints: a missing directory is not created."""
   with pytest.raises(FileNotFoundError, match="No checkpoint in .*none: there is no such dir"):

@@ -19,6 +19,7 @@ exactly, the resumed run ends with the same bits as one that was never interrupt
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import pathlib
 from collections.abc import Iterator, Sequence
@@ -113,11 +114,23 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
     """Starts saving ``state`` and ``meta`` as checkpoint ``step`` (asynchronously).
 
+    ``meta`` is JSON data, copied at the call: changing it afterwards (the training loop
+    appends to its history) does not change the checkpoint.
+
     Returns whether a checkpoint was started (``False`` when not due, or when one of
     that step exists already).
+
+    Raises:
+      TypeError: ``meta`` is not JSON data (naming the step).
     """
     if not (force or self.due(step)) or step in self._manager.all_steps():
       return False
+    # The save finishes in a thread while the caller goes on (appending to the history it
+    # passed): the meta written is a copy taken now, checked to be JSON here.
+    try:
+      meta = json.loads(json.dumps(meta))
+    except (TypeError, ValueError) as e:
+      raise TypeError(f"The meta of checkpoint {step} is not JSON: {e}.") from e
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     return bool(self._manager.save(step, args=args, force=True))
 
