@@ -147,7 +147,7 @@ def regrow_reference(mask, w, grow_scores, fraction):
 
 def test_rigl_grows_the_largest_gradients_among_inactive_with_deterministic_ties():
   """One update step, against the NumPy rule, per layer; the gradients have many exact
-  ties. Two layers share a shape (one cond per shape group) and one does not."""
+  ties. Two layers share a shape (selected together, by one lax.map) and one does not."""
   rng = np.random.default_rng(0)
   shapes = {"a": (6, 10), "b": (5, 4), "c": (6, 10)}
   mask0 = {k: rng.random(s) < 0.5 for k, s in shapes.items()}
@@ -196,7 +196,7 @@ def test_set_growth_is_reproducible_from_its_key():
   """SET grows by ``regrowth_scores(fold_in(fold_in(key(seed), t), i))``: the documented
   hash, recomputed here in numpy."""
   rng = np.random.default_rng(0)
-  # "a" and "c" share a shape (one cond for both): each still draws with its leaf index
+  # "a" and "c" share a shape (selected together): each still draws with its leaf index
   mask0 = {"a": rng.random((6, 10)) < 0.4, "b": rng.random((5, 4)) < 0.4}
   mask0["c"] = rng.random((6, 10)) < 0.4
   params = {

@@ -259,16 +259,16 @@ def _compare_output(got: Any, expected: Any) -> float:
 _RUNS = ProgramCache()
 
 
-def _block_runner(
-  key: Any | None, fn: Callable, treedef: Any, mesh: Mesh | None, batch_axis: str | None
-) -> Callable:
-  """``jit(run)`` with ``run(leaves, *x) = fn(unflatten(treedef, leaves), *x)``, one per
-  ``key`` (a new one each call for ``None``).
+def _block_runner(program: Program, treedef: Any, mesh: Mesh | None, batch_axis: str | None):
+  """``jit(run)`` with ``run(leaves, *x) = program.fn(unflatten(treedef, leaves), *x)``,
+  kept per ``(program.key, mesh, batch_axis)`` (a new one each call without a key).
 
-  ``fn`` is a block's (or a model's) eval-mode forward pass
+  ``program.fn`` is a block's (or a model's) eval-mode forward pass
   (:func:`~jaxprune.surgery.capture.forward`), a function of its graph definition only:
-  every module of an equal ``key`` gives the same program.
+  every module of an equal ``program.key`` gives the same program.
   """
+  fn = program.fn
+  key = None if program.key is None else (program.key, mesh, batch_axis)
   compiled = None if key is None else _RUNS.get(key)
   if compiled is None:
 
@@ -302,8 +302,7 @@ class BlockPrograms:
     if entry is None:
       program = Program.of(block, None, None, self.mesh, self.batch_axis, self.param_axis)
       treedef = jax.tree.structure(program.variables)
-      key = None if program.key is None else (program.key, self.mesh, self.batch_axis)
-      compiled = _block_runner(key, program.fn, treedef, self.mesh, self.batch_axis)
+      compiled = _block_runner(program, treedef, self.mesh, self.batch_axis)
       entry = (program, treedef, compiled)
       self.programs[graphdef] = entry
     program, treedef, run = entry
@@ -406,8 +405,7 @@ def _check_stack(model: Any, stack: Stack, inputs: tuple, programs: BlockProgram
   got = stack.suffix(x)
   reference = Program.of(model)
   leaves, treedef = jax.tree.flatten(reference.variables)
-  key = None if reference.key is None else (reference.key, None, None)
-  expected = _block_runner(key, reference.fn, treedef, None, None)(leaves, *inputs)
+  expected = _block_runner(reference, treedef, None, None)(leaves, *inputs)
   error = _compare_output(got, expected)
   if not error <= 1e-2:
     raise ValueError(

@@ -13,6 +13,7 @@ the sums are all-reduced by the compiler.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -35,8 +36,8 @@ def as_inputs(batch: Any) -> tuple:
 
 
 class ProgramCache(dict):
-  """Compiled programs kept across calls, by a key of what they compute; past ``size``
-  entries the oldest goes (a program holds no weights, only its compiled code)."""
+  """Compiled programs by a key of what they compute; past ``size`` entries the oldest
+  goes (a program holds no weights, only its compiled code)."""
 
   def __init__(self, size: int = 32):
     super().__init__()
@@ -89,7 +90,7 @@ class Program:
   param_axis: str | None = None
   key: Any = None
   _traced: dict = dataclasses.field(default_factory=dict)
-  _compiled: dict = dataclasses.field(default_factory=dict)
+  _compiled: ProgramCache = dataclasses.field(default_factory=lambda: ProgramCache(sys.maxsize))
   _shardings: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
@@ -218,10 +219,7 @@ class Program:
         program = jax.jit(run)
       else:
         program = jax.jit(run, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
-      if compiled is _STATS:
-        _STATS.put(key, program)
-      else:
-        compiled[key] = program
+      compiled.put(key, program)
     return compiled[key]
 
   def leaf_shardings(self, inputs: tuple) -> list[NamedSharding] | None:
