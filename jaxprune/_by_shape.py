@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxprune._compile import eager_jit
 from jaxprune.select import topk_by_count
 
 
@@ -41,7 +42,6 @@ def topk_by_shape(scores: Sequence[jax.Array], removed: Sequence[Any]) -> list[j
   return _topk_by_shape(scores, removed)
 
 
-@jax.jit
 def _topk_by_shape(scores: list[jax.Array], removed: list[jax.Array]) -> list[jax.Array]:
   by_kind: dict[tuple[tuple[int, ...], Any], list[int]] = {}
   for i, s in enumerate(scores):
@@ -61,3 +61,6 @@ def _topk_by_shape(scores: list[jax.Array], removed: list[jax.Array]) -> list[ja
     for j, i in enumerate(ix):
       out[i] = masks[j]
   return out
+
+
+_topk_by_shape = eager_jit(_topk_by_shape)

@@ -15,7 +15,6 @@ their keys there: no array as long as the scores is stored.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -24,6 +23,7 @@ from jax import core as jax_core
 from jax import lax
 
 from jaxprune import tree as tree_lib
+from jaxprune._compile import eager_jit
 
 
 def check_sparsity(sparsity: Any, name: str = "sparsity") -> None:
@@ -313,7 +313,6 @@ def topk_by_count(scores: list[jax.Array], removed: list[Any], scope: str) -> li
   return _topk_by_count(list(scores), [jnp.asarray(r, jnp.int32) for r in removed], scope)
 
 
-@functools.partial(jax.jit, static_argnames="scope")
 def _topk_by_count(
   scores: list[jax.Array], removed: list[jax.Array], scope: str
 ) -> list[jax.Array]:
@@ -327,6 +326,9 @@ def _topk_by_count(
     groups = [0] * len(flat_scores)
   flat = keep_topk_groups(flat_scores, groups, k, to_key=sortable_keys)
   return [m.reshape(jnp.shape(s)) for m, s in zip(flat, scores)]
+
+
+_topk_by_count = eager_jit(_topk_by_count, static_argnames="scope")
 
 
 def topk_mask(scores: Any, sparsity: Any, scope: str = "layer") -> Any:

@@ -21,7 +21,6 @@ weights that left go to exactly 0. Only the masks pass through ``lax.cond``.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +34,7 @@ from jaxprune import _checks
 from jaxprune import masks as masks_lib
 from jaxprune import tree as tree_lib
 from jaxprune._by_shape import topk_by_shape
+from jaxprune._compile import eager_jit
 from jaxprune.distributions import Distribution, as_distribution
 from jaxprune.schedules import Schedule
 from jaxprune.select import n_pruned
@@ -142,12 +142,18 @@ def regrowth_scores(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return (one - 1.0).reshape(shape)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
 def _random_scores(seed: int, shapes: tuple[tuple[int, ...], ...]) -> list[jax.Array]:
   """``uniform(fold_in(key(seed), i), shapes[i])`` for every leaf in one compiled
   computation (eager ``jax.random.uniform`` compiles a threefry program per shape)."""
   key = jax.random.key(seed)
   return [jax.random.uniform(jax.random.fold_in(key, i), s) for i, s in enumerate(shapes)]
+
+
+_random_scores = eager_jit(
+  _random_scores,
+  static_argnums=(0, 1),
+  extra_elements=lambda seed, shapes: sum(math.prod(s) for s in shapes),
+)
 
 
 def _kept_counts(masks: list[jax.Array], layout: _Layout) -> list[Any]:
