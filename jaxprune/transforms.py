@@ -42,7 +42,9 @@ def _zero_pruned(inner: optax.GradientTransformation, inner_state: Any, masks: A
     inner_state,
     masks,
     transform_non_params=lambda leaf, *_: leaf,
-    is_leaf=tree_lib.is_none,
+    # optax.masked / multi_transform (and optimizers built on them, e.g. muon) hold an
+    # empty MaskedNode where their inner transform does not see a param: a leaf here.
+    is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode),
   )
 
 

@@ -97,6 +97,30 @@ def test_moments_of_newly_pruned_weights_are_zeroed_at_the_update():
   assert bool((mu["fc1"]["kernel"][m] != 0).any())
 
 
+def test_inner_multi_transform_and_optax_masked_moments_are_zeroed():
+  # optax.multi_transform / optax.masked hold an empty MaskedNode where a partition does
+  # not see a param; zeroing the moments of pruned weights went through them with a
+  # pytree structure error (also optax.contrib.muon, built on them).
+  inner = optax.multi_transform(
+    {"adam": optax.adam(1e-2), "mom": optax.sgd(1e-2, momentum=0.9)},
+    {"fc1": {"kernel": "adam", "bias": "mom"}, "fc2": {"kernel": "mom", "bias": "mom"}},
+  )
+  tx = jaxprune.masked(inner, jaxprune.magnitude(jaxprune.one_shot(0.5, at=2)))
+  params = mlp_params()
+  state = tx.init(params)
+  step = make_step(tx)
+  for t in range(3):
+    params, state = step(params, state, *batch(t))
+  masks = jaxprune.masks_of(state)
+  for name in ("fc1", "fc2"):
+    assert int((params[name]["kernel"] == 0).sum()) == params[name]["kernel"].size // 2
+  inner_states = state.inner_state.inner_states
+  mu = inner_states["adam"].inner_state[0].mu["fc1"]["kernel"]
+  trace = inner_states["mom"].inner_state[0].trace["fc2"]["kernel"]
+  assert bool((mu[~masks["fc1"]["kernel"]] == 0).all()) and bool((mu != 0).any())
+  assert bool((trace[~masks["fc2"]["kernel"]] == 0).all()) and bool((trace != 0).any())
+
+
 def test_saliency_and_random_under_jit():
   for pruner in (jaxprune.saliency(0.5), jaxprune.random(0.5, seed=1)):
     tx = jaxprune.masked(optax.sgd(0.1), pruner)
