@@ -224,7 +224,9 @@ class Pruner:
       ValueError: a concrete target outside ``[0, 1)`` or NaN (a traced one, known only
         on the device, is clipped to ``[0, 1]``, and NaN keeps the previous masks); a
         concrete NaN or infinite score (a NaN weight or gradient), naming the param
-        (traced scores are not checked: a NaN score ranks first, so the weight is kept).
+        (traced scores are not checked: a NaN score ranks first, so the weight is kept);
+        a concrete ``step`` outside the int32 range (it would wrap to another step).
+      TypeError: ``step`` is not a scalar integer.
 
     Examples:
       >>> import jax.numpy as jnp, jaxprune
@@ -233,10 +235,7 @@ class Pruner:
       >>> m["w"].sum().item(), m["b"] is None
       (2, True)
     """
-    if step is not None and (
-      jnp.ndim(step) != 0 or not jnp.issubdtype(jnp.result_type(step), jnp.integer)
-    ):
-      raise TypeError(f"step must be a scalar integer, got {step!r} (shape {jnp.shape(step)}).")
+    _check_step(step)
     if self.distribution is not None:
       return self.resolve(params).masks(params, grads, step=step, previous=previous)
     paths = self.paths(params)
@@ -348,6 +347,26 @@ def _check_finite_scores(path: str, scores: jax.Array) -> None:
       f"The param {path!r} has a NaN or infinite score at index {tuple(int(i) for i in bad[0])} "
       f"({len(bad)} of {np.size(scores)} entries): its weights (or gradients) are not finite, "
       "and a NaN score would rank first and keep the weight. Fix the params before pruning."
+    )
+
+
+def _check_step(step: Any) -> None:
+  """Raises unless ``step`` is ``None`` or a scalar integer that int32 holds.
+
+  Schedules count steps in int32: a larger concrete step (a ``uint32`` or ``int64``
+  counter) would wrap around to another step's target, so it is refused.
+  """
+  if step is None:
+    return
+  if isinstance(step, bool | np.bool_) or not (
+    isinstance(step, int)
+    or (jnp.ndim(step) == 0 and jnp.issubdtype(jnp.result_type(step), jnp.integer))
+  ):
+    raise TypeError(f"step must be a scalar integer, got {step!r} (shape {jnp.shape(step)}).")
+  if select_lib.is_concrete(step) and not -(2**31) <= int(step) < 2**31:
+    raise ValueError(
+      f"step {int(step)} is outside the int32 range that schedules count steps in "
+      f"([-2**31, 2**31)); it would wrap around to another step's target."
     )
 
 

@@ -249,6 +249,18 @@ def test_zero_size_param_and_non_scalar_step():
     jaxprune.magnitude(0.5).masks({"w": jnp.ones((3, 3))}, step=1.5)
 
 
+def test_steps_of_other_integer_types_and_steps_int32_cannot_hold():
+  pruner = jaxprune.magnitude(jaxprune.agp(0.5, 0, 10, 2))
+  params = {"w": jnp.arange(1.0, 17.0).reshape(4, 4)}
+  for step in (10, np.int64(10), jnp.uint32(10), np.uint8(10)):
+    assert int((~pruner.masks(params, step=step)["w"]).sum()) == 8
+  # A step int32 cannot hold wrapped around: uint32 3e9 and 2**33 read as steps < 0 and 0
+  # and pruned nothing (the target at the end is 0.5).
+  for step in (jnp.uint32(3_000_000_000), np.int64(2**33), 2**33):
+    with pytest.raises(ValueError, match="outside the int32 range"):
+      pruner.masks(params, step=step)
+
+
 @pytest.mark.parametrize("value", [float("nan"), 1.5, -0.2])
 def test_custom_schedule_out_of_range_raises_where_concrete(value):
   pruner = jaxprune.magnitude(jaxprune.schedule(lambda t: jnp.where(t >= 3, value, 0.1)))
