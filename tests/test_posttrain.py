@@ -518,3 +518,34 @@ def test_non_float_kernels_are_skipped_and_named():
     ValueError, match=r"No float linear layer selected by where='q'.*\[\'fc/kernel'\].*'q': 'int8'"
   ):
     posttrain.calibrate(model, None, [x], where="q")
+
+
+def test_direct_layer_functions_refuse_bad_shapes_and_sparsity_scalars_are_taken():
+  # A [n_in, 1] norms array broadcast into a [n_in, n_in, n_out] mask; an int kernel came
+  # back "pruned" as ints; np.float32 / jnp sparsities failed with "not iterable".
+  kernel = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32)
+  with pytest.raises(ValueError, match=r"norms must be \[n_in\] = \[8\].*\(8, 1\)"):
+    posttrain.wanda_mask(kernel, jnp.ones((8, 1)), 0.5)
+  with pytest.raises(ValueError, match=r"wanda_mask: kernel must be a float \[n_in, n_out\]"):
+    posttrain.wanda_mask(kernel[:, 0], jnp.ones(8), 0.5)
+  with pytest.raises(ValueError, match=r"'w'.*float \[n_in, n_out\] matrix.*int32\[8, 3\]"):
+    posttrain.sparsegpt_layer(kernel.astype(jnp.int32), jnp.eye(8), 0.5, name="w")
+  model = MLP(nnx.Rngs(0))
+  want = jax.tree.map(np.asarray, posttrain.prune(model, None, BATCHES[:1], method="wanda")[1])
+  for s in (np.float32(0.5), jnp.float32(0.5), np.array(0.5)):
+    got = posttrain.prune(model, None, BATCHES[:1], method="wanda", sparsity=s)[1]
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == np.asarray(b)).all()), want, got))
+  with pytest.raises(TypeError, match=r"wanda: sparsity must be a number in \[0, 1\), got '0.5'"):
+    posttrain.prune(model, None, BATCHES[:1], method="wanda", sparsity="0.5")
+
+
+def test_linen_params_without_their_collection_are_named():
+  class Two(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(4, use_bias=False)(nn.Dense(8, use_bias=False)(x))
+
+  x = np.ones((2, 6), np.float32)
+  variables = Two().init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"Two is a Linen module.*\['Dense_0', 'Dense_1'\]"):
+    posttrain.prune(Two(), variables["params"], [x], method="wanda")

@@ -105,6 +105,16 @@ class Program:
   ) -> Program:
     if mesh is not None:
       batch_axis, param_axis = sharded.check_axes(mesh, batch_axis, param_axis)
+    if (
+      not isinstance(model, nnx.Module)
+      and isinstance(variables, Mapping)
+      and "params" not in variables
+    ):
+      raise ValueError(
+        f"{type(model).__name__} is a Linen module: pass its variables as module.init "
+        f"returns them, {{'params': params, ...}}; got a dict with the keys "
+        f"{sorted(map(str, variables))[:8]} (the params alone? wrap them: {{'params': params}})."
+      )
     fn, variables = capture.forward(model, variables, dict(apply_kwargs or {}))
     return cls(fn, variables, mesh, batch_axis, param_axis, _key(model, variables, apply_kwargs))
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -36,8 +37,8 @@ def _params_of(model: Any, variables: Any) -> Any:
 
 
 def _per_block(sparsity: Any, n_blocks: int) -> list[Any]:
-  if sparsity is None or isinstance(sparsity, int | float):
-    return [sparsity] * n_blocks
+  if sparsity is None or isinstance(sparsity, int | float) or np.ndim(sparsity) == 0:
+    return [sparsity] * n_blocks  # a number (numpy and JAX scalars too) for every block
   values = list(sparsity)
   if len(values) != n_blocks:
     raise ValueError(

@@ -282,7 +282,7 @@ def sparsegpt_layer(
       shapes that do not match, NaN or inf in the Hessian (naming the input feature),
       or a Hessian that Cholesky cannot factor.
   """
-  n_in, n_out = kernel.shape
+  n_in, n_out = targets.check_kernel(kernel, "sparsegpt_layer", name)
   if hessian.shape != (n_in, n_in):
     raise ValueError(
       f"Layer {name!r}: a kernel with {n_in} input features needs a [{n_in}, {n_in}] Hessian, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxprune import select
 from jaxprune import tree as tree_lib
@@ -31,6 +32,19 @@ def resolve_target(sparsity: float | None, structure: Any, what: str) -> tuple[f
   raise TypeError(
     f"{what}: structure must be None (unstructured) or jaxprune.n_m(n, m), got {structure!r}."
   )
+
+
+def check_kernel(kernel: Any, what: str, name: str = "kernel") -> tuple[int, int]:
+  """``(n_in, n_out)`` of a float ``[n_in, n_out]`` kernel, or a ``ValueError`` naming it."""
+  shape = tuple(getattr(kernel, "shape", ()))
+  dtype = getattr(kernel, "dtype", None)
+  if len(shape) != 2 or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    label = "kernel" if name == "kernel" else f"the kernel of layer {name!r}"
+    raise ValueError(
+      f"{what}: {label} must be a float [n_in, n_out] matrix (input features are rows, a "
+      f"Flax Dense kernel), got {dtype}{list(shape)}."
+    )
+  return shape[0], shape[1]
 
 
 def check_nm(nm: NM | None, path: str, n_in: int) -> None:

@@ -50,8 +50,18 @@ def wanda_mask(
   Unstructured: exactly ``round(sparsity * n_in)`` removed in every column (output), by
   Python's float64 ``round``. N:M (``structure=jaxprune.n_m(2, 4)``): ``n`` kept of every
   ``m`` consecutive inputs of every output. Ties keep the lower input index.
+
+  Raises:
+    ValueError: a kernel that is not a float matrix, ``norms`` not shaped ``[n_in]``,
+      NaN or inf among the norms, a bad sparsity or N:M.
   """
   s, nm = targets.resolve_target(sparsity, structure, "wanda")
+  n_in, _ = targets.check_kernel(kernel, "wanda_mask")
+  if jnp.shape(norms) != (n_in,):
+    raise ValueError(
+      f"wanda_mask: norms must be [n_in] = [{n_in}] (one ||X_j||_2 per input feature, a "
+      f"row of the kernel), got shape {jnp.shape(norms)}."
+    )
   if select.is_concrete(norms):
     bad = np.flatnonzero(~np.isfinite(np.asarray(norms)))
     if bad.size:  # a NaN score would rank first: the feature's weights would all be kept
