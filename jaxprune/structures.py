@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune.select import topk_by_count
 
@@ -86,6 +87,11 @@ def _norm(x: jax.Array, axes: tuple[int, ...], ord: str) -> jax.Array:
   if ord == "l1":
     return jnp.sum(jnp.abs(x), axis=axes)
   return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes))
+
+
+def _is_int(x: object) -> bool:
+  """An integer (Python or numpy), not a bool."""
+  return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
 
 
 def _check_ord(ord: str) -> None:
@@ -156,8 +162,9 @@ class Blocks(_Ranked):
 
   def __post_init__(self):
     _check_ord(self.ord)
-    if len(self.shape) != 2 or min(self.shape) < 1:
+    if len(self.shape) != 2 or not all(_is_int(d) and d >= 1 for d in self.shape):
       raise ValueError(f"blocks need a (rows, cols) shape of positive ints, got {self.shape}.")
+    object.__setattr__(self, "shape", (int(self.shape[0]), int(self.shape[1])))
 
   def check(self, path: str, shape: tuple[int, ...]) -> None:
     bi, bo = self.shape
@@ -202,8 +209,10 @@ class NM:
   poolable = False  # every group of m has its own count
 
   def __post_init__(self):
-    if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n <= self.m):
-      raise ValueError(f"N:M needs integers 0 < n <= m, got n={self.n}, m={self.m}.")
+    if not (_is_int(self.n) and _is_int(self.m) and 0 < self.n <= self.m):
+      raise ValueError(f"N:M needs integers 0 < n <= m, got n={self.n!r}, m={self.m!r}.")
+    object.__setattr__(self, "n", int(self.n))  # numpy integers are taken as ints
+    object.__setattr__(self, "m", int(self.m))
 
   @property
   def sparsity(self) -> float:

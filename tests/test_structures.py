@@ -101,6 +101,9 @@ def test_global_structured_counts_groups():
       "scope='layer'",
     ),
     (lambda: jaxprune.blocks((0, 2)), "positive ints"),
+    (lambda: jaxprune.blocks((2.0, 2)), r"positive ints, got \(2.0, 2\)"),  # was a raw jnp error
+    (lambda: jaxprune.n_m(2.0, 4), "got n=2.0, m=4"),
+    (lambda: jaxprune.n_m(True, 4), "got n=True"),
     (lambda: jaxprune.neurons("l3"), "'l1' or 'l2'"),
   ],
 )
@@ -110,6 +113,18 @@ def test_structure_construction_errors(make, match):
     return
   with pytest.raises(ValueError, match=match):
     make()
+
+
+def test_numpy_integers_make_structures():
+  # n_m(np.int64(2), np.int64(4)) was refused with "needs integers 0 < n <= m, got n=2, m=4".
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)), jnp.float32)
+  for n, m in ((np.int64(2), np.int64(4)), (np.int32(2), 4)):
+    got = jaxprune.magnitude(0.5, structure=jaxprune.n_m(n, m)).masks({"w": w})["w"]
+    want = jaxprune.magnitude(0.5, structure=jaxprune.n_m(2, 4)).masks({"w": w})["w"]
+    assert bool((got == want).all())
+  blocks = jaxprune.blocks((np.int64(2), np.int64(2)))
+  assert blocks.shape == (2, 2) and type(blocks.shape[0]) is int
+  assert int(jaxprune.magnitude(0.5, structure=blocks).masks({"w": w})["w"].sum()) == 16
 
 
 def test_structure_on_a_param_of_the_wrong_rank_names_it():
