@@ -118,6 +118,10 @@ def masked(
   ``value=``, ``grad=``, ..., e.g. from ``nnx.Optimizer.update(model, grads,
   value=loss)``) are passed on to ``inner`` (``optax.polyak_sgd`` needs ``value``).
 
+  ``masked`` must come last: a transform chained after it
+  (``optax.chain(jaxprune.masked(...), optax.add_decayed_weights(1e-4))``) changes the
+  updates of pruned weights, which then leave zero. Put such transforms in ``inner``.
+
   Not to be confused with ``optax.masked(inner, mask)``, which applies ``inner`` to a
   chosen subset of params and lets the others pass through untouched. The two compose:
   ``optax.masked`` can keep weight decay off biases inside a pruned AdamW (see the
@@ -260,4 +264,6 @@ def set_masks(state: Any, masks: Any) -> Any:
         f"set_masks: the mask for {path!r} is {None if b is None else jnp.shape(b)}, the "
         f"state's is {None if a is None else jnp.shape(a)}."
       )
+  # An int or float mask would be stored and fail only at the next update, inside it.
+  masks_lib._check_bool(masks, "set_masks")
   return optax.tree_utils.tree_set(state, masks=masks)

@@ -298,6 +298,10 @@ def test_set_masks_inside_a_chain_and_its_errors():
     jaxprune.set_masks(state, {"v": None})
   with pytest.raises(ValueError, match="No jaxprune.masked state"):
     jaxprune.set_masks(optax.adam(0.1).init(params), new)
+  # An int / float mask was stored and failed at the next update, blamed on apply_mask.
+  for dtype in (jnp.int32, jnp.float32):
+    with pytest.raises(TypeError, match=r"set_masks takes bool masks.*'w' is " + dtype.__name__):
+      jaxprune.set_masks(state, {"w": new["w"].astype(dtype), "b": None})
 
 
 def _entry_bytes_written(compiled_text: str) -> int:
