@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.select import check_sparsity
+from jaxprune.select import check_sparsity, is_concrete
 
 
 class Schedule(NamedTuple):
@@ -48,6 +48,22 @@ def _int(value: Any, name: str) -> int:
   return int(value)
 
 
+def _host_sparsity(value: Any, name: str, fn: str) -> None:
+  """Raises unless ``value`` is a sparsity known on the host (checked by ``check_sparsity``).
+
+  A schedule's targets are fixed when it is built; a traced value (a pruner built inside
+  ``jit`` from a traced sparsity) has no value there.
+  """
+  if not is_concrete(value):
+    raise TypeError(
+      f"{fn}: {name} is a traced value (the pruner or schedule is built inside jit); "
+      "targets are fixed when a schedule is built. Build the pruner outside jit, or for "
+      "a traced target use jaxprune.schedule(lambda step: target) (counted on the "
+      "device) or jaxprune.topk_mask(scores, target)."
+    )
+  check_sparsity(value, name if fn == "one_shot" else f"{fn}: {name}")
+
+
 def from_levels(levels: Sequence[float], level: Callable, is_update: Callable) -> Schedule:
   """A schedule whose target at ``step`` is ``levels[level(step)]`` (Python floats)."""
   table = jnp.asarray(levels, jnp.float32)
@@ -69,7 +85,7 @@ def one_shot(sparsity: float, at: int = 0) -> Schedule:
     >>> float(s.sparsity(99)), float(s.sparsity(100)), bool(s.is_update(100))
     (0.0, 0.800000011920929, True)
   """
-  check_sparsity(sparsity)
+  _host_sparsity(sparsity, "sparsity", "one_shot")
   at = _int(at, "at")
   if at < 0:
     raise ValueError(f"at must be >= 0, got {at}.")
@@ -108,8 +124,8 @@ def agp(final: float, begin: int, end: int, every: int, initial: float = 0.0) ->
     >>> [round(float(s.sparsity(t)), 4) for t in (0, 5, 10, 50, 100, 200)]
     [0.0, 0.0, 0.2439, 0.7875, 0.9, 0.9]
   """
-  check_sparsity(final, "final")
-  check_sparsity(initial, "initial")
+  _host_sparsity(final, "final", "agp")
+  _host_sparsity(initial, "initial", "agp")
   begin, end, every = _int(begin, "begin"), _int(end, "end"), _int(every, "every")
   if every <= 0:
     raise ValueError(f"every must be > 0 (steps between mask updates), got {every}.")
@@ -172,7 +188,7 @@ def iterative(rounds: Sequence[tuple[int, float]]) -> Schedule:
     if not isinstance(r, Sequence | np.ndarray) or isinstance(r, str) or len(r) != 2:
       raise TypeError(f"iterative() takes a list of (step, sparsity) pairs; {r!r} is not a pair.")
     t = _int(r[0], "round step")
-    check_sparsity(r[1], f"sparsity of the round at step {t}")
+    _host_sparsity(r[1], f"sparsity of the round at step {t}", "iterative")
     parsed.append((t, float(r[1])))
   if not parsed:
     raise ValueError("iterative() needs at least one (step, sparsity) round.")

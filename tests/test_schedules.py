@@ -97,6 +97,24 @@ def test_non_integer_steps_rejected():
     jaxprune.agp(0.9, begin=1.5, end=10, every=1)
 
 
+def test_a_traced_target_is_refused_where_the_schedule_is_built():
+  # jit(lambda s: magnitude(s).masks(params)) failed with a ConcretizationTypeError
+  # raised by float() inside one_shot.
+  params = {"w": jnp.arange(1.0, 17.0).reshape(4, 4)}
+  for build in (
+    jaxprune.magnitude,
+    lambda s: jaxprune.agp(s, 0, 10, 5),
+    lambda s: jaxprune.iterative([(0, s)]),
+  ):
+    with pytest.raises(TypeError, match="traced value.*jaxprune.schedule"):
+      jax.jit(lambda s, build=build: build(s) and 0)(0.5)
+  # The way out the message names: a traced target counted on the device.
+  masks = jax.jit(
+    lambda s: jaxprune.magnitude(jaxprune.schedule(lambda t: s)).masks(params, step=0)
+  )(0.5)
+  assert int(masks["w"].sum()) == 8
+
+
 def test_agp_with_begin_equal_to_end_prunes_to_final_there():
   s = jaxprune.agp(0.6, begin=7, end=7, every=3)
   assert [float(s.sparsity(t)) for t in (0, 6)] == [0.0, 0.0]
