@@ -22,7 +22,8 @@ def apply_mask(params: Any, masks: Any) -> Any:
 
   Args:
     params: a pytree of arrays (a Linen param dict, an ``nnx.State``, ...).
-    masks: a mask pytree of the same structure (``None`` leaves leave params as is).
+    masks: a mask pytree with the same leaf paths (``None`` leaves leave params as is;
+      its containers may differ: a plain dict for a ``FrozenDict`` or ``nnx.State``).
 
   Returns:
     The params with pruned entries exactly zero.
@@ -38,6 +39,7 @@ def apply_mask(params: Any, masks: Any) -> Any:
   """
   tree_lib.check_same_structure(params, masks)
   _check_bool(masks, "apply_mask")
+  masks = tree_lib.restructure(params, masks)  # e.g. a dict of masks for a FrozenDict
   return jax.tree.map(
     lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros((), p.dtype)),
     masks,
@@ -81,6 +83,7 @@ def combine(*masks: Any) -> Any:
   out = masks[0]
   for i, m in enumerate(masks[1:], start=2):
     _check_like(out, m, i)
+    m = tree_lib.restructure(out, m)  # the first tree's containers (dict / FrozenDict / ...)
     out = jax.tree.map(both, out, m, is_leaf=tree_lib.is_none)
   return out
 

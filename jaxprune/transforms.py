@@ -167,7 +167,8 @@ def masked(
       tree_lib.check_same_structure(params, fixed)
     return MaskedState(
       inner_state=inner.init(params),
-      masks=pruner.init_masks(params) if fixed is None else fixed,
+      # fixed masks in the params' containers (a dict of masks for a FrozenDict, ...)
+      masks=pruner.init_masks(params) if fixed is None else tree_lib.restructure(params, fixed),
       count=jnp.zeros([], jnp.int32),
     )
 
@@ -266,4 +267,5 @@ def set_masks(state: Any, masks: Any) -> Any:
       )
   # An int or float mask would be stored and fail only at the next update, inside it.
   masks_lib._check_bool(masks, "set_masks")
-  return optax.tree_utils.tree_set(state, masks=masks)
+  # In the old masks' containers: the inner state's moments are zeroed along them.
+  return optax.tree_utils.tree_set(state, masks=tree_lib.restructure(old, masks))

@@ -231,3 +231,15 @@ def check_same_structure(
       raise ValueError(
         f"The {what} for {path!r} has shape {np.shape(o)} but the param has shape {np.shape(r)}."
       )
+
+
+def restructure(reference: Any, other: Any) -> Any:
+  """``other``'s leaves (``None`` included) in ``reference``'s containers.
+
+  For two trees with the same leaf paths (:func:`check_same_structure`) whose containers
+  differ: a mask saved as a plain dict for a ``FrozenDict`` or ``nnx.State`` of params,
+  a tuple for a list. ``jax.tree.map`` refuses such a pair.
+  """
+  leaves, other_def = jax.tree.flatten(other, is_leaf=is_none)
+  ref_def = jax.tree.structure(reference, is_leaf=is_none)
+  return other if other_def == ref_def else jax.tree.unflatten(ref_def, leaves)

@@ -92,3 +92,17 @@ def test_mask_helpers_name_bad_inputs():
     jaxprune.combine({"w": jnp.ones(2, bool)}, {"w": jnp.ones(3, bool)})
   with pytest.raises(ValueError, match=r"cannot unpack to shape \(4, 4\): expected \(2,\) uint8"):
     jaxprune.unpack_masks({"w": jnp.ones(1, jnp.uint8)}, {"w": jnp.ones((4, 4))})
+
+
+def test_apply_mask_and_combine_take_masks_in_other_containers():
+  # A dict of masks for FrozenDict params (or a tuple for a list) has the same paths but
+  # failed inside jax.tree.map with a pytree structure error.
+  from flax.core import FrozenDict
+
+  params = {"a": {"w": jnp.array([[1.0, -2.0], [3.0, 0.5]])}}
+  masks = {"a": {"w": jnp.array([[True, False], [True, False]])}}
+  out = jaxprune.apply_mask(FrozenDict(params), masks)
+  assert isinstance(out, FrozenDict) and out["a"]["w"].tolist() == [[1.0, 0.0], [3.0, 0.0]]
+  assert jaxprune.apply_mask([jnp.ones(2)], (jnp.array([False, True]),))[0].tolist() == [0, 1]
+  both = jaxprune.combine(FrozenDict(masks), {"a": {"w": jnp.array([[False, True]] * 2)}})
+  assert isinstance(both, FrozenDict) and int(both["a"]["w"].sum()) == 0

@@ -121,6 +121,26 @@ def test_inner_multi_transform_and_optax_masked_moments_are_zeroed():
   assert bool((trace[~masks["fc2"]["kernel"]] == 0).all()) and bool((trace != 0).any())
 
 
+def test_masks_in_other_containers_than_the_params():
+  # Same leaf paths, other containers (a dict of masks for FrozenDict params, a FrozenDict
+  # for dict params): init accepted them, then the first update failed inside
+  # jax.tree.map with a pytree structure error; set_masks too.
+  from flax.core import FrozenDict
+
+  params = mlp_params()
+  masks = jaxprune.magnitude(0.5).masks(params)
+  for p, m in ((FrozenDict(params), masks), (params, FrozenDict(masks))):
+    tx = jaxprune.masked(optax.sgd(0.1), m)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p)
+    assert jaxprune.summary(optax.apply_updates(p, updates)).zeros == 320
+  tx = jaxprune.masked(optax.adam(0.1), jaxprune.magnitude(jaxprune.one_shot(0.5, at=9)))
+  frozen = FrozenDict(params)
+  state = jaxprune.set_masks(tx.init(frozen), masks)
+  updates, state = tx.update(jax.tree.map(jnp.ones_like, frozen), state, frozen)
+  assert jaxprune.summary(optax.apply_updates(frozen, updates)).zeros == 320
+  assert isinstance(jaxprune.masks_of(state), FrozenDict)
+
+
 def test_saliency_and_random_under_jit():
   for pruner in (jaxprune.saliency(0.5), jaxprune.random(0.5, seed=1)):
     tx = jaxprune.masked(optax.sgd(0.1), pruner)
