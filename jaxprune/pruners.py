@@ -254,7 +254,11 @@ class Pruner:
     structure = self.structure
     for path in paths:
       if jnp.size(by_path[path]) == 0:
-        raise ValueError(f"The param {path!r} has no entries (shape {jnp.shape(by_path[path])}).")
+        raise ValueError(
+          f"The param {path!r} has no entries (shape {jnp.shape(by_path[path])}): nothing "
+          "to prune there. Leave it out with where= (regexes, or a predicate such as "
+          "lambda path, x: x.ndim >= 2 and x.size > 0)."
+        )
       structure.check(path, tuple(jnp.shape(by_path[path])))
     raw, ranked = _leaf_scores(
       self.score,

@@ -208,7 +208,9 @@ def check_same_structure(
   ``None`` leaves of ``other`` stand for "not pruned" and match any leaf; with
   ``shapes`` the shapes of array leaves must be equal too.
   """
-  ref = leaves_with_paths(reference)
+  # None in both trees (a params tree may hold None, optax's convention for "no param")
+  # is one leaf each; a None of `other` also matches an array of `reference`.
+  ref = leaves_with_paths(reference, is_leaf=is_none)
   oth = leaves_with_paths(other, is_leaf=is_none)
   ref_paths = [p for p, _ in ref]
   oth_paths = [p for p, _ in oth]
@@ -227,6 +229,8 @@ def check_same_structure(
   for (path, r), (_, o) in zip(ref, oth):
     if o is None or not shapes:
       continue
+    if r is None:
+      raise ValueError(f"The {what} for {path!r} is an array, but the param there is None.")
     if np.shape(o) != np.shape(r):
       raise ValueError(
         f"The {what} for {path!r} has shape {np.shape(o)} but the param has shape {np.shape(r)}."

@@ -141,6 +141,20 @@ def test_masks_in_other_containers_than_the_params():
   assert isinstance(jaxprune.masks_of(state), FrozenDict)
 
 
+def test_params_holding_none_leaves():
+  # optax takes None for "no param"; masked refused such params with "the grads tree does
+  # not match the params: ... the params have 'fc1/bias' but the grads has 'a'".
+  params = {"a": None, "w": jnp.arange(1.0, 17.0).reshape(4, 4)}
+  tx = jaxprune.masked(optax.sgd(0.1), jaxprune.magnitude(0.5))
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  assert new["a"] is None and new["w"][:2].tolist() == [[0.0] * 4] * 2
+  fixed = jaxprune.masked(optax.sgd(0.1), {"a": None, "w": jnp.ones((4, 4), bool)})
+  assert fixed.init(params).masks["a"] is None
+  with pytest.raises(ValueError, match=r"mask for 'a' is an array, but the param there is None"):
+    jaxprune.apply_mask(params, {**jaxprune.magnitude(0.5).masks(params), "a": jnp.ones(2, bool)})
+
+
 def test_saliency_and_random_under_jit():
   for pruner in (jaxprune.saliency(0.5), jaxprune.random(0.5, seed=1)):
     tx = jaxprune.masked(optax.sgd(0.1), pruner)
