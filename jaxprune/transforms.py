@@ -121,6 +121,8 @@ def masked(
   ``masked`` must come last: a transform chained after it
   (``optax.chain(jaxprune.masked(...), optax.add_decayed_weights(1e-4))``) changes the
   updates of pruned weights, which then leave zero. Put such transforms in ``inner``.
+  The same holds for a wrapper that moves params itself: ``optax.lookahead(masked(...))``
+  resets the fast weights to its slow ones (never pruned) at every sync step.
 
   Not to be confused with ``optax.masked(inner, mask)``, which applies ``inner`` to a
   chosen subset of params and lets the others pass through untouched. The two compose:
