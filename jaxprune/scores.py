@@ -35,4 +35,6 @@ def saliency(param: jax.Array, grad: Any = None, key: Any = None) -> jax.Array:
       "saliency scores |w * grad| need gradients: call the pruner with grads "
       "(jaxprune.masked passes the incoming gradients)."
     )
-  return jnp.abs(param * grad)
+  # In float32: a float16 product overflows past 65504 (300 * 300 is inf) and would be
+  # refused as a non-finite weight, or under jit rank first.
+  return jnp.abs(param.astype(jnp.float32) * jnp.asarray(grad).astype(jnp.float32))

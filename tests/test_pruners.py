@@ -102,6 +102,13 @@ def test_saliency_uses_gradients():
     jaxprune.saliency(0.5).masks(params)
 
 
+def test_saliency_of_float16_params_is_scored_in_float32():
+  # 300 * 300 overflowed float16 to inf: refused as "not finite" (under jit: ranked first).
+  p = {"w": jnp.array([[300.0, 1.0], [2.0, 3.0]], jnp.float16)}
+  g = {"w": jnp.array([[300.0, 1.0], [2.0, 0.5]], jnp.float16)}
+  assert jaxprune.saliency(0.5).masks(p, g)["w"].tolist() == [[True, False], [True, False]]
+
+
 def test_nnx_state_masks():
   model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
   state = nnx.state(model, nnx.Param)
