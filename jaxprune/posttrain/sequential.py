@@ -36,9 +36,17 @@ def _params_of(model: Any, variables: Any) -> Any:
   )
 
 
+def _one_number(sparsity: Any) -> Any:
+  """A numpy or JAX scalar sparsity as a Python float (a list, a string, ... as given)."""
+  scalar = isinstance(sparsity, np.number | np.ndarray | jax.Array) and np.ndim(sparsity) == 0
+  if scalar and np.issubdtype(np.asarray(sparsity).dtype, np.number):
+    return float(sparsity)
+  return sparsity
+
+
 def _per_block(sparsity: Any, n_blocks: int) -> list[Any]:
   if sparsity is None or isinstance(sparsity, int | float) or np.ndim(sparsity) == 0:
-    return [sparsity] * n_blocks  # a number (numpy and JAX scalars too) for every block
+    return [sparsity] * n_blocks  # one number (or a value the checks then refuse)
   values = list(sparsity)
   if len(values) != n_blocks:
     raise ValueError(
@@ -149,6 +157,7 @@ def prune(
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+  sparsity = _one_number(sparsity)  # np.float32(0.5), jnp.float32(0.5): one number
   if method == "wanda" and options:
     raise TypeError(f"wanda takes no options, got {sorted(options)}.")
   if method == "sparsegpt":  # checked before any calibration pass
