@@ -320,7 +320,7 @@ def _leaf_scores_eager(score, structure, seed, params, grads, previous, step):
     s = score(param, grad, jax.random.fold_in(base_key, i))
     r = structure.group_scores(s)
     if prev is not None:
-      r = jnp.where(structure.group_mask(prev), r.astype(jnp.float32), -jnp.inf)
+      r = jnp.where(structure.group_mask(prev), r.astype(select_lib.score_dtype(r.dtype)), -jnp.inf)
     raw.append(None if r is s else s)
     ranked.append(r)
   return raw, ranked

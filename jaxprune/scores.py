@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxprune.select import score_dtype
+
 
 def magnitude(param: jax.Array, grad: Any = None, key: Any = None) -> jax.Array:
   """``|w|`` (Han et al. 2015)."""
@@ -37,4 +39,5 @@ def saliency(param: jax.Array, grad: Any = None, key: Any = None) -> jax.Array:
     )
   # In float32: a float16 product overflows past 65504 (300 * 300 is inf) and would be
   # refused as a non-finite weight, or under jit rank first.
-  return jnp.abs(param.astype(jnp.float32) * jnp.asarray(grad).astype(jnp.float32))
+  dtype = score_dtype(jnp.result_type(param, grad))
+  return jnp.abs(param.astype(dtype) * jnp.asarray(grad).astype(dtype))

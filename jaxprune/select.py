@@ -46,22 +46,72 @@ def check_sparsity(sparsity: Any, name: str = "sparsity") -> None:
     )
 
 
+def score_dtype(dtype: Any) -> Any:
+  """The dtype scores are computed in: at least float32 (float64 stays float64: ranking
+  it in float32 would merge neighbours)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def sortable_keys(scores: jax.Array) -> jax.Array:
-  """Flat ``uint32`` keys whose unsigned order is the float order of ``scores``."""
+  """Flat unsigned keys whose order is the order of ``scores`` (see :func:`element_keys`)."""
   return jnp.ravel(element_keys(scores))
 
 
 def element_keys(scores: jax.Array) -> jax.Array:
-  """:func:`sortable_keys` in the shape of ``scores`` (element-wise: a sharded array stays
-  sharded, where flattening would gather it)."""
-  x = jnp.asarray(scores).astype(jnp.float32)
-  i = lax.bitcast_convert_type(x, jnp.int32)
+  """Unsigned keys whose order is the order of ``scores``, element-wise (a sharded array
+  stays sharded, where flattening would gather it).
+
+  Exact for every real dtype: ``uint32`` keys for floats of up to 32 bits (widened to
+  float32, which holds them exactly) and for integers of up to 32 bits (``int32`` and
+  ``uint32`` on their bits: float32 would merge neighbours above ``2**24``); ``uint64``
+  keys for 64-bit floats and integers (with ``jax_enable_x64``). NaN (either sign) ranks
+  above everything, ``-0.0`` equals ``0.0``. Complex scores are refused.
+  """
+  x = jnp.asarray(scores)
+  dtype = jnp.dtype(x.dtype)
+  if jnp.issubdtype(dtype, jnp.complexfloating) or not (
+    jnp.issubdtype(dtype, jnp.number) or dtype == jnp.bool_
+  ):
+    raise TypeError(f"scores must be real numbers to rank, got {dtype}.")
+  if jnp.issubdtype(dtype, jnp.unsignedinteger) and dtype.itemsize >= 4:
+    return x
+  if jnp.issubdtype(dtype, jnp.signedinteger) and dtype.itemsize >= 4:
+    bits = dtype.itemsize * 8
+    unsigned = jnp.uint32 if bits == 32 else jnp.uint64
+    sign = jnp.array(1 << (bits - 1), unsigned)
+    return lax.bitcast_convert_type(x, unsigned) ^ sign
+  wide = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 8
+  signed, unsigned = (jnp.int64, jnp.uint64) if wide else (jnp.int32, jnp.uint32)
+  bits = 64 if wide else 32
+  if not wide:
+    x = x.astype(jnp.float32)
+  i = lax.bitcast_convert_type(x, signed)
+  lowest = jnp.array(-(1 << (bits - 1)), signed)
   # -0.0 -> +0.0 on the bits: a float compare would also zero denormals (XLA:CPU flushes
   # them), ranking 1e-45 equal to 0.
-  i = jnp.where(i == jnp.int32(-(2**31)), jnp.int32(0), i)
-  i = jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
-  u = lax.bitcast_convert_type(i, jnp.uint32) ^ jnp.uint32(0x80000000)
-  return jnp.where(jnp.isnan(x), jnp.uint32(0xFFFFFFFF), u)  # NaN (either sign) ranks first
+  i = jnp.where(i == lowest, jnp.zeros((), signed), i)
+  i = jnp.where(i < 0, i ^ jnp.array((1 << (bits - 1)) - 1, signed), i)
+  u = lax.bitcast_convert_type(i, unsigned) ^ jnp.array(1 << (bits - 1), unsigned)
+  return jnp.where(jnp.isnan(x), jnp.array((1 << bits) - 1, unsigned), u)  # NaN ranks first
+
+
+def _keep_topk_sorted(keys: list[jax.Array], groups: list[int], k: jax.Array) -> list[jax.Array]:
+  """:func:`keep_topk_groups` by a stable sort of each group's keys (any unsigned dtype).
+
+  For 64-bit keys, which the radix select (32-bit keys) does not take: ``O(n log n)``.
+  """
+  out: list[Any] = [None] * len(keys)
+  for g in sorted(set(groups)):
+    ix = [i for i, h in enumerate(groups) if h == g]
+    joined = jnp.concatenate([keys[i] for i in ix])
+    order = jnp.argsort(~joined, stable=True)  # descending; ties keep the lower position
+    rank = jnp.zeros(joined.size, jnp.int32).at[order].set(jnp.arange(joined.size, dtype=jnp.int32))
+    keep = rank < k[g]
+    start = 0
+    for i in ix:
+      out[i] = keep[start : start + keys[i].size]
+      start += keys[i].size
+  return out
 
 
 _DIGIT = 16  # bits per radix digit: two digits make a key
@@ -324,7 +374,13 @@ def _topk_by_count(
     total = sum(u.size for u in flat_scores)
     k = jnp.reshape(total - jnp.clip(removed[0], 0, total), (1,))
     groups = [0] * len(flat_scores)
-  flat = keep_topk_groups(flat_scores, groups, k, to_key=sortable_keys)
+  if scope == "global":  # one order for all leaves: ranked as their common dtype
+    common = jnp.result_type(*flat_scores)
+    flat_scores = [u if u.dtype == common else u.astype(common) for u in flat_scores]
+  if any(jnp.dtype(u.dtype).itemsize == 8 for u in flat_scores):  # 64-bit keys
+    flat = _keep_topk_sorted([sortable_keys(u) for u in flat_scores], groups, k)
+  else:
+    flat = keep_topk_groups(flat_scores, groups, k, to_key=sortable_keys)
   return [m.reshape(jnp.shape(s)) for m, s in zip(flat, scores)]
 
 
@@ -373,8 +429,12 @@ def topk_mask(scores: Any, sparsity: Any, scope: str = "layer") -> Any:
   paths = [p for p, _ in tree_lib.leaves_with_paths(scores, is_leaf=tree_lib.is_none)]
   for i in live:
     shape = jnp.shape(leaves[i])
-    if not jnp.issubdtype(jnp.result_type(leaves[i]), jnp.number):
-      raise TypeError(f"topk_mask: scores at {paths[i]!r} are not numbers ({leaves[i]!r}).")
+    dtype = jnp.result_type(leaves[i])
+    if not jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.complexfloating):
+      raise TypeError(
+        f"topk_mask: scores at {paths[i]!r} are not real numbers ({dtype}: {leaves[i]!r}); "
+        "rank their magnitude (jnp.abs) or real part."
+      )
     if 0 in shape:
       raise ValueError(f"topk_mask: scores at {paths[i]!r} have no entries (shape {shape}).")
     if scope == "layer" and not shape:

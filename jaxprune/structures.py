@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.select import topk_by_count
+from jaxprune.select import element_keys, score_dtype, topk_by_count
 
 Removed = Callable[[int], "int | jax.Array"]  # weights (groups) of a set of n to remove
 
@@ -83,7 +83,7 @@ class _Ranked:
 
 
 def _norm(x: jax.Array, axes: tuple[int, ...], ord: str) -> jax.Array:
-  x = x.astype(jnp.float32)
+  x = x.astype(score_dtype(x.dtype))
   if ord == "l1":
     return jnp.sum(jnp.abs(x), axis=axes)
   return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes))
@@ -249,7 +249,8 @@ class NM:
   def keep(self, scores: jax.Array, n_keep: jax.Array) -> jax.Array:
     """Keeps the ``n_keep`` largest of each group (ties: the lower input index)."""
     *lead, n_in, n_out = scores.shape
-    g = scores.astype(jnp.float32).reshape(*lead, n_in // self.m, self.m, n_out)
+    # exact keys (float32 would merge int32 or float64 neighbours; NaN ranks first)
+    g = element_keys(scores).reshape(*lead, n_in // self.m, self.m, n_out)
     a, b = g[..., :, None, :], g[..., None, :, :]  # a: this weight, b: the others
     idx = jnp.arange(self.m)
     before = (idx[None, :] < idx[:, None])[:, :, None]  # other index < this index

@@ -317,3 +317,76 @@ def test_locate_equals_a_numpy_suffix_search():
       expect = int(hits[-1]) if len(hits) else 0
       assert int(b[g]) == expect, (g, need[g])
       assert int(above[g]) == int(counts[g, expect + 1 :].sum())
+
+
+def _argsort_mask(x: np.ndarray, keep: int) -> np.ndarray:
+  ref = np.zeros(x.size, bool)
+  ref[np.argsort(-x.reshape(-1).astype(np.float64), kind="stable")[:keep]] = True
+  return ref.reshape(x.shape)
+
+
+def test_int32_scores_rank_exactly_above_float32_precision():
+  # float32 holds 2**24 + 1 as 2**24: the two tied, and the lower index (the smaller) won
+  x = np.array([2**24, 2**24 + 1, 2**24 + 3, 2**24 + 2, -(2**31), 2**31 - 1], np.int32)
+  m = jaxprune.topk_mask({"a": jnp.asarray(x)}, 0.5)["a"]
+  np.testing.assert_array_equal(np.asarray(m), _argsort_mask(x, 3))
+  np.testing.assert_array_equal(np.asarray(m), [False, False, True, True, False, True])
+  u = np.array([2**32 - 2, 2**32 - 1, 5, 2**24], np.uint32)
+  m = jaxprune.topk_mask({"a": jnp.asarray(u)}, 0.75)["a"]
+  np.testing.assert_array_equal(np.asarray(m), [False, True, False, False])
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+  seed=st.integers(0, 2**31 - 1),
+  sparsity=st.floats(0, 0.99),
+  scope=st.sampled_from(["layer", "global"]),
+)
+def test_64_bit_scores_rank_exactly(seed, sparsity, scope):
+  """With jax_enable_x64, float64 / int64 neighbours that float32 merges stay apart."""
+  rng = np.random.default_rng(seed)
+  with jax.enable_x64(True):
+    f = 1.0 + rng.integers(0, 8, size=(6, 5)) * 1e-12  # one float32 value, 8 float64 ones
+    f.flat[rng.integers(0, 30)] = np.nan
+    i = 2**40 + rng.integers(-3, 4, size=7)
+    scores = {"f": jnp.asarray(f), "i": jnp.asarray(i, jnp.int64)}
+    masks = jaxprune.topk_mask(scores, sparsity, scope=scope)
+    assert masks["f"].shape == (6, 5) and masks["i"].shape == (7,)
+    if scope == "layer":
+      for name, x in (("f", f), ("i", i.astype(np.float64))):
+        keep = x.size - select.n_pruned(x.size, sparsity)
+        ref = _argsort_mask(np.where(np.isnan(x), np.inf, x), keep)
+        np.testing.assert_array_equal(np.asarray(masks[name]), ref, err_msg=name)
+    else:  # pooled as their common dtype, float64: 2**40 +- 3 are exact there
+      x = np.concatenate([f.reshape(-1), i.astype(np.float64)])
+      keep = x.size - select.n_pruned(x.size, sparsity)
+      ref = _argsort_mask(np.where(np.isnan(x), np.inf, x), keep)
+      got = np.concatenate([np.asarray(masks["f"]).reshape(-1), np.asarray(masks["i"])])
+      np.testing.assert_array_equal(got, ref)
+
+
+def test_64_bit_params_through_pruners_and_structures():
+  with jax.enable_x64(True):
+    w = jnp.array([[1 + 1e-12, 1.0], [1 + 2e-12, 1 + 3e-12]], jnp.float64)
+    m = jaxprune.magnitude(0.5).masks({"w": w})["w"]
+    np.testing.assert_array_equal(np.asarray(m), [[False, False], [True, True]])
+    rows = jnp.array([1 + 1e-12, 1.0, 1 + 3e-12, 1 + 2e-12], jnp.float64)
+    k = rows[:, None] * jnp.ones((4, 3), jnp.float64)  # input rows; n:m picks along them
+    m = jaxprune.magnitude(0.5, structure=jaxprune.n_m(1, 2)).masks({"k": k})["k"]
+    np.testing.assert_array_equal(np.asarray(m[:, 0]), [True, False, True, False])
+    neurons = jaxprune.magnitude(0.5, structure=jaxprune.neurons("l2"))
+    m = neurons.masks({"k": k.T})["k"]  # output units of (3, 4): the norms 1 + e
+    np.testing.assert_array_equal(np.asarray(m[0]), [False, False, True, True])
+    grads = {"w": jnp.ones_like(w)}
+    m = jaxprune.saliency(0.5).masks({"w": w}, grads=grads)["w"]
+    np.testing.assert_array_equal(np.asarray(m), [[False, False], [True, True]])
+
+
+def test_two_nans_in_an_n_m_group_keep_exactly_n():
+  k = jnp.array([[jnp.nan], [jnp.nan], [1.0], [2.0]])
+  np.testing.assert_array_equal(np.asarray(jaxprune.n_m(1, 2).keep(k, 1))[:, 0], [1, 0, 0, 1])
+
+
+def test_complex_scores_are_refused():
+  with pytest.raises(TypeError, match="not real numbers.*jnp.abs"):
+    jaxprune.topk_mask({"a": jnp.array([1 + 2j, 3j])}, 0.5)

@@ -37,7 +37,7 @@ from jaxprune._by_shape import topk_by_shape
 from jaxprune._compile import eager_jit
 from jaxprune.distributions import Distribution, as_distribution
 from jaxprune.schedules import Schedule
-from jaxprune.select import n_pruned
+from jaxprune.select import n_pruned, score_dtype
 from jaxprune.transforms import MaskedState, _check_inner, _jit_when_eager, _zero_pruned
 
 
@@ -182,13 +182,13 @@ def _regrow(
   f = jnp.where(jnp.isnan(f), 0.0, f)
   drops = [jnp.round(f * a).astype(jnp.int32) for a in active]
   keep_scores = [
-    jnp.where(m, jnp.abs(p).astype(jnp.float32), -jnp.inf) for m, p in zip(masks, params)
+    jnp.where(m, jnp.abs(p).astype(score_dtype(p.dtype)), -jnp.inf) for m, p in zip(masks, params)
   ]
   survivors = topk_by_shape(
     keep_scores, [m.size - (a - d) for m, a, d in zip(masks, active, drops)]
   )
   scores = [
-    jnp.where(s, jnp.inf, jnp.nan_to_num(g.astype(jnp.float32), nan=0.0, posinf=0.0))
+    jnp.where(s, jnp.inf, jnp.nan_to_num(g.astype(score_dtype(g.dtype)), nan=0.0, posinf=0.0))
     for s, g in zip(survivors, grow_scores)
   ]
   return topk_by_shape(scores, [m.size - a for m, a in zip(masks, active)])
