@@ -276,6 +276,12 @@ class Pruner:
     overridden = [p for p in paths if any(tree_lib.matches(o, p) for o in self.overrides)]
     pooled = [p for p in paths if p not in overridden]
     layerwise, result = paths, {}
+    unit = "weights" if structure.name == "unstructured" else structure.name
+    if self.scope == "global" and pooled:
+      total = sum(int(jnp.size(scores[p])) for p in pooled)
+      _check_keeps_some(self.schedule, total, f"the {len(pooled)} pooled params", unit)
+    for p in overridden if self.scope == "global" else paths:
+      _check_keeps_some(self.schedule_of(p), int(jnp.size(scores[p])), repr(p), unit)
     if self.scope == "global" and pooled:
       total = sum(int(jnp.size(scores[p])) for p in pooled)
       removed = _removed(self.schedule, total, step)
@@ -372,6 +378,23 @@ def _check_step(step: Any) -> None:
       f"step {int(step)} is outside the int32 range that schedules count steps in "
       f"([-2**31, 2**31)); it would wrap around to another step's target."
     )
+
+
+def _check_keeps_some(schedule: Schedule, n: int, what: str, unit: str) -> None:
+  """Raises when the schedule's final sparsity rounds to all ``n`` groups of ``what``.
+
+  ``sparsity < 1`` is checked everywhere, but ``round(s * n)`` reaches ``n`` for ``s``
+  within ``0.5 / n`` of 1 (0.99 of 8 neurons): a layer, or a whole pool, left with
+  nothing is refused like ``sparsity=1`` is, where it is known (before training).
+  """
+  final = schedule.final
+  if final is None or n == 0 or select_lib.n_pruned(n, final) < n:
+    return
+  raise ValueError(
+    f"At its final sparsity {final:g}, {what} ({n} {unit}) would keep none: "
+    f"round({final:g} * {n}) = {n}. Use a sparsity below {(n - 0.5) / n:.6g} (one kept), "
+    "or leave it out with where= or give it a lower one with an override."
+  )
 
 
 def _scaled(main: Schedule, value: float) -> Schedule:

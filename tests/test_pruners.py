@@ -319,3 +319,26 @@ def test_an_unhashable_score_function_is_applied_op_by_op():
   params = {"w": jnp.array([[3.0, -1.0], [0.5, -4.0]])}
   pruner = dataclasses.replace(jaxprune.magnitude(0.5), score=_UnhashableScore())
   assert pruner.masks(params)["w"].tolist() == [[True, False], [False, True]]
+
+
+@pytest.mark.parametrize(
+  "pruner, match",
+  [
+    (jaxprune.magnitude(0.99, structure="neurons"), r"'b' \(3 neurons\) would keep none"),
+    (jaxprune.magnitude(0.995), r"'b' \(9 weights\) would keep none: round\(0.995 \* 9\)"),
+    (jaxprune.magnitude(0.9996, scope="global"), r"the 2 pooled params \(1209 weights\)"),
+    (
+      jaxprune.magnitude(jaxprune.agp(0.99, 0, 100, 10), structure="neurons"),
+      r"'b' \(3 neurons\).*below 0.833333",
+    ),
+    (jaxprune.magnitude(0.5, overrides={"b": 0.99}), r"'b' \(9 weights\)"),
+  ],
+)
+def test_a_final_sparsity_that_rounds_to_every_group_is_refused(pruner, match):
+  """sparsity=1 is refused; round(s * n) = n for s within 0.5 / n of 1 is too (at any step,
+  from the schedule's final sparsity: known before a run, not found at its end)."""
+  params = {"a": jnp.ones((4, 300)), "b": jnp.ones((3, 3))}
+  with pytest.raises(ValueError, match=match):
+    pruner.masks(params, step=0)
+  kept = jaxprune.magnitude(0.8, structure="neurons").masks(params)  # round(2.4) = 2 of 3
+  assert int(kept["b"].any(axis=0).sum()) == 1
