@@ -381,20 +381,10 @@ def _check_step(step: Any) -> None:
 
 
 def _check_keeps_some(schedule: Schedule, n: int, what: str, unit: str) -> None:
-  """Raises when the schedule's final sparsity rounds to all ``n`` groups of ``what``.
-
-  ``sparsity < 1`` is checked everywhere, but ``round(s * n)`` reaches ``n`` for ``s``
-  within ``0.5 / n`` of 1 (0.99 of 8 neurons): a layer, or a whole pool, left with
-  nothing is refused like ``sparsity=1`` is, where it is known (before training).
-  """
-  final = schedule.final
-  if final is None or n == 0 or select_lib.n_pruned(n, final) < n:
-    return
-  raise ValueError(
-    f"At its final sparsity {final:g}, {what} ({n} {unit}) would keep none: "
-    f"round({final:g} * {n}) = {n}. Use a sparsity below {(n - 0.5) / n:.6g} (one kept), "
-    "or leave it out with where= or give it a lower one with an override."
-  )
+  """:func:`select.check_keeps_some` at the schedule's final sparsity (when it has one):
+  known before a run, so a run fails at its first mask, not at its end."""
+  if schedule.final is not None:
+    select_lib.check_keeps_some(n, schedule.final, what, unit)
 
 
 def _scaled(main: Schedule, value: float) -> Schedule:

@@ -335,6 +335,25 @@ def n_pruned(size: int, sparsity: Any) -> int | jax.Array:
   return jnp.where(jnp.isnan(s), 0, jnp.round(s * size)).astype(jnp.int32)
 
 
+def check_keeps_some(n: int, sparsity: Any, what: str, unit: str = "weights") -> None:
+  """Raises when a concrete ``sparsity`` rounds to all ``n`` (groups) of ``what``.
+
+  ``sparsity < 1`` is checked everywhere, but ``round(s * n)`` reaches ``n`` for ``s``
+  within ``0.5 / n`` of 1 (0.99 of 8 neurons): a layer, or a whole pool, left with
+  nothing is refused like ``sparsity=1`` is (by the pruners and the post-training layer
+  functions; :func:`topk_mask` keeps its arithmetic: 0.999 of 100 keeps none). A traced
+  sparsity is not checked.
+  """
+  if not is_concrete(sparsity) or n == 0 or n_pruned(n, sparsity) < n:
+    return
+  s = float(sparsity)
+  raise ValueError(
+    f"At sparsity {s:g}, {what} ({n} {unit}) would keep none: round({s:g} * {n}) = {n}. "
+    f"Use a sparsity below {(n - 0.5) / n:.6g} (one kept), or leave it out (where=, or a "
+    "lower sparsity for it with an override)."
+  )
+
+
 def n_keep(size: int, sparsity: Any) -> int | jax.Array:
   """Weights kept of ``size`` at ``sparsity``: ``size - round(sparsity * size)``."""
   return size - n_pruned(size, sparsity)

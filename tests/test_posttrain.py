@@ -555,3 +555,10 @@ def test_linen_params_without_their_collection_are_named():
   variables = Two().init(jax.random.key(0), x)
   with pytest.raises(ValueError, match=r"Two is a Linen module.*\['Dense_0', 'Dense_1'\]"):
     posttrain.prune(Two(), variables["params"], [x], method="wanda")
+
+
+def test_a_sparsity_that_rounds_to_a_whole_column_or_layer_is_refused():
+  with pytest.raises(ValueError, match=r"wanda: each output's column \(3 inputs\) would keep none"):
+    posttrain.wanda_mask(jnp.ones((3, 4)), jnp.ones(3), 0.9)
+  with pytest.raises(ValueError, match=r"sparsegpt: layer 'kernel' \(4 weights\) would keep none"):
+    posttrain.sparsegpt_layer(jnp.ones((2, 2)), jnp.eye(2), 0.9)

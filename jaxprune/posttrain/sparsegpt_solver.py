@@ -309,6 +309,7 @@ def sparsegpt_layer(
       raise ValueError(f"Layer {name!r}: mask shape {mask.shape} != kernel shape {kernel.shape}.")
     nm, mask = None, jnp.asarray(mask, bool)
   elif nm is None:
+    select.check_keeps_some(n_in * n_out, s, f"sparsegpt: layer {name!r}")
     removed = block_counts(n_in, n_out, s, blocksize)
   group = nm.m if nm is not None else 1
   new, kept, finite = _solve(

@@ -73,7 +73,8 @@ def wanda_mask(
   if nm is not None:
     targets.check_nm(nm, "kernel", kernel.shape[0])
     return _nm_mask(scores, nm)
-  return per_output_mask(scores, jnp.int32(select.n_pruned(kernel.shape[0], s)))
+  select.check_keeps_some(n_in, s, "wanda: each output's column", "inputs")
+  return per_output_mask(scores, jnp.int32(select.n_pruned(n_in, s)))
 
 
 def wanda(
