@@ -562,3 +562,30 @@ def test_a_sparsity_that_rounds_to_a_whole_column_or_layer_is_refused():
     posttrain.wanda_mask(jnp.ones((3, 4)), jnp.ones(3), 0.9)
   with pytest.raises(ValueError, match=r"sparsegpt: layer 'kernel' \(4 weights\) would keep none"):
     posttrain.sparsegpt_layer(jnp.ones((2, 2)), jnp.eye(2), 0.9)
+
+
+class _TiedLM(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.embed = nnx.Embed(32, 16, rngs=rngs)
+    self.up = nnx.Linear(16, 24, rngs=rngs)
+    self.down = nnx.Linear(24, 16, rngs=rngs)
+
+  def __call__(self, tokens):
+    h = self.embed(tokens)
+    h = h + self.down(jax.nn.relu(self.up(h)))
+    return self.embed.attend(h)  # the token embedding is the output projection too
+
+
+def test_a_tied_embedding_is_left_dense_with_a_warning_and_refused_when_chosen():
+  model = _TiedLM(nnx.Rngs(0))
+  before = np.asarray(model.embed.embedding[...])
+  batches = [np.random.default_rng(i).integers(0, 32, (2, 5)).astype(np.int32) for i in range(2)]
+  with pytest.warns(UserWarning, match=r"Not pruned: \['embed/embedding'\].*tied embeddings"):
+    params, masks = posttrain.prune(model, None, batches, method="wanda", sparsity=0.5)
+  flat = dict(jaxprune.tree.leaves_with_paths(params))
+  np.testing.assert_array_equal(np.asarray(flat["embed/embedding"]), before)
+  assert float((np.asarray(flat["up/kernel"]) == 0).mean()) == 0.5
+  with pytest.raises(ValueError, match=r"'embed/embedding'.*also read by a gather, as a tied"):
+    posttrain.prune(
+      _TiedLM(nnx.Rngs(0)), None, batches, method="wanda", where=lambda p, _: "embed" in p
+    )

@@ -134,7 +134,7 @@ class Program:
         traced = capture.trace(self.fn, self.variables, *inputs)
       except (TypeError, ValueError) as e:
         raise ValueError(self._cannot_run(inputs, e)) from e
-      self._traced[key] = (traced, linear_layers(traced))
+      self._traced[key] = (traced, _tied_are_not_layers(traced, linear_layers(traced)))
     return self._traced[key]
 
   def _cannot_run(self, inputs: tuple, error: Exception) -> str:
@@ -167,6 +167,7 @@ class Program:
     pred = tree_lib.as_predicate(where)
     chosen: dict[str, Layer] = {}
     skipped: dict[str, str] = {}  # linear layers whose weight is not float: their dtype
+    tied: list[str] = []
     for path, leaf in tree_lib.leaves_with_paths(self.variables):
       if leaf is None:
         continue
@@ -185,6 +186,8 @@ class Program:
           "calibration data does not reach it)"
         )
         raise ValueError(f"Layer {path!r} is selected for pruning, but {why}.")
+      elif isinstance(layer, str) and layer.startswith(_TIED):
+        tied.append(path)
       elif isinstance(layer, str) and "convolution" not in layer:
         raise ValueError(f"Layer {path!r} cannot be pruned after training: {layer}.")
     note = f"Only float weights are pruned; skipped the non-float linear layers {skipped}."
@@ -196,6 +199,13 @@ class Program:
       )
     if skipped:
       warnings.warn(note, stacklevel=3)
+    if tied:
+      warnings.warn(
+        f"Not pruned: {tied}, read both by a dot (an output projection) and by a gather (a "
+        "token lookup): tied embeddings are left dense, as the reference Wanda and SparseGPT "
+        "leave lm_head.",
+        stacklevel=3,
+      )
     order = {p: i for i, p in enumerate(found)}
     return dict(sorted(chosen.items(), key=lambda kv: order[kv[0]]))
 
@@ -274,6 +284,35 @@ class Program:
     for st in total.values():  # NaN / inf inputs would rank first (Wanda) or break Cholesky
       st.layer.check_finite(st.sq_norms, "calibration")
     return total
+
+
+_TIED = "it is also read by a gather, as a tied embedding"
+_LOOKUPS = ("gather", "dynamic_slice")
+
+
+def _tied_are_not_layers(
+  traced: capture.Traced, found: dict[str, Layer | str]
+) -> dict[str, Layer | str]:
+  """``found``, with the layers whose weight is also looked up (a gather: a tied token
+  embedding read as the output projection too) replaced by why they are not pruned:
+  a mask chosen from the projection's inputs would also remove entries of the lookup,
+  which no calibration statistic covers (the reference implementations leave lm_head out).
+  """
+  the_flow = capture.flow(traced)
+  looked_up = {
+    traced.paths[the_flow.params[node.ins[0]].leaf]
+    for node in the_flow.nodes
+    if node.primitive in _LOOKUPS and node.ins and node.ins[0] in the_flow.params
+  }
+  return {
+    path: (
+      f"{_TIED}: a mask chosen from its inputs as the output projection would also remove "
+      "entries of the token lookup, which the calibration does not measure"
+      if isinstance(layer, Layer) and path in looked_up
+      else layer
+    )
+    for path, layer in found.items()
+  }
 
 
 def check_batches(batches: Iterable[Any], what: str) -> list[tuple]:
