@@ -17,7 +17,7 @@ from jaxprune.surgery import candidates as candidates_lib
 from jaxprune.surgery import capture, linen, rebuild
 from jaxprune.surgery import check as check_lib
 from jaxprune.surgery.planning import UNITS, Plan, trace
-from jaxprune.surgery.removal import kept_indices, plan_removal, slice_tree, take
+from jaxprune.surgery.removal import host_values, kept_indices, plan_removal, slice_tree, take
 from jaxprune.surgery.source import exception_line
 
 
@@ -234,7 +234,7 @@ def shrink(
   treedef = jax.tree.structure(state)
   leaves = jax.tree.leaves(masked_state)
   leaves = _zero_producers(the_plan, leaves, remove)
-  values = {p: np.asarray(x) for p, x in zip(the_plan.paths, leaves)}
+  values = host_values(the_plan.paths, leaves)
   protect = tree_lib.as_predicate(keep) if keep else (lambda path, leaf: False)
   chosen, stayed = candidates_lib.choose(the_plan, values, remove, protect, head_dim)
 

@@ -60,11 +60,15 @@ def fix_nnx_attributes(model: nnx.Module) -> dict[str, dict[str, int | tuple[int
         # plan blocks every other grouped conv): in = out = groups = the new width.
         new = {"in_features": k[-1], "out_features": k[-1], "feature_group_count": k[-1]}
       mod.kernel_shape = k
-    elif isinstance(mod, nnx.BatchNorm | nnx.LayerNorm | nnx.RMSNorm):
+    elif isinstance(mod, nnx.BatchNorm | nnx.LayerNorm | nnx.RMSNorm | nnx.GroupNorm):
       for attr in ("scale", "bias", "mean", "var"):
         var = getattr(mod, attr, None)
         if var is not None:
           new = {"num_features": _shape(var)[-1]}
+          if isinstance(mod, nnx.GroupNorm):
+            # The plan removes whole groups only (the statistic over a group's channels
+            # blocks the channels within it): the group size stays, the count follows.
+            new["num_groups"] = _shape(var)[-1] // mod.group_size
           break
     if new:
       changed = {k: v for k, v in new.items() if getattr(mod, k, None) != v}
@@ -171,7 +175,7 @@ def fix_head_counts(model: nnx.Module, plan: Any, removed: dict[str, list[int]])
 
 _FLAX_LAYERS = (
   nnx.Linear, nnx.LinearGeneral, nnx.MultiHeadAttention, nnx.Conv, nnx.BatchNorm, nnx.LayerNorm,
-  nnx.RMSNorm,
+  nnx.RMSNorm, nnx.GroupNorm,
 )  # fmt: skip
 
 

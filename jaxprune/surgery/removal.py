@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -140,6 +141,17 @@ def _constant_rows(x: np.ndarray) -> bool:
   return bool(np.allclose(x, x[:1], rtol=1e-6, atol=1e-6 * (1 + np.abs(x).max(initial=0.0))))
 
 
+def host_values(paths: Sequence[str], leaves: Sequence[Any]) -> dict[str, np.ndarray]:
+  """``{path: numpy array}`` of the leaves that hold numbers. PRNG key arrays (an
+  ``nnx.Dropout``'s or ``nnx.Rngs``' keys in the model state) have no numpy form and are
+  never a layer's weights: they are left out."""
+  return {
+    p: np.asarray(x)
+    for p, x in zip(paths, leaves)
+    if not jnp.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)
+  }
+
+
 def plan_removal(
   plan: Plan,
   leaves: list[Any],
@@ -157,7 +169,7 @@ def plan_removal(
   them (repeated until no consumer keeps another channel), so no constant is both kept
   and folded.
   """
-  values = {p: np.asarray(x) for p, x in zip(plan.paths, leaves)}
+  values = host_values(plan.paths, leaves)
   captures = _captures(plan, leaves, batches)
   aligned = [c for c in captures[1:] if len(c) == len(captures[0])]
   by_member: dict[tuple[str, int], list[Group]] = collections.defaultdict(list)

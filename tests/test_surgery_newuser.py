@@ -1,0 +1,105 @@
+"""Surgery on layers a new user brings that the other surgery tests do not: ``nnx.Dropout``
+(PRNG keys in the model state), ``nnx.GroupNorm`` (its group count follows the removed
+groups).
+
+Reference: the masks applied with ``jnp.where`` to the original params and the original
+model run, at two input sizes and batch sizes; weights filled with numpy (non-zero biases,
+so removed channels emit constants).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxprune import surgery
+from jaxprune import tree as tree_lib
+
+
+def build(make, seed=0):
+  """``make(rngs)`` with numpy random weights, biases and norm scales."""
+  model = make(nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x  # PRNG keys and counts
+    name = tree_lib.path_str(path).rsplit("/", 1)[-1]
+    if name == "kernel":
+      value = rng.normal(size=x.shape) / np.sqrt(np.prod(x.shape[:-1]))
+    elif name == "scale":
+      value = rng.uniform(0.5, 2.0, size=x.shape)
+    else:
+      value = 0.5 * rng.normal(size=x.shape) + 0.3
+    return jnp.asarray(value, x.dtype)
+
+  model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+  model.eval()
+  return model
+
+
+def masked_output(model, masks, x):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  masked = jax.tree.map(
+    lambda m, w: w if m is None else jnp.where(m, w, 0), masks, params, is_leaf=lambda m: m is None
+  )
+  return nnx.merge(graphdef, masked, rest)(x)
+
+
+def inputs(*shapes):
+  rng = np.random.default_rng(1)
+  return [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+
+
+class WithDropout(nnx.Module):
+  def __init__(self, rngs):
+    self.a = nnx.Linear(5, 8, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)  # its key is in the state
+    self.b = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.b(self.drop(nnx.relu(self.a(x))))
+
+
+def test_a_model_with_dropout_shrinks_in_eval_mode():
+  model = build(WithDropout)
+  x1, x2 = inputs((1, 5), (4, 5))
+  p = surgery.plan(model, example_input=x1)
+  masks = surgery.group_masks(p, nnx.state(model, nnx.Param), {"a/kernel": [0, 3, 5]})
+  small = surgery.shrink(model, masks=masks, example_input=x1)
+  assert small.model.a.kernel.shape == (5, 5) and small.model.b.kernel.shape == (5, 3)
+  small.model.eval()
+  for x in (x1, x2):
+    np.testing.assert_allclose(small.model(x), masked_output(model, masks, x), atol=1e-5)
+
+
+class WithGroupNorm(nnx.Module):
+  def __init__(self, rngs, **norm):
+    self.a = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.gn = nnx.GroupNorm(8, rngs=rngs, **norm)
+    self.b = nnx.Conv(8, 4, (1, 1), rngs=rngs)
+    self.head = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.gn(self.a(x)))
+    return self.head(nnx.relu(self.b(x)).max(axis=(1, 2)))
+
+
+def test_group_norm_loses_whole_groups_and_its_group_count_follows():
+  model = build(lambda rngs: WithGroupNorm(rngs, num_groups=2))
+  size = model.gn.group_size
+  x1, x2 = inputs((1, 6, 6, 3), (2, 7, 5, 3))
+  p = surgery.plan(model, example_input=x1)
+  # The channels within a group are tied by the group's statistic: only whole groups go.
+  (within,) = [g for g in p.groups if g.blocked and "reduce_sum" in g.blocked]
+  (groups,) = [g for g in p.groups if g.name.startswith("a/kernel") and not g.blocked]
+  assert groups.size == 8 // size
+  masks = surgery.group_masks(p, nnx.state(model, nnx.Param), {groups.name: [0]})
+  small = surgery.shrink(model, masks=masks, example_input=x1)
+  assert small.model.a.kernel.shape[-1] == small.model.gn.num_features == 8 - size
+  assert (small.model.gn.num_groups, small.model.gn.group_size) == (8 // size - 1, size)
+  assert small.widths["gn"] == {"num_features": 8 - size, "num_groups": 8 // size - 1}
+  for x in (x1, x2):
+    np.testing.assert_allclose(small.model(x), masked_output(model, masks, x), atol=1e-5)
+  assert within.size == 1
