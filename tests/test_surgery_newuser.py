@@ -103,3 +103,37 @@ def test_group_norm_loses_whole_groups_and_its_group_count_follows():
   for x in (x1, x2):
     np.testing.assert_allclose(small.model(x), masked_output(model, masks, x), atol=1e-5)
   assert within.size == 1
+
+
+class TwoAxes(nnx.Module):
+  """Features as (heads, dim): the second layer reads two groups, on two input axes."""
+
+  def __init__(self, rngs):
+    self.a = nnx.LinearGeneral(5, (3, 4), rngs=rngs)
+    self.b = nnx.LinearGeneral((3, 4), 6, axis=(-2, -1), rngs=rngs)
+    self.head = nnx.Linear(6, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.b(nnx.relu(self.a(x)))))
+
+
+def test_constants_of_a_removed_head_and_a_removed_dim_are_folded_once():
+  model = build(TwoAxes)
+  x1, x2 = inputs((1, 5), (4, 5))
+  p = surgery.plan(model, example_input=x1)
+  assert {g.name: g.size for g in p.groups if not g.blocked} == {
+    "a/kernel:1": 3,
+    "a/kernel:2": 4,
+    "b/kernel": 6,
+  }
+  # Only the producer's weights are zero: entry (h, d) of a removed head or dim then
+  # emits relu(bias[h, d]), which b must absorb once (head 1 and dim 2 share (1, 2)).
+  kernel = np.ones((5, 3, 4), bool)
+  kernel[:, 1, :] = kernel[:, :, [0, 2]] = False
+  masks = jax.tree.map(lambda w: jnp.ones(w.shape, bool), nnx.state(model, nnx.Param))
+  masks["a"]["kernel"] = jnp.asarray(kernel)
+  small = surgery.shrink(model, masks=masks, example_input=x1)
+  assert small.removed == {"a/kernel:1": [1], "a/kernel:2": [0, 2]}
+  assert small.model.b.kernel.shape == (2, 2, 6)
+  for x in (x1, x2):
+    np.testing.assert_allclose(small.model(x), masked_output(model, masks, x), atol=1e-5)

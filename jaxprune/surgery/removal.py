@@ -189,6 +189,10 @@ def plan_removal(
       if rhs_path is None or consumer is None:
         continue
       runs = [captures[0][i]] + [c[i] for c in aligned]
+      # Input entries whose constant this call has folded already: a layer reading two
+      # removed groups on two axes (a LinearGeneral's (heads, dim) input) sees the
+      # entries of a removed head *and* a removed dim once, not once per group.
+      done: list[tuple[int, np.ndarray]] = []
       for lhs_axis, rhs_axis in consumer.pairs:
         for group in by_member.get((rhs_path, rhs_axis), ()):
           chans = removed.get(group.name)
@@ -196,8 +200,12 @@ def plan_removal(
             continue
           axes = (lhs_axis, rhs_axis, consumer.out_axis)
           contracted = tuple(a for a, _ in consumer.pairs)
-          reason = _fold(group, chans, rhs_path, axes, contracted, runs, values, bias_delta, folded)
+          reason = _fold(
+            group, chans, rhs_path, axes, contracted, runs, values, bias_delta, folded, done
+          )
           if reason is None:
+            index = np.concatenate([group.channels[j][(rhs_path, rhs_axis)] for j in chans])
+            done.append((lhs_axis, index))
             continue
           silent = []
           for j in chans:
@@ -215,12 +223,16 @@ def plan_removal(
   return Removal(removed, bias_delta, kept_constant, why_kept)
 
 
-def _fold(group, chans, rhs_path, axes, contracted, runs, values, bias_delta, folded) -> str | None:
+def _fold(
+  group, chans, rhs_path, axes, contracted, runs, values, bias_delta, folded, done=()
+) -> str | None:
   """Adds ``group``'s constant contribution through one consumer to its bias delta.
 
   The channels' input must be the same at every position: over the axes the consumer
   does not contract (``contracted``: all its contracted input axes; a head dim read
-  with the heads by an output projection may differ from head to head).
+  with the heads by an output projection may differ from head to head). ``done``:
+  ``(input axis, indices)`` of the groups already folded through this call; their
+  entries are not counted again.
 
   Returns ``None`` when it was folded (or is zero), else why it cannot be.
   """
@@ -235,6 +247,10 @@ def _fold(group, chans, rhs_path, axes, contracted, runs, values, bias_delta, fo
     sl = [slice(None)] * lhs.ndim
     sl[lhs_axis] = index
     only[tuple(sl)] = lhs[tuple(sl)]
+    for axis, idx in done:
+      gone = [slice(None)] * lhs.ndim
+      gone[axis] = idx
+      only[tuple(gone)] = 0
     if not only.any():
       deltas.append(None)
       continue
