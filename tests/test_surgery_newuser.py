@@ -137,3 +137,27 @@ def test_constants_of_a_removed_head_and_a_removed_dim_are_folded_once():
   assert small.model.b.kernel.shape == (2, 2, 6)
   for x in (x1, x2):
     np.testing.assert_allclose(small.model(x), masked_output(model, masks, x), atol=1e-5)
+
+
+class SizeScaled(nnx.Module):
+  """Hidden units scaled by the sequence length: a dead unit's constant differs by size."""
+
+  def __init__(self, rngs):
+    self.a = nnx.Linear(5, 4, rngs=rngs)
+    self.b = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.b(nnx.relu(self.a(x)) * x.shape[1]).sum(1)
+
+
+def test_a_constant_that_depends_on_the_input_size_is_kept_with_the_real_reason():
+  model = build(SizeScaled)
+  x1, x2 = inputs((1, 3, 5), (2, 6, 5))
+  masks = jax.tree.map(lambda w: jnp.ones(w.shape, bool), nnx.state(model, nnx.Param))
+  masks["a"]["kernel"] = jnp.asarray(np.arange(4) != 1)[None, :].repeat(5, 0)
+  small = surgery.shrink(model, masks=masks, example_input=x1)
+  assert small.kept_constant == {"a/kernel": [1]}
+  why = small.why_kept["a/kernel"]
+  assert "differs between the input sizes tried" in why and "strided" not in why
+  for x in (x1, x2):
+    np.testing.assert_allclose(small.model(x), masked_output(model, masks, x), atol=1e-5)

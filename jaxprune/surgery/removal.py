@@ -284,13 +284,19 @@ def _fold(
       f"their constant contribution through {rhs_path} varies over positions (zero "
       "padding at its borders)"
     )
-  if _size_dependent(eqn) or any(
+  if _size_dependent(eqn):
+    return (
+      f"their constant contribution through {rhs_path} depends on the input size (a "
+      "strided conv: its padding changes with the size)"
+    )
+  if any(
     not np.allclose(d[0], deltas[0][0], rtol=1e-6, atol=1e-6 * (1 + np.abs(d).max()))
     for d in deltas[1:]
   ):
     return (
-      f"their constant contribution through {rhs_path} depends on the input size (a "
-      "strided conv: its padding changes with the size)"
+      f"their constant contribution through {rhs_path} differs between the input sizes "
+      "tried (their value depends on the input size, e.g. through a statistic over "
+      "positions before it)"
     )
   key = (bias_path, group.name)
   if key in folded:  # a shared layer, called again: its bias absorbs the constant once
