@@ -10,6 +10,7 @@ so removed channels emit constants).
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from jaxprune import surgery
@@ -161,3 +162,24 @@ def test_a_constant_that_depends_on_the_input_size_is_kept_with_the_real_reason(
   assert "differs between the input sizes tried" in why and "strided" not in why
   for x in (x1, x2):
     np.testing.assert_allclose(small.model(x), masked_output(model, masks, x), atol=1e-5)
+
+
+class WeightNormed(nnx.Module):
+  """A hand-written weight-normalised layer: w / ||w|| over its inputs."""
+
+  def __init__(self, rngs):
+    self.a = nnx.Linear(5, 4, rngs=rngs)
+    self.w = nnx.Param(jnp.ones((4, 3)))
+    self.b = nnx.Linear(3, 2, rngs=rngs)
+
+  def __call__(self, x):
+    w = self.w[...] / jnp.linalg.norm(self.w[...], axis=0, keepdims=True)
+    return self.b(nnx.relu(nnx.relu(self.a(x)) @ w))
+
+
+def test_masks_that_make_the_masked_model_nan_are_named_not_a_mismatch():
+  model = build(WeightNormed)
+  masks = jax.tree.map(lambda w: jnp.ones(w.shape, bool), nnx.state(model, nnx.Param))
+  masks["w"] = jnp.asarray(np.arange(3) != 1)[None, :].repeat(4, 0)  # column 1: 0 / 0
+  with pytest.raises(ValueError, match=r"masked model itself outputs NaN or inf at input sha"):
+    surgery.shrink(model, masks=masks, example_input=jnp.ones((1, 5)))

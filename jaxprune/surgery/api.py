@@ -374,8 +374,14 @@ def _check(fn, reference, small_fn, small_vars, checks, rtol) -> float:
           model="shrunk model",
           reference="masked model",
           where=f" at input shape {shape}",
+          nonfinite_hint=(
+            " Do the masks zero all of a weight the model divides by (a weight-normalised"
+            " layer: w / ||w||)? Mask such a layer's scale instead, or keep= it."
+          ),
         ),
       )
+    except check_lib.NonFiniteReference:
+      raise
     except ValueError as e:
       raise _Mismatch(str(e)) from None
   return err

@@ -155,6 +155,10 @@ def random_inputs(inputs: tuple, rng: np.random.Generator, shapes: tuple | None 
   ]
 
 
+class NonFiniteReference(ValueError):
+  """The reference of a check outputs NaN or inf: nothing can be compared with it."""
+
+
 def check_outputs(
   expected: Any,
   outputs: Any,
@@ -164,12 +168,14 @@ def check_outputs(
   model: str,
   reference: str,
   where: str = "",
+  nonfinite_hint: str = "",
 ) -> float:
   """The largest ``|outputs - expected|``; raises when it exceeds ``rtol * max|expected|``.
 
   The scale is at least 1, output shapes must match, and a NaN difference fails. The
   error reads "``check`` check failed: the ``model``'s outputs differ from the
-  ``reference``'s by ..." followed by ``where`` (e.g. the input shape).
+  ``reference``'s by ..." followed by ``where`` (e.g. the input shape). A reference with
+  NaN or inf outputs raises :class:`NonFiniteReference` (ending with ``nonfinite_hint``).
 
   Examples:
     >>> import numpy as np
@@ -179,6 +185,11 @@ def check_outputs(
   """
   err, scale = 0.0, 1.0
   expected_leaves, output_leaves = jax.tree.leaves(expected), jax.tree.leaves(outputs)
+  if not all(np.isfinite(np.asarray(a, np.float32)).all() for a in expected_leaves):
+    raise NonFiniteReference(
+      f"{check} check failed: the {reference} itself outputs NaN or inf{where}, so the "
+      f"{model} cannot be compared with it.{nonfinite_hint}"
+    )
   if len(expected_leaves) != len(output_leaves):
     raise ValueError(
       f"{check} check failed: the {model} returns {len(output_leaves)} arrays, the "
