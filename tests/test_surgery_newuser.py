@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import linen, nnx
 
 from jaxprune import surgery
 from jaxprune import tree as tree_lib
@@ -183,3 +183,35 @@ def test_masks_that_make_the_masked_model_nan_are_named_not_a_mismatch():
   masks["w"] = jnp.asarray(np.arange(3) != 1)[None, :].repeat(4, 0)  # column 1: 0 / 0
   with pytest.raises(ValueError, match=r"masked model itself outputs NaN or inf at input sha"):
     surgery.shrink(model, masks=masks, example_input=jnp.ones((1, 5)))
+
+
+class LinenGroupNorm(linen.Module):
+  @linen.compact
+  def __call__(self, x):
+    x = linen.relu(linen.GroupNorm(num_groups=2, name="gn")(linen.Conv(8, (3, 3), name="a")(x)))
+    return linen.Dense(2)(linen.relu(linen.Conv(4, (1, 1))(x)).max(axis=(1, 2)))
+
+
+def test_linen_group_norm_loses_whole_groups_and_its_group_count_follows():
+  model = LinenGroupNorm()
+  x1, x2 = inputs((1, 4, 4, 3), (2, 5, 3, 3))
+  variables = model.init(jax.random.key(0), x1)
+  p = surgery.plan(model, variables, example_input=x1)
+  (groups,) = [g for g in p.groups if g.name.startswith("params/a/kernel") and not g.blocked]
+  assert groups.size == 2  # was blocked: the rebuilt GroupNorm kept num_groups=2
+  masks = surgery.group_masks(p, variables["params"], {groups.name: [1]})
+  small = surgery.shrink(model, variables, masks=masks, example_input=x1)
+  assert small.widths["gn"] == {"num_groups": 1}
+  assert small.variables["params"]["a"]["kernel"].shape == (3, 3, 3, 4)
+  masked = {
+    "params": jax.tree.map(
+      lambda m, w: w if m is None else jnp.where(m, w, 0),
+      masks,
+      variables["params"],
+      is_leaf=lambda m: m is None,
+    )
+  }
+  for x in (x1, x2):
+    np.testing.assert_allclose(
+      small.model.apply(small.variables, x), model.apply(masked, x), atol=1e-5
+    )
