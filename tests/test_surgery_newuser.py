@@ -215,3 +215,22 @@ def test_linen_group_norm_loses_whole_groups_and_its_group_count_follows():
     np.testing.assert_allclose(
       small.model.apply(small.variables, x), model.apply(masked, x), atol=1e-5
     )
+
+
+class BareGroupNorm(nnx.Module):
+  def __init__(self, rngs):
+    self.a = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.gn = nnx.GroupNorm(8, num_groups=2, use_scale=False, use_bias=False, rngs=rngs)
+    self.b = nnx.Conv(8, 4, (1, 1), rngs=rngs)
+
+  def __call__(self, x):
+    return self.b(nnx.relu(self.gn(self.a(x)))).max(axis=(1, 2))
+
+
+def test_a_group_norm_without_params_is_named_when_its_groups_go():
+  model = BareGroupNorm(nnx.Rngs(0))
+  x = jnp.ones((1, 4, 4, 3))
+  p = surgery.plan(model, example_input=x)
+  (groups,) = [g for g in p.groups if g.name.startswith("a/kernel") and not g.blocked]
+  with pytest.raises(ValueError, match=r"nnx.GroupNorm at 'gn' has no scale or bias.*keep="):
+    surgery.shrink(model, remove={groups.name: [1]}, example_input=x)

@@ -272,6 +272,15 @@ def shrink(
     except _Mismatch as e:
       names = _culprits(removed, build, fn, reference, checks, rtol)
       raise ValueError(f"{e} Groups involved: {', '.join(names)}.") from None
+    except ValueError as e:
+      unsized = rebuild.unsized_norms(small) if isinstance(small, nnx.Module) else []
+      if not unsized:
+        raise
+      raise ValueError(
+        f"{e} (More likely: the nnx.GroupNorm at {', '.join(map(repr, unsized))} has no "
+        "scale or bias, so surgery cannot tell how many of its channels stay and it keeps "
+        "its num_groups; give it a scale (use_scale=True), or keep= the layer feeding it.)"
+      ) from e
   return Shrunk(
     small,
     small_vars,

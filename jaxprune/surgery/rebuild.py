@@ -79,6 +79,16 @@ def fix_nnx_attributes(model: nnx.Module) -> dict[str, dict[str, int | tuple[int
   return widths
 
 
+def unsized_norms(model: nnx.Module) -> list[str]:
+  """Paths of the ``nnx.GroupNorm`` layers without a scale or bias: nothing sliced says
+  their new width, so :func:`fix_nnx_attributes` cannot set their ``num_groups``."""
+  return [
+    "/".join(str(k) for k in path)
+    for path, mod in nnx.iter_modules(model)
+    if isinstance(mod, nnx.GroupNorm) and mod.scale is None and mod.bias is None
+  ]
+
+
 def rescale_queries(model: nnx.Module, plan: Any, leaves: list, removed: dict) -> list:
   """``leaves`` with the query kernel and bias of every ``nnx.MultiHeadAttention`` whose
   head dims are removed scaled by ``sqrt(new / old head_dim)``: its attention divides
