@@ -73,6 +73,11 @@ def test_a_model_with_dropout_shrinks_in_eval_mode():
   small.model.eval()
   for x in (x1, x2):
     np.testing.assert_allclose(small.model(x), masked_output(model, masks, x), atol=1e-5)
+  # A mask tree over all variables (the Dropout's key included, all True) works the same.
+  every = jax.tree.map(lambda v: jnp.ones(v.shape, bool), nnx.state(model))
+  every["a"]["kernel"] = masks["a"]["kernel"]
+  again = surgery.shrink(model, masks=every, example_input=x1, verify=False)
+  assert again.removed == small.removed
 
 
 class WithGroupNorm(nnx.Module):
