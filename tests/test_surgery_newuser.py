@@ -239,3 +239,17 @@ def test_a_group_norm_without_params_is_named_when_its_groups_go():
   (groups,) = [g for g in p.groups if g.name.startswith("a/kernel") and not g.blocked]
   with pytest.raises(ValueError, match=r"nnx.GroupNorm at 'gn' has no scale or bias.*keep="):
     surgery.shrink(model, remove={groups.name: [1]}, example_input=x)
+
+
+def test_filters_pruned_inside_group_norm_groups_stay_and_the_report_says_why():
+  model = build(lambda rngs: WithGroupNorm(rngs, num_groups=2))
+  x = inputs((1, 5, 5, 3))[0]
+  masks = jax.tree.map(lambda w: jnp.ones(w.shape, bool), nnx.state(model, nnx.Param))
+  masks["a"]["kernel"] = jnp.asarray(~np.isin(np.arange(8), [0, 4, 5, 6]))[None, None, None]
+  masks["a"]["kernel"] = jnp.broadcast_to(masks["a"]["kernel"], (3, 3, 3, 8))
+  small = surgery.shrink(model, masks=masks, example_input=x, verify=False)
+  (name,) = [n for n in small.stayed if n.startswith("a/kernel")]
+  assert small.removed.get(name) is None
+  ((chans, why),) = small.stayed[name]
+  assert chans == [0, 1] and "block of 4 entries" in why and "only whole blocks go" in why
+  assert "kept 2 pruned channels [0, 1]: each is a block of 4" in small.report()

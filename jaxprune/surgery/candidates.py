@@ -24,6 +24,26 @@ def dead_channels(group: Group, values: dict[str, np.ndarray]) -> list[int]:
   ]
 
 
+def _partly_zero_blocks(group: Group, values: dict[str, np.ndarray], skip: set[int]) -> list[int]:
+  """Channels of ``group`` that are several entries of a producer's axis (a GroupNorm
+  group of conv channels, a head of a q projection's features) of which some, not all,
+  are zero: pruned channels that stay because the unit is the whole block."""
+  out = []
+  for j, c in enumerate(group.channels):
+    if j in skip:
+      continue
+    for path, axis in group.producers:
+      idx = c[(path, axis)]
+      if len(idx) < 2:
+        continue
+      block = np.moveaxis(np.take(values[path], idx, axis=axis), axis, 0)
+      zero = ~block.reshape(len(idx), -1).any(axis=1)
+      if 0 < zero.sum() < len(idx):
+        out.append(j)
+        break
+  return out
+
+
 def check_remove(plan: Plan, remove: Mapping[str, Sequence[int]], what: str = "remove=") -> None:
   """Raises a ``ValueError`` naming the problem with ``{group name: channels}``."""
   groups = {g.name: g for g in plan.groups}
@@ -80,6 +100,17 @@ def choose(
             js,
             f"pruned in {', '.join(zero)} but not in {', '.join(live)}: a channel goes only "
             "when every layer writing it is zero (e.g. both sides of a residual add)",
+          )
+        )
+    if g.name not in remove:
+      blocks = _partly_zero_blocks(g, values, set(chans) | {j for js, _ in notes for j in js})
+      if blocks:
+        n = max(len(g.channels[j][m]) for j in blocks for m in g.producers)
+        notes.append(
+          (
+            blocks,
+            f"each is a block of {n} entries of its layer's output (a GroupNorm group, a "
+            "head); only some of them are pruned, and only whole blocks go",
           )
         )
     if chans and len(chans) >= g.size:
