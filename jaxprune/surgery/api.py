@@ -99,8 +99,8 @@ class Shrunk:
       a strided conv whose padding depends on the input size).
     why_kept: ``{group name: reason}`` for ``kept_constant``, naming the consumer.
     stayed: ``{group name: [(channels, why), ...]}``: every other pruned channel that
-      stays (zero in some producers only, the last channel of a layer, rounding to
-      ``multiple_of``).
+      stays (zero in some producers only, the last channel of a layer, a block of
+      outputs such as a GroupNorm group pruned in part, rounding to ``multiple_of``).
     checked_shapes: the input shapes the check ran at (the example's, and each axis
       the model lets vary grown by one).
   """
