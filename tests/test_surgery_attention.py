@@ -286,6 +286,7 @@ def test_hand_written_head_dim_when_asked():
   masks = surgery.group_masks(p, nnx.state(model, nnx.Param), remove)
   small = surgery.shrink(model, masks=masks, example_input=example(6), head_dim=True)
   assert small.model.head_dim == 3 and small.model.k.out_features == 6
+  assert small.stayed == {}  # the heads are not "partly pruned": the dims went
   assert_equivalent(model, masks, small, 6)
 
 
