@@ -253,3 +253,24 @@ def test_filters_pruned_inside_group_norm_groups_stay_and_the_report_says_why():
   ((chans, why),) = small.stayed[name]
   assert chans == [0, 1] and "block of 4 entries" in why and "only whole blocks go" in why
   assert "kept 2 pruned channels [0, 1]: each is a block of 4" in small.report()
+
+
+class HeadsAsH(nnx.Module):
+  """Attention whose head count is ``self.h``: not a name surgery updates."""
+
+  def __init__(self, rngs, h=4, d=2):
+    self.h = h
+    self.q, self.k, self.v = (nnx.Linear(5, h * d, rngs=rngs) for _ in range(3))
+    self.o = nnx.Linear(h * d, 3, rngs=rngs)
+
+  def __call__(self, x):
+    b, t, _ = x.shape
+    q, k, v = (f(x).reshape(b, t, self.h, -1) for f in (self.q, self.k, self.v))
+    w = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k), -1)
+    return self.o(jnp.einsum("bhts,bshd->bthd", w, v).reshape(b, t, -1))
+
+
+def test_a_head_count_under_another_name_is_named_when_the_check_fails():
+  model = build(HeadsAsH)
+  with pytest.raises(ValueError, match=r"Groups involved: heads\. The heads of HeadsAsH .*num_he"):
+    surgery.shrink(model, remove={"heads": [0, 1]}, example_input=jnp.ones((1, 3, 5)))

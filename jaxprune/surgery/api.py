@@ -271,7 +271,8 @@ def shrink(
       max_error = _check(fn, reference, small_fn, small_vars, checks, rtol)
     except _Mismatch as e:
       names = _culprits(removed, build, fn, reference, checks, rtol)
-      raise ValueError(f"{e} Groups involved: {', '.join(names)}.") from None
+      hint = _head_count_hint(model, the_plan, names)
+      raise ValueError(f"{e} Groups involved: {', '.join(names)}.{hint}") from None
     except ValueError as e:
       unsized = rebuild.unsized_norms(small) if isinstance(small, nnx.Module) else []
       if not unsized:
@@ -394,6 +395,26 @@ def _check(fn, reference, small_fn, small_vars, checks, rtol) -> float:
     except ValueError as e:
       raise _Mismatch(str(e)) from None
   return err
+
+
+def _head_count_hint(model: Any, the_plan: Plan, names: Sequence[str]) -> str:
+  """Why a hand-written NNX attention module may compute wrongly once its heads are
+  cut: its head count kept under a name surgery does not update."""
+  if not isinstance(model, nnx.Module):
+    return ""
+  modules = {"/".join(str(k) for k in path): m for path, m in nnx.iter_modules(model)}
+  for name in names:
+    group = the_plan.group(name)
+    module = name.rpartition("/")[0]
+    mod = modules.get(module)
+    if group.kind in ("heads", "head_dim") and not isinstance(mod, nnx.MultiHeadAttention):
+      where = f"{module!r} ({type(mod).__name__})" if module else type(mod).__name__
+      return (
+        f" The heads of {where} were cut: surgery updates its int attributes "
+        f"{', '.join(rebuild.HEAD_COUNTS)}; a head count under another name (or a "
+        "literal, e.g. reshape(b, t, self.h, -1)) still splits the features the old way."
+      )
+  return ""
 
 
 def _culprits(removed, build, fn, reference, checks, rtol) -> list[str]:
