@@ -286,6 +286,7 @@ def test_hand_written_head_dim_when_asked():
   masks = surgery.group_masks(p, nnx.state(model, nnx.Param), remove)
   small = surgery.shrink(model, masks=masks, example_input=example(6), head_dim=True)
   assert small.model.head_dim == 3 and small.model.k.out_features == 6
+  assert small.stayed == {}  # the heads are not "partly pruned": the dims went
   assert_equivalent(model, masks, small, 6)
 
 
@@ -429,6 +430,8 @@ def test_linen_hand_written_attention_heads_and_neurons_shrunk_equals_masked():
   )
   p = surgery.plan(net, variables, example_input=example(6))
   assert p.group("params/heads").size == 8 and p.group("params/heads").blocked is None
+  # the line is the model's einsum, not opt_einsum's (where jnp.einsum raises)
+  assert "at test_surgery_attention.py:" in str(p.group("params/v_head_dim").blocked)
   masks = surgery.channel_masks(p, variables["params"], {"heads": 0.5, "neurons": 0.25})
   small = surgery.shrink(net, variables, masks, example_input=example(6))
   assert {n: small.widths[n]["features"] for n in ("q", "k", "v", "up")} == {

@@ -17,7 +17,7 @@ from jaxprune.surgery import candidates as candidates_lib
 from jaxprune.surgery import capture, linen, rebuild
 from jaxprune.surgery import check as check_lib
 from jaxprune.surgery.planning import UNITS, Plan, trace
-from jaxprune.surgery.removal import kept_indices, plan_removal, slice_tree, take
+from jaxprune.surgery.removal import host_values, kept_indices, plan_removal, slice_tree, take
 from jaxprune.surgery.source import exception_line
 
 
@@ -99,8 +99,8 @@ class Shrunk:
       a strided conv whose padding depends on the input size).
     why_kept: ``{group name: reason}`` for ``kept_constant``, naming the consumer.
     stayed: ``{group name: [(channels, why), ...]}``: every other pruned channel that
-      stays (zero in some producers only, the last channel of a layer, rounding to
-      ``multiple_of``).
+      stays (zero in some producers only, the last channel of a layer, a block of
+      outputs such as a GroupNorm group pruned in part, rounding to ``multiple_of``).
     checked_shapes: the input shapes the check ran at (the example's, and each axis
       the model lets vary grown by one).
   """
@@ -234,7 +234,7 @@ def shrink(
   treedef = jax.tree.structure(state)
   leaves = jax.tree.leaves(masked_state)
   leaves = _zero_producers(the_plan, leaves, remove)
-  values = {p: np.asarray(x) for p, x in zip(the_plan.paths, leaves)}
+  values = host_values(the_plan.paths, leaves)
   protect = tree_lib.as_predicate(keep) if keep else (lambda path, leaf: False)
   chosen, stayed = candidates_lib.choose(the_plan, values, remove, protect, head_dim)
 
@@ -271,7 +271,17 @@ def shrink(
       max_error = _check(fn, reference, small_fn, small_vars, checks, rtol)
     except _Mismatch as e:
       names = _culprits(removed, build, fn, reference, checks, rtol)
-      raise ValueError(f"{e} Groups involved: {', '.join(names)}.") from None
+      hint = _head_count_hint(model, the_plan, names)
+      raise ValueError(f"{e} Groups involved: {', '.join(names)}.{hint}") from None
+    except ValueError as e:
+      unsized = rebuild.unsized_norms(small) if isinstance(small, nnx.Module) else []
+      if not unsized:
+        raise
+      raise ValueError(
+        f"{e} (More likely: the nnx.GroupNorm at {', '.join(map(repr, unsized))} has no "
+        "scale or bias, so surgery cannot tell how many of its channels stay and it keeps "
+        "its num_groups; give it a scale (use_scale=True), or keep= the layer feeding it.)"
+      ) from e
   return Shrunk(
     small,
     small_vars,
@@ -374,11 +384,37 @@ def _check(fn, reference, small_fn, small_vars, checks, rtol) -> float:
           model="shrunk model",
           reference="masked model",
           where=f" at input shape {shape}",
+          nonfinite_hint=(
+            " Do the masks zero all of a weight the model divides by (a weight-normalised"
+            " layer: w / ||w||)? Mask such a layer's scale instead, or keep= it."
+          ),
         ),
       )
+    except check_lib.NonFiniteReference:
+      raise
     except ValueError as e:
       raise _Mismatch(str(e)) from None
   return err
+
+
+def _head_count_hint(model: Any, the_plan: Plan, names: Sequence[str]) -> str:
+  """Why a hand-written NNX attention module may compute wrongly once its heads are
+  cut: its head count kept under a name surgery does not update."""
+  if not isinstance(model, nnx.Module):
+    return ""
+  modules = {"/".join(str(k) for k in path): m for path, m in nnx.iter_modules(model)}
+  for name in names:
+    group = the_plan.group(name)
+    module = name.rpartition("/")[0]
+    mod = modules.get(module)
+    if group.kind in ("heads", "head_dim") and not isinstance(mod, nnx.MultiHeadAttention):
+      where = f"{module!r} ({type(mod).__name__})" if module else type(mod).__name__
+      return (
+        f" The heads of {where} were cut: surgery updates its int attributes "
+        f"{', '.join(rebuild.HEAD_COUNTS)}; a head count under another name (or a "
+        "literal, e.g. reshape(b, t, self.h, -1)) still splits the features the old way."
+      )
+  return ""
 
 
 def _culprits(removed, build, fn, reference, checks, rtol) -> list[str]:

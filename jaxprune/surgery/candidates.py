@@ -24,6 +24,33 @@ def dead_channels(group: Group, values: dict[str, np.ndarray]) -> list[int]:
   ]
 
 
+def _partly_zero_blocks(
+  group: Group,
+  values: dict[str, np.ndarray],
+  skip: set[int],
+  explained: Mapping[tuple[str, int], set[int]],
+) -> list[int]:
+  """Channels of ``group`` that are several entries of a producer's axis (a GroupNorm
+  group of conv channels, a head of a q projection's features) of which some, not all,
+  are zero, other than the entries of another group's dead channels (``explained``):
+  pruned channels that stay because the unit is the whole block."""
+  out = []
+  for j, c in enumerate(group.channels):
+    if j in skip:
+      continue
+    for path, axis in group.producers:
+      idx = c[(path, axis)]
+      if len(idx) < 2:
+        continue
+      block = np.moveaxis(np.take(values[path], idx, axis=axis), axis, 0)
+      zero = ~block.reshape(len(idx), -1).any(axis=1)
+      zero &= ~np.isin(idx, list(explained.get((path, axis), ())))
+      if 0 < zero.sum() < len(idx):
+        out.append(j)
+        break
+  return out
+
+
 def check_remove(plan: Plan, remove: Mapping[str, Sequence[int]], what: str = "remove=") -> None:
   """Raises a ``ValueError`` naming the problem with ``{group name: channels}``."""
   groups = {g.name: g for g in plan.groups}
@@ -60,6 +87,13 @@ def choose(
   """
   candidates: dict[str, list[int]] = {}
   stayed: Stayed = {}
+  # Entries of each producer axis that some group's dead channel explains (the dims of a
+  # removed head dim are zero in every head: those heads are not "partly pruned").
+  explained: dict[tuple[str, int], set[int]] = {}
+  for g in plan.groups:
+    for j in dead_channels(g, values) if not g.blocked else ():
+      for member in g.producers:
+        explained.setdefault(member, set()).update(int(i) for i in g.channels[j][member])
   for g in plan.groups:
     if g.blocked or any(protect(p, values[p]) for p, _ in g.producers):
       continue
@@ -80,6 +114,18 @@ def choose(
             js,
             f"pruned in {', '.join(zero)} but not in {', '.join(live)}: a channel goes only "
             "when every layer writing it is zero (e.g. both sides of a residual add)",
+          )
+        )
+    if g.name not in remove:
+      skip = set(chans) | {j for js, _ in notes for j in js}
+      blocks = _partly_zero_blocks(g, values, skip, explained)
+      if blocks:
+        n = max(len(g.channels[j][m]) for j in blocks for m in g.producers)
+        notes.append(
+          (
+            blocks,
+            f"each is a block of {n} entries of its layer's output (a GroupNorm group, a "
+            "head); only some of them are pruned, and only whole blocks go",
           )
         )
     if chans and len(chans) >= g.size:

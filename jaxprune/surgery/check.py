@@ -50,6 +50,10 @@ def masked_variables(variables: Any, masks: Any) -> Any:
       raise ValueError(
         f"masks: the mask for {p!r} has shape {np.shape(m)}, the array {np.shape(x)}."
       )
+    if jnp.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+      if np.asarray(m).all():  # a mask tree built over all variables: keys kept
+        return x
+      raise ValueError(f"masks: the mask for {p!r} zeroes part of a PRNG key array.")
     x = np.asarray(x)  # numpy: eager jnp ops would compile one program per shape
     return jnp.asarray(np.where(np.asarray(m), x, np.zeros((), x.dtype)))
 
@@ -155,6 +159,10 @@ def random_inputs(inputs: tuple, rng: np.random.Generator, shapes: tuple | None 
   ]
 
 
+class NonFiniteReference(ValueError):
+  """The reference of a check outputs NaN or inf: nothing can be compared with it."""
+
+
 def check_outputs(
   expected: Any,
   outputs: Any,
@@ -164,12 +172,14 @@ def check_outputs(
   model: str,
   reference: str,
   where: str = "",
+  nonfinite_hint: str = "",
 ) -> float:
   """The largest ``|outputs - expected|``; raises when it exceeds ``rtol * max|expected|``.
 
   The scale is at least 1, output shapes must match, and a NaN difference fails. The
   error reads "``check`` check failed: the ``model``'s outputs differ from the
-  ``reference``'s by ..." followed by ``where`` (e.g. the input shape).
+  ``reference``'s by ..." followed by ``where`` (e.g. the input shape). A reference with
+  NaN or inf outputs raises :class:`NonFiniteReference` (ending with ``nonfinite_hint``).
 
   Examples:
     >>> import numpy as np
@@ -179,6 +189,11 @@ def check_outputs(
   """
   err, scale = 0.0, 1.0
   expected_leaves, output_leaves = jax.tree.leaves(expected), jax.tree.leaves(outputs)
+  if not all(np.isfinite(np.asarray(a, np.float32)).all() for a in expected_leaves):
+    raise NonFiniteReference(
+      f"{check} check failed: the {reference} itself outputs NaN or inf{where}, so the "
+      f"{model} cannot be compared with it.{nonfinite_hint}"
+    )
   if len(expected_leaves) != len(output_leaves):
     raise ValueError(
       f"{check} check failed: the {model} returns {len(output_leaves)} arrays, the "

@@ -142,6 +142,13 @@ def new_fields(mod: nn.Module, widths: Widths) -> dict[str, Any]:
         out["feature_group_count"] = new[-1]  # depthwise: one filter per channel
     elif isinstance(features, tuple) and old[-len(features) :] != new[-len(features) :]:
       out["features"] = tuple(new[len(new) - len(features) :])
+  norm = params.get("scale") or params.get("bias")
+  if isinstance(mod, nn.GroupNorm) and _is_int(mod.num_groups) and norm is not None:
+    # Only whole groups go (the statistic over a group's channels blocks the channels
+    # within it): the group size stays, the count follows.
+    (old,), (new,) = norm
+    if old != new:
+      out["num_groups"] = new // (old // mod.num_groups)
   if isinstance(mod, nn.MultiHeadDotProductAttention):
     query = {n: (o, s) for n, o, s in scopes.get((*scope, "query"), ())}.get("kernel")
     output = {n: (o, s) for n, o, s in scopes.get((*scope, "out"), ())}.get("kernel")

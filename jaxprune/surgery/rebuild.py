@@ -60,11 +60,15 @@ def fix_nnx_attributes(model: nnx.Module) -> dict[str, dict[str, int | tuple[int
         # plan blocks every other grouped conv): in = out = groups = the new width.
         new = {"in_features": k[-1], "out_features": k[-1], "feature_group_count": k[-1]}
       mod.kernel_shape = k
-    elif isinstance(mod, nnx.BatchNorm | nnx.LayerNorm | nnx.RMSNorm):
+    elif isinstance(mod, nnx.BatchNorm | nnx.LayerNorm | nnx.RMSNorm | nnx.GroupNorm):
       for attr in ("scale", "bias", "mean", "var"):
         var = getattr(mod, attr, None)
         if var is not None:
           new = {"num_features": _shape(var)[-1]}
+          if isinstance(mod, nnx.GroupNorm):
+            # The plan removes whole groups only (the statistic over a group's channels
+            # blocks the channels within it): the group size stays, the count follows.
+            new["num_groups"] = _shape(var)[-1] // mod.group_size
           break
     if new:
       changed = {k: v for k, v in new.items() if getattr(mod, k, None) != v}
@@ -73,6 +77,16 @@ def fix_nnx_attributes(model: nnx.Module) -> dict[str, dict[str, int | tuple[int
       if changed:
         widths[name] = new
   return widths
+
+
+def unsized_norms(model: nnx.Module) -> list[str]:
+  """Paths of the ``nnx.GroupNorm`` layers without a scale or bias: nothing sliced says
+  their new width, so :func:`fix_nnx_attributes` cannot set their ``num_groups``."""
+  return [
+    "/".join(str(k) for k in path)
+    for path, mod in nnx.iter_modules(model)
+    if isinstance(mod, nnx.GroupNorm) and mod.scale is None and mod.bias is None
+  ]
 
 
 def rescale_queries(model: nnx.Module, plan: Any, leaves: list, removed: dict) -> list:
@@ -171,7 +185,7 @@ def fix_head_counts(model: nnx.Module, plan: Any, removed: dict[str, list[int]])
 
 _FLAX_LAYERS = (
   nnx.Linear, nnx.LinearGeneral, nnx.MultiHeadAttention, nnx.Conv, nnx.BatchNorm, nnx.LayerNorm,
-  nnx.RMSNorm,
+  nnx.RMSNorm, nnx.GroupNorm,
 )  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -140,6 +141,17 @@ def _constant_rows(x: np.ndarray) -> bool:
   return bool(np.allclose(x, x[:1], rtol=1e-6, atol=1e-6 * (1 + np.abs(x).max(initial=0.0))))
 
 
+def host_values(paths: Sequence[str], leaves: Sequence[Any]) -> dict[str, np.ndarray]:
+  """``{path: numpy array}`` of the leaves that hold numbers. PRNG key arrays (an
+  ``nnx.Dropout``'s or ``nnx.Rngs``' keys in the model state) have no numpy form and are
+  never a layer's weights: they are left out."""
+  return {
+    p: np.asarray(x)
+    for p, x in zip(paths, leaves)
+    if not jnp.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)
+  }
+
+
 def plan_removal(
   plan: Plan,
   leaves: list[Any],
@@ -157,7 +169,7 @@ def plan_removal(
   them (repeated until no consumer keeps another channel), so no constant is both kept
   and folded.
   """
-  values = {p: np.asarray(x) for p, x in zip(plan.paths, leaves)}
+  values = host_values(plan.paths, leaves)
   captures = _captures(plan, leaves, batches)
   aligned = [c for c in captures[1:] if len(c) == len(captures[0])]
   by_member: dict[tuple[str, int], list[Group]] = collections.defaultdict(list)
@@ -177,6 +189,10 @@ def plan_removal(
       if rhs_path is None or consumer is None:
         continue
       runs = [captures[0][i]] + [c[i] for c in aligned]
+      # Input entries whose constant this call has folded already: a layer reading two
+      # removed groups on two axes (a LinearGeneral's (heads, dim) input) sees the
+      # entries of a removed head *and* a removed dim once, not once per group.
+      done: list[tuple[int, np.ndarray]] = []
       for lhs_axis, rhs_axis in consumer.pairs:
         for group in by_member.get((rhs_path, rhs_axis), ()):
           chans = removed.get(group.name)
@@ -184,8 +200,12 @@ def plan_removal(
             continue
           axes = (lhs_axis, rhs_axis, consumer.out_axis)
           contracted = tuple(a for a, _ in consumer.pairs)
-          reason = _fold(group, chans, rhs_path, axes, contracted, runs, values, bias_delta, folded)
+          reason = _fold(
+            group, chans, rhs_path, axes, contracted, runs, values, bias_delta, folded, done
+          )
           if reason is None:
+            index = np.concatenate([group.channels[j][(rhs_path, rhs_axis)] for j in chans])
+            done.append((lhs_axis, index))
             continue
           silent = []
           for j in chans:
@@ -203,12 +223,16 @@ def plan_removal(
   return Removal(removed, bias_delta, kept_constant, why_kept)
 
 
-def _fold(group, chans, rhs_path, axes, contracted, runs, values, bias_delta, folded) -> str | None:
+def _fold(
+  group, chans, rhs_path, axes, contracted, runs, values, bias_delta, folded, done=()
+) -> str | None:
   """Adds ``group``'s constant contribution through one consumer to its bias delta.
 
   The channels' input must be the same at every position: over the axes the consumer
   does not contract (``contracted``: all its contracted input axes; a head dim read
-  with the heads by an output projection may differ from head to head).
+  with the heads by an output projection may differ from head to head). ``done``:
+  ``(input axis, indices)`` of the groups already folded through this call; their
+  entries are not counted again.
 
   Returns ``None`` when it was folded (or is zero), else why it cannot be.
   """
@@ -223,6 +247,10 @@ def _fold(group, chans, rhs_path, axes, contracted, runs, values, bias_delta, fo
     sl = [slice(None)] * lhs.ndim
     sl[lhs_axis] = index
     only[tuple(sl)] = lhs[tuple(sl)]
+    for axis, idx in done:
+      gone = [slice(None)] * lhs.ndim
+      gone[axis] = idx
+      only[tuple(gone)] = 0
     if not only.any():
       deltas.append(None)
       continue
@@ -256,13 +284,19 @@ def _fold(group, chans, rhs_path, axes, contracted, runs, values, bias_delta, fo
       f"their constant contribution through {rhs_path} varies over positions (zero "
       "padding at its borders)"
     )
-  if _size_dependent(eqn) or any(
+  if _size_dependent(eqn):
+    return (
+      f"their constant contribution through {rhs_path} depends on the input size (a "
+      "strided conv: its padding changes with the size)"
+    )
+  if any(
     not np.allclose(d[0], deltas[0][0], rtol=1e-6, atol=1e-6 * (1 + np.abs(d).max()))
     for d in deltas[1:]
   ):
     return (
-      f"their constant contribution through {rhs_path} depends on the input size (a "
-      "strided conv: its padding changes with the size)"
+      f"their constant contribution through {rhs_path} differs between the input sizes "
+      "tried (their value depends on the input size, e.g. through a statistic over "
+      "positions before it)"
     )
   key = (bias_path, group.name)
   if key in folded:  # a shared layer, called again: its bias absorbs the constant once

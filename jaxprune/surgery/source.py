@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import types
 from typing import Any
@@ -18,15 +19,30 @@ def _package_dir(module: types.ModuleType) -> str:
   return os.path.dirname(module.__file__) + os.sep
 
 
+def _spec_dirs(*names: str) -> tuple[str, ...]:
+  """The directories of installed packages (opt_einsum, where jnp.einsum raises)."""
+  out = []
+  for name in names:
+    spec = importlib.util.find_spec(name)
+    if spec is not None and spec.submodule_search_locations:
+      out.extend(os.path.join(d, "") for d in spec.submodule_search_locations)
+  return tuple(out)
+
+
+_OTHER_LIBRARIES = _spec_dirs("opt_einsum")
+
 # Frames in these directories are library code: a message points at the first frame
 # outside them, the line of the user's model that called the layer.
-_LIBRARY_DIRS = tuple(_package_dir(m) for m in (jax, flax, optax)) + (
-  os.path.dirname(__file__) + os.sep,
+_LIBRARY_DIRS = (
+  tuple(_package_dir(m) for m in (jax, flax, optax))
+  + _OTHER_LIBRARIES
+  + (os.path.dirname(__file__) + os.sep,)
 )
 
 
 def is_library(file_name: str) -> bool:
-  """Whether a frame's file is jax, flax, optax, surgery itself or Python's own."""
+  """Whether a frame's file is jax (and its opt_einsum), flax, optax, surgery itself or
+  Python's own."""
   from jax._src import source_info_util
 
   return file_name.startswith(_LIBRARY_DIRS) or not source_info_util.is_user_filename(file_name)
