@@ -41,6 +41,16 @@ def make_step(tx):
   return step
 
 
+def train(tx, steps):
+  """``steps`` jitted steps of ``tx`` on the MLP from ``mlp_params()``: (params, state)."""
+  params = mlp_params()
+  state = tx.init(params)
+  step = make_step(tx)
+  for t in range(steps):
+    params, state = step(params, state, *batch(t))
+  return params, state
+
+
 def adam_moments(state):
   inner = state.inner_state
   return inner[0].mu, inner[0].nu
@@ -48,11 +58,7 @@ def adam_moments(state):
 
 def test_pruned_weights_and_their_adam_moments_stay_zero_for_100_steps():
   tx = jaxprune.masked(optax.adam(1e-2), jaxprune.magnitude(0.75))
-  params = mlp_params()
-  state = tx.init(params)
-  step = make_step(tx)
-  for t in range(100):
-    params, state = step(params, state, *batch(t))
+  params, state = train(tx, 100)
   masks = jaxprune.masks_of(state)
   mu, nu = adam_moments(state)
   for layer, n in (("fc1", 512), ("fc2", 128)):
@@ -85,11 +91,7 @@ def test_agp_reaches_exact_targets_and_masks_nest():
 
 def test_moments_of_newly_pruned_weights_are_zeroed_at_the_update():
   tx = jaxprune.masked(optax.adam(1e-2), jaxprune.magnitude(jaxprune.one_shot(0.5, at=5)))
-  params = mlp_params()
-  state = tx.init(params)
-  step = make_step(tx)
-  for t in range(6):
-    params, state = step(params, state, *batch(t))
+  params, state = train(tx, 6)
   m = jaxprune.masks_of(state)["fc1"]["kernel"]
   mu, _ = adam_moments(state)
   assert int(m.sum()) == 256
@@ -106,11 +108,7 @@ def test_inner_multi_transform_and_optax_masked_moments_are_zeroed():
     {"fc1": {"kernel": "adam", "bias": "mom"}, "fc2": {"kernel": "mom", "bias": "mom"}},
   )
   tx = jaxprune.masked(inner, jaxprune.magnitude(jaxprune.one_shot(0.5, at=2)))
-  params = mlp_params()
-  state = tx.init(params)
-  step = make_step(tx)
-  for t in range(3):
-    params, state = step(params, state, *batch(t))
+  params, state = train(tx, 3)
   masks = jaxprune.masks_of(state)
   for name in ("fc1", "fc2"):
     assert int((params[name]["kernel"] == 0).sum()) == params[name]["kernel"].size // 2
