@@ -57,7 +57,6 @@ def sortable_keys(scores: jax.Array) -> jax.Array:
   return jnp.ravel(element_keys(scores))
 
 
-@jax.jit  # called eagerly (n:m masks), one compile per shape and dtype instead of per op
 def element_keys(scores: jax.Array) -> jax.Array:
   """Unsigned keys whose order is the order of ``scores``, element-wise (a sharded array
   stays sharded, where flattening would gather it).
