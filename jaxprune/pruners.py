@@ -280,13 +280,12 @@ class Pruner:
     if self.scope == "global" and pooled:
       total = sum(int(jnp.size(scores[p])) for p in pooled)
       _check_keeps_some(self.schedule, total, f"the {len(pooled)} pooled params", unit)
-    for p in overridden if self.scope == "global" else paths:
+      layerwise = overridden
+    for p in layerwise:
       _check_keeps_some(self.schedule_of(p), int(jnp.size(scores[p])), repr(p), unit)
     if self.scope == "global" and pooled:
-      total = sum(int(jnp.size(scores[p])) for p in pooled)
       removed = _removed(self.schedule, total, step)
       result.update(zip(pooled, topk_by_count([scores[p] for p in pooled], [removed], "global")))
-      layerwise = overridden
     if structure.poolable and layerwise:  # ranked groups: one selection for all layers
       removed = [_removed(self.schedule_of(p), int(jnp.size(scores[p])), step) for p in layerwise]
       result.update(zip(layerwise, topk_by_shape([scores[p] for p in layerwise], removed)))
