@@ -73,6 +73,11 @@ def is_float(leaf: Any) -> bool:
   return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
+def is_key(leaf: Any) -> bool:
+  """A typed PRNG key array (an ``nnx.Rngs`` or ``nnx.Dropout`` key): no numpy form."""
+  return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
 def default_where(path: str, leaf: Any) -> bool:
   """Weight matrices and conv kernels: float leaves with ``ndim >= 2``."""
   del path

@@ -99,7 +99,7 @@ def _nonzero_bits(x: np.ndarray) -> np.ndarray:
 def _as_array(x: Any, path: str) -> np.ndarray:
   """``x`` as a numpy array of numbers, or a ``TypeError`` naming the leaf."""
   dtype = getattr(x, "dtype", None)
-  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+  if tree_lib.is_key(x):
     raise TypeError(
       f"jaxprune.export.save: {path!r} is a PRNG key array ({dtype}), which the file cannot "
       "hold; save jax.random.key_data(key) (uint32) and rebuild it with "

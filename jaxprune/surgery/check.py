@@ -50,7 +50,7 @@ def masked_variables(variables: Any, masks: Any) -> Any:
       raise ValueError(
         f"masks: the mask for {p!r} has shape {np.shape(m)}, the array {np.shape(x)}."
       )
-    if jnp.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+    if tree_lib.is_key(x):
       if np.asarray(m).all():  # a mask tree built over all variables: keys kept
         return x
       raise ValueError(f"masks: the mask for {p!r} zeroes part of a PRNG key array.")

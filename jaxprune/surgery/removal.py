@@ -145,11 +145,7 @@ def host_values(paths: Sequence[str], leaves: Sequence[Any]) -> dict[str, np.nda
   """``{path: numpy array}`` of the leaves that hold numbers. PRNG key arrays (an
   ``nnx.Dropout``'s or ``nnx.Rngs``' keys in the model state) have no numpy form and are
   never a layer's weights: they are left out."""
-  return {
-    p: np.asarray(x)
-    for p, x in zip(paths, leaves)
-    if not jnp.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)
-  }
+  return {p: np.asarray(x) for p, x in zip(paths, leaves) if not tree_lib.is_key(x)}
 
 
 def plan_removal(
