@@ -334,6 +334,17 @@ def test_prune_command_argument_errors(capsys, tmp_path):
   with pytest.raises(SystemExit):
     cli.main(["prune", "--checkpoint", "x", "--text", "t", "--out", "o", "--structure", "4:2"])
   assert "0 < N < M" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    cli.main(["prune", "--checkpoint", "x", "--text", "t", "--out", "o", "--devices", "-1"])
+  assert "--devices must be >= 0 (0: all local devices), got -1" in capsys.readouterr().err
+  (tmp_path / "text.txt").write_text("the quick brown fox " * 20)
+  more = jax.local_device_count() + 1  # before the checkpoint is read
+  with pytest.raises(SystemExit) as e:
+    cli.main([*args, "--text", str(tmp_path / "text.txt"), "--devices", str(more)])
+  assert e.value.code == 2
+  assert f"--devices {more}: this process sees {more - 1} local device(s)" in (
+    capsys.readouterr().err
+  )
 
 
 def test_prune_blocks_magnitude_per_layer_and_n_m():

@@ -193,7 +193,58 @@ def _on_8_devices(dump: str) -> dict:
     )
   report["odd_warnings"] = [str(w.message) for w in caught]
   report["odd_layout"] = sharded_layout(params)
+  report["hf"] = _hf_on_8_devices(mesh)
   return report
+
+
+def _hf_on_8_devices(mesh: Mesh) -> dict:
+  """A Hugging Face checkpoint read straight onto the mesh, and ``jaxprune prune
+  --checkpoint --devices 8`` against ``--devices 1``."""
+  import contextlib
+  import filecmp
+  import io
+
+  from jaxprune import cli
+  from jaxprune.models import hf
+  from jaxprune.train import hf_prune
+
+  fixtures = ROOT / "tests" / "fixtures" / "hf"
+  source = fixtures / "llama_sharded"  # two safetensors files
+  one, _ = hf.load_hf(source)
+  many, _ = hf.load_hf(source, mesh=mesh)
+  tokens = np.random.default_rng(1).integers(0, 64, (8, 6)).astype(np.int32)
+  out = {
+    "load_layout": sharded_layout(nnx.state(many)),
+    "load_device_fraction": _device_fraction(nnx.state(many)),
+    "load_max_diff": _max_diff(nnx.state(one), nnx.state(many)),
+    "logits_max_diff": _max_diff(one(tokens), many(tokens)),
+    "errors": {},
+  }
+  with tempfile.TemporaryDirectory() as tmp:
+    stdout = {}
+    for devices in (1, 8):
+      args = ["prune", "--checkpoint", str(source), "--text", str(fixtures / "calibration.txt")]
+      args += ["--method", "wanda", "--sparsity", "0.5", "--seq-len", "16"]
+      args += ["--calibration", "16", "--batch-size", "8", "--devices", str(devices)]
+      args += ["--out", f"{tmp}/d{devices}"]
+      buffer = io.StringIO()
+      with contextlib.redirect_stdout(buffer):
+        assert cli.main(args) == 0
+      stdout[devices] = buffer.getvalue()
+    files = sorted(p.name for p in pathlib.Path(tmp, "d1").iterdir())
+    out["files"] = files
+    out["files_equal"] = all(
+      filecmp.cmp(f"{tmp}/d1/{name}", f"{tmp}/d8/{name}", shallow=False) for name in files
+    )
+    out["stdout"] = stdout[8]
+  for args in ((16, 8, 16), (0, 12, 24), (8, 8, 12)):  # too many; batch of 12; last of 4
+    try:
+      hf_prune.device_mesh(*args)
+      out["errors"][str(args)] = None
+    except ValueError as e:
+      out["errors"][str(args)] = str(e)
+  out["all_devices"] = hf_prune.device_mesh(0, 8, 16).size
+  return out
 
 
 def sharded_layout(tree) -> dict[str, str]:
@@ -257,6 +308,29 @@ def check(report: dict) -> None:
   assert (
     len(report["odd_warnings"]) == 1 and "layers/0/kernel (16, 12)" in report["odd_warnings"][0]
   )
+  check_hf(report["hf"])
+
+
+def check_hf(report: dict) -> None:
+  # read from the files straight onto the mesh: posttrain's layout, the same values
+  layout = report["load_layout"]
+  assert layout["blocks/0/attn/q_proj/kernel"] == "P(None, 'data')", layout
+  assert layout["blocks/1/mlp/down_proj/kernel"] == "P(None, 'data')", layout
+  assert layout["embed/embedding"] == "P('data', None)", layout
+  assert layout["norm/scale"] == "P()", layout
+  assert report["load_device_fraction"] <= 1 / 8 + 0.02, report["load_device_fraction"]
+  assert report["load_max_diff"] == 0.0, report["load_max_diff"]
+  assert report["logits_max_diff"] < 1e-5, report["logits_max_diff"]
+  # the command over 8 devices writes the files it writes on one (Wanda only masks)
+  assert "model-00001-of-00002.safetensors" in report["files"], report["files"]
+  assert report["files_equal"], report
+  assert "weights and calibration batches split over 8 devices" in report["stdout"]
+  assert "| wanda | 50% (50.0% measured) |" in report["stdout"], report["stdout"]
+  errors = report["errors"]
+  assert "--devices 16: this process sees 8 local device(s) (cpu)" in errors["(16, 8, 16)"]
+  assert "but --batch-size has 12 (--calibration 24, --batch-size 12)" in errors["(0, 12, 24)"]
+  assert "but the last batch has 4 (--calibration 12, --batch-size 8)" in errors["(8, 8, 12)"]
+  assert report["all_devices"] == 8
 
 
 if __name__ == "__main__":

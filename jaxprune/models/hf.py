@@ -47,13 +47,14 @@ import os
 import pathlib
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from jaxprune import fileio
 from jaxprune import tree as tree_lib
@@ -155,7 +156,13 @@ def _weight_files(directory: pathlib.Path) -> tuple[dict[str, str] | None, list[
   )
 
 
-def load_hf(directory: str | os.PathLike, dtype: str = "float32") -> tuple[Decoder, HFCheckpoint]:
+def load_hf(
+  directory: str | os.PathLike,
+  dtype: str = "float32",
+  *,
+  mesh: Mesh | None = None,
+  axis: str | None = None,
+) -> tuple[Decoder, HFCheckpoint]:
   """Reads a Hugging Face checkpoint directory of the Llama family into a :class:`Decoder`.
 
   Args:
@@ -163,6 +170,11 @@ def load_hf(directory: str | os.PathLike, dtype: str = "float32") -> tuple[Decod
       ``model.safetensors.index.json``.
     dtype: ``"float32"`` or ``"bfloat16"``: every parameter is cast to it (and the
       model computes in it).
+    mesh: each tensor goes from the file straight to its shards on this mesh, in the
+      layout :func:`jaxprune.posttrain.prune` uses over it (a projection kernel split
+      along its outputs, the embedding along its larger divisible axis, norms
+      replicated), so no device ever holds the whole model. ``None``: one device.
+    axis: the mesh axis to split over (default: the mesh's only axis).
 
   Returns:
     ``(model, checkpoint)``: the NNX model and the :class:`HFCheckpoint` that
@@ -175,6 +187,7 @@ def load_hf(directory: str | os.PathLike, dtype: str = "float32") -> tuple[Decod
   """
   if dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+  place = _placer(mesh, axis)
   source = pathlib.Path(directory)
   hf, text = _read_json(source / "config.json")
   config = decoder_config(hf, str(source / "config.json"))
@@ -213,13 +226,33 @@ def load_hf(directory: str | os.PathLike, dtype: str = "float32") -> tuple[Decod
             f"config.json implies {shapes[param][::-1] if transposed else shapes[param]}."
           )
         dtypes[name] = str(array.dtype)
-        values[param] = jnp.asarray(array, DTYPES[dtype])
+        values[param] = place(param, np.asarray(array).astype(DTYPES[dtype]))
   missing = [n for n, (p, _) in names.items() if p not in values]
   if missing:
     raise CheckpointError(f"{source}: missing tensors {missing[:5]} ({len(missing)} in all).")
   state = jax.tree_util.tree_map_with_path(lambda path, _: values[tree_lib.path_str(path)], state)
   checkpoint = HFCheckpoint(source, config, hf, text, dtypes, weight_map, metadata)
   return nnx.merge(graphdef, state), checkpoint
+
+
+def _placer(mesh: Mesh | None, axis: str | None) -> Callable[[str, np.ndarray], jax.Array]:
+  """``place(path, array)``: the array on one device, or split over ``mesh`` as
+  :func:`jaxprune.posttrain.sharded.leaf_spec` splits it (a Decoder's ``kernel`` is an
+  ``[in, out]`` linear weight; anything else takes the rule for non-linear arrays)."""
+  if mesh is None:
+    return lambda path, array: jnp.asarray(array)
+  from jaxprune.posttrain import sharded  # posttrain imports surgery: only when asked
+  from jaxprune.surgery.linear import Layer
+
+  axis = sharded.check_axes(mesh, axis, None)[0]
+  size = int(mesh.shape[axis])
+
+  def place(path: str, array: np.ndarray) -> jax.Array:
+    kernel = path.endswith("/kernel") and array.ndim == 2
+    layer = Layer(path, array.shape, (0,), (), ()) if kernel else None
+    return jax.device_put(array, NamedSharding(mesh, sharded.leaf_spec(array, layer, axis, size)))
+
+  return place
 
 
 def new_checkpoint(

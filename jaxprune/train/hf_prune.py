@@ -40,6 +40,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 import jaxprune
 from jaxprune import posttrain
@@ -77,6 +78,13 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
   )
   group.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
   group.add_argument("--seed", type=int, default=0, help="picks the calibration windows")
+  group.add_argument(
+    "--devices",
+    type=int,
+    default=1,
+    help="split the weights and each calibration batch over this many local devices "
+    "(default 1; 0: all of them)",
+  )
 
 
 def option_defaults() -> dict[str, Any]:
@@ -151,6 +159,8 @@ def check_arguments(args: argparse.Namespace) -> str | None:
   for name in ("seq_len", "calibration", "batch_size"):
     if getattr(args, name) < 1:
       return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+  if args.devices < 0:
+    return f"--devices must be >= 0 (0: all local devices), got {args.devices}"
   if not 0 < args.eval_fraction < 1 and args.eval_text is None:
     return f"--eval-fraction must be in (0, 1), got {args.eval_fraction}"
   try:
@@ -158,6 +168,37 @@ def check_arguments(args: argparse.Namespace) -> str | None:
   except re.error as e:
     return f"--layers {args.layers!r} is not a regular expression ({e})"
   return None
+
+
+def device_mesh(devices: int, batch_size: int, calibration: int) -> Mesh | None:
+  """The ``("data",)`` mesh of ``--devices`` local devices (``0``: all), ``None`` for one.
+
+  Over a mesh, :func:`jaxprune.posttrain.prune` splits each weight along its first output
+  axis that divides (the others stay whole, with a warning) and each calibration batch
+  along its rows: every batch must split evenly.
+
+  Raises:
+    ValueError: more devices than there are, or a batch (``--batch-size``, or the last,
+      ``--calibration`` modulo ``--batch-size``) whose rows do not divide by the count.
+  """
+  local = jax.local_devices()
+  n = len(local) if devices == 0 else devices
+  if n > len(local):
+    raise ValueError(
+      f"--devices {devices}: this process sees {len(local)} local device(s) "
+      f"({local[0].platform}); on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count={n} "
+      "set before jax starts simulates that many."
+    )
+  if n == 1:
+    return None
+  last = calibration % batch_size
+  for name, rows in (("--batch-size", batch_size), ("the last batch", last)):
+    if rows % n:
+      raise ValueError(
+        f"--devices {n} splits each calibration batch's rows, but {name} has {rows} "
+        f"(--calibration {calibration}, --batch-size {batch_size}); use multiples of {n}."
+      )
+  return Mesh(np.array(local[:n]), ("data",))
 
 
 def tokenize(checkpoint: pathlib.Path, path: str | pathlib.Path, vocab_size: int) -> np.ndarray:
@@ -228,6 +269,7 @@ def prune_blocks(
   structure: NM | None,
   layers: str = LAYERS,
   log: Callable[[str], None] = print,
+  mesh: Mesh | None = None,
   **options: Any,
 ) -> None:
   """Prunes ``model`` in place block by block, logging one line per block.
@@ -236,6 +278,8 @@ def prune_blocks(
   hidden states of ``batches`` cached at block 0's input, each block calibrated on them,
   pruned and re-run to give the next block's inputs (one pass per block). ``magnitude``:
   the smallest ``|w|`` per layer. ``sparsity`` is ignored with an N:M ``structure``.
+  ``mesh``: the weights are split over it (in place) and each batch's rows too
+  (:mod:`jaxprune.posttrain.sharded`); ``magnitude`` keeps the weights where they are.
 
   Raises:
     ValueError: ``layers`` selecting no kernel, or an N:M whose M does not divide a
@@ -276,6 +320,7 @@ def prune_blocks(
       stack=True,
       where=lambda path, leaf: path in chosen,
       progress=progress,
+      mesh=mesh,
       **options,
     )
     nnx.update(model, jax.block_until_ready(params))
@@ -332,7 +377,8 @@ def prune_checkpoint(args: argparse.Namespace, log: Callable[[str], None] = prin
   from jaxprune.models import hf
 
   source = pathlib.Path(args.checkpoint)
-  model, checkpoint = hf.load_hf(source, args.dtype)
+  mesh = device_mesh(args.devices, args.batch_size, args.calibration)
+  model, checkpoint = hf.load_hf(source, args.dtype, mesh=mesh)
   config = checkpoint.config
   arch = (checkpoint.hf_config.get("architectures") or ["?"])[0]
   log(f"checkpoint: {source} ({arch}, {config.depth} layers, hidden {config.dim}, {args.dtype})")
@@ -366,9 +412,11 @@ def prune_checkpoint(args: argparse.Namespace, log: Callable[[str], None] = prin
     calibration[i : i + args.batch_size] for i in range(0, len(calibration), args.batch_size)
   ]
   start = time.perf_counter()
+  if mesh is not None:
+    log(f"weights and calibration batches split over {mesh.size} devices")
   prune_blocks(
     model, batches, method=args.method, sparsity=sparsity, structure=structure,
-    layers=args.layers, log=log,
+    layers=args.layers, log=log, mesh=mesh,
   )  # fmt: skip
   seconds = time.perf_counter() - start
   pruned = perplexity(model, held_out, args.batch_size)
