@@ -50,7 +50,7 @@ def quantize(params: Any, where: tree_lib.Where = None, per_channel: bool = True
       return x
     x = jnp.asarray(x, jnp.float32)
     axes = tuple(range(x.ndim - 1)) if per_channel and x.ndim > 1 else None
-    peak = jnp.max(jnp.abs(x), axis=axes)
+    peak = jnp.max(jnp.abs(x), axis=axes, initial=0.0)  # 0 for an empty leaf
     scale = jnp.where(peak > 0, peak / 127.0, 1.0)
     values = jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8)
     return QuantizedArray(values, scale.astype(jnp.float32))

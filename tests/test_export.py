@@ -135,6 +135,13 @@ def test_int8_loads_the_dequantized_values_and_zeros_stay_zero(tmp_path):
   assert bits_equal(loaded["fc"]["bias"], params["fc"]["bias"])  # biases are not quantized
 
 
+def test_empty_kernels_round_trip_in_every_mode():
+  params = {"w": np.zeros((0, 4), np.float32), "conv": np.zeros((3, 0, 2, 5), np.float16)}
+  for quantize in (None, "int8", "shared"):
+    loaded = export.from_bytes(export.to_bytes(params, quantize=quantize))
+    assert tree_bits_equal(loaded, params), quantize
+
+
 def kmeans_reference(v, bits, iterations):
   """Plain-loop 1-D k-means: linear init, nearest centroid (tie: lower), empty keeps."""
   v = [float(x) for x in v]

@@ -30,3 +30,11 @@ def test_biases_untouched_and_size_shrinks_with_sparsity():
   dense_f32 = jaxprune.compressed_size(params)
   sparse_int8 = jaxprune.compressed_size(jaxprune.quantize(pruned))
   assert sparse_int8 < dense_f32 / 8
+
+
+def test_empty_leaves_quantize_to_empty_arrays():
+  for per_channel in (True, False):
+    q = jaxprune.quantize({"w": jnp.zeros((0, 4))}, per_channel=per_channel)
+    back = np.asarray(jaxprune.dequantize(q)["w"])
+    assert back.shape == (0, 4) and back.dtype == np.float32
+    assert np.asarray(q["w"].scale).tolist() == ([1.0] * 4 if per_channel else 1.0)
