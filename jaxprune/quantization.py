@@ -2,8 +2,10 @@
 
 Symmetric quantization maps 0.0 to the integer 0, so a pruned weight stays exactly zero
 after a round trip: ``q = round(w / s)`` with ``s = max|w| / 127`` per output channel
-(the last axis) or per tensor, and ``w' = q * s``. :func:`compressed_size` measures what
-pruning buys on disk the way TF-MOT reports it: the gzip size of the saved arrays.
+(the last axis) or per tensor, and ``w' = q * s``; ``s`` is at least the smallest normal
+float32 (``1.18e-38``: XLA flushes smaller ones to zero). :func:`compressed_size`
+measures what pruning buys on disk the way TF-MOT reports it: the gzip size of the saved
+arrays.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ def quantize(params: Any, where: tree_lib.Where = None, per_channel: bool = True
     x = jnp.asarray(x, jnp.float32)
     axes = tuple(range(x.ndim - 1)) if per_channel and x.ndim > 1 else None
     peak = jnp.max(jnp.abs(x), axis=axes, initial=0.0)  # 0 for an empty leaf
-    scale = jnp.where(peak > 0, peak / 127.0, 1.0)
+    # at least the smallest normal float32: XLA flushes subnormals to zero, and a scale
+    # of 0 would load every weight of a channel with max |w| < 1.5e-36 as zero
+    scale = jnp.where(peak > 0, jnp.maximum(peak / 127.0, jnp.finfo(jnp.float32).tiny), 1.0)
     values = jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8)
     return QuantizedArray(values, scale.astype(jnp.float32))
 

@@ -38,3 +38,16 @@ def test_empty_leaves_quantize_to_empty_arrays():
     back = np.asarray(jaxprune.dequantize(q)["w"])
     assert back.shape == (0, 4) and back.dtype == np.float32
     assert np.asarray(q["w"].scale).tolist() == ([1.0] * 4 if per_channel else 1.0)
+
+
+def test_a_channel_below_the_normal_range_keeps_its_nonzero_weights():
+  # max |w| / 127 is subnormal here; XLA flushed it to a scale of 0 and every weight to 0
+  w = np.array([[1e-37, 3e-37], [-5e-37, 2e-37]], np.float32)
+  tiny = np.finfo(np.float32).tiny
+  for per_channel in (True, False):
+    q = jaxprune.quantize({"w": w}, per_channel=per_channel)
+    back = np.asarray(jaxprune.dequantize(q)["w"])
+    assert (np.asarray(q["w"].scale) == tiny).all()
+    expected = np.round(w / tiny).astype(np.float32) * tiny  # numpy reference
+    np.testing.assert_array_equal(back, expected)
+    assert (back != 0).all() and (np.abs(back - w) <= tiny / 2).all()
