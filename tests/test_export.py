@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -557,6 +558,45 @@ def test_negative_zeros_where_the_mask_prunes_are_zeros(tmp_path):
   bad[0, 1] = np.nan
   with pytest.raises(ValueError, match="'w' has nonzero values where its mask prunes"):
     export.to_bytes({"w": bad}, {"w": mask})
+
+
+def test_masks_apply_by_path_whatever_their_containers():
+  """A mask dict keyed "0" for params keyed 0, nested masks for a key "a/b", an nnx.State
+  of masks for nnx.to_pure_dict params: the masks were looked up by the params' own keys,
+  found nothing, and were ignored (unpruned values saved, no error) or crashed."""
+  w = np.array([[0.5, -1.5], [2.0, 0.25]], np.float32)
+  mask = np.array([[True, False], [False, True]])
+  pruned = np.where(mask, w, np.float32(0))
+  for params, masks in [
+    ({"layers": {0: {"kernel": w}}}, {"layers": {"0": {"kernel": mask}}}),
+    ({"a/b": w}, {"a": {"b": mask}}),
+  ]:
+    with pytest.raises(ValueError, match="has nonzero values where its mask prunes"):
+      export.to_bytes(params, masks)
+  loaded = export.from_bytes(export.to_bytes({"a/b": pruned}, {"a": {"b": mask}}))
+  assert bits_equal(loaded["a/b"], pruned)
+
+  class Net(nnx.Module):
+    def __init__(self):
+      self.layers = nnx.List([nnx.Linear(8, 4, rngs=nnx.Rngs(i)) for i in range(2)])
+
+  state = nnx.state(Net(), nnx.Param)
+  masks = jaxprune.magnitude(0.5).masks(state)
+  params = nnx.to_pure_dict(state)
+  plain_masks = nnx.to_pure_dict(masks)
+  expected = {
+    "layers": {
+      i: {
+        "bias": np.asarray(layer["bias"]),
+        "kernel": np.where(plain_masks["layers"][i]["kernel"], layer["kernel"], np.float32(0)),
+      }
+      for i, layer in params["layers"].items()
+    }
+  }
+  loaded = export.from_bytes(export.to_bytes(expected, masks))
+  assert tree_bits_equal(loaded, expected)
+  with pytest.raises(ValueError, match="'layers/0/kernel' has nonzero values where its mask"):
+    export.to_bytes(params, masks)
 
 
 @pytest.mark.parametrize(

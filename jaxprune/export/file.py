@@ -396,9 +396,17 @@ def _decode(node: Any, data: bytes) -> Any:
   return _decode_leaf(node["leaf"], data)
 
 
-def _check_masks(params: Any, masks: Any) -> None:
-  if masks is not None:
-    tree_lib.check_same_structure(params, masks)
+def _check_masks(params: Any, masks: Any) -> Any:
+  """``masks`` in the containers of ``params`` (same leaf paths, else ``ValueError``).
+
+  Paths compare as strings, so a mask dict keyed ``"0"`` for params keyed ``0`` (an
+  ``nnx.List``), or an ``nnx.State`` of masks for a plain dict, fits; re-housing it in
+  the params' containers lets ``_encode`` look each mask up by the param's own key.
+  """
+  if masks is None:
+    return None
+  tree_lib.check_same_structure(params, masks)
+  return tree_lib.restructure(params, masks)
 
 
 def to_bytes(
@@ -415,7 +423,7 @@ def to_bytes(
     )
   bits = DEFAULT_BITS if bits is None else bits
   _check_bits(bits)
-  _check_masks(params, masks)
+  masks = _check_masks(params, masks)
   out = _Writer()
   structure = _encode(params, masks, "", quantize, bits, out)
   header = json.dumps({"format": "jaxprune", "version": VERSION, "tree": structure}).encode()
