@@ -558,6 +558,13 @@ def test_negative_zeros_where_the_mask_prunes_are_zeros(tmp_path):
   bad[0, 1] = np.nan
   with pytest.raises(ValueError, match="'w' has nonzero values where its mask prunes"):
     export.to_bytes({"w": bad}, {"w": mask})
+  # a leaf that keeps nearly everything is stored dense: its -0.0 loaded as -0.0
+  w = -np.arange(1, 65, dtype=np.float32).reshape(8, 8)
+  mask = np.ones((8, 8), bool)
+  mask[0, 0] = False
+  blob = export.to_bytes({"w": w * mask}, {"w": mask})
+  assert [r["coding"] for r in leaf_records(header_of(blob)["tree"])] == ["dense"]
+  assert bits_equal(export.from_bytes(blob)["w"], np.where(mask, w, np.float32(0)))
 
 
 def test_masks_apply_by_path_whatever_their_containers():

@@ -298,6 +298,8 @@ def _encode_leaf(
     if index_dtype is not None:
       record["index_dtype"] = index_dtype
     values = values[kept]
+  elif mask is not None:  # -0.0 where the mask prunes loads as 0.0, as in the other codings
+    values = np.where(kept, values, np.zeros((), values.dtype))
   record["values"] = out.add(_shuffle(values))
   return record
 
