@@ -514,6 +514,21 @@ def test_int8_refuses_nan_and_inf_and_names_the_leaf_and_channel(bad):
   export.to_bytes({"layer": {"kernel": w}})  # stored as it is without quantization
 
 
+def test_float64_weights_beyond_float32_are_refused_when_quantized():
+  """int8 scales and shared codebooks are float32: 1e300 loaded as NaN / inf, silently."""
+  w = np.array([[1e300, 1.0], [2.0, -3.0]])
+  with pytest.raises(ValueError, match=r"'fc/kernel' has 1e\+300 at \[0, 0\], beyond float32"):
+    export.to_bytes({"fc": {"kernel": w}}, quantize="int8")
+  with pytest.raises(ValueError, match=r"'fc/kernel'.*float32 centroids; found 1e\+300"):
+    export.to_bytes({"fc": {"kernel": w}}, quantize="shared")
+  assert bits_equal(export.from_bytes(export.to_bytes({"w": w}))["w"], w)  # unquantized: exact
+  w[0, 0] = 1e30  # in range: float64 leaves still quantize, and load as float64
+  loaded = export.from_bytes(export.to_bytes({"w": w}, quantize="int8"))["w"]
+  scale = (np.abs(w).max(0) / 127).astype(np.float32)
+  assert loaded.dtype == np.float64 and np.isfinite(loaded).all()
+  assert (np.abs(loaded - w) <= scale.astype(np.float64) * 0.5 * (1 + 1e-6)).all()
+
+
 class Pair(NamedTuple):
   w: Any
   b: Any

@@ -61,6 +61,7 @@ _LOAD = "jaxprune.export.load: "
 QUANTIZE = (None, "int8", "shared")
 DEFAULT_BITS = 5
 KMEANS_ITERATIONS = 30
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 # LZMA2 at preset 9 with no literal context (lc = lp = pb = 0): kept values and gaps are
 # close to independent symbols, so order-0 coding beats LZMA's default context (~2%).
 _FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9, "lc": 0, "lp": 0, "pb": 0}]
@@ -150,7 +151,8 @@ def kmeans_1d(
     the shared values.
 
   Raises:
-    ValueError: ``bits`` is not in 1..8, or a value is NaN or infinite.
+    ValueError: ``bits`` is not in 1..8, or a value is NaN, infinite or beyond float32's
+      range.
 
   Examples:
     >>> from jaxprune.export import kmeans_1d
@@ -164,6 +166,11 @@ def kmeans_1d(
     return np.zeros(0, np.float32), np.zeros(0, np.uint8)
   if not np.isfinite(v).all():
     raise ValueError("jaxprune.export: weight sharing needs finite values (found NaN or inf).")
+  if np.abs(v).max() > _FLOAT32_MAX:  # float64 values: the codebook would hold inf
+    raise ValueError(
+      f"jaxprune.export: weight sharing stores float32 centroids; found {v[np.abs(v).argmax()]}, "
+      "beyond float32's range."
+    )
   centroids = np.unique(np.linspace(v.min(), v.max(), min(1 << bits, v.size)))
   for _ in range(iterations):
     index = _assign(v, centroids)
@@ -248,6 +255,13 @@ def _check_finite(array: np.ndarray, path: str) -> None:
       f"jaxprune.export.save: {path!r} has {array[index]} at {list(index)}, in output "
       f"channel {index[-1]} ({len(channels)} channel(s) with NaN or inf: {channels[:8]}); "
       "quantize='int8' needs finite weights (their channel's scale is max |w| / 127)."
+    )
+  big = np.abs(array) > _FLOAT32_MAX if array.dtype.itemsize > 4 else np.zeros(0, bool)
+  if big.any():  # float64 weights: in float32 their scale would be inf and their values NaN
+    index = tuple(int(i) for i in np.argwhere(big)[0])
+    raise ValueError(
+      f"jaxprune.export.save: {path!r} has {array[index]} at {list(index)}, beyond float32's "
+      "range; quantize='int8' computes in float32 (scales max |w| / 127)."
     )
 
 
@@ -541,7 +555,9 @@ def save(
     TypeError: a container other than dict / list / tuple, a PRNG key or a non-numeric
       array (the message names the leaf).
     ValueError: a mask that does not fit its leaf or keeps a pruned value nonzero, a NaN
-      or inf weight with ``quantize="int8"`` or ``"shared"``, a bad ``quantize`` / ``bits``.
+      or inf weight with ``quantize="int8"`` or ``"shared"`` (or a float64 one beyond
+      float32's range, which their float32 scales / codebooks cannot hold), a bad
+      ``quantize`` / ``bits``.
 
   Examples:
     >>> import os, tempfile, numpy as np, jax, jaxprune
