@@ -668,3 +668,15 @@ def test_nm_pack_and_unpack_name_bad_inputs():
     packed = export.nm_pack(sparse, n, m, mask=kept)
     assert packed.values.shape == (3, 16 * n // m)
     assert bits_equal(export.nm_unpack(packed), sparse)
+
+
+@pytest.mark.parametrize("shape", [(8, 0), (3, 3, 8, 0), (0, 4)])
+def test_nm_pack_round_trips_kernels_with_no_outputs_or_no_inputs(shape):
+  # a layer shrunk to no outputs: every reshape(-1, 0) raised "cannot reshape array of size 0"
+  w = np.zeros(shape, np.float32)
+  k, out = int(np.prod(shape[:-1])), shape[-1]
+  for mask in (None, np.zeros(shape, bool)):
+    packed = export.nm_pack(w, mask=mask)
+    assert packed.values.shape == (out, k // 2)
+    assert packed.metadata.shape == (out, -(-(k // 2) // 4))
+    assert bits_equal(export.nm_unpack(packed), w)

@@ -101,9 +101,9 @@ def nm_pack(
       f"nm_pack: {name!r} has shape {w.shape}; {n}:{m} groups {m} consecutive inputs, so "
       f"the input axis (shape[-2]) must be a multiple of {m}."
     )
-  out = w.shape[-1]
-  a = w.reshape(-1, out).T.reshape(out, -1, m)  # [out, groups, m]
-  kept = np.asarray(mask, bool).reshape(-1, out).T.reshape(a.shape) if mask is not None else a != 0
+  out, k = w.shape[-1], int(np.prod(w.shape[:-1]))  # sizes, not -1: out may be 0
+  a = w.reshape(k, out).T.reshape(out, k // m, m)  # [out, groups, m]
+  kept = np.asarray(mask, bool).reshape(k, out).T.reshape(a.shape) if mask is not None else a != 0
   if mask is not None and (a[~kept] != 0).any():
     raise ValueError(f"nm_pack: {name!r} has nonzero entries where its mask prunes.")
   counts = kept.sum(-1)
@@ -120,12 +120,12 @@ def nm_pack(
   free_rank = np.cumsum(~kept, axis=-1)
   chosen = kept | (~kept & (free_rank <= need[..., None]))
   index = np.sort(np.argsort(~chosen, axis=-1, kind="stable")[..., :n], axis=-1)
-  values = np.take_along_axis(a, index, axis=-1).reshape(out, -1)
+  values = np.take_along_axis(a, index, axis=-1).reshape(out, k // m * n)
   bits = _bits(m)
   per_byte = 8 // bits
-  flat = index.reshape(out, -1).astype(np.uint8)
+  flat = index.reshape(out, k // m * n).astype(np.uint8)
   pad = -flat.shape[1] % per_byte
-  flat = np.pad(flat, ((0, 0), (0, pad))).reshape(out, -1, per_byte)
+  flat = np.pad(flat, ((0, 0), (0, pad))).reshape(out, (flat.shape[1] + pad) // per_byte, per_byte)
   shifts = (np.arange(per_byte) * bits).astype(np.uint8)
   metadata = np.bitwise_or.reduce(flat << shifts, axis=-1).astype(np.uint8)
   return NMPacked(values, metadata, n, m, tuple(w.shape))
@@ -159,7 +159,7 @@ def nm_unpack(packed: NMPacked) -> np.ndarray:
     )
   shifts = (np.arange(per_byte) * bits).astype(np.uint8)
   meta = np.asarray(packed.metadata, np.uint8)[..., None]
-  index = ((meta >> shifts) & ((1 << bits) - 1)).reshape(out, -1)[:, :stored]
+  index = ((meta >> shifts) & ((1 << bits) - 1)).reshape(out, want[1][1] * per_byte)[:, :stored]
   groups = stored // n
   index = index.reshape(out, groups, n)
   if (index >= m).any() or (np.diff(index.astype(np.int16), axis=-1) <= 0).any():
@@ -169,7 +169,7 @@ def nm_unpack(packed: NMPacked) -> np.ndarray:
     )
   dense = np.zeros((out, groups, m), values.dtype)
   np.put_along_axis(dense, index, values.reshape(out, groups, n), -1)
-  return dense.reshape(out, -1).T.reshape(packed.shape)
+  return dense.reshape(out, k).T.reshape(packed.shape)
 
 
 def nm_matmul_available() -> bool:
