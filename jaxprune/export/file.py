@@ -544,7 +544,12 @@ def save(
       (weight matrices and conv kernels as int8 with per-output-channel scales) or
       ``"shared"`` (weight matrices and conv kernels as a float32 codebook of at most
       ``2**bits`` k-means centroids per leaf and a ``bits``-bit index per kept weight:
-      :func:`kmeans_1d`); other leaves (biases, norms) are stored as they are.
+      :func:`kmeans_1d`); other leaves (biases, norms) are stored as they are. Which
+      leaves are quantized goes by shape alone: float leaves with ``ndim >= 2``, so the
+      2-D ``(heads, head_dim)`` biases of attention / ``DenseGeneral`` layers are
+      quantized too. The int8 output channel is the last axis: ``head_dim`` for a
+      ``DenseGeneral`` kernel ``[in, heads, head_dim]`` (one scale shared by the heads),
+      the input axis for a kernel stored ``[out, in]``.
     bits: index width for ``quantize="shared"``, 1 to 8 (default 5, Deep
       Compression's choice for fully connected layers); an error with other modes.
 
