@@ -529,6 +529,21 @@ def test_float64_weights_beyond_float32_are_refused_when_quantized():
   assert (np.abs(loaded - w) <= scale.astype(np.float64) * 0.5 * (1 + 1e-6)).all()
 
 
+def test_big_endian_arrays_load_with_their_values():
+  """A '>f4' / '>i4' array (np.load of a big-endian .npy) had its bytes stored as they are
+  and read back as little-endian: 1.5 loaded as 6.9e-41, silently."""
+  w = np.array([[1.5, 0.0], [-2.0, 3.25]], ">f4")
+  i = np.array([1, 0, 300], ">i4")
+  for quantize in (None, "int8", "shared"):
+    loaded = export.from_bytes(export.to_bytes({"w": w, "i": i}, quantize=quantize))
+    assert bits_equal(loaded["i"], i.astype(np.int32))
+    assert loaded["w"].dtype == np.float32
+    if quantize is None:
+      assert bits_equal(loaded["w"], w.astype(np.float32))
+    else:  # three distinct values: shared gives them exactly; int8 within half a step
+      np.testing.assert_allclose(loaded["w"], w, atol=np.abs(w).max() / 127 / 2)
+
+
 class Pair(NamedTuple):
   w: Any
   b: Any

@@ -115,6 +115,8 @@ def _as_array(x: Any, path: str) -> np.ndarray:
       f"jaxprune.export.save: {path!r} has dtype {array.dtype}; the file holds arrays of "
       "booleans, integers, floats (bfloat16 and float8 included) and complex numbers."
     )
+  if not array.dtype.isnative:  # '>f4' (np.load of a big-endian .npy): the file is little-endian
+    array = array.astype(array.dtype.newbyteorder("="))
   return array
 
 
