@@ -307,7 +307,7 @@ def blocks(shape: tuple[int, int], norm: str = "l2") -> Blocks:
     >>> m.astype(int).tolist()
     [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
   """
-  if isinstance(shape, str) or len(shape) != 2:
+  if isinstance(shape, str) or np.ndim(shape) != 1 or len(shape) != 2:  # not len(2): a TypeError
     raise ValueError(f"blocks need a (rows, cols) shape of positive ints, got {shape!r}.")
   return Blocks((shape[0], shape[1]), norm)
 

@@ -102,6 +102,7 @@ def test_global_structured_counts_groups():
     ),
     (lambda: jaxprune.blocks((0, 2)), "positive ints"),
     (lambda: jaxprune.blocks((2.0, 2)), r"positive ints, got \(2.0, 2\)"),  # was a raw jnp error
+    (lambda: jaxprune.blocks(2), r"\(rows, cols\) shape of positive ints, got 2"),  # was len()
     (lambda: jaxprune.n_m(2.0, 4), "got n=2.0, m=4"),
     (lambda: jaxprune.n_m(True, 4), "got n=True"),
     (lambda: jaxprune.neurons("l3"), "'l1' or 'l2'"),
