@@ -33,6 +33,11 @@ kernel is ``(in, out)``, a conv kernel ``(kh, kw, in, out)``, a 1-D conv ``(k, i
 * ``"shape"``: one filter-shape position across all filters, ``w[kh, kw, i, :]``
   (``kh * kw * in`` groups). For a Dense kernel this is a row, the same as ``"channel"``.
 * ``"depth"``: the whole param (one group: the layer), for any rank.
+
+The axes are read from the shape alone, as for the pruners' structures (see
+:mod:`jaxprune.structures`): a grouped conv's ``"channel"`` ``i`` is input ``i`` of
+every group, a ``transpose_kernel=True`` ConvTranspose has ``(kh, kw, out, in)``, and a
+``(in, heads, head_dim)`` kernel's ``"filter"`` is one ``head_dim`` index of all heads.
 """
 
 from __future__ import annotations

@@ -13,6 +13,23 @@ into a per-weight mask. Kernels follow Flax's layout: Dense ``(in, out)``, conv
 * :func:`n_m`: N:M, exactly N kept in every M consecutive weights along the input axis.
 
 Group sparsity counts groups: 50% of filters removes half the filters.
+
+A pruner sees only the params, so these axes are read from the kernel's shape alone:
+axis ``-1`` is taken as the output and ``-2`` as the input whatever the layer. That is
+right for ``Dense``, ``Conv`` of any rank (``(k, cin, cout)``, ``(kd, kh, kw, cin,
+cout)``) and ``ConvTranspose`` (``(kh, kw, cin, cout)``), but not for:
+
+* ``ConvTranspose(..., transpose_kernel=True)``: its kernel is ``(kh, kw, cout, cin)``,
+  so :func:`filters` removes input channels and :func:`channels` output ones.
+* Grouped convs (``feature_group_count=g``): the kernel is ``(kh, kw, cin // g, cout)``,
+  and channel ``i`` of :func:`channels` is input ``i`` of every group (a depthwise conv
+  has one such channel); :func:`filters` is right.
+* Kernels with several output or input axes (``nnx.LinearGeneral``'s ``(in, heads,
+  head_dim)``, ``nnx.Einsum`` weights): :func:`neurons` groups one ``head_dim`` index
+  across all heads, :func:`channels` takes the heads axis as inputs.
+
+Leave such params out with ``where=``; :func:`jaxprune.posttrain.prune` and
+:mod:`jaxprune.surgery` find the axes from the traced ``dot_general`` / conv instead.
 """
 
 from __future__ import annotations
