@@ -89,6 +89,20 @@ def test_global_structured_counts_groups():
   assert kept == 7  # 14 output units, 7 removed
 
 
+def test_ties_keep_the_lower_group_then_the_earlier_param_in_natural_order():
+  # The documented rule (Pruner.masks): equal group norms keep the lower index; across
+  # params (global scope) the earlier one in natural path order: l2 before l10.
+  ones = jnp.ones((2, 4))
+  m = jaxprune.magnitude(0.5, structure="filters").masks({"w": ones})["w"]
+  np.testing.assert_array_equal(np.asarray(m)[0], [1, 1, 0, 0])
+  m = jaxprune.magnitude(0.5, structure="channels").masks({"w": ones.T})["w"]
+  np.testing.assert_array_equal(np.asarray(m)[:, 0], [1, 1, 0, 0])
+  m = jaxprune.magnitude(0.5, structure=jaxprune.blocks((1, 2))).masks({"w": ones})["w"]
+  np.testing.assert_array_equal(np.asarray(m), [[1, 1, 1, 1], [0, 0, 0, 0]])
+  m = jaxprune.magnitude(0.5, structure="filters", scope="global").masks({"l10": ones, "l2": ones})
+  assert bool(m["l2"].all()) and not bool(m["l10"].any())
+
+
 @pytest.mark.parametrize(
   "make, match",
   [
