@@ -111,6 +111,15 @@ def _is_int(x: object) -> bool:
   return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
 
 
+def _check_rank(name: str, path: str, shape: tuple[int, ...]) -> None:
+  """Raises unless ``shape`` has an input and an output axis (a bias or a scale has not)."""
+  if len(shape) < 2:
+    raise ValueError(
+      f"The {name} structure needs a kernel with ndim >= 2, but {path!r} has shape "
+      f"{shape}. Narrow `where=` to weight matrices and conv kernels."
+    )
+
+
 def _check_ord(ord: str) -> None:
   if ord not in ("l1", "l2"):
     raise ValueError(f"norm must be 'l1' or 'l2', got {ord!r}.")
@@ -148,11 +157,7 @@ class Axis(_Ranked):
     _check_ord(self.ord)
 
   def check(self, path: str, shape: tuple[int, ...]) -> None:
-    if len(shape) < 2:
-      raise ValueError(
-        f"The {self.name} structure needs a kernel with ndim >= 2, but {path!r} has shape "
-        f"{shape}. Narrow `where=` to weight matrices and conv kernels."
-      )
+    _check_rank(self.name, path, shape)
 
   def _others(self, ndim: int) -> tuple[int, ...]:
     return tuple(a for a in range(ndim) if a != ndim + self.axis)
@@ -184,8 +189,9 @@ class Blocks(_Ranked):
     object.__setattr__(self, "shape", (int(self.shape[0]), int(self.shape[1])))
 
   def check(self, path: str, shape: tuple[int, ...]) -> None:
+    _check_rank(self.name, path, shape)
     bi, bo = self.shape
-    if len(shape) < 2 or shape[-2] % bi or shape[-1] % bo:
+    if shape[-2] % bi or shape[-1] % bo:
       raise ValueError(
         f"{bi}x{bo} blocks need a kernel whose last two axes divide by ({bi}, {bo}); "
         f"{path!r} has shape {shape}."
@@ -257,7 +263,8 @@ class NM:
     return mask
 
   def check(self, path: str, shape: tuple[int, ...]) -> None:
-    if len(shape) < 2 or shape[-2] % self.m:
+    _check_rank(self.name, path, shape)
+    if shape[-2] % self.m:
       raise ValueError(
         f"{self.n}:{self.m} sparsity groups {self.m} consecutive inputs; the input axis "
         f"(-2) of {path!r} must divide by {self.m}, but its shape is {shape}."

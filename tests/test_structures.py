@@ -150,6 +150,10 @@ def test_structure_on_a_param_of_the_wrong_rank_names_it():
     jaxprune.magnitude(0.75, structure=jaxprune.n_m(2, 8)).masks(params)
   with pytest.raises(ValueError, match="3x3 blocks"):
     jaxprune.magnitude(0.5, structure=jaxprune.blocks((3, 3))).masks(params)
+  # a bias has no input axis: said so, not "the input axis (-2) of 'bias' must divide by 4"
+  for structure in (jaxprune.n_m(2, 4), jaxprune.blocks((2, 2))):
+    with pytest.raises(ValueError, match=r"needs a kernel with ndim >= 2, but 'bias' has shape"):
+      jaxprune.magnitude(0.5, structure=structure, where="bias").masks(params)
 
 
 def test_every_structure_implements_the_interface():
