@@ -12,7 +12,10 @@ into a per-weight mask. Kernels follow Flax's layout: Dense ``(in, out)``, conv
   axes included), scored by their pooled norm.
 * :func:`n_m`: N:M, exactly N kept in every M consecutive weights along the input axis.
 
-Group sparsity counts groups: 50% of filters removes half the filters.
+Group sparsity counts groups: 50% of filters removes half the filters. Groups are
+scored by a norm of their weights' scores, so scores should be non-negative like the
+built-in ones (``|w|``, ``|w * g|``): a custom score function returning signed values
+(negative = unimportant) has its group ranked by ``|score|``, which inverts it.
 
 A pruner sees only the params, so these axes are read from the kernel's shape alone:
 axis ``-1`` is taken as the output and ``-2`` as the input whatever the layer. That is
