@@ -219,6 +219,10 @@ class Pruner:
       A mask pytree: exactly ``round(sparsity * n)`` weights (or groups) pruned per
       param (layer scope) or over all non-overridden params together (global scope),
       with Python's ``round`` of the float64 product for the built-in schedules.
+      Ties (equal scores, or equal group norms) are broken by position: the lower flat
+      index of the weight (or group: filter / channel number, row-major block index) is
+      kept, and in global scope the param earlier in natural path order (``layer2``
+      before ``layer10``); N:M keeps the lower input index of its group.
 
     Raises:
       ValueError: a concrete target outside ``[0, 1)`` or NaN (a traced one, known only

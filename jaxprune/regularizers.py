@@ -33,6 +33,11 @@ kernel is ``(in, out)``, a conv kernel ``(kh, kw, in, out)``, a 1-D conv ``(k, i
 * ``"shape"``: one filter-shape position across all filters, ``w[kh, kw, i, :]``
   (``kh * kw * in`` groups). For a Dense kernel this is a row, the same as ``"channel"``.
 * ``"depth"``: the whole param (one group: the layer), for any rank.
+
+The axes are read from the shape alone, as for the pruners' structures (see
+:mod:`jaxprune.structures`): a grouped conv's ``"channel"`` ``i`` is input ``i`` of
+every group, a ``transpose_kernel=True`` ConvTranspose has ``(kh, kw, out, in)``, and a
+``(in, heads, head_dim)`` kernel's ``"filter"`` is one ``head_dim`` index of all heads.
 """
 
 from __future__ import annotations
@@ -133,7 +138,8 @@ def block_soft_threshold(w: jax.Array, threshold: Any, kind: str) -> jax.Array:
   """The prox of ``threshold * sum_g ||w_g||_2``: ``w_g * max(0, 1 - threshold / ||w_g||_2)``.
 
   Groups with ``||w_g||_2 <= threshold`` become exactly ``0.0``; the others keep their
-  direction and their norm shrinks by ``threshold``.
+  direction and their norm shrinks by ``threshold``. A group holding a NaN becomes NaN
+  (its norm is NaN): a diverged weight is not hidden as a pruned group.
 
   Args:
     w: a kernel in Flax layout (``(..., in, out)``).
@@ -152,7 +158,7 @@ def block_soft_threshold(w: jax.Array, threshold: Any, kind: str) -> jax.Array:
   """
   _check_nonnegative("threshold", threshold, "block_soft_threshold", hyperparam=False)
   norm = group_norms(w, kind, keepdims=True)
-  keep = norm > threshold
+  keep = ~(norm <= threshold)  # a NaN group stays NaN (not zeroed: a divergence shows)
   factor = jnp.where(keep, 1 - threshold / jnp.where(keep, norm, 1), 0).astype(w.dtype)
   return jnp.where(keep, w * factor, jnp.zeros((), w.dtype))
 
@@ -160,7 +166,7 @@ def block_soft_threshold(w: jax.Array, threshold: Any, kind: str) -> jax.Array:
 def soft_threshold(w: jax.Array, threshold: Any) -> jax.Array:
   """The prox of ``threshold * ||w||_1``: ``sign(w) * max(|w| - threshold, 0)``.
 
-  Entries with ``|w| <= threshold`` become exactly ``0.0`` (never ``-0.0``).
+  Entries with ``|w| <= threshold`` become exactly ``0.0`` (never ``-0.0``); NaN stays NaN.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -170,7 +176,8 @@ def soft_threshold(w: jax.Array, threshold: Any) -> jax.Array:
   """
   _check_nonnegative("threshold", threshold, "soft_threshold", hyperparam=False)
   threshold = jnp.asarray(threshold, w.dtype)
-  return jnp.where(jnp.abs(w) > threshold, w - jnp.sign(w) * threshold, jnp.zeros((), w.dtype))
+  # `<=`, so a NaN entry stays NaN (not zeroed: a divergence shows)
+  return jnp.where(jnp.abs(w) <= threshold, jnp.zeros((), w.dtype), w - jnp.sign(w) * threshold)
 
 
 def _selected(params: Any, where: tree_lib.Where, kinds: Sequence[str], factory: str) -> set[str]:

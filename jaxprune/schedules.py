@@ -45,6 +45,11 @@ def _int(value: Any, name: str) -> int:
     raise TypeError(f"{name} must be an integer step, got {value!r}.")
   if int(value) != value:
     raise TypeError(f"{name} must be an integer step, got {value!r}.")
+  if not -(2**31) <= int(value) < 2**31:  # else an OverflowError from jax at the first step
+    raise ValueError(
+      f"{name} is {int(value)}, outside the int32 range that schedules count steps in "
+      "([-2**31, 2**31))."
+    )
   return int(value)
 
 

@@ -12,7 +12,27 @@ into a per-weight mask. Kernels follow Flax's layout: Dense ``(in, out)``, conv
   axes included), scored by their pooled norm.
 * :func:`n_m`: N:M, exactly N kept in every M consecutive weights along the input axis.
 
-Group sparsity counts groups: 50% of filters removes half the filters.
+Group sparsity counts groups: 50% of filters removes half the filters. Groups are
+scored by a norm of their weights' scores, so scores should be non-negative like the
+built-in ones (``|w|``, ``|w * g|``): a custom score function returning signed values
+(negative = unimportant) has its group ranked by ``|score|``, which inverts it.
+
+A pruner sees only the params, so these axes are read from the kernel's shape alone:
+axis ``-1`` is taken as the output and ``-2`` as the input whatever the layer. That is
+right for ``Dense``, ``Conv`` of any rank (``(k, cin, cout)``, ``(kd, kh, kw, cin,
+cout)``) and ``ConvTranspose`` (``(kh, kw, cin, cout)``), but not for:
+
+* ``ConvTranspose(..., transpose_kernel=True)``: its kernel is ``(kh, kw, cout, cin)``,
+  so :func:`filters` removes input channels and :func:`channels` output ones.
+* Grouped convs (``feature_group_count=g``): the kernel is ``(kh, kw, cin // g, cout)``,
+  and channel ``i`` of :func:`channels` is input ``i`` of every group (a depthwise conv
+  has one such channel); :func:`filters` is right.
+* Kernels with several output or input axes (``nnx.LinearGeneral``'s ``(in, heads,
+  head_dim)``, ``nnx.Einsum`` weights): :func:`neurons` groups one ``head_dim`` index
+  across all heads, :func:`channels` takes the heads axis as inputs.
+
+Leave such params out with ``where=``; :func:`jaxprune.posttrain.prune` and
+:mod:`jaxprune.surgery` find the axes from the traced ``dot_general`` / conv instead.
 """
 
 from __future__ import annotations
@@ -94,6 +114,15 @@ def _is_int(x: object) -> bool:
   return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
 
 
+def _check_rank(name: str, path: str, shape: tuple[int, ...]) -> None:
+  """Raises unless ``shape`` has an input and an output axis (a bias or a scale has not)."""
+  if len(shape) < 2:
+    raise ValueError(
+      f"The {name} structure needs a kernel with ndim >= 2, but {path!r} has shape "
+      f"{shape}. Narrow `where=` to weight matrices and conv kernels."
+    )
+
+
 def _check_ord(ord: str) -> None:
   if ord not in ("l1", "l2"):
     raise ValueError(f"norm must be 'l1' or 'l2', got {ord!r}.")
@@ -131,11 +160,7 @@ class Axis(_Ranked):
     _check_ord(self.ord)
 
   def check(self, path: str, shape: tuple[int, ...]) -> None:
-    if len(shape) < 2:
-      raise ValueError(
-        f"The {self.name} structure needs a kernel with ndim >= 2, but {path!r} has shape "
-        f"{shape}. Narrow `where=` to weight matrices and conv kernels."
-      )
+    _check_rank(self.name, path, shape)
 
   def _others(self, ndim: int) -> tuple[int, ...]:
     return tuple(a for a in range(ndim) if a != ndim + self.axis)
@@ -167,8 +192,9 @@ class Blocks(_Ranked):
     object.__setattr__(self, "shape", (int(self.shape[0]), int(self.shape[1])))
 
   def check(self, path: str, shape: tuple[int, ...]) -> None:
+    _check_rank(self.name, path, shape)
     bi, bo = self.shape
-    if len(shape) < 2 or shape[-2] % bi or shape[-1] % bo:
+    if shape[-2] % bi or shape[-1] % bo:
       raise ValueError(
         f"{bi}x{bo} blocks need a kernel whose last two axes divide by ({bi}, {bo}); "
         f"{path!r} has shape {shape}."
@@ -240,7 +266,8 @@ class NM:
     return mask
 
   def check(self, path: str, shape: tuple[int, ...]) -> None:
-    if len(shape) < 2 or shape[-2] % self.m:
+    _check_rank(self.name, path, shape)
+    if shape[-2] % self.m:
       raise ValueError(
         f"{self.n}:{self.m} sparsity groups {self.m} consecutive inputs; the input axis "
         f"(-2) of {path!r} must divide by {self.m}, but its shape is {shape}."
@@ -307,7 +334,7 @@ def blocks(shape: tuple[int, int], norm: str = "l2") -> Blocks:
     >>> m.astype(int).tolist()
     [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
   """
-  if isinstance(shape, str) or len(shape) != 2:
+  if isinstance(shape, str) or np.ndim(shape) != 1 or len(shape) != 2:  # not len(2): a TypeError
     raise ValueError(f"blocks need a (rows, cols) shape of positive ints, got {shape!r}.")
   return Blocks((shape[0], shape[1]), norm)
 

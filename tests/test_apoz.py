@@ -178,6 +178,17 @@ def test_masks_overrides_and_batchnorm_producers():
   assert masks["Dense_0"]["kernel"].sum() == 12
 
 
+@pytest.mark.parametrize("sparsity, overrides", [(0.9, None), (0.5, {"fc1": 0.875})])
+def test_masks_that_would_remove_every_unit_are_refused(sparsity, overrides):
+  # round(0.9 * 4) = round(0.875 * 4) = 4: every unit of fc1 would go (a dead layer);
+  # the pruners refuse the same count.
+  params = {"fc1": {"kernel": jnp.ones((2, 4)), "bias": jnp.ones(4)}}
+  with pytest.raises(ValueError, match=r"'fc1' \(4 units\) would keep none"):
+    apoz_masks(params, {"fc1": np.array(EXPECTED)}, sparsity, overrides=overrides)
+  keep = apoz_masks(params, {"fc1": np.array(EXPECTED)}, 0.8)["fc1"]["bias"]  # round(3.2)
+  np.testing.assert_array_equal(keep, [False, True, False, False])
+
+
 def test_masks_errors():
   params = {"fc1": {"kernel": jnp.ones((2, 4))}}
   with pytest.raises(ValueError, match="No param of layer 'fc2'"):

@@ -97,6 +97,21 @@ def test_soft_threshold_exact():
   assert not np.signbit(np.asarray(out)[1:4]).any()
 
 
+def test_a_nan_weight_stays_nan_and_is_not_zeroed_as_a_pruned_group():
+  # A NaN weight (a diverged step) was zeroed with its whole group: it looked pruned.
+  nan = float("nan")
+  w = jnp.array([[nan, 0.3], [2.0, 0.4]])  # filter 0 holds the NaN; filter 1 has norm 0.5
+  out = np.asarray(block_soft_threshold(w, 0.1, "filter"))
+  assert np.isnan(out[:, 0]).all()
+  np.testing.assert_allclose(out[:, 1], [0.3 * 0.8, 0.4 * 0.8], rtol=1e-6)
+  out = np.asarray(soft_threshold(jnp.array([nan, -0.05, 2.0]), 0.1))
+  assert np.isnan(out[0]) and out[1] == 0.0 and out[2] == np.float32(1.9)
+  params = {"Dense_0": {"kernel": jnp.ones((2, 2))}}
+  grads = {"Dense_0": {"kernel": jnp.array([[nan, 0.0], [0.0, 0.0]])}}
+  new, _ = step(optax.chain(optax.sgd(1.0), group_lasso(0.5)), params, grads)
+  assert np.isnan(np.asarray(new["Dense_0"]["kernel"])[:, 0]).all()
+
+
 def test_bfloat16_kernel_keeps_dtype_and_exact_zeros():
   w = jnp.array([[3.0, 0.1], [4.0, 0.1]], jnp.bfloat16)
   out = block_soft_threshold(w, 2.5, "filter")

@@ -85,6 +85,10 @@ def test_callable_schedule():
     (lambda: jaxprune.iterative([(10, 0.5), (5, 0.6)]), "strictly increasing"),
     (lambda: jaxprune.iterative([(0, 0.5), (10, 1.0)]), "round at step 10"),
     (lambda: jaxprune.schedule(lambda t: 0.5, every=0), "every must be > 0"),
+    # steps past int32 were built and failed at the first step with jax's OverflowError
+    (lambda: jaxprune.agp(0.5, 0, 2**31, every=2**30), r"end is 2147483648, outside the int32"),
+    (lambda: jaxprune.one_shot(0.5, at=2**31), r"at is 2147483648, outside the int32"),
+    (lambda: jaxprune.iterative([(0, 0.1), (2**31, 0.5)]), r"round step is 2147483648"),
   ],
 )
 def test_schedule_errors(make, match):

@@ -92,6 +92,24 @@ def test_methods():
     sensitivity(params, evaluate, GRID, where="conv")
 
 
+def test_layers_the_sweep_cannot_prune_are_refused_before_any_evaluation():
+  # Both failed at the layer's turn, after every layer before it had been evaluated.
+  params = {"a": jnp.ones((4, 8)), "b": jnp.ones((4, 4)), "z": jnp.ones((3, 8))}
+  calls = []
+
+  def evaluate(p):
+    calls.append(1)
+    return 1.0
+
+  with pytest.raises(ValueError, match=r"2x2 blocks .* 'z' has shape \(3, 8\)"):
+    sensitivity(params, evaluate, (0.5,), structure=jaxprune.blocks((2, 2)), progress=False)
+  with pytest.raises(ValueError, match=r"At sparsity 0.9, 'b' \(4 filters\) would keep none"):
+    sensitivity(params, evaluate, (0.5, 0.9), structure="filters", progress=False)
+  assert calls == []
+  r = sensitivity(params, evaluate, (0.5, 0.8), structure="filters", progress=False)
+  assert r.layers == ("a", "b", "z") and len(calls) == 1 + 3 * 2
+
+
 def test_csv_and_plot(tmp_path):
   params, evaluate, _ = tiny_model()
   result = sensitivity(params, evaluate, GRID, progress=False)

@@ -105,6 +105,19 @@ def test_channel_masks_score_groups_by_all_their_producers(chain):
     surgery.channel_masks(p, params, 0.5, norm="l0")
 
 
+def test_channel_masks_refuse_a_nan_filter_or_score_naming_the_group(chain):
+  # A NaN channel score sorted anywhere in Python's sort: channel 1 of conv1 (its filter
+  # holds a NaN) was removed or kept depending on where it stood.
+  _, p = chain
+  net = Chain(nnx.Rngs(0))  # its own copy: the fixture's net is shared
+  net.conv1.kernel.set_value(net.conv1.kernel[...].at[0, 0, 0, 1].set(jnp.nan))
+  with pytest.raises(ValueError, match=r"'conv1/kernel' has NaN or infinite .* channels \[1\]"):
+    surgery.channel_masks(p, nnx.state(net, nnx.Param), 0.5)
+  scores = {"conv1/kernel": np.array([1.0, 2.0, np.inf, 3.0])}
+  with pytest.raises(ValueError, match=r"channels \[2\] \(its scores are not finite\)"):
+    surgery.pruned_channels(p, nnx.state(Chain(nnx.Rngs(0)), nnx.Param), 0.5, scores=scores)
+
+
 def test_slimming_layer_scope_prunes_each_group_by_its_own_gammas(chain):
   net, p = chain
   params = nnx.state(net, nnx.Param)

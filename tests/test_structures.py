@@ -89,6 +89,20 @@ def test_global_structured_counts_groups():
   assert kept == 7  # 14 output units, 7 removed
 
 
+def test_ties_keep_the_lower_group_then_the_earlier_param_in_natural_order():
+  # The documented rule (Pruner.masks): equal group norms keep the lower index; across
+  # params (global scope) the earlier one in natural path order: l2 before l10.
+  ones = jnp.ones((2, 4))
+  m = jaxprune.magnitude(0.5, structure="filters").masks({"w": ones})["w"]
+  np.testing.assert_array_equal(np.asarray(m)[0], [1, 1, 0, 0])
+  m = jaxprune.magnitude(0.5, structure="channels").masks({"w": ones.T})["w"]
+  np.testing.assert_array_equal(np.asarray(m)[:, 0], [1, 1, 0, 0])
+  m = jaxprune.magnitude(0.5, structure=jaxprune.blocks((1, 2))).masks({"w": ones})["w"]
+  np.testing.assert_array_equal(np.asarray(m), [[1, 1, 1, 1], [0, 0, 0, 0]])
+  m = jaxprune.magnitude(0.5, structure="filters", scope="global").masks({"l10": ones, "l2": ones})
+  assert bool(m["l2"].all()) and not bool(m["l10"].any())
+
+
 @pytest.mark.parametrize(
   "make, match",
   [
@@ -102,6 +116,7 @@ def test_global_structured_counts_groups():
     ),
     (lambda: jaxprune.blocks((0, 2)), "positive ints"),
     (lambda: jaxprune.blocks((2.0, 2)), r"positive ints, got \(2.0, 2\)"),  # was a raw jnp error
+    (lambda: jaxprune.blocks(2), r"\(rows, cols\) shape of positive ints, got 2"),  # was len()
     (lambda: jaxprune.n_m(2.0, 4), "got n=2.0, m=4"),
     (lambda: jaxprune.n_m(True, 4), "got n=True"),
     (lambda: jaxprune.neurons("l3"), "'l1' or 'l2'"),
@@ -135,6 +150,10 @@ def test_structure_on_a_param_of_the_wrong_rank_names_it():
     jaxprune.magnitude(0.75, structure=jaxprune.n_m(2, 8)).masks(params)
   with pytest.raises(ValueError, match="3x3 blocks"):
     jaxprune.magnitude(0.5, structure=jaxprune.blocks((3, 3))).masks(params)
+  # a bias has no input axis: said so, not "the input axis (-2) of 'bias' must divide by 4"
+  for structure in (jaxprune.n_m(2, 4), jaxprune.blocks((2, 2))):
+    with pytest.raises(ValueError, match=r"needs a kernel with ndim >= 2, but 'bias' has shape"):
+      jaxprune.magnitude(0.5, structure=structure, where="bias").masks(params)
 
 
 def test_every_structure_implements_the_interface():

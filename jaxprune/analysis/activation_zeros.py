@@ -32,7 +32,7 @@ from flax import linen as nn
 from flax import nnx
 
 from jaxprune import tree as tree_lib
-from jaxprune.select import check_sparsity
+from jaxprune.select import check_keeps_some, check_sparsity
 from jaxprune.surgery import capture
 
 Outputs = dict[str, list[Any]]
@@ -228,9 +228,11 @@ def apoz_masks(
   """Masks that remove the units with the highest APoZ from the layers that produce them.
 
   In each layer of ``apoz_values``, ``round(sparsity * C)`` of its ``C`` units are
-  pruned, highest APoZ first (ties: the higher index goes first). A unit is removed from
-  its producers: in every producer layer, every param whose last axis has ``C`` entries
-  (the kernel's output axis, the bias, a norm's scale and bias) loses that entry.
+  pruned, highest APoZ first (ties: the higher index goes first); a sparsity that would
+  remove every unit of a layer (0.9 of 4 units: ``round(3.6) = 4``) is a ``ValueError``,
+  as in the pruners. A unit is removed from its producers: in every producer layer,
+  every param whose last axis has ``C`` entries (the kernel's output axis, the bias, a
+  norm's scale and bias) loses that entry.
 
   Args:
     params: the params pytree (``nnx.state(model, nnx.Param)``, Linen
@@ -277,6 +279,7 @@ def apoz_masks(
         f"APoZ values of {layer!r} must be one number per unit, got shape {values.shape}."
       )
     s = next((v for p, v in overrides.items() if tree_lib.matches(p, layer)), sparsity)
+    check_keeps_some(values.size, s, repr(layer), "units")
     keep = _keep_lowest(values, s)
     owners = producers.get(layer, layer)
     for owner in (owners,) if isinstance(owners, str) else owners:

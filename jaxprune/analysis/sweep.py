@@ -29,7 +29,7 @@ from jaxprune import structures as structures_lib
 from jaxprune import table as table_lib
 from jaxprune import tree as tree_lib
 from jaxprune.analysis import _plot
-from jaxprune.select import check_sparsity
+from jaxprune.select import check_keeps_some, check_sparsity
 
 CHANNEL_GROUPS = "channel groups"  # the structure name of channel_sensitivity sweeps
 _METHODS = {"magnitude": pruners_lib.magnitude, "random": pruners_lib.random}
@@ -114,6 +114,11 @@ def sensitivity(
   Returns:
     A :class:`Sensitivity` table.
 
+  Raises:
+    ValueError: before any evaluation, for a grid value outside ``[0, 1)``, a layer the
+      structure does not fit (``blocks`` that do not divide it, a 1-D param), or one
+      whose groups the grid's largest sparsity would all remove (0.9 of 4 filters).
+
   Examples:
     >>> import jax.numpy as jnp
     >>> from jaxprune.analysis import sensitivity
@@ -125,13 +130,23 @@ def sensitivity(
   """
   grid = _grid(sparsities)
   make = _pruner_factory(method)
-  name = structures_lib.as_structure(structure).name
+  struct = structures_lib.as_structure(structure)
   layers = tree_lib.selected_paths(params, where, what="sensitivity")
+  # Before any evaluation: a layer the structure does not fit, or that the grid's largest
+  # sparsity would empty, would otherwise fail at its turn, after the layers before it.
+  leaves = dict(tree_lib.leaves_with_paths(params))
+  for layer in layers:
+    shape = tuple(np.shape(leaves[layer]))
+    struct.check(layer, shape)
+    if struct.poolable:
+      n = jax.eval_shape(struct.group_scores, jax.ShapeDtypeStruct(shape, np.float32)).size
+      unit = "weights" if struct.name == "unstructured" else struct.name
+      check_keeps_some(n, grid[-1], repr(layer), unit)
 
   def masks_for(layer, s):
     return make(s, where="^" + re.escape(layer) + "$", structure=structure).masks(params)
 
-  return _sweep(params, evaluate, layers, grid, masks_for, name, progress)
+  return _sweep(params, evaluate, layers, grid, masks_for, struct.name, progress)
 
 
 def channel_sensitivity(

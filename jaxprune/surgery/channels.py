@@ -209,7 +209,8 @@ def pruned_channels(
 
   Raises:
     ValueError: for a sparsity outside ``[0, 1)``, a ratio for an unknown or blocked
-      group, or an unknown norm or scope.
+      group, an unknown norm or scope, or a NaN or infinite channel score (naming the
+      group and channels).
   """
   ratios = _ratios(plan, sparsity)
   if norm not in ("l1", "l2"):
@@ -241,6 +242,13 @@ def pruned_channels(
         w = np.moveaxis(value(path), axis, 0).reshape(plan.shapes[path][axis], -1)
         per = np.abs(w).sum(1) if norm == "l1" else np.sqrt((w.astype(np.float64) ** 2).sum(1))
         score += np.array([per[g.channels[j][(path, axis)]].sum() for j in range(g.size)])
+    if not np.isfinite(score).all():  # a NaN would sort anywhere: which channel goes is arbitrary
+      bad = [int(j) for j in np.flatnonzero(~np.isfinite(score))]
+      what = "its scores" if g.name in scores else "the weights of its producers"
+      raise ValueError(
+        f"Group {g.name!r} has NaN or infinite channel scores at channels {bad[:10]} "
+        f"({what} are not finite); fix the params (or scores) before pruning."
+      )
     key = (g.kind, ratios[g.name]) if scope == "global" else (g.name,)
     pools.setdefault(key, []).append((g.name, score))
   remove = {}
