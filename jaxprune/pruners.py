@@ -40,7 +40,7 @@ class Pruner:
     scope: ``"layer"`` (each param gets the target) or ``"global"`` (one threshold over
       all pruned params).
     where: which params are pruned: ``None`` (float arrays with ``ndim >= 2``: weight
-      matrices and conv kernels, never biases or norm scales), regexes searched in the
+      matrices and conv kernels, never biases, 2-D ones included, or norm scales), regexes searched in the
       param path, or a ``(path, leaf) -> bool`` predicate.
     overrides: ``{regex: sparsity or Schedule}`` per-layer targets, pruned layer-wise.
       A float follows the main schedule's progress and update steps: it is reached when

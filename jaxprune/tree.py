@@ -79,9 +79,18 @@ def is_key(leaf: Any) -> bool:
 
 
 def default_where(path: str, leaf: Any) -> bool:
-  """Weight matrices and conv kernels: float leaves with ``ndim >= 2``."""
-  del path
-  return is_float(leaf) and getattr(leaf, "ndim", 0) >= 2
+  """Weight matrices and conv kernels: float leaves with ``ndim >= 2`` not named ``bias``.
+
+  The name is the last key of the path: the ``(heads, head_dim)`` biases of Linen's
+  attention, ``DenseGeneral`` and ``nnx.LinearGeneral`` are 2-D but stay biases.
+
+  Examples:
+    >>> import numpy as np
+    >>> w = np.ones((4, 2), np.float32)
+    >>> default_where("attn/query/kernel", w), default_where("attn/query/bias", w)
+    (True, False)
+  """
+  return is_float(leaf) and getattr(leaf, "ndim", 0) >= 2 and path.rsplit("/", 1)[-1] != "bias"
 
 
 def natural_key(path: str) -> list:

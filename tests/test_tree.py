@@ -21,6 +21,29 @@ def test_default_selection_skips_biases_norms_and_ints():
   assert tree.selected_paths(params) == ["conv/kernel"]
 
 
+def test_default_selection_skips_two_dimensional_biases():
+  """Linen's attention (and DenseGeneral, nnx.LinearGeneral) keeps (heads, head_dim) biases;
+  they are biases, not weight matrices, whatever their rank."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+
+  import jaxprune
+
+  attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+  x = jnp.ones((1, 3, 8))
+  params = attn.init(jax.random.key(0), x, x)
+  assert tree.selected_paths(params) == [
+    f"params/{name}/kernel" for name in ("key", "out", "query", "value")
+  ]
+  assert np.shape(params["params"]["query"]["bias"]) == (2, 4)
+  params = jax.tree.map(lambda a: a + 1.0, params)  # nonzero biases
+  masks = jaxprune.magnitude(0.5).masks(params)
+  for name in ("key", "query", "value"):
+    assert masks["params"][name]["bias"] is None, name
+    assert int(np.asarray(masks["params"][name]["kernel"]).sum()) == 32, name  # 64 -> 32
+
+
 def test_patterns_and_predicates():
   params = {
     "a": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},

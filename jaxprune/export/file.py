@@ -547,9 +547,10 @@ def save(
       ``"shared"`` (weight matrices and conv kernels as a float32 codebook of at most
       ``2**bits`` k-means centroids per leaf and a ``bits``-bit index per kept weight:
       :func:`kmeans_1d`); other leaves (biases, norms) are stored as they are. Which
-      leaves are quantized goes by shape alone: float leaves with ``ndim >= 2``, so the
-      2-D ``(heads, head_dim)`` biases of attention / ``DenseGeneral`` layers are
-      quantized too. The int8 output channel is the last axis: ``head_dim`` for a
+      leaves are quantized is what pruning selects by default
+      (:func:`jaxprune.tree.default_where`: float leaves with ``ndim >= 2`` not named
+      ``bias``, so the 2-D ``(heads, head_dim)`` biases of attention / ``DenseGeneral``
+      layers stay as they are). The int8 output channel is the last axis: ``head_dim`` for a
       ``DenseGeneral`` kernel ``[in, heads, head_dim]`` (one scale shared by the heads),
       the input axis for a kernel stored ``[out, in]``.
     bits: index width for ``quantize="shared"``, 1 to 8 (default 5, Deep
