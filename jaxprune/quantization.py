@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import tree as tree_lib
+from jaxprune.select import is_concrete
 
 
 class QuantizedArray(NamedTuple):
@@ -39,6 +40,11 @@ def quantize(params: Any, where: tree_lib.Where = None, per_channel: bool = True
   Returns:
     The tree with selected leaves replaced by :class:`QuantizedArray`.
 
+  Raises:
+    ValueError: a selected leaf holding NaN or inf (naming it and the first such entry):
+      its channel's scale ``max|w| / 127`` would be NaN or inf and every weight of the
+      channel would come back as 0 or NaN. Under ``jit`` the leaf is not checked.
+
   Examples:
     >>> import jax.numpy as jnp, jaxprune
     >>> q = jaxprune.quantize({"w": jnp.array([[0.0, 1.0], [-2.0, 0.5]])})
@@ -51,6 +57,13 @@ def quantize(params: Any, where: tree_lib.Where = None, per_channel: bool = True
     if tree_lib.path_str(path) not in chosen:
       return x
     x = jnp.asarray(x, jnp.float32)
+    if is_concrete(x) and not bool(jnp.isfinite(x).all()):
+      bad = np.argwhere(~np.isfinite(np.asarray(x)))[0]
+      raise ValueError(
+        f"jaxprune.quantize: {tree_lib.path_str(path)!r} has {np.asarray(x)[tuple(bad)]} at "
+        f"{bad.tolist()}; int8 quantization needs finite weights (a channel's scale is "
+        "max |w| / 127)."
+      )
     axes = tuple(range(x.ndim - 1)) if per_channel and x.ndim > 1 else None
     peak = jnp.max(jnp.abs(x), axis=axes, initial=0.0)  # 0 for an empty leaf
     # at least the smallest normal float32: XLA flushes subnormals to zero, and a scale

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -51,3 +52,15 @@ def test_a_channel_below_the_normal_range_keeps_its_nonzero_weights():
     expected = np.round(w / tiny).astype(np.float32) * tiny  # numpy reference
     np.testing.assert_array_equal(back, expected)
     assert (back != 0).all() and (np.abs(back - w) <= tiny / 2).all()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused_naming_the_leaf(bad):
+  # the scale max|w| / 127 of that channel would be NaN or inf: the channel's kept
+  # weights came back as 0 (NaN: scale 1, NaN cast to int8) or NaN, silently
+  w = np.array([[1.0, 2.0], [bad, -3.0]], np.float32)
+  with pytest.raises(ValueError, match=rf"'layer/kernel' has {bad} at \[1, 0\]"):
+    jaxprune.quantize({"layer": {"kernel": w, "bias": np.zeros(2, np.float32)}})
+  # a finite twin of the same tree quantizes
+  q = jaxprune.quantize({"layer": {"kernel": np.nan_to_num(w, posinf=4.0, neginf=-4.0)}})
+  assert q["layer"]["kernel"].values.shape == (2, 2)
