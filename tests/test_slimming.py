@@ -118,6 +118,17 @@ def test_channel_masks_refuse_a_nan_filter_or_score_naming_the_group(chain):
     surgery.pruned_channels(p, nnx.state(Chain(nnx.Rngs(0)), nnx.Param), 0.5, scores=scores)
 
 
+def test_slimming_refuses_a_nan_gamma_naming_the_group(chain):
+  # A NaN |gamma| was ranked silently (scale [1, nan, .5, .02] kept the NaN channel).
+  _, p = chain
+  params = nnx.state(Chain(nnx.Rngs(0)), nnx.Param)
+  params["bn1"]["scale"] = jnp.array([1.0, jnp.nan, 0.5, 0.02])
+  with pytest.raises(ValueError, match=r"'bn1/scale' is NaN or infinite at channels \[1\]"):
+    surgery.slimming_masks(p, params, 0.5)
+  params["bn1"]["scale"] = jnp.array([1.0, 0.3, 0.5, 0.02])
+  assert surgery.slimming_masks(p, params, 0.5)["bn1"]["scale"].shape == (4,)
+
+
 def test_slimming_layer_scope_prunes_each_group_by_its_own_gammas(chain):
   net, p = chain
   params = nnx.state(net, nnx.Param)

@@ -77,7 +77,7 @@ def slimming_masks(
   """Network Slimming: removes the channels with the smallest ``|gamma|`` network-wide.
 
   Every prunable group that holds a norm scale (a 1-D param whose path ends with
-  ``scale``) competes under one global threshold; each removed channel is masked in
+  ``scale``; a NaN or infinite one is a ``ValueError`` naming the group) competes under one global threshold; each removed channel is masked in
   every array of its group. At least one channel of each group is kept.
 
   The paper's global threshold assumes the scales of all layers are comparable. In a
@@ -130,6 +130,12 @@ def slimming_masks(
       continue
     gamma = jnp.abs(jnp.asarray(value(scales[0])))
     order = [int(g.channels[j][(scales[0], 0)][0]) for j in range(g.size)]
+    if not bool(jnp.isfinite(gamma).all()):  # a NaN ranks anywhere: which channel goes is arbitrary
+      bad = [int(j) for j in np.flatnonzero(~np.isfinite(np.asarray(gamma)[order]))]
+      raise ValueError(
+        f"Group {g.name!r}: the norm scale {scales[0]!r} is NaN or infinite at channels "
+        f"{bad[:10]}; Network Slimming ranks channels by |gamma| (fix the params first)."
+      )
     scored.append((g, gamma[jnp.asarray(order)]))
   if not scored:
     raise ValueError(
