@@ -129,6 +129,28 @@ def test_slimming_refuses_a_nan_gamma_naming_the_group(chain):
   assert surgery.slimming_masks(p, params, 0.5)["bn1"]["scale"].shape == (4,)
 
 
+def test_ties_keep_the_lower_channel_everywhere(chain):
+  """Equal scores: channel_masks, slimming_masks, the APoZ recipe's removal and the
+  pruners all keep the lower index (channel_masks and the recipe removed it)."""
+  import jaxprune
+  from jaxprune.train import structured
+
+  net, p = chain
+  params = nnx.state(net, nnx.Param)
+  ties = {"conv1/kernel": np.ones(4), "conv2/kernel": np.array([1.0, 1, 1, 1, 1, 1])}
+  removed = surgery.pruned_channels(p, params, 0.5, scores=ties)
+  assert removed["conv1/kernel"] == [2, 3] and removed["conv2/kernel"] == [3, 4, 5], removed
+  equal = jax.tree.map(lambda x: x, params)
+  equal["bn1"]["scale"] = jnp.ones(4)
+  assert surgery.slimming_masks(p, equal, 0.5, scope="layer")["bn1"]["scale"].tolist() == [
+    True, True, False, False
+  ]  # fmt: skip
+  apoz = structured._apoz_removal(p, {"conv1": np.full(4, 0.5), "conv2": np.zeros(6)}, 0.5)
+  assert apoz == {"conv1/kernel": [2, 3], "conv2/kernel": [3, 4, 5]}, apoz
+  mask = jaxprune.magnitude(0.5, structure="filters").masks({"w": jnp.ones((2, 4))})["w"]
+  assert mask[0].tolist() == [True, True, False, False]
+
+
 def test_slimming_layer_scope_prunes_each_group_by_its_own_gammas(chain):
   net, p = chain
   params = nnx.state(net, nnx.Param)

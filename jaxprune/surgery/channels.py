@@ -206,7 +206,8 @@ def pruned_channels(
     scores: ``{group name: per-channel score}`` to rank by instead of the norm
       (:func:`jaxprune.surgery.scores.flap_scores`, ``taylor_scores``); a group
       without scores is ranked by the norm.
-    scope: ``"group"`` (``round(ratio * C)`` of each group) or ``"global"``: the
+    scope: ``"group"`` (``round(ratio * C)`` of each group, smallest score first; on
+      equal scores the lower channel index is kept) or ``"global"``: the
       groups of one kind and ratio are ranked together (FLAP's standardised scores),
       ``round(ratio * total)`` removed among them, at least one channel kept in each.
 
@@ -262,8 +263,11 @@ def pruned_channels(
     ratio = ratios[members[0][0]]
     total = sum(len(s) for _, s in members)
     n_remove = int(round(ratio * total))
-    flat = [(float(v), i, j) for i, (_, s) in enumerate(members) for j, v in enumerate(s)]
+    # smallest score first; ties: the later group, then the higher channel goes first (the
+    # lower index is kept, as in the pruners and slimming_masks)
+    flat = [(float(v), -i, -j) for i, (_, s) in enumerate(members) for j, v in enumerate(s)]
     flat.sort()
+    flat = [(v, -i, -j) for v, i, j in flat]
     chosen: list[list[int]] = [[] for _ in members]
     for _, i, j in flat:
       if n_remove == 0:

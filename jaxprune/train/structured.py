@@ -143,7 +143,9 @@ def _apoz_removal(
     if len(zeros) != g.size:
       raise ValueError(f"{layer!r} has {len(zeros)} units but its group has {g.size} channels.")
     n = min(g.size - 1, int(round(sparsity * g.size)))
-    order = np.argsort(-np.asarray(zeros, np.float64), kind="stable")
+    # highest APoZ first; ties: the higher index goes first (the lower one is kept, as in
+    # analysis.apoz_masks and the pruners)
+    order = np.lexsort((-np.arange(g.size), -np.asarray(zeros, np.float64)))
     remove[g.name] = sorted(int(j) for j in order[:n])
   return remove
 
