@@ -600,6 +600,15 @@ def load(path: str | os.PathLike) -> Any:
   return _read(blob, f"file {os.fspath(path)!r}")
 
 
+def baseline_sizes(params: Any) -> dict[str, int]:
+  """The first two of :func:`sizes`: ``{"dense float32": ..., ".npz + gzip": ...}`` bytes."""
+  leaves = [x for x in jax.tree.leaves(params) if x is not None]
+  return {
+    "dense float32": sum(int(np.size(x)) * 4 for x in leaves),
+    ".npz + gzip": compressed_size(params),
+  }
+
+
 def sizes(params: Any, masks: Any = None, bits: int = DEFAULT_BITS) -> dict[str, int]:
   """Bytes of ``params`` five ways: dense float32, ``.npz`` + gzip, this file, int8, shared.
 
@@ -613,10 +622,8 @@ def sizes(params: Any, masks: Any = None, bits: int = DEFAULT_BITS) -> dict[str,
     >>> list(s), s["dense float32"]
     (['dense float32', '.npz + gzip', 'jaxprune float32', 'jaxprune int8', 'jaxprune shared 5-bit'], 120000)
   """
-  leaves = [x for x in jax.tree.leaves(params) if x is not None]
   return {
-    "dense float32": sum(int(np.size(x)) * 4 for x in leaves),
-    ".npz + gzip": compressed_size(params),
+    **baseline_sizes(params),
     "jaxprune float32": len(to_bytes(params, masks)),
     "jaxprune int8": len(to_bytes(params, masks, quantize="int8")),
     f"jaxprune shared {bits}-bit": len(to_bytes(params, masks, quantize="shared", bits=bits)),

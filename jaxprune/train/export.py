@@ -22,6 +22,7 @@ from flax import nnx
 import jaxprune
 from jaxprune import export as export_lib
 from jaxprune import fileio
+from jaxprune.export import file as file_lib
 from jaxprune.table import markdown_table
 from jaxprune.train import config as config_lib
 from jaxprune.train import data, errors
@@ -135,15 +136,13 @@ def export_checkpoint(
     params_state = jaxprune.apply_mask(params_state, masks)
     masks = nnx.to_pure_dict(masks)
   params = nnx.to_pure_dict(params_state)
-  sizes = export_lib.sizes(params, masks)
-  blobs = {
+  blobs = {  # each file encoded once: its length is its size in the table
     "jaxprune float32": export_lib.to_bytes(params, masks),
     "jaxprune int8": export_lib.to_bytes(params, masks, quantize="int8"),
   }
-  sizes = {k: v for k, v in sizes.items() if not k.startswith("jaxprune shared")}
   for bits in SHARED_BITS:
     blobs[shared_name(bits)] = export_lib.to_bytes(params, masks, quantize="shared", bits=bits)
-    sizes[shared_name(bits)] = len(blobs[shared_name(bits)])
+  sizes = {**file_lib.baseline_sizes(params), **{k: len(b) for k, b in blobs.items()}}
 
   def accuracy_of(pure: dict) -> float:
     p = jax.tree.map(lambda x: x, params_state)
