@@ -384,6 +384,9 @@ def test_nm_pack_fills_short_groups_and_refuses_dense_ones():
     export.nm_pack(w)
   with pytest.raises(ValueError, match="must be a multiple of 4"):
     export.nm_pack(np.ones((6, 2)))
+  for shape in ((8,), ()):  # a bias: no input axis to speak of (said 'shape[-2]')
+    with pytest.raises(ValueError, match=r"N:M packs a kernel \(ndim >= 2"):
+      export.nm_pack(np.ones(shape, np.float32))
 
 
 def test_nm_matmul_says_what_this_jax_lacks():

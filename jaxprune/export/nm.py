@@ -96,7 +96,12 @@ def nm_pack(
       f"nm_pack: the mask of {name!r} has shape {np.shape(mask)}, the kernel {w.shape}; "
       "pass the kernel's own mask (same shape)."
     )
-  if w.ndim < 2 or w.shape[-2] % m:
+  if w.ndim < 2:
+    raise ValueError(
+      f"nm_pack: {name!r} has shape {w.shape}; N:M packs a kernel (ndim >= 2: inputs on "
+      "axis -2, outputs on axis -1), not a bias or a scalar."
+    )
+  if w.shape[-2] % m:
     raise ValueError(
       f"nm_pack: {name!r} has shape {w.shape}; {n}:{m} groups {m} consecutive inputs, so "
       f"the input axis (shape[-2]) must be a multiple of {m}."
