@@ -148,3 +148,37 @@ def test_decay_is_checked_where_it_is_given(make, decay, error):
   """decay=nan made every weight NaN after two steps; "0.1" was a TypeError from inside JAX."""
   with pytest.raises(error, match=rf"{make.__name__}: decay must be a number >= 0"):
     make(optax.sgd(0.1), jaxprune.magnitude(0.5), decay=decay)
+
+
+def test_ste_params_takes_an_nnx_optimizer_state_as_documented():
+  # opt.opt_state wraps the masks in OptVariable nodes and nnx params are Param nodes:
+  # ste_params raised a pytree structure error on them
+  from flax import nnx
+
+  class Linear(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(4, 3, rngs=rngs)
+
+  model = Linear(nnx.Rngs(0))
+  w0 = np.asarray(model.l1.kernel[...])
+  opt = nnx.Optimizer(
+    model, sr_ste(optax.sgd(0.1), jaxprune.magnitude(0.5), decay=0.5), wrt=nnx.Param
+  )
+  x = np.arange(8.0, dtype=np.float32).reshape(2, 4) / 8
+
+  def loss(m):
+    kernel = ste_params(nnx.state(m, nnx.Param), opt.opt_state)["l1"]["kernel"][...]
+    return ((x @ kernel) ** 2).sum()
+
+  grads = nnx.grad(loss)(model)
+  mask = magnitude_mask(w0, 0.5)
+  ref_grad = 2 * x.T @ (x @ (w0 * mask))  # the gradient of the masked weights, on every weight
+  np.testing.assert_allclose(np.asarray(grads["l1"]["kernel"][...]), ref_grad, rtol=1e-5)
+  opt.update(model, grads)
+  w1 = w0 - 0.1 * (ref_grad + 0.5 * np.where(mask, 0, w0))
+  np.testing.assert_allclose(np.asarray(model.l1.kernel[...]), w1, rtol=1e-5, atol=1e-7)
+  sparse = ste_params(nnx.state(model, nnx.Param), opt.opt_state)
+  np.testing.assert_allclose(
+    np.asarray(sparse["l1"]["kernel"][...]), w1 * magnitude_mask(w1, 0.5), rtol=1e-5, atol=1e-7
+  )
+  np.testing.assert_array_equal(np.asarray(sparse["l1"]["bias"][...]), 0.0)

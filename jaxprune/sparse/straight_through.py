@@ -189,11 +189,14 @@ def ste_params(params: Any, state: Any) -> Any:
   """
   masks = ste_masks(state)
   tree_lib.check_same_structure(params, masks)
-  return jax.tree.map(
-    lambda m, p: (
+  # leaf by leaf, not tree.map: an nnx.Optimizer's opt_state wraps the masks in OptVariable
+  # nodes while nnx params are Param nodes (the same paths, different node types)
+  flat_params, treedef = jax.tree.flatten(params, is_leaf=tree_lib.is_none)
+  flat_masks = jax.tree.leaves(masks, is_leaf=tree_lib.is_none)
+  return jax.tree.unflatten(
+    treedef,
+    [
       p if m is None else p + jax.lax.stop_gradient(jnp.where(m, p, jnp.zeros((), p.dtype)) - p)
-    ),
-    masks,
-    params,
-    is_leaf=tree_lib.is_none,
+      for m, p in zip(flat_masks, flat_params)
+    ],
   )
