@@ -287,6 +287,19 @@ def test_errors_name_the_problem():
     rigl(optax.sgd(0.1), 0.9, end=10, every=5, drop_fraction=1.5)
 
 
+@pytest.mark.parametrize("make", [static_sparse, rigl, set_sparse])
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.float32])
+def test_a_mask_tree_that_is_not_bool_is_refused_by_name(make, dtype):
+  """An int or float 0/1 mask tree was read as a sparsity: "uniform(sparsity) must be a
+  number in [0, 1), got {'w': Array(...)}", with no word of masks or dtypes."""
+  masks = {"w": jnp.ones((4, 4), dtype), "b": None}
+  kwargs = {} if make is static_sparse else {"end": 10, "every": 1}
+  with pytest.raises(TypeError, match=rf"^{make.__name__}: .*must be bool arrays.*'w' has dtype"):
+    make(optax.sgd(0.1), masks, **kwargs)
+  tx = make(optax.sgd(0.1), jax.tree.map(lambda m: m.astype(bool), masks), **kwargs)
+  assert int(jaxprune.masks_of(tx.init({"w": jnp.ones((4, 4)), "b": jnp.ones(4)}))["w"].sum()) == 16
+
+
 @pytest.mark.parametrize("make", [rigl, set_sparse])
 @pytest.mark.parametrize("kwargs, error, message", [
   # masks move at every, 2 * every, ... below end: none of those when end <= every

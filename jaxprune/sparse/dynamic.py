@@ -76,6 +76,19 @@ def _is_mask_tree(sparsity: Any) -> bool:
   return bool(leaves) and all(getattr(x, "dtype", None) == jnp.bool_ for x in leaves)
 
 
+def _check_not_a_mask_tree(sparsity: Any, name: str) -> None:
+  """A pytree of arrays that are not bool is refused as a mask tree, by name."""
+  if isinstance(sparsity, Distribution | Schedule | str) or hasattr(sparsity, "dtype"):
+    return  # a distribution, a schedule, or a number / array (check_sparsity names those)
+  for path, leaf in tree_lib.leaves_with_paths(sparsity):
+    if hasattr(leaf, "dtype") and leaf.dtype != jnp.bool_:
+      raise TypeError(
+        f"{name}: the sparsity is a tree, so it is read as the initial masks, which must be "
+        f"bool arrays (None for dense params); {path!r} has dtype {leaf.dtype}. Convert it "
+        "with .astype(bool), or pass a float or a distribution (jaxprune.sparse.erk(0.9))."
+      )
+
+
 class _Layout:
   """Which params are sparse and how many weights each keeps (known from shapes alone)."""
 
@@ -91,6 +104,7 @@ class _Layout:
           f"{name}: the sparsity of a sparse trainer is fixed for the whole run; pass a float "
           "or a distribution of a float (jaxprune.sparse.erk(0.9)), not a schedule."
         )
+      _check_not_a_mask_tree(sparsity, name)
       self.distribution = as_distribution(sparsity)
 
   def initial_masks(self, params: Any, seed: int) -> Any:
