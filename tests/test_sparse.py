@@ -287,6 +287,19 @@ def test_errors_name_the_problem():
     rigl(optax.sgd(0.1), 0.9, end=10, every=5, drop_fraction=1.5)
 
 
+@pytest.mark.parametrize("make", [rigl, set_sparse])
+def test_a_drop_fraction_function_must_return_a_scalar(make):
+  """A drop_fraction function returning shape (1,) crashed in the top-k with "indices and
+  arr must have the same number of dimensions; 4 vs. 3" (or a broadcasting error)."""
+  params = {"w": jnp.arange(1.0, 17.0).reshape(4, 4)}
+  tx = make(optax.sgd(0.1), 0.5, end=10, every=1, drop_fraction=lambda t: jnp.array([0.5]))
+  state = tx.init(params)
+  with pytest.raises(
+    ValueError, match=rf"^{make.__name__}: drop_fraction\(step\) must return a scalar.*\(1,\)"
+  ):
+    tx.update(params, state, params)
+
+
 @pytest.mark.parametrize("make", [static_sparse, rigl, set_sparse])
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.float32])
 def test_a_mask_tree_that_is_not_bool_is_refused_by_name(make, dtype):

@@ -261,7 +261,13 @@ def _sparse_trainer(
         scores = [regrowth_scores(jax.random.fold_in(key, i), m.shape) for i, m in enumerate(ms)]
       else:
         scores = [jnp.abs(g) for g in gs]
-      return _regrow(ms, ps, scores, active, fraction_at(step))
+      fraction = fraction_at(step)
+      if jnp.ndim(fraction) != 0:
+        raise ValueError(
+          f"{name}: drop_fraction(step) must return a scalar (the fraction of each layer's "
+          f"active weights dropped at that step), got shape {jnp.shape(fraction)}."
+        )
+      return _regrow(ms, ps, scores, active, fraction)
 
     is_update = (step > 0) & (step < end) & (step % every == 0)
     return lax.cond(is_update, refresh, lambda ms, _: list(ms), ms, step)
