@@ -143,7 +143,8 @@ def layer_sparsities(
     return {p: float(sparsity) for p in sizes}
   raw = {p: (sum(int(d) for d in shapes[p]) / sizes[p]) ** power for p in sizes}
   dense: set[str] = set()
-  while True:
+  eps = 0.0
+  while len(dense) < len(sizes):  # all dense: sparsity 0, where eps * raw can round past 1
     budget = (1.0 - sparsity) * sum(sizes.values()) - sum(sizes[p] for p in dense)
     divisor = sum(raw[p] * sizes[p] for p in sizes if p not in dense)
     eps = budget / divisor

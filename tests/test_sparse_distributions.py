@@ -63,6 +63,24 @@ def test_erk_makes_small_layers_dense():
   assert got["t1"] == 0.0 and got["t2"] == 0.0
 
 
+@pytest.mark.parametrize(
+  "shapes",
+  [
+    {"w": (2, 9)},
+    {"conv": (3, 3, 8, 8), "dense": (15, 11)},
+    {"conv": (3, 3, 1, 15), "dense": (7, 28)},
+  ],
+)
+def test_erk_of_zero_sparsity_is_every_layer_dense(shapes):
+  """erk(0.0) raised ZeroDivisionError on these shapes (a dense baseline of a sweep):
+  eps * raw rounded just past 1 in the last layer, which was made dense, leaving no
+  layer to solve eps over."""
+  assert erk(0.0).sparsities(shapes) == {p: 0.0 for p in shapes}
+  params = {p: jnp.ones(s) for p, s in shapes.items()}
+  state = static_sparse(optax.sgd(0.1), erk(0.0), where=lambda p, x: True).init(params)
+  assert all(bool(m.all()) for m in jaxprune.masks_of(state).values())
+
+
 def test_uniform_and_power():
   assert uniform(0.7).sparsities({"a": (4, 5), "b": (2, 2)}) == {"a": 0.7, "b": 0.7}
   flat = erk(0.9, power=0.0).sparsities({"a": (40, 50), "b": (20, 20)})  # power 0: uniform
