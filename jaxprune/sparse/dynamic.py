@@ -3,7 +3,10 @@
 Each trainer is an optax transform of the shape of :func:`jaxprune.masked`: its state is
 a :class:`jaxprune.MaskedState` (inner state, masks, step), so ``jaxprune.masks_of`` and
 ``jaxprune.set_masks`` work on it, and ``optax.apply_updates`` alone leaves the sparse
-weights. Every layer keeps exactly ``n - round(s_l * n)`` weights for the whole run.
+weights. Every layer keeps exactly ``n - round(s_l * n)`` weights for the whole run: masks
+with other counts put in with ``jaxprune.set_masks`` go back to those counts at the next
+mask update (the missing weights grow at 0); to train with the counts of given masks, pass
+the masks as the sparsity.
 
 On a mask update step ``t`` (``0 < t < end``, ``t % every == 0``), per layer, with
 ``a`` active weights and drop fraction ``f_t``:
