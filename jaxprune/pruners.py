@@ -40,8 +40,8 @@ class Pruner:
     scope: ``"layer"`` (each param gets the target) or ``"global"`` (one threshold over
       all pruned params).
     where: which params are pruned: ``None`` (float arrays with ``ndim >= 2``: weight
-      matrices and conv kernels, never biases, 2-D ones included, or norm scales), regexes searched in the
-      param path, or a ``(path, leaf) -> bool`` predicate.
+      matrices and conv kernels, never biases, 2-D ones included, or norm scales),
+      regexes searched in the param path, or a ``(path, leaf) -> bool`` predicate.
     overrides: ``{regex: sparsity or Schedule}`` per-layer targets, pruned layer-wise.
       A float follows the main schedule's progress and update steps: it is reached when
       the main schedule reaches its final value (with a main schedule that ends at 0,
@@ -280,7 +280,7 @@ class Pruner:
     overridden = [p for p in paths if any(tree_lib.matches(o, p) for o in self.overrides)]
     pooled = [p for p in paths if p not in overridden]
     layerwise, result = paths, {}
-    unit = "weights" if structure.name == "unstructured" else structure.name
+    unit = structures_lib.unit(structure)
     if self.scope == "global" and pooled:
       total = sum(int(jnp.size(scores[p])) for p in pooled)
       _check_keeps_some(self.schedule, total, f"the {len(pooled)} pooled params", unit)

@@ -58,9 +58,10 @@ def quantize(params: Any, where: tree_lib.Where = None, per_channel: bool = True
       return x
     x = jnp.asarray(x, jnp.float32)
     if is_concrete(x) and not bool(jnp.isfinite(x).all()):
-      bad = np.argwhere(~np.isfinite(np.asarray(x)))[0]
+      host = np.asarray(x)
+      bad = np.argwhere(~np.isfinite(host))[0]
       raise ValueError(
-        f"jaxprune.quantize: {tree_lib.path_str(path)!r} has {np.asarray(x)[tuple(bad)]} at "
+        f"jaxprune.quantize: {tree_lib.path_str(path)!r} has {host[tuple(bad)]} at "
         f"{bad.tolist()}; int8 quantization needs finite weights (a channel's scale is "
         "max |w| / 127)."
       )

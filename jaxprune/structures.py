@@ -302,6 +302,11 @@ def as_structure(structure: str | Structure | None) -> Structure:
   raise TypeError(f"Not a sparsity structure: {structure!r}.")
 
 
+def unit(structure: Structure) -> str:
+  """What a sparsity of ``structure`` counts, for messages: ``"weights"``, ``"filters"`` ..."""
+  return "weights" if structure.name == "unstructured" else structure.name
+
+
 def neurons(norm: str = "l2") -> Axis:
   """Output units: the columns of a Dense kernel (all of a conv filter), L2 by default.
 

@@ -140,8 +140,7 @@ def sensitivity(
     struct.check(layer, shape)
     if struct.poolable:
       n = jax.eval_shape(struct.group_scores, jax.ShapeDtypeStruct(shape, np.float32)).size
-      unit = "weights" if struct.name == "unstructured" else struct.name
-      check_keeps_some(n, grid[-1], repr(layer), unit)
+      check_keeps_some(n, grid[-1], repr(layer), structures_lib.unit(struct))
 
   def masks_for(layer, s):
     return make(s, where="^" + re.escape(layer) + "$", structure=structure).masks(params)

@@ -258,8 +258,8 @@ def _check_finite(array: np.ndarray, path: str) -> None:
       f"channel {index[-1]} ({len(channels)} channel(s) with NaN or inf: {channels[:8]}); "
       "quantize='int8' needs finite weights (their channel's scale is max |w| / 127)."
     )
-  big = np.abs(array) > _FLOAT32_MAX if array.dtype.itemsize > 4 else np.zeros(0, bool)
-  if big.any():  # float64 weights: in float32 their scale would be inf and their values NaN
+  # float64 weights: in float32 their scale would be inf and their values NaN
+  if array.dtype.itemsize > 4 and (big := np.abs(array) > _FLOAT32_MAX).any():
     index = tuple(int(i) for i in np.argwhere(big)[0])
     raise ValueError(
       f"jaxprune.export.save: {path!r} has {array[index]} at {list(index)}, beyond float32's "

@@ -77,8 +77,9 @@ def slimming_masks(
   """Network Slimming: removes the channels with the smallest ``|gamma|`` network-wide.
 
   Every prunable group that holds a norm scale (a 1-D param whose path ends with
-  ``scale``; a NaN or infinite one is a ``ValueError`` naming the group) competes under one global threshold; each removed channel is masked in
-  every array of its group. At least one channel of each group is kept.
+  ``scale``; a NaN or infinite one is a ``ValueError`` naming the group) competes under
+  one global threshold; each removed channel is masked in every array of its group. At
+  least one channel of each group is kept.
 
   The paper's global threshold assumes the scales of all layers are comparable. In a
   stack of conv-BN layers trained with the L1 penalty they often are not (the scales of
@@ -263,11 +264,10 @@ def pruned_channels(
     ratio = ratios[members[0][0]]
     total = sum(len(s) for _, s in members)
     n_remove = int(round(ratio * total))
+    flat = [(float(v), i, j) for i, (_, s) in enumerate(members) for j, v in enumerate(s)]
     # smallest score first; ties: the later group, then the higher channel goes first (the
     # lower index is kept, as in the pruners and slimming_masks)
-    flat = [(float(v), -i, -j) for i, (_, s) in enumerate(members) for j, v in enumerate(s)]
-    flat.sort()
-    flat = [(v, -i, -j) for v, i, j in flat]
+    flat.sort(key=lambda t: (t[0], -t[1], -t[2]))
     chosen: list[list[int]] = [[] for _ in members]
     for _, i, j in flat:
       if n_remove == 0:
